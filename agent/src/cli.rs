@@ -1,0 +1,215 @@
+//! Command line of `payload-agent`. Every flag has an environment variable,
+//! so the Helm chart and systemd units configure it the same way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use payload_catalog::SqliteRepository;
+use tokio::sync::watch;
+
+use crate::node::{Node, NodeConfig};
+use crate::server;
+use crate::store::FileStore;
+
+#[derive(Parser, Debug)]
+#[command(name = "payload-agent", version, about = "Payload Manager node agent", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a standalone node: the agent and an embedded SQLite catalog in one
+    /// process, no Kubernetes. Serves the v1 gRPC services on a Unix socket
+    /// and on TCP.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StandaloneArgs {
+    /// Directory for everything the node keeps: catalog, lease journal,
+    /// socket and (by default) the disk tier. Default:
+    /// $XDG_STATE_HOME/payload-manager, else ~/.local/state/payload-manager.
+    #[arg(long, env = "PM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket clients connect to. Default: <state-dir>/agent.sock.
+    #[arg(long, env = "PM_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// TCP address for clients that cannot use the socket, or `off`.
+    #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Catalog database URL. Default: sqlite://<state-dir>/catalog.db.
+    #[arg(long, env = "PM_CATALOG")]
+    pub catalog: Option<String>,
+    /// Where RAM payloads live: /dev/shm or a tmpfs directory below it
+    /// (clients open /dev/shm/<shm_name>).
+    #[arg(long, env = "PM_RAM_ROOT", default_value = "/dev/shm")]
+    pub ram_root: PathBuf,
+    /// Prefix of shared-memory names: /<prefix>-<uuid>.
+    #[arg(long, env = "PM_SHM_PREFIX", default_value = "pm")]
+    pub shm_prefix: String,
+    /// RAM tier capacity (bytes, or with a unit: 512MiB, 4GiB, 1G).
+    #[arg(long, env = "PM_RAM_CAPACITY", default_value = "1GiB", value_parser = parse_size)]
+    pub ram_capacity: u64,
+    /// Directory of the disk tier. Default: <state-dir>/disk.
+    #[arg(long, env = "PM_DISK_ROOT")]
+    pub disk_root: Option<PathBuf>,
+    /// Disk tier capacity (bytes, or with a unit).
+    #[arg(long, env = "PM_DISK_CAPACITY", default_value = "10GiB", value_parser = parse_size)]
+    pub disk_capacity: u64,
+    /// Spill RAM to disk above this fraction of its capacity...
+    #[arg(long, env = "PM_RAM_HIGH_WATERMARK", default_value_t = 0.9)]
+    pub ram_high_watermark: f64,
+    /// ...down to this fraction.
+    #[arg(long, env = "PM_RAM_LOW_WATERMARK", default_value_t = 0.7)]
+    pub ram_low_watermark: f64,
+    /// Lease duration when a client asks for none (milliseconds).
+    #[arg(long, env = "PM_LEASE_DEFAULT_MS", default_value_t = 20_000)]
+    pub lease_default_ms: u64,
+    /// Longest lease granted (milliseconds); longer requests are capped.
+    #[arg(long, env = "PM_LEASE_MAX_MS", default_value_t = 120_000)]
+    pub lease_max_ms: u64,
+    /// Uncommitted allocations are aborted after this long (milliseconds).
+    #[arg(long, env = "PM_WRITE_DEADLINE_MS", default_value_t = 600_000)]
+    pub write_deadline_ms: u64,
+    /// Largest payload accepted (bytes, or with a unit).
+    #[arg(long, env = "PM_MAX_PAYLOAD_SIZE", default_value = "128GiB", value_parser = parse_size)]
+    pub max_payload_size: u64,
+    /// Name of this node in stats and messages.
+    #[arg(long, env = "PM_NODE_NAME", default_value = "standalone")]
+    pub node_name: String,
+}
+
+/// Parses `4096`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10TB`...
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 4096, 512MiB or 2GiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?}; use KiB, MiB, GiB or TiB")),
+    };
+    value.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("payload-manager"));
+    }
+    let home = std::env::var_os("HOME").context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
+    Ok(PathBuf::from(home).join(".local/state/payload-manager"))
+}
+
+impl StandaloneArgs {
+    /// Runs the node until SIGTERM or SIGINT, then drains and returns.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let StandaloneArgs {
+            state_dir,
+            socket,
+            listen,
+            catalog,
+            ram_root,
+            shm_prefix,
+            ram_capacity,
+            disk_root,
+            disk_capacity,
+            ram_high_watermark,
+            ram_low_watermark,
+            lease_default_ms,
+            lease_max_ms,
+            write_deadline_ms,
+            max_payload_size,
+            node_name,
+        } = self;
+        anyhow::ensure!(
+            0.0 < ram_low_watermark && ram_low_watermark <= ram_high_watermark && ram_high_watermark <= 1.0,
+            "watermarks must satisfy 0 < low <= high <= 1 (got low {ram_low_watermark}, high {ram_high_watermark})"
+        );
+        anyhow::ensure!(lease_default_ms > 0 && lease_default_ms <= lease_max_ms, "need 0 < --lease-default-ms <= --lease-max-ms");
+        let state_dir = match state_dir {
+            Some(dir) => dir,
+            None => default_state_dir()?,
+        };
+        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let socket = socket.unwrap_or_else(|| state_dir.join("agent.sock"));
+        let tcp: Option<SocketAddr> = match listen.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse().with_context(|| format!("--listen {addr:?} is not host:port or off"))?),
+        };
+        let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
+        anyhow::ensure!(
+            catalog.starts_with("sqlite:"),
+            "--catalog {catalog:?}: this build supports sqlite:// catalogs only"
+        );
+        let repo = SqliteRepository::open_url(&catalog).await.with_context(|| format!("opening catalog {catalog}"))?;
+        let ram = FileStore::ram(&ram_root, &shm_prefix, ram_capacity)?;
+        let disk = FileStore::disk(&disk_root.unwrap_or_else(|| state_dir.join("disk")), disk_capacity)?;
+        let cfg = NodeConfig {
+            node_name,
+            lease_default_ms,
+            lease_max_ms,
+            write_deadline_ms,
+            max_payload_bytes: max_payload_size,
+            ram_high_watermark,
+            ram_low_watermark,
+        };
+        let (node, _) = Node::open(cfg, Arc::new(repo), ram, disk, &state_dir.join("leases.journal")).await?;
+
+        let uds = server::bind_socket(&socket)?;
+        let tcp = match tcp {
+            Some(addr) => Some(server::bind_tcp(addr).await?),
+            None => None,
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(node.clone().run_spiller(stop.clone()));
+        tokio::spawn(node.clone().run_sweeper(stop.clone()));
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: draining in-flight calls");
+            let _ = stop_tx.send(true);
+        });
+        tracing::info!(
+            socket = %socket.display(),
+            tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
+            "payload-agent standalone is serving"
+        );
+        server::serve(node.clone(), uds, tcp, stop).await?;
+        node.flush().await?;
+        let _ = std::fs::remove_file(&socket);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+}

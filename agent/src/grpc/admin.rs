@@ -1,0 +1,46 @@
+//! `PayloadAdminService`: per-tier counts and bytes, capacity, pins, leases.
+
+use std::sync::Arc;
+
+use payload_proto::admin;
+use payload_proto::services::payload_admin_service_server::PayloadAdminService;
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+
+pub struct AdminService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl PayloadAdminService for AdminService {
+    async fn stats(&self, _request: Request<admin::StatsRequest>) -> Result<Response<admin::StatsResponse>, Status> {
+        let node = self.node.clone();
+        // A scan of every entry: keep it off the async workers.
+        let stats = tokio::task::spawn_blocking(move || node.stats())
+            .await
+            .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
+        Ok(Response::new(stats))
+    }
+}
+
+impl Node {
+    pub fn stats(&self) -> admin::StatsResponse {
+        let usage = self.usage();
+        let mut out = admin::StatsResponse {
+            active_leases: self.lease_count() as u64,
+            spill_queue_depth: usage.moving,
+            node_name: self.config().node_name.clone(),
+            ..Default::default()
+        };
+        for tier in usage.tiers {
+            match tier.tier {
+                2 => (out.payloads_ram, out.bytes_ram) = (tier.payloads, tier.bytes),
+                3 => (out.payloads_disk, out.bytes_disk) = (tier.payloads, tier.bytes),
+                _ => {}
+            }
+            out.tiers.push(tier);
+        }
+        out
+    }
+}

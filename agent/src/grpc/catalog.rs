@@ -1,0 +1,340 @@
+//! `PayloadCatalogService`: the node-local lifecycle calls, plus lineage,
+//! metadata and listings answered from the catalog.
+
+use std::sync::Arc;
+
+use payload_catalog::repo::parse_label_selector;
+use payload_catalog::{
+    CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken, PayloadState, Priority,
+};
+use payload_proto::catalog as pbc;
+use payload_proto::core::{MetadataUpdateMode, PromotionPolicy, SpillPolicy};
+use payload_proto::runtime;
+use payload_proto::services::payload_catalog_service_server::PayloadCatalogService;
+use tonic::{Request, Response, Status};
+
+use super::convert::{descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary};
+use crate::clock::timestamp;
+use crate::node::{AllocateRequest, MoveOutcome, Node};
+
+pub struct CatalogService {
+    pub node: Arc<Node>,
+}
+
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+#[tonic::async_trait]
+impl PayloadCatalogService for CatalogService {
+    async fn allocate_payload(
+        &self,
+        request: Request<runtime::AllocatePayloadRequest>,
+    ) -> Result<Response<runtime::AllocatePayloadResponse>, Status> {
+        let req = request.into_inner();
+        let tier = required_tier(req.preferred_tier, "preferred_tier")?;
+        let policy = req.eviction_policy.unwrap_or_default();
+        if req.labels.keys().any(|k| k.is_empty()) {
+            return Err(Status::invalid_argument("label keys must not be empty"));
+        }
+        let alloc = AllocateRequest {
+            size_bytes: req.size_bytes,
+            tier,
+            ttl_ms: req.ttl_ms,
+            no_evict: req.no_evict,
+            priority: Priority::from_i32(policy.priority),
+            spill_target: optional_tier(policy.spill_target, "eviction_policy.spill_target")?,
+            min_residency_tier: optional_tier(policy.min_residency_tier, "eviction_policy.min_residency_tier")?,
+            require_durable: policy.require_durable,
+            labels: req.labels.into_iter().collect(),
+            write_deadline_ms: req.write_deadline_ms,
+        };
+        let rec = self.node.allocate(alloc).await.map_err(status)?;
+        Ok(Response::new(runtime::AllocatePayloadResponse {
+            payload_descriptor: Some(descriptor(&self.node, &rec)),
+            object_upload_path: String::new(),
+        }))
+    }
+
+    async fn commit_payload(
+        &self,
+        request: Request<runtime::CommitPayloadRequest>,
+    ) -> Result<Response<runtime::CommitPayloadResponse>, Status> {
+        let req = request.into_inner();
+        let id = payload_id(req.id.as_ref())?;
+        let expected = match req.expected_sha256.len() {
+            0 => None,
+            32 => Some(req.expected_sha256.as_slice().try_into().expect("32 bytes")),
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "expected_sha256 must be 32 bytes (a raw SHA-256), got {n}"
+                )))
+            }
+        };
+        let rec = self.node.commit(id, expected, req.sync).await.map_err(status)?;
+        Ok(Response::new(runtime::CommitPayloadResponse { payload_descriptor: Some(descriptor(&self.node, &rec)) }))
+    }
+
+    async fn delete(&self, request: Request<runtime::DeleteRequest>) -> Result<Response<()>, Status> {
+        let req = request.get_ref();
+        let id = payload_id(req.id.as_ref())?;
+        self.node.delete(id, req.force).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<runtime::PromoteRequest>,
+    ) -> Result<Response<runtime::PromoteResponse>, Status> {
+        let req = request.get_ref();
+        let id = payload_id(req.id.as_ref())?;
+        let target = required_tier(req.target_tier, "target_tier")?;
+        let (rec, _) = self.node.get(id).map_err(status)?;
+        if rec.tier.faster_than(target) {
+            return Err(Status::failed_precondition(format!(
+                "payload {id} is on the {} tier, already faster than {}; use Spill to move it down",
+                rec.tier.name(),
+                target.name()
+            )));
+        }
+        self.node.store(target).map_err(status)?;
+        let rec = if req.policy == PromotionPolicy::BestEffort as i32 {
+            self.node.spawn_relocate(id, target);
+            rec
+        } else {
+            match self.node.relocate(id, target, false, false).await.map_err(status)? {
+                MoveOutcome::Moved(rec) | MoveOutcome::Unchanged(rec) => rec,
+                MoveOutcome::Deleted => return Err(Status::not_found(format!("payload {id} was deleted"))),
+            }
+        };
+        Ok(Response::new(runtime::PromoteResponse { payload_descriptor: Some(descriptor(&self.node, &rec)) }))
+    }
+
+    async fn spill(&self, request: Request<runtime::SpillRequest>) -> Result<Response<runtime::SpillResponse>, Status> {
+        let req = request.into_inner();
+        let target = optional_tier(req.target_tier, "target_tier")?;
+        let background = req.policy == SpillPolicy::BestEffort as i32;
+        let mut results = Vec::with_capacity(req.ids.len());
+        for raw in &req.ids {
+            let outcome = self.spill_one(raw, target, background, req.wait_for_leases, req.fsync).await;
+            results.push(match outcome {
+                Ok(rec) => runtime::spill_response::Result {
+                    id: Some(raw.clone()),
+                    ok: true,
+                    error_message: String::new(),
+                    payload_descriptor: rec.map(|r| descriptor(&self.node, &r)),
+                },
+                Err(err) => runtime::spill_response::Result {
+                    id: Some(raw.clone()),
+                    ok: false,
+                    error_message: err.message().to_string(),
+                    payload_descriptor: None,
+                },
+            });
+        }
+        Ok(Response::new(runtime::SpillResponse { results }))
+    }
+
+    async fn prefetch(&self, request: Request<runtime::PrefetchRequest>) -> Result<Response<()>, Status> {
+        let req = request.get_ref();
+        let id = payload_id(req.id.as_ref())?;
+        let target = required_tier(req.target_tier, "target_tier")?;
+        self.node.store(target).map_err(status)?;
+        let (rec, _) = self.node.get(id).map_err(status)?;
+        // A hint: start the promotion and return.
+        if target.faster_than(rec.tier) {
+            self.node.spawn_relocate(id, target);
+        }
+        Ok(Response::new(()))
+    }
+
+    async fn pin(&self, request: Request<runtime::PinRequest>) -> Result<Response<()>, Status> {
+        let req = request.get_ref();
+        let id = payload_id(req.id.as_ref())?;
+        self.node.pin(id, req.duration_ms).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn unpin(&self, request: Request<runtime::UnpinRequest>) -> Result<Response<()>, Status> {
+        let id = payload_id(request.get_ref().id.as_ref())?;
+        self.node.unpin(id).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn add_lineage(&self, request: Request<pbc::AddLineageRequest>) -> Result<Response<()>, Status> {
+        let req = request.into_inner();
+        let child = payload_id(req.child.as_ref())?;
+        if req.parents.is_empty() {
+            return Err(Status::invalid_argument("AddLineage needs at least one parent edge"));
+        }
+        let edges = req
+            .parents
+            .into_iter()
+            .map(|e| {
+                Ok(LineageEdge {
+                    child,
+                    parent: payload_id(e.parent.as_ref())?,
+                    operation: e.operation,
+                    role: e.role,
+                    parameters: e.parameters,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        self.node.repo().add_lineage(child, &edges).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_lineage(
+        &self,
+        request: Request<pbc::GetLineageRequest>,
+    ) -> Result<Response<pbc::GetLineageResponse>, Status> {
+        let req = request.get_ref();
+        let id = payload_id(req.id.as_ref())?;
+        let edges = self.node.repo().get_lineage(id, req.upstream, req.max_depth).await.map_err(status)?;
+        let edges = edges
+            .into_iter()
+            .map(|e| pbc::LineageEdge {
+                parent: Some(pb_payload_id(e.parent)),
+                operation: e.operation,
+                role: e.role,
+                parameters: e.parameters,
+                child: Some(pb_payload_id(e.child)),
+            })
+            .collect();
+        Ok(Response::new(pbc::GetLineageResponse { edges }))
+    }
+
+    async fn update_payload_metadata(
+        &self,
+        request: Request<pbc::UpdatePayloadMetadataRequest>,
+    ) -> Result<Response<pbc::UpdatePayloadMetadataResponse>, Status> {
+        let req = request.into_inner();
+        let id = payload_id(req.id.as_ref())?;
+        let mode = if req.mode == MetadataUpdateMode::Replace as i32 { MetadataMode::Replace } else { MetadataMode::Merge };
+        let md = req.metadata.unwrap_or_default();
+        let now = self.node.now_ms();
+        let update = Metadata { data: md.data, schema: md.schema, updated_at_ms: now };
+        let stored = self.node.repo().update_metadata(id, mode, update).await.map_err(status)?;
+        Ok(Response::new(pbc::UpdatePayloadMetadataResponse {
+            id: Some(pb_payload_id(id)),
+            metadata: Some(pbc::PayloadMetadata { id: Some(pb_payload_id(id)), data: stored.data, schema: stored.schema }),
+            updated_at: Some(timestamp(stored.updated_at_ms)),
+        }))
+    }
+
+    async fn append_payload_metadata_event(
+        &self,
+        request: Request<pbc::AppendPayloadMetadataEventRequest>,
+    ) -> Result<Response<pbc::AppendPayloadMetadataEventResponse>, Status> {
+        let req = request.into_inner();
+        let id = payload_id(req.id.as_ref())?;
+        let now = self.node.now_ms();
+        let event = MetadataEvent {
+            data: req.metadata.map(|m| m.data).unwrap_or_default(),
+            source: req.source,
+            version: req.version,
+            ts_ms: now,
+        };
+        self.node.repo().append_metadata_event(id, event).await.map_err(status)?;
+        Ok(Response::new(pbc::AppendPayloadMetadataEventResponse {
+            id: Some(pb_payload_id(id)),
+            event_time: Some(timestamp(now)),
+        }))
+    }
+
+    async fn list_payloads(
+        &self,
+        request: Request<runtime::ListPayloadsRequest>,
+    ) -> Result<Response<runtime::ListPayloadsResponse>, Status> {
+        let req = request.into_inner();
+        let state = match req.state_filter {
+            0 => None,
+            n => Some(PayloadState::from_i32(n).ok_or_else(|| Status::invalid_argument(format!("state_filter {n} is not a known state")))?),
+        };
+        let query = ListQuery {
+            tier: optional_tier(req.tier_filter, "tier_filter")?,
+            state,
+            labels: parse_label_selector(&req.label_selector).map_err(status)?,
+            created_after_ms: (req.created_after_ms != 0).then_some(req.created_after_ms),
+            created_before_ms: (req.created_before_ms != 0).then_some(req.created_before_ms),
+            page_size: if req.page_size <= 0 { DEFAULT_PAGE } else { (req.page_size as u32).min(MAX_PAGE) },
+            after: match req.page_token.as_str() {
+                "" => None,
+                token => Some(PageToken::decode(token).map_err(status)?),
+            },
+        };
+        let page = self.node.repo().list_payloads(&query).await.map_err(status)?;
+        let now = self.node.now_ms();
+        let payloads = page
+            .items
+            .iter()
+            .map(|rec| {
+                // The node's view is fresher than the row (tier moves, leases).
+                let (rec, leases) = self.node.get(rec.id).unwrap_or_else(|_| (rec.clone(), 0));
+                summary(&rec, leases, now)
+            })
+            .collect();
+        Ok(Response::new(runtime::ListPayloadsResponse {
+            payloads,
+            next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),
+            total_count: i32::try_from(page.total).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn import_payload(
+        &self,
+        request: Request<runtime::ImportPayloadRequest>,
+    ) -> Result<Response<runtime::ImportPayloadResponse>, Status> {
+        let id = payload_id(request.get_ref().id.as_ref())?;
+        self.node.get(id).map_err(status)?;
+        Err(Status::failed_precondition(format!(
+            "ImportPayload needs an ALLOCATED payload on the object tier, and node {} has no object tier",
+            self.node.config().node_name
+        )))
+    }
+
+    async fn abort_payload(&self, request: Request<runtime::AbortPayloadRequest>) -> Result<Response<()>, Status> {
+        let id = payload_id(request.get_ref().id.as_ref())?;
+        self.node.abort(id).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_payload(
+        &self,
+        request: Request<runtime::GetPayloadRequest>,
+    ) -> Result<Response<runtime::GetPayloadResponse>, Status> {
+        let id = payload_id(request.get_ref().id.as_ref())?;
+        let (rec, leases) = self.node.get(id).map_err(status)?;
+        Ok(Response::new(runtime::GetPayloadResponse {
+            payload: Some(summary(&rec, leases, self.node.now_ms())),
+            payload_descriptor: Some(descriptor(&self.node, &rec)),
+        }))
+    }
+}
+
+impl CatalogService {
+    async fn spill_one(
+        &self,
+        raw: &payload_proto::core::PayloadId,
+        target: Option<payload_catalog::Tier>,
+        background: bool,
+        wait_for_leases: bool,
+        fsync: bool,
+    ) -> Result<Option<payload_catalog::PayloadRecord>, Status> {
+        let id = payload_id(Some(raw))?;
+        let target = self.node.spill_target(id, target).map_err(status)?;
+        let (rec, _) = self.node.get(id).map_err(status)?;
+        if target.faster_than(rec.tier) {
+            return Err(status(CatalogError::InvalidState(format!(
+                "spill moves payloads down, but {} is faster than the current {} tier; use Promote",
+                target.name(),
+                rec.tier.name()
+            ))));
+        }
+        if background {
+            self.node.spawn_relocate(id, target);
+            return Ok(None);
+        }
+        let outcome = self.node.relocate(id, target, wait_for_leases, fsync).await.map_err(status)?;
+        Ok(outcome.record().cloned())
+    }
+}

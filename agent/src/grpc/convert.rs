@@ -1,0 +1,102 @@
+//! Conversions at the gRPC edge: wire messages are validated into domain
+//! types on receipt, domain errors map to one status each.
+
+use payload_catalog::{CatalogError, LeaseId, PayloadId, PayloadRecord, Tier};
+use payload_proto::core as pb;
+use payload_proto::runtime;
+use tonic::Status;
+
+use crate::clock::timestamp;
+use crate::node::Node;
+
+/// The one mapping from domain errors to gRPC statuses.
+pub fn status(err: CatalogError) -> Status {
+    match err {
+        CatalogError::NotFound(msg) => Status::not_found(msg),
+        CatalogError::AlreadyExists(msg) => Status::already_exists(msg),
+        CatalogError::InvalidState(msg) => Status::failed_precondition(msg),
+        CatalogError::Conflict(msg) => Status::aborted(msg),
+        CatalogError::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+        CatalogError::InvalidArgument(msg) => Status::invalid_argument(msg),
+        CatalogError::Storage(msg) => Status::unavailable(msg),
+    }
+}
+
+pub fn payload_id(id: Option<&pb::PayloadId>) -> Result<PayloadId, Status> {
+    let id = id.ok_or_else(|| Status::invalid_argument("payload id is missing"))?;
+    PayloadId::from_slice(&id.value).map_err(status)
+}
+
+pub fn lease_id(id: Option<&pb::LeaseId>) -> Result<LeaseId, Status> {
+    let id = id.ok_or_else(|| Status::invalid_argument("lease id is missing"))?;
+    LeaseId::from_slice(&id.value).map_err(status)
+}
+
+pub fn pb_payload_id(id: PayloadId) -> pb::PayloadId {
+    pb::PayloadId { value: id.as_bytes().to_vec() }
+}
+
+/// A tier the caller must name (allocate, promote).
+pub fn required_tier(value: i32, what: &str) -> Result<Tier, Status> {
+    match Tier::from_i32(value) {
+        Some(tier) => Ok(tier),
+        None if value == 0 => Err(Status::invalid_argument(format!(
+            "{what} is TIER_UNSPECIFIED; name a tier (TIER_RAM or TIER_DISK on this node)"
+        ))),
+        None => Err(Status::invalid_argument(format!("{what} {value} is not a known tier"))),
+    }
+}
+
+/// A tier where 0 means "no preference".
+pub fn optional_tier(value: i32, what: &str) -> Result<Option<Tier>, Status> {
+    if value == 0 {
+        Ok(None)
+    } else {
+        required_tier(value, what).map(Some)
+    }
+}
+
+/// The descriptor for a record: the location where its bytes live now.
+pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
+    use pb::payload_descriptor::Location;
+    let location = node.store(rec.tier).ok().map(|store| match rec.tier {
+        Tier::Ram => Location::Ram(pb::RamLocation {
+            shm_name: store.shm_name(rec.id),
+            slab_id: 0,
+            block_index: 0,
+            length_bytes: rec.size_bytes,
+        }),
+        _ => Location::Disk(pb::DiskLocation {
+            path: store.path(rec.id).display().to_string(),
+            offset_bytes: 0,
+            length_bytes: rec.size_bytes,
+        }),
+    });
+    pb::PayloadDescriptor {
+        payload_id: Some(pb_payload_id(rec.id)),
+        tier: rec.tier as i32,
+        state: rec.state as i32,
+        location,
+        version: rec.version,
+        created_at: Some(timestamp(rec.created_at_ms)),
+        expires_at: (rec.expires_at_ms != 0).then(|| timestamp(rec.expires_at_ms)),
+        eviction_policy: None,
+        size_bytes: rec.size_bytes,
+        sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
+    }
+}
+
+pub fn summary(rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtime::PayloadSummary {
+    runtime::PayloadSummary {
+        id: Some(pb_payload_id(rec.id)),
+        tier: rec.tier as i32,
+        state: rec.state as i32,
+        size_bytes: rec.size_bytes,
+        created_at_ms: rec.created_at_ms,
+        expires_at_ms: rec.expires_at_ms,
+        active_leases: active_leases as u32,
+        labels: rec.labels.clone().into_iter().collect(),
+        pinned: rec.is_pinned(now_ms),
+        sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
+    }
+}

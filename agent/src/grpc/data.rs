@@ -1,0 +1,127 @@
+//! `PayloadDataService`: snapshots and read leases.
+
+use std::sync::Arc;
+
+use payload_proto::core::PromotionPolicy;
+use payload_proto::runtime::{self, LeaseMode};
+use payload_proto::services::payload_data_service_server::PayloadDataService;
+use tonic::{Request, Response, Status};
+
+use super::convert::{descriptor, lease_id, optional_tier, payload_id, status};
+use crate::clock::timestamp;
+use crate::node::{LeaseGrant, Node};
+
+pub struct DataService {
+    pub node: Arc<Node>,
+}
+
+impl DataService {
+    fn lease_response(&self, grant: &LeaseGrant) -> runtime::AcquireReadLeaseResponse {
+        runtime::AcquireReadLeaseResponse {
+            payload_descriptor: Some(descriptor(&self.node, &grant.rec)),
+            lease_id: Some(payload_proto::core::LeaseId { value: grant.lease.as_bytes().to_vec() }),
+            lease_expires_at: Some(timestamp(grant.expires_ms)),
+        }
+    }
+}
+
+fn check_mode(mode: i32) -> Result<(), Status> {
+    if mode == LeaseMode::Unspecified as i32 || mode == LeaseMode::Read as i32 {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!("lease mode {mode} is not supported; use LEASE_MODE_READ")))
+    }
+}
+
+#[tonic::async_trait]
+impl PayloadDataService for DataService {
+    async fn resolve_snapshot(
+        &self,
+        request: Request<runtime::ResolveSnapshotRequest>,
+    ) -> Result<Response<runtime::ResolveSnapshotResponse>, Status> {
+        let id = payload_id(request.get_ref().id.as_ref())?;
+        let (rec, _) = self.node.get(id).map_err(status)?;
+        Ok(Response::new(runtime::ResolveSnapshotResponse { payload_descriptor: Some(descriptor(&self.node, &rec)) }))
+    }
+
+    async fn acquire_read_lease(
+        &self,
+        request: Request<runtime::AcquireReadLeaseRequest>,
+    ) -> Result<Response<runtime::AcquireReadLeaseResponse>, Status> {
+        let req = request.into_inner();
+        let id = payload_id(req.id.as_ref())?;
+        check_mode(req.mode)?;
+        let min_tier = optional_tier(req.min_tier, "min_tier")?;
+        let blocking = req.promotion_policy != PromotionPolicy::BestEffort as i32;
+        let grant = self
+            .node
+            .acquire(id, min_tier, blocking, req.min_lease_duration_ms)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.lease_response(&grant)))
+    }
+
+    async fn release_lease(&self, request: Request<runtime::ReleaseLeaseRequest>) -> Result<Response<()>, Status> {
+        let lease = lease_id(request.get_ref().lease_id.as_ref())?;
+        // Idempotent, as in the reference: releasing twice or late is fine.
+        self.node.release(lease);
+        Ok(Response::new(()))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<runtime::RenewLeaseRequest>,
+    ) -> Result<Response<runtime::RenewLeaseResponse>, Status> {
+        let req = request.get_ref();
+        let lease = lease_id(req.lease_id.as_ref())?;
+        let expires = self.node.renew(lease, req.extend_ms).map_err(status)?;
+        Ok(Response::new(runtime::RenewLeaseResponse { lease_expires_at: Some(timestamp(expires)) }))
+    }
+
+    async fn batch_acquire_read_lease(
+        &self,
+        request: Request<runtime::BatchAcquireReadLeaseRequest>,
+    ) -> Result<Response<runtime::BatchAcquireReadLeaseResponse>, Status> {
+        let requests = request.into_inner().requests;
+        // Validate each item; invalid ones answer in place, valid ones go in one batch.
+        let parsed: Vec<Result<_, Status>> = requests
+            .iter()
+            .map(|r| {
+                check_mode(r.mode)?;
+                Ok((payload_id(r.id.as_ref())?, optional_tier(r.min_tier, "min_tier")?, r.min_lease_duration_ms))
+            })
+            .collect();
+        let valid: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+        let mut granted = self.node.acquire_many(&valid).into_iter();
+        let results = parsed
+            .into_iter()
+            .map(|p| {
+                let outcome = p.and_then(|_| granted.next().expect("one result per valid request").map_err(status));
+                match outcome {
+                    Ok(grant) => runtime::LeaseResult { lease: Some(self.lease_response(&grant)), ..Default::default() },
+                    Err(st) => runtime::LeaseResult {
+                        lease: None,
+                        error_code: st.code() as i32,
+                        error_message: st.message().to_string(),
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(runtime::BatchAcquireReadLeaseResponse { results }))
+    }
+
+    async fn batch_release_lease(
+        &self,
+        request: Request<runtime::BatchReleaseLeaseRequest>,
+    ) -> Result<Response<runtime::BatchReleaseLeaseResponse>, Status> {
+        let leases = request
+            .get_ref()
+            .lease_ids
+            .iter()
+            .map(|l| lease_id(Some(l)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let released = self.node.release_many(&leases) as u32;
+        Ok(Response::new(runtime::BatchReleaseLeaseResponse { released }))
+    }
+}
+

@@ -1,0 +1,12 @@
+//! The Payload Manager node agent: RAM and disk tiers, leases and their
+//! journal, spill and promotion, and the v1 gRPC services over a Unix socket
+//! and TCP. `payload-agent standalone` runs it with an embedded SQLite catalog.
+
+pub mod cli;
+pub mod clock;
+pub mod grpc;
+pub mod journal;
+pub mod node;
+pub mod server;
+pub mod store;
+pub mod writer;

@@ -1,0 +1,251 @@
+//! Read leases: in memory, sharded by lease id, journaled with one append per
+//! call (batched calls append once). A lease pins its payload's current copy
+//! until it expires or is released; force-delete revokes it, and a revoked
+//! lease answers renew with its own error until its original expiry.
+
+use payload_catalog::{CatalogError, LeaseId, PayloadId, PayloadRecord, Tier};
+
+use super::{lock, Node};
+use crate::journal::JournaledLease;
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LeaseSlot {
+    Live { payload: PayloadId, expires_ms: u64 },
+    /// Kept until `until_ms` so that renew can say why the lease is gone.
+    Revoked { until_ms: u64 },
+}
+
+/// A granted lease and the placement it pins.
+#[derive(Clone, Debug)]
+pub struct LeaseGrant {
+    pub lease: LeaseId,
+    pub expires_ms: u64,
+    pub rec: PayloadRecord,
+}
+
+impl Node {
+    fn lease_duration(&self, requested_ms: u64) -> u64 {
+        let wanted = if requested_ms == 0 { self.cfg.lease_default_ms } else { requested_ms };
+        wanted.min(self.cfg.lease_max_ms)
+    }
+
+    /// Grants a read lease on a committed payload at `min_tier` or faster.
+    /// Below that tier, `blocking` promotes first; otherwise the call fails
+    /// fast and queues the promotion.
+    pub async fn acquire(
+        self: &std::sync::Arc<Self>,
+        id: PayloadId,
+        min_tier: Option<Tier>,
+        blocking: bool,
+        duration_ms: u64,
+    ) -> Result<LeaseGrant, CatalogError> {
+        let mut promoted = false;
+        loop {
+            match self.try_grant(id, min_tier, duration_ms) {
+                Err(Grant::TooSlow(target)) if blocking && !promoted => {
+                    self.relocate(id, target, false, false).await?;
+                    promoted = true;
+                }
+                Err(Grant::TooSlow(target)) => {
+                    if !blocking {
+                        self.spawn_relocate(id, target);
+                    }
+                    return Err(CatalogError::InvalidState(format!(
+                        "payload {id} is below the requested tier {}; a promotion was queued, retry shortly or ask with PROMOTION_POLICY_BLOCKING",
+                        target.name()
+                    )));
+                }
+                Err(Grant::Failed(err)) => return Err(err),
+                Ok(grant) => {
+                    self.journal
+                        .grant(&[JournaledLease { lease: grant.lease, payload: id, expires_ms: grant.expires_ms }])
+                        .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
+                    return Ok(grant);
+                }
+            }
+        }
+    }
+
+    /// Grants many leases with one journal append; results keep request order.
+    pub fn acquire_many(&self, requests: &[(PayloadId, Option<Tier>, u64)]) -> Vec<Result<LeaseGrant, CatalogError>> {
+        let results: Vec<_> = requests
+            .iter()
+            .map(|(id, min_tier, duration)| {
+                self.try_grant(*id, *min_tier, *duration).map_err(|e| match e {
+                    Grant::Failed(err) => err,
+                    Grant::TooSlow(target) => CatalogError::InvalidState(format!(
+                        "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
+                        target.name()
+                    )),
+                })
+            })
+            .collect();
+        let journaled: Vec<_> = results
+            .iter()
+            .zip(requests)
+            .filter_map(|(r, (id, _, _))| {
+                r.as_ref().ok().map(|g| JournaledLease { lease: g.lease, payload: *id, expires_ms: g.expires_ms })
+            })
+            .collect();
+        if let Err(e) = self.journal.grant(&journaled) {
+            let release: Vec<LeaseId> = journaled.iter().map(|l| l.lease).collect();
+            self.release_many(&release);
+            let msg = format!("writing the lease journal: {e}");
+            return requests.iter().map(|_| Err(CatalogError::Storage(msg.clone()))).collect();
+        }
+        results
+    }
+
+    fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, duration_ms: u64) -> Result<LeaseGrant, Grant> {
+        let entry = self.entry(id).map_err(Grant::Failed)?;
+        let now = self.now_ms();
+        let mut e = lock(&entry);
+        if !e.rec.state.is_readable() {
+            return Err(Grant::Failed(CatalogError::InvalidState(format!(
+                "payload {id} is {}; only committed payloads can be leased (commit it first)",
+                e.rec.state.name()
+            ))));
+        }
+        if let Some(min) = min_tier {
+            if min.faster_than(e.rec.tier) {
+                return Err(Grant::TooSlow(min));
+            }
+        }
+        let lease = LeaseId::random();
+        let expires_ms = now.saturating_add(self.lease_duration(duration_ms));
+        e.leases.retain(|_, exp| *exp > now);
+        e.leases.insert(lease, expires_ms);
+        e.last_access_ms = now;
+        let rec = e.rec.clone();
+        drop(e);
+        self.leases.shard(&lease).insert(lease, LeaseSlot::Live { payload: id, expires_ms });
+        Ok(LeaseGrant { lease, expires_ms, rec })
+    }
+
+    /// Releases a lease; unknown or expired leases are fine (idempotent).
+    pub fn release(&self, lease: LeaseId) -> bool {
+        self.release_many(&[lease]) == 1
+    }
+
+    /// Releases leases; returns how many were live.
+    pub fn release_many(&self, leases: &[LeaseId]) -> usize {
+        let mut journal = Vec::new();
+        for lease in leases {
+            let slot = self.leases.shard(lease).remove(lease);
+            if let Some(LeaseSlot::Live { payload, expires_ms }) = slot {
+                if let Ok(entry) = self.entry(payload) {
+                    lock(&entry).leases.remove(lease);
+                }
+                journal.push(JournaledLease { lease: *lease, payload, expires_ms });
+            }
+        }
+        if let Err(e) = self.journal.release(&journal) {
+            // A lost release only makes the lease live until it expires.
+            tracing::warn!(%e, "could not journal lease releases");
+        }
+        self.maybe_compact_journal();
+        journal.len()
+    }
+
+    /// Extends a live lease to now + `extend_ms` (0 = default duration).
+    pub fn renew(&self, lease: LeaseId, extend_ms: u64) -> Result<u64, CatalogError> {
+        let now = self.now_ms();
+        let slot = self.leases.shard(&lease).get(&lease).copied();
+        let payload = match slot {
+            Some(LeaseSlot::Live { payload, expires_ms }) if expires_ms > now => payload,
+            Some(LeaseSlot::Revoked { .. }) => {
+                return Err(CatalogError::InvalidState(format!(
+                    "lease {lease} was revoked because its payload was force-deleted; do not read the old location"
+                )))
+            }
+            _ => {
+                return Err(CatalogError::NotFound(format!(
+                    "lease {lease} is unknown or has expired; acquire a new lease"
+                )))
+            }
+        };
+        let expires_ms = now.saturating_add(self.lease_duration(extend_ms));
+        let entry = self.entry(payload)?;
+        {
+            let mut e = lock(&entry);
+            match e.leases.get_mut(&lease) {
+                Some(exp) => *exp = expires_ms,
+                None => return Err(CatalogError::NotFound(format!("lease {lease} is no longer live"))),
+            }
+        }
+        self.leases.shard(&lease).insert(lease, LeaseSlot::Live { payload, expires_ms });
+        self.journal
+            .grant(&[JournaledLease { lease, payload, expires_ms }])
+            .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
+        Ok(expires_ms)
+    }
+
+    /// Marks leases revoked (force delete); their holders learn it on renew.
+    pub(crate) fn revoke(&self, leases: &[LeaseId], payload: PayloadId) {
+        let mut journal = Vec::new();
+        for lease in leases {
+            let mut shard = self.leases.shard(lease);
+            if let Some(LeaseSlot::Live { expires_ms, .. }) = shard.get(lease).copied() {
+                shard.insert(*lease, LeaseSlot::Revoked { until_ms: expires_ms });
+                journal.push(JournaledLease { lease: *lease, payload, expires_ms });
+            }
+        }
+        if let Err(e) = self.journal.release(&journal) {
+            tracing::warn!(%e, "could not journal lease revocations");
+        }
+    }
+
+    /// Live leases in the table, as the journal records them.
+    fn live_journal(&self) -> Vec<JournaledLease> {
+        let now = self.now_ms();
+        let mut live = Vec::new();
+        self.leases.for_each(|lease, slot| {
+            if let LeaseSlot::Live { payload, expires_ms } = slot {
+                if *expires_ms > now {
+                    live.push(JournaledLease { lease: *lease, payload: *payload, expires_ms: *expires_ms });
+                }
+            }
+        });
+        live
+    }
+
+    fn maybe_compact_journal(&self) {
+        if let Err(e) = self.journal.maybe_compact(|| self.live_journal()) {
+            tracing::warn!(%e, "could not compact the lease journal");
+        }
+    }
+
+    /// Drops expired leases and old revocation markers.
+    pub(crate) fn sweep_leases(&self) {
+        let now = self.now_ms();
+        let mut expired = Vec::new();
+        self.leases.for_each(|lease, slot| match slot {
+            LeaseSlot::Live { payload, expires_ms } if *expires_ms <= now => expired.push((*lease, Some(*payload))),
+            LeaseSlot::Revoked { until_ms } if *until_ms <= now => expired.push((*lease, None)),
+            _ => {}
+        });
+        for (lease, payload) in expired {
+            self.leases.shard(&lease).remove(&lease);
+            if let Some(entry) = payload.and_then(|p| self.entry(p).ok()) {
+                lock(&entry).leases.remove(&lease);
+            }
+        }
+        self.maybe_compact_journal();
+    }
+
+    pub fn lease_count(&self) -> usize {
+        let now = self.now_ms();
+        let mut count = 0;
+        self.leases.for_each(|_, slot| {
+            if matches!(slot, LeaseSlot::Live { expires_ms, .. } if *expires_ms > now) {
+                count += 1;
+            }
+        });
+        count
+    }
+}
+
+enum Grant {
+    TooSlow(Tier),
+    Failed(CatalogError),
+}

@@ -1,0 +1,246 @@
+//! The node: every payload this agent holds, in memory, sharded so that no
+//! global lock sits on the lease path. The catalog (through the group-commit
+//! writer) keeps the rows durable; the journal keeps the leases; the stores
+//! keep the bytes.
+
+mod leases;
+mod lifecycle;
+mod recovery;
+mod sweep;
+mod tiering;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use payload_catalog::{CatalogError, LeaseId, PayloadId, PayloadRecord, Repository, Tier};
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::journal::Journal;
+use crate::store::FileStore;
+use crate::writer::Writer;
+
+pub use leases::LeaseGrant;
+pub(crate) use leases::LeaseSlot;
+pub use recovery::Recovery;
+pub use lifecycle::AllocateRequest;
+pub use tiering::MoveOutcome;
+
+const SHARDS: usize = 64;
+
+/// Settings of a node, from the command line.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub lease_default_ms: u64,
+    pub lease_max_ms: u64,
+    pub write_deadline_ms: u64,
+    pub max_payload_bytes: u64,
+    /// Spill starts above this fraction of RAM capacity...
+    pub ram_high_watermark: f64,
+    /// ...and stops below this one.
+    pub ram_low_watermark: f64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_name: "standalone".into(),
+            lease_default_ms: 20_000,
+            lease_max_ms: 120_000,
+            write_deadline_ms: 600_000,
+            max_payload_bytes: 128 << 30,
+            ram_high_watermark: 0.9,
+            ram_low_watermark: 0.7,
+        }
+    }
+}
+
+/// What the node knows about one payload besides its catalog row.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub rec: PayloadRecord,
+    /// Live leases on the current copy: lease -> expiry (unix ms).
+    pub leases: HashMap<LeaseId, u64>,
+    /// A move between tiers is under way.
+    pub moving: bool,
+    /// Set when the payload was deleted while a move was under way.
+    pub gone: bool,
+    pub last_access_ms: u64,
+}
+
+impl Entry {
+    fn new(rec: PayloadRecord, now_ms: u64) -> Self {
+        Self { rec, leases: HashMap::new(), moving: false, gone: false, last_access_ms: now_ms }
+    }
+
+    pub fn live_leases(&self, now_ms: u64) -> usize {
+        self.leases.values().filter(|exp| **exp > now_ms).count()
+    }
+}
+
+pub(crate) type EntryRef = Arc<Mutex<Entry>>;
+
+/// A map split into independently locked shards.
+pub(crate) struct Sharded<K, V> {
+    shards: Vec<Mutex<HashMap<K, V>>>,
+}
+
+pub(crate) trait ShardKey {
+    fn shard(&self) -> usize;
+}
+
+impl ShardKey for PayloadId {
+    fn shard(&self) -> usize {
+        self.as_bytes()[15] as usize % SHARDS
+    }
+}
+
+impl ShardKey for LeaseId {
+    fn shard(&self) -> usize {
+        self.as_bytes()[15] as usize % SHARDS
+    }
+}
+
+impl<K: ShardKey + Eq + std::hash::Hash, V> Sharded<K, V> {
+    fn new() -> Self {
+        Self { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    pub fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, V>> {
+        lock(&self.shards[key.shard()])
+    }
+
+    pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        for shard in &self.shards {
+            for (k, v) in lock(shard).iter() {
+                f(k, v);
+            }
+        }
+    }
+}
+
+/// Resolves once the shutdown flag is set.
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Locks a mutex; a panic elsewhere must not take the node down with it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub struct Node {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) clock: Clock,
+    pub(crate) repo: Arc<dyn Repository>,
+    pub(crate) writer: Writer,
+    pub(crate) ram: FileStore,
+    pub(crate) disk: FileStore,
+    pub(crate) payloads: Sharded<PayloadId, EntryRef>,
+    pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,
+    pub(crate) journal: Journal,
+    /// Wakes the spill scheduler when RAM crosses its high watermark.
+    pub(crate) spill_wanted: Notify,
+    /// Bounds background hashing to one core.
+    pub(crate) hashing: tokio::sync::Semaphore,
+}
+
+impl Node {
+    pub fn store(&self, tier: Tier) -> Result<&FileStore, CatalogError> {
+        match tier {
+            Tier::Ram => Ok(&self.ram),
+            Tier::Disk => Ok(&self.disk),
+            Tier::Gpu | Tier::Object => Err(CatalogError::InvalidState(format!(
+                "the {} tier is not configured on node {}",
+                tier.name(),
+                self.cfg.node_name
+            ))),
+            Tier::Void => Err(CatalogError::InvalidArgument(
+                "TIER_VOID is not a place to store bytes; spill to VOID deletes a payload".into(),
+            )),
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub(crate) fn entry(&self, id: PayloadId) -> Result<EntryRef, CatalogError> {
+        self.payloads
+            .shard(&id)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CatalogError::NotFound(format!("payload {id} not found on node {}", self.cfg.node_name)))
+    }
+
+    /// A copy of the payload's row and its live lease count.
+    pub fn get(&self, id: PayloadId) -> Result<(PayloadRecord, usize), CatalogError> {
+        let entry = self.entry(id)?;
+        let e = lock(&entry);
+        Ok((e.rec.clone(), e.live_leases(self.now_ms())))
+    }
+
+    /// Active leases per payload, for listings built from catalog rows.
+    pub fn live_leases(&self, id: PayloadId) -> usize {
+        self.entry(id).map(|e| lock(&e).live_leases(self.now_ms())).unwrap_or(0)
+    }
+
+    /// Every entry, for scans (stats, spill candidates, sweeps).
+    pub(crate) fn entries(&self) -> Vec<EntryRef> {
+        let mut all = Vec::new();
+        self.payloads.for_each(|_, e| all.push(e.clone()));
+        all
+    }
+
+    pub fn repo(&self) -> &Arc<dyn Repository> {
+        &self.repo
+    }
+}
+
+/// Usage figures gathered by one scan of the node.
+pub struct Usage {
+    pub tiers: Vec<payload_proto::admin::TierUsage>,
+    /// Payloads being moved between tiers right now.
+    pub moving: u64,
+}
+
+impl Node {
+    pub fn usage(&self) -> Usage {
+        let now = self.now_ms();
+        let mut tiers: Vec<_> = [&self.ram, &self.disk]
+            .iter()
+            .map(|s| payload_proto::admin::TierUsage {
+                tier: s.tier() as u32,
+                capacity_bytes: s.capacity(),
+                ..Default::default()
+            })
+            .collect();
+        let mut moving = 0;
+        self.payloads.for_each(|_, entry| {
+            let e = lock(entry);
+            moving += e.moving as u64;
+            let Some(t) = tiers.iter_mut().find(|t| t.tier == e.rec.tier as u32) else { return };
+            t.payloads += 1;
+            t.bytes += e.rec.size_bytes;
+            if e.rec.is_pinned(now) {
+                t.pinned_bytes += e.rec.size_bytes;
+            }
+            if e.live_leases(now) > 0 {
+                t.leased_bytes += e.rec.size_bytes;
+            }
+        });
+        Usage { tiers, moving }
+    }
+}
+
+impl Node {
+    /// Waits until every queued catalog write is committed.
+    pub async fn flush(&self) -> Result<(), CatalogError> {
+        self.writer.flush().await
+    }
+}

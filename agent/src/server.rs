@@ -1,0 +1,70 @@
+//! Serving the gRPC services on a Unix socket and, optionally, TCP, until a
+//! shutdown signal; in-flight calls drain before the servers return.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::grpc::routes;
+use crate::node::Node;
+
+/// Binds the agent socket, owner-only. A stale socket file is replaced; a
+/// live one (another agent) is an error.
+pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "another agent is already listening on {}; stop it or choose another --socket",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}; is another agent running? choose another --listen or --listen off"))
+}
+
+/// Serves until `stop` turns true, then drains.
+pub async fn serve(
+    node: Arc<Node>,
+    uds: UnixListener,
+    tcp: Option<TcpListener>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let unix = Server::builder()
+        .add_routes(routes(node.clone()))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop.clone()));
+    let tcp = async {
+        match tcp {
+            Some(listener) => Server::builder()
+                .add_routes(routes(node))
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped(stop))
+                .await
+                .context("TCP server"),
+            None => Ok(()),
+        }
+    };
+    let (unix, tcp) = tokio::join!(unix, tcp);
+    unix.context("Unix socket server")?;
+    tcp
+}
