@@ -87,25 +87,36 @@ pub struct StandaloneArgs {
 /// Parses `4096`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10TB`...
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 4096, 512MiB or 2GiB"))?;
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 4096, 512MiB or 2GiB"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        other => return Err(format!("unknown size unit {other:?}; use KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; use KiB, MiB, GiB or TiB"
+            ))
+        }
     };
-    value.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("payload-manager"));
     }
-    let home = std::env::var_os("HOME").context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
     Ok(PathBuf::from(home).join(".local/state/payload-manager"))
 }
 
@@ -134,25 +145,38 @@ impl StandaloneArgs {
             0.0 < ram_low_watermark && ram_low_watermark <= ram_high_watermark && ram_high_watermark <= 1.0,
             "watermarks must satisfy 0 < low <= high <= 1 (got low {ram_low_watermark}, high {ram_high_watermark})"
         );
-        anyhow::ensure!(lease_default_ms > 0 && lease_default_ms <= lease_max_ms, "need 0 < --lease-default-ms <= --lease-max-ms");
+        anyhow::ensure!(
+            lease_default_ms > 0 && lease_default_ms <= lease_max_ms,
+            "need 0 < --lease-default-ms <= --lease-max-ms"
+        );
         let state_dir = match state_dir {
             Some(dir) => dir,
             None => default_state_dir()?,
         };
-        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
         let socket = socket.unwrap_or_else(|| state_dir.join("agent.sock"));
         let tcp: Option<SocketAddr> = match listen.as_str() {
             "off" | "" => None,
-            addr => Some(addr.parse().with_context(|| format!("--listen {addr:?} is not host:port or off"))?),
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("--listen {addr:?} is not host:port or off"))?,
+            ),
         };
-        let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
+        let catalog = catalog
+            .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
         anyhow::ensure!(
             catalog.starts_with("sqlite:"),
             "--catalog {catalog:?}: this build supports sqlite:// catalogs only"
         );
-        let repo = SqliteRepository::open_url(&catalog).await.with_context(|| format!("opening catalog {catalog}"))?;
+        let repo = SqliteRepository::open_url(&catalog)
+            .await
+            .with_context(|| format!("opening catalog {catalog}"))?;
         let ram = FileStore::ram(&ram_root, &shm_prefix, ram_capacity)?;
-        let disk = FileStore::disk(&disk_root.unwrap_or_else(|| state_dir.join("disk")), disk_capacity)?;
+        let disk = FileStore::disk(
+            &disk_root.unwrap_or_else(|| state_dir.join("disk")),
+            disk_capacity,
+        )?;
         let cfg = NodeConfig {
             node_name,
             lease_default_ms,
@@ -162,7 +186,14 @@ impl StandaloneArgs {
             ram_high_watermark,
             ram_low_watermark,
         };
-        let (node, _) = Node::open(cfg, Arc::new(repo), ram, disk, &state_dir.join("leases.journal")).await?;
+        let (node, _) = Node::open(
+            cfg,
+            Arc::new(repo),
+            ram,
+            disk,
+            &state_dir.join("leases.journal"),
+        )
+        .await?;
 
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {

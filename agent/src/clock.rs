@@ -18,7 +18,10 @@ impl Clock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        Self { base_ms, base: Instant::now() }
+        Self {
+            base_ms,
+            base: Instant::now(),
+        }
     }
 
     /// Milliseconds since the Unix epoch.

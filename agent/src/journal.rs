@@ -59,14 +59,23 @@ impl Journal {
         }
         let mut live: HashMap<LeaseId, JournaledLease> = HashMap::new();
         for rec in bytes.chunks_exact(RECORD) {
-            let (Ok(lease), Ok(payload)) = (LeaseId::from_slice(&rec[1..17]), PayloadId::from_slice(&rec[17..33]))
-            else {
+            let (Ok(lease), Ok(payload)) = (
+                LeaseId::from_slice(&rec[1..17]),
+                PayloadId::from_slice(&rec[17..33]),
+            ) else {
                 continue;
             };
             let expires_ms = u64::from_le_bytes(rec[33..41].try_into().expect("8 bytes"));
             match rec[0] {
                 GRANT => {
-                    live.insert(lease, JournaledLease { lease, payload, expires_ms });
+                    live.insert(
+                        lease,
+                        JournaledLease {
+                            lease,
+                            payload,
+                            expires_ms,
+                        },
+                    );
                 }
                 RELEASE => {
                     live.remove(&lease);
@@ -78,7 +87,11 @@ impl Journal {
         let file = Self::rewrite(path, &leases)?;
         let journal = Journal {
             path: path.to_path_buf(),
-            inner: Mutex::new(Inner { file, records: leases.len() as u64, live: leases.len() as u64 }),
+            inner: Mutex::new(Inner {
+                file,
+                records: leases.len() as u64,
+                live: leases.len() as u64,
+            }),
         };
         Ok((journal, leases))
     }
@@ -140,7 +153,11 @@ mod tests {
     use super::*;
 
     fn lease(expires_ms: u64) -> JournaledLease {
-        JournaledLease { lease: LeaseId::random(), payload: PayloadId::random(), expires_ms }
+        JournaledLease {
+            lease: LeaseId::random(),
+            payload: PayloadId::random(),
+            expires_ms,
+        }
     }
 
     #[test]

@@ -45,10 +45,24 @@ impl FileStore {
         Self::new(Tier::Disk, root, String::new(), ".bin", capacity)
     }
 
-    fn new(tier: Tier, root: &Path, prefix: String, suffix: &'static str, capacity: u64) -> anyhow::Result<Self> {
-        fs::create_dir_all(root).map_err(|e| anyhow::anyhow!("creating {} failed: {e}", root.display()))?;
+    fn new(
+        tier: Tier,
+        root: &Path,
+        prefix: String,
+        suffix: &'static str,
+        capacity: u64,
+    ) -> anyhow::Result<Self> {
+        fs::create_dir_all(root)
+            .map_err(|e| anyhow::anyhow!("creating {} failed: {e}", root.display()))?;
         let root = root.canonicalize()?;
-        Ok(Self { tier, root, prefix, suffix, capacity, used: AtomicU64::new(0) })
+        Ok(Self {
+            tier,
+            root,
+            prefix,
+            suffix,
+            capacity,
+            used: AtomicU64::new(0),
+        })
     }
 
     pub fn tier(&self) -> Tier {
@@ -64,7 +78,8 @@ impl FileStore {
     }
 
     pub fn path(&self, id: PayloadId) -> PathBuf {
-        self.root.join(format!("{}{}{}", self.prefix, id, self.suffix))
+        self.root
+            .join(format!("{}{}{}", self.prefix, id, self.suffix))
     }
 
     /// The RAM location name: the path relative to `/dev/shm`, with a leading slash.
@@ -99,7 +114,9 @@ impl FileStore {
     pub fn unreserve(&self, bytes: u64) {
         let _ = self
             .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_sub(bytes)));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(bytes))
+            });
     }
 
     /// Creates the empty region, owner read-write only, sized to `size`.
@@ -141,8 +158,12 @@ impl FileStore {
         for entry in fs::read_dir(&self.root)? {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some(rest) = name.strip_prefix(&self.prefix) else { continue };
-            let Some(uuid) = rest.strip_suffix(self.suffix) else { continue };
+            let Some(rest) = name.strip_prefix(&self.prefix) else {
+                continue;
+            };
+            let Some(uuid) = rest.strip_suffix(self.suffix) else {
+                continue;
+            };
             if let Ok(id) = PayloadId::parse(uuid) {
                 ids.push(id);
             }
@@ -155,8 +176,13 @@ impl FileStore {
 /// before returning. A failed copy leaves nothing behind.
 pub fn copy_file(from: &Path, to: &Path, sync: bool) -> io::Result<()> {
     let mut source = File::open(from)?;
-    let mut dest = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
-    let copied = io::copy(&mut source, &mut dest).and_then(|_| if sync { dest.sync_all() } else { Ok(()) });
+    let mut dest = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    let copied =
+        io::copy(&mut source, &mut dest).and_then(|_| if sync { dest.sync_all() } else { Ok(()) });
     if let Err(e) = copied {
         let _ = fs::remove_file(to);
         return Err(e);

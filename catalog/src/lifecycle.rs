@@ -8,15 +8,21 @@ use crate::model::PayloadState;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The writer sealed the bytes; `durable` when the tier keeps them.
-    Commit { durable: bool },
+    Commit {
+        durable: bool,
+    },
     /// The writer gave up, or the write deadline passed.
     Abort,
     /// A move to another tier started.
     BeginMove,
     /// The move finished; `durable` describes the new tier.
-    FinishMove { durable: bool },
+    FinishMove {
+        durable: bool,
+    },
     /// The move failed or was cancelled; the payload stays where it was.
-    CancelMove { durable: bool },
+    CancelMove {
+        durable: bool,
+    },
     Delete,
     Expire,
 }
@@ -60,7 +66,9 @@ mod tests {
     use super::*;
     use PayloadState::*;
 
-    const STATES: [PayloadState; 7] = [Allocated, Active, Spilling, Durable, Expired, Deleted, Aborted];
+    const STATES: [PayloadState; 7] = [
+        Allocated, Active, Spilling, Durable, Expired, Deleted, Aborted,
+    ];
 
     fn events() -> Vec<Event> {
         let mut all = vec![Event::Abort, Event::BeginMove, Event::Delete, Event::Expire];
@@ -122,6 +130,8 @@ mod tests {
     #[test]
     fn refusal_message_tells_what_to_do() {
         let err = transition(Active, Event::Commit { durable: false }).unwrap_err();
-        assert!(err.to_string().contains("only an ALLOCATED payload can be committed"));
+        assert!(err
+            .to_string()
+            .contains("only an ALLOCATED payload can be committed"));
     }
 }

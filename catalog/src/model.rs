@@ -27,7 +27,10 @@ macro_rules! id_impls {
             pub fn from_slice(bytes: &[u8]) -> Result<Self, CatalogError> {
                 Uuid::from_slice(bytes).map(Self).map_err(|_| {
                     CatalogError::InvalidArgument(format!(
-                        concat!($what, " must be exactly 16 raw bytes (a binary UUID), got {} bytes"),
+                        concat!(
+                            $what,
+                            " must be exactly 16 raw bytes (a binary UUID), got {} bytes"
+                        ),
                         bytes.len()
                     ))
                 })

@@ -1,1 +1,497 @@
+//! Rust client for Payload Manager. Connects to the agent on its Unix socket
+//! (or TCP), writes payloads straight into the region the agent hands out,
+//! and reads them zero-copy through cached read-only mappings under leases.
+//!
+//! ```no_run
+//! # async fn demo() -> payload_client::Result<()> {
+//! let client = payload_client::Client::connect("unix:///run/payload-manager/agent.sock").await?;
+//! let id = client.put(b"hello").await?;
+//! let lease = client.get(id).await?;
+//! assert_eq!(lease.bytes(), b"hello");
+//! # Ok(()) }
+//! ```
 
+mod connect;
+pub mod error;
+pub mod mapping;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use memmap2::{Mmap, MmapMut};
+use payload_proto::admin::{StatsRequest, StatsResponse};
+use payload_proto::core::{self as pb, PayloadDescriptor, PromotionPolicy, SpillPolicy};
+use payload_proto::runtime;
+use payload_proto::services::payload_admin_service_client::PayloadAdminServiceClient;
+use payload_proto::services::payload_catalog_service_client::PayloadCatalogServiceClient;
+use payload_proto::services::payload_data_service_client::PayloadDataServiceClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+pub use error::{ClientError, Result};
+pub use payload_proto::core::Tier;
+
+/// A payload identifier (16 raw bytes on the wire).
+pub type PayloadId = Uuid;
+
+/// Options for [`Client::put_with`] and [`Client::allocate_with`].
+#[derive(Clone, Debug)]
+pub struct PutOptions {
+    pub tier: Tier,
+    pub labels: HashMap<String, String>,
+    pub ttl_ms: u64,
+    /// Send the SHA-256 of the bytes with the commit; the agent verifies it.
+    pub verify: bool,
+    /// fsync before the commit returns (disk tier).
+    pub sync: bool,
+}
+
+impl Default for PutOptions {
+    fn default() -> Self {
+        Self {
+            tier: Tier::Ram,
+            labels: HashMap::new(),
+            ttl_ms: 0,
+            verify: false,
+            sync: false,
+        }
+    }
+}
+
+/// How a lease is asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LeaseOptions {
+    /// Slowest acceptable tier (None = wherever it is).
+    pub min_tier: Option<Tier>,
+    /// Fail fast instead of promoting when below `min_tier`.
+    pub best_effort: bool,
+    /// 0 = the agent's default.
+    pub duration_ms: u64,
+}
+
+/// A connection to one agent. Cheap to clone; clones share the channel, the
+/// mapping cache and the background releaser.
+#[derive(Clone)]
+pub struct Client {
+    data: PayloadDataServiceClient<Channel>,
+    catalog: PayloadCatalogServiceClient<Channel>,
+    admin: PayloadAdminServiceClient<Channel>,
+    maps: Arc<mapping::MappingCache>,
+    releases: mpsc::UnboundedSender<Uuid>,
+}
+
+fn pb_id(id: PayloadId) -> pb::PayloadId {
+    pb::PayloadId {
+        value: id.as_bytes().to_vec(),
+    }
+}
+
+/// The payload id inside a descriptor.
+pub fn descriptor_id(desc: &PayloadDescriptor) -> Result<PayloadId> {
+    let raw = desc
+        .payload_id
+        .as_ref()
+        .map(|p| p.value.as_slice())
+        .unwrap_or_default();
+    Uuid::from_slice(raw)
+        .map_err(|_| ClientError::Protocol("descriptor carries no 16-byte payload id".into()))
+}
+
+impl Client {
+    /// Connects to `target`: `unix:///path/agent.sock`, a bare socket path,
+    /// or `http://host:port`.
+    pub async fn connect(target: &str) -> Result<Client> {
+        let channel = connect::channel(target).await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    pub fn from_channel(channel: Channel) -> Client {
+        let data = PayloadDataServiceClient::new(channel.clone());
+        let (releases, rx) = mpsc::unbounded_channel();
+        tokio::spawn(release_loop(data.clone(), rx));
+        Client {
+            data,
+            catalog: PayloadCatalogServiceClient::new(channel.clone()),
+            admin: PayloadAdminServiceClient::new(channel),
+            maps: Arc::new(mapping::MappingCache::new(4096)),
+            releases,
+        }
+    }
+
+    /// Stores `bytes` in RAM and returns the new payload's id.
+    pub async fn put(&self, bytes: &[u8]) -> Result<PayloadId> {
+        self.put_with(bytes, &PutOptions::default())
+            .await
+            .and_then(|d| descriptor_id(&d))
+    }
+
+    /// Stores `bytes` with options; returns the committed descriptor.
+    pub async fn put_with(&self, bytes: &[u8], opts: &PutOptions) -> Result<PayloadDescriptor> {
+        let mut region = self.allocate_with(bytes.len() as u64, opts).await?;
+        region.as_mut_slice().copy_from_slice(bytes);
+        self.commit(region).await
+    }
+
+    /// Allocates a region of `size` bytes and maps it for writing.
+    pub async fn allocate_with(&self, size: u64, opts: &PutOptions) -> Result<WritableRegion> {
+        let response = self
+            .catalog
+            .clone()
+            .allocate_payload(runtime::AllocatePayloadRequest {
+                size_bytes: size,
+                preferred_tier: opts.tier as i32,
+                ttl_ms: opts.ttl_ms,
+                labels: opts.labels.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let desc = response
+            .payload_descriptor
+            .ok_or_else(|| ClientError::Protocol("allocate returned no descriptor".into()))?;
+        let id = descriptor_id(&desc)?;
+        match mapping::map_writable(&desc) {
+            Ok(map) => Ok(WritableRegion {
+                id,
+                desc,
+                map,
+                verify: opts.verify,
+                sync: opts.sync,
+            }),
+            Err(err) => {
+                let _ = self.abort(id).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Commits a written region: its bytes never change afterwards.
+    pub async fn commit(&self, region: WritableRegion) -> Result<PayloadDescriptor> {
+        let WritableRegion {
+            id,
+            map,
+            verify,
+            sync,
+            ..
+        } = region;
+        let expected_sha256 = if verify {
+            use sha2::Digest;
+            sha2::Sha256::digest(&map[..]).to_vec()
+        } else {
+            Vec::new()
+        };
+        drop(map);
+        let response = self
+            .catalog
+            .clone()
+            .commit_payload(runtime::CommitPayloadRequest {
+                id: Some(pb_id(id)),
+                expected_sha256,
+                sync,
+            })
+            .await?
+            .into_inner();
+        response
+            .payload_descriptor
+            .ok_or_else(|| ClientError::Protocol("commit returned no descriptor".into()))
+    }
+
+    /// Abandons an uncommitted allocation.
+    pub async fn abort(&self, id: PayloadId) -> Result<()> {
+        self.catalog
+            .clone()
+            .abort_payload(runtime::AbortPayloadRequest {
+                id: Some(pb_id(id)),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Leases the payload and maps it read-only; the lease is released when
+    /// the returned [`Lease`] is dropped.
+    pub async fn get(&self, id: PayloadId) -> Result<Lease> {
+        self.get_with(id, LeaseOptions::default()).await
+    }
+
+    pub async fn get_with(&self, id: PayloadId, opts: LeaseOptions) -> Result<Lease> {
+        let response = self
+            .data
+            .clone()
+            .acquire_read_lease(runtime::AcquireReadLeaseRequest {
+                id: Some(pb_id(id)),
+                min_tier: opts.min_tier.map(|t| t as i32).unwrap_or(0),
+                promotion_policy: if opts.best_effort {
+                    PromotionPolicy::BestEffort
+                } else {
+                    PromotionPolicy::Blocking
+                } as i32,
+                min_lease_duration_ms: opts.duration_ms,
+                mode: runtime::LeaseMode::Read as i32,
+            })
+            .await?
+            .into_inner();
+        let lease_id = response
+            .lease_id
+            .and_then(|l| Uuid::from_slice(&l.value).ok())
+            .ok_or_else(|| ClientError::Protocol("lease without a 16-byte lease id".into()))?;
+        let desc = response
+            .payload_descriptor
+            .ok_or_else(|| ClientError::Protocol("lease without a descriptor".into()))?;
+        let expires_at_ms = response
+            .lease_expires_at
+            .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+            .unwrap_or(0);
+        match self.maps.get(&desc) {
+            Ok(map) => Ok(Lease {
+                id,
+                lease_id,
+                desc,
+                map,
+                expires_at_ms,
+                releases: Some(self.releases.clone()),
+            }),
+            Err(err) => {
+                let _ = self.releases.send(lease_id);
+                Err(err)
+            }
+        }
+    }
+
+    /// Renews a lease for `extend_ms` from now (0 = default); returns the new expiry.
+    pub async fn renew(&self, lease: &Lease, extend_ms: u64) -> Result<u64> {
+        let response = self
+            .data
+            .clone()
+            .renew_lease(runtime::RenewLeaseRequest {
+                lease_id: Some(pb::LeaseId {
+                    value: lease.lease_id.as_bytes().to_vec(),
+                }),
+                extend_ms,
+            })
+            .await?
+            .into_inner();
+        Ok(response
+            .lease_expires_at
+            .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+            .unwrap_or(0))
+    }
+
+    /// Where the payload is now (advisory: it may move at once).
+    pub async fn stat(&self, id: PayloadId) -> Result<runtime::GetPayloadResponse> {
+        Ok(self
+            .catalog
+            .clone()
+            .get_payload(runtime::GetPayloadRequest {
+                id: Some(pb_id(id)),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list(
+        &self,
+        request: runtime::ListPayloadsRequest,
+    ) -> Result<runtime::ListPayloadsResponse> {
+        Ok(self
+            .catalog
+            .clone()
+            .list_payloads(request)
+            .await?
+            .into_inner())
+    }
+
+    pub async fn delete(&self, id: PayloadId, force: bool) -> Result<()> {
+        self.catalog
+            .clone()
+            .delete(runtime::DeleteRequest {
+                id: Some(pb_id(id)),
+                force,
+            })
+            .await?;
+        self.maps.forget(&id.hyphenated().to_string());
+        Ok(())
+    }
+
+    /// Pins for `duration_ms` (0 = until unpinned).
+    pub async fn pin(&self, id: PayloadId, duration_ms: u64) -> Result<()> {
+        self.catalog
+            .clone()
+            .pin(runtime::PinRequest {
+                id: Some(pb_id(id)),
+                duration_ms,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn unpin(&self, id: PayloadId) -> Result<()> {
+        self.catalog
+            .clone()
+            .unpin(runtime::UnpinRequest {
+                id: Some(pb_id(id)),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Moves the payload down to `target` (None = its spill target), waiting
+    /// until done; `fsync` makes the new copy durable first.
+    pub async fn spill(
+        &self,
+        id: PayloadId,
+        target: Option<Tier>,
+        fsync: bool,
+    ) -> Result<PayloadDescriptor> {
+        let response = self
+            .catalog
+            .clone()
+            .spill(runtime::SpillRequest {
+                ids: vec![pb_id(id)],
+                policy: SpillPolicy::Blocking as i32,
+                wait_for_leases: false,
+                fsync,
+                target_tier: target.map(|t| t as i32).unwrap_or(0),
+            })
+            .await?
+            .into_inner();
+        let result = response
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Protocol("spill returned no result".into()))?;
+        if !result.ok {
+            return Err(ClientError::FailedPrecondition(result.error_message));
+        }
+        result
+            .payload_descriptor
+            .ok_or_else(|| ClientError::Protocol("spill returned no descriptor".into()))
+    }
+
+    /// Moves the payload up to `target`, waiting until done.
+    pub async fn promote(&self, id: PayloadId, target: Tier) -> Result<PayloadDescriptor> {
+        let response = self
+            .catalog
+            .clone()
+            .promote(runtime::PromoteRequest {
+                id: Some(pb_id(id)),
+                target_tier: target as i32,
+                policy: PromotionPolicy::Blocking as i32,
+            })
+            .await?
+            .into_inner();
+        response
+            .payload_descriptor
+            .ok_or_else(|| ClientError::Protocol("promote returned no descriptor".into()))
+    }
+
+    pub async fn stats(&self) -> Result<StatsResponse> {
+        Ok(self
+            .admin
+            .clone()
+            .stats(StatsRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The raw generated clients, for calls this wrapper does not cover.
+    pub fn raw(
+        &self,
+    ) -> (
+        PayloadDataServiceClient<Channel>,
+        PayloadCatalogServiceClient<Channel>,
+        PayloadAdminServiceClient<Channel>,
+    ) {
+        (self.data.clone(), self.catalog.clone(), self.admin.clone())
+    }
+}
+
+/// Sends dropped leases back in batches: whatever is queued goes in one call.
+async fn release_loop(
+    mut data: PayloadDataServiceClient<Channel>,
+    mut rx: mpsc::UnboundedReceiver<Uuid>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let lease_ids = batch
+            .drain(..)
+            .map(|l| pb::LeaseId {
+                value: l.as_bytes().to_vec(),
+            })
+            .collect();
+        // A failed release only keeps the lease until it expires.
+        let _ = data
+            .batch_release_lease(runtime::BatchReleaseLeaseRequest { lease_ids })
+            .await;
+    }
+}
+
+/// A freshly allocated region, mapped for writing. Commit or abort it.
+pub struct WritableRegion {
+    id: PayloadId,
+    desc: PayloadDescriptor,
+    map: MmapMut,
+    verify: bool,
+    sync: bool,
+}
+
+impl WritableRegion {
+    pub fn id(&self) -> PayloadId {
+        self.id
+    }
+
+    pub fn descriptor(&self) -> &PayloadDescriptor {
+        &self.desc
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map[..]
+    }
+}
+
+/// A read lease and a read-only view of the payload's bytes. Dropping it
+/// releases the lease (batched in the background).
+pub struct Lease {
+    id: PayloadId,
+    lease_id: Uuid,
+    desc: PayloadDescriptor,
+    map: Arc<Mmap>,
+    expires_at_ms: u64,
+    releases: Option<mpsc::UnboundedSender<Uuid>>,
+}
+
+impl Lease {
+    pub fn payload_id(&self) -> PayloadId {
+        self.id
+    }
+
+    pub fn lease_id(&self) -> Uuid {
+        self.lease_id
+    }
+
+    pub fn descriptor(&self) -> &PayloadDescriptor {
+        &self.desc
+    }
+
+    pub fn expires_at_ms(&self) -> u64 {
+        self.expires_at_ms
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[..]
+    }
+
+    /// Keeps the lease past this handle's life (it then lasts until expiry).
+    pub fn detach(mut self) -> Uuid {
+        self.releases = None;
+        self.lease_id
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(releases) = &self.releases {
+            let _ = releases.send(self.lease_id);
+        }
+    }
+}

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use payload_catalog::repo::parse_label_selector;
 use payload_catalog::{
-    CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken, PayloadState, Priority,
+    CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken,
+    PayloadState, Priority,
 };
 use payload_proto::catalog as pbc;
 use payload_proto::core::{MetadataUpdateMode, PromotionPolicy, SpillPolicy};
@@ -13,7 +14,9 @@ use payload_proto::runtime;
 use payload_proto::services::payload_catalog_service_server::PayloadCatalogService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary};
+use super::convert::{
+    descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary,
+};
 use crate::clock::timestamp;
 use crate::node::{AllocateRequest, MoveOutcome, Node};
 
@@ -43,7 +46,10 @@ impl PayloadCatalogService for CatalogService {
             no_evict: req.no_evict,
             priority: Priority::from_i32(policy.priority),
             spill_target: optional_tier(policy.spill_target, "eviction_policy.spill_target")?,
-            min_residency_tier: optional_tier(policy.min_residency_tier, "eviction_policy.min_residency_tier")?,
+            min_residency_tier: optional_tier(
+                policy.min_residency_tier,
+                "eviction_policy.min_residency_tier",
+            )?,
             require_durable: policy.require_durable,
             labels: req.labels.into_iter().collect(),
             write_deadline_ms: req.write_deadline_ms,
@@ -70,11 +76,20 @@ impl PayloadCatalogService for CatalogService {
                 )))
             }
         };
-        let rec = self.node.commit(id, expected, req.sync).await.map_err(status)?;
-        Ok(Response::new(runtime::CommitPayloadResponse { payload_descriptor: Some(descriptor(&self.node, &rec)) }))
+        let rec = self
+            .node
+            .commit(id, expected, req.sync)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(runtime::CommitPayloadResponse {
+            payload_descriptor: Some(descriptor(&self.node, &rec)),
+        }))
     }
 
-    async fn delete(&self, request: Request<runtime::DeleteRequest>) -> Result<Response<()>, Status> {
+    async fn delete(
+        &self,
+        request: Request<runtime::DeleteRequest>,
+    ) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         self.node.delete(id, req.force).await.map_err(status)?;
@@ -101,21 +116,35 @@ impl PayloadCatalogService for CatalogService {
             self.node.spawn_relocate(id, target);
             rec
         } else {
-            match self.node.relocate(id, target, false, false).await.map_err(status)? {
+            match self
+                .node
+                .relocate(id, target, false, false)
+                .await
+                .map_err(status)?
+            {
                 MoveOutcome::Moved(rec) | MoveOutcome::Unchanged(rec) => rec,
-                MoveOutcome::Deleted => return Err(Status::not_found(format!("payload {id} was deleted"))),
+                MoveOutcome::Deleted => {
+                    return Err(Status::not_found(format!("payload {id} was deleted")))
+                }
             }
         };
-        Ok(Response::new(runtime::PromoteResponse { payload_descriptor: Some(descriptor(&self.node, &rec)) }))
+        Ok(Response::new(runtime::PromoteResponse {
+            payload_descriptor: Some(descriptor(&self.node, &rec)),
+        }))
     }
 
-    async fn spill(&self, request: Request<runtime::SpillRequest>) -> Result<Response<runtime::SpillResponse>, Status> {
+    async fn spill(
+        &self,
+        request: Request<runtime::SpillRequest>,
+    ) -> Result<Response<runtime::SpillResponse>, Status> {
         let req = request.into_inner();
         let target = optional_tier(req.target_tier, "target_tier")?;
         let background = req.policy == SpillPolicy::BestEffort as i32;
         let mut results = Vec::with_capacity(req.ids.len());
         for raw in &req.ids {
-            let outcome = self.spill_one(raw, target, background, req.wait_for_leases, req.fsync).await;
+            let outcome = self
+                .spill_one(raw, target, background, req.wait_for_leases, req.fsync)
+                .await;
             results.push(match outcome {
                 Ok(rec) => runtime::spill_response::Result {
                     id: Some(raw.clone()),
@@ -134,7 +163,10 @@ impl PayloadCatalogService for CatalogService {
         Ok(Response::new(runtime::SpillResponse { results }))
     }
 
-    async fn prefetch(&self, request: Request<runtime::PrefetchRequest>) -> Result<Response<()>, Status> {
+    async fn prefetch(
+        &self,
+        request: Request<runtime::PrefetchRequest>,
+    ) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         let target = required_tier(req.target_tier, "target_tier")?;
@@ -160,11 +192,16 @@ impl PayloadCatalogService for CatalogService {
         Ok(Response::new(()))
     }
 
-    async fn add_lineage(&self, request: Request<pbc::AddLineageRequest>) -> Result<Response<()>, Status> {
+    async fn add_lineage(
+        &self,
+        request: Request<pbc::AddLineageRequest>,
+    ) -> Result<Response<()>, Status> {
         let req = request.into_inner();
         let child = payload_id(req.child.as_ref())?;
         if req.parents.is_empty() {
-            return Err(Status::invalid_argument("AddLineage needs at least one parent edge"));
+            return Err(Status::invalid_argument(
+                "AddLineage needs at least one parent edge",
+            ));
         }
         let edges = req
             .parents
@@ -179,7 +216,11 @@ impl PayloadCatalogService for CatalogService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        self.node.repo().add_lineage(child, &edges).await.map_err(status)?;
+        self.node
+            .repo()
+            .add_lineage(child, &edges)
+            .await
+            .map_err(status)?;
         Ok(Response::new(()))
     }
 
@@ -189,7 +230,12 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<pbc::GetLineageResponse>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
-        let edges = self.node.repo().get_lineage(id, req.upstream, req.max_depth).await.map_err(status)?;
+        let edges = self
+            .node
+            .repo()
+            .get_lineage(id, req.upstream, req.max_depth)
+            .await
+            .map_err(status)?;
         let edges = edges
             .into_iter()
             .map(|e| pbc::LineageEdge {
@@ -209,14 +255,31 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<pbc::UpdatePayloadMetadataResponse>, Status> {
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
-        let mode = if req.mode == MetadataUpdateMode::Replace as i32 { MetadataMode::Replace } else { MetadataMode::Merge };
+        let mode = if req.mode == MetadataUpdateMode::Replace as i32 {
+            MetadataMode::Replace
+        } else {
+            MetadataMode::Merge
+        };
         let md = req.metadata.unwrap_or_default();
         let now = self.node.now_ms();
-        let update = Metadata { data: md.data, schema: md.schema, updated_at_ms: now };
-        let stored = self.node.repo().update_metadata(id, mode, update).await.map_err(status)?;
+        let update = Metadata {
+            data: md.data,
+            schema: md.schema,
+            updated_at_ms: now,
+        };
+        let stored = self
+            .node
+            .repo()
+            .update_metadata(id, mode, update)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pbc::UpdatePayloadMetadataResponse {
             id: Some(pb_payload_id(id)),
-            metadata: Some(pbc::PayloadMetadata { id: Some(pb_payload_id(id)), data: stored.data, schema: stored.schema }),
+            metadata: Some(pbc::PayloadMetadata {
+                id: Some(pb_payload_id(id)),
+                data: stored.data,
+                schema: stored.schema,
+            }),
             updated_at: Some(timestamp(stored.updated_at_ms)),
         }))
     }
@@ -234,7 +297,11 @@ impl PayloadCatalogService for CatalogService {
             version: req.version,
             ts_ms: now,
         };
-        self.node.repo().append_metadata_event(id, event).await.map_err(status)?;
+        self.node
+            .repo()
+            .append_metadata_event(id, event)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pbc::AppendPayloadMetadataEventResponse {
             id: Some(pb_payload_id(id)),
             event_time: Some(timestamp(now)),
@@ -248,7 +315,9 @@ impl PayloadCatalogService for CatalogService {
         let req = request.into_inner();
         let state = match req.state_filter {
             0 => None,
-            n => Some(PayloadState::from_i32(n).ok_or_else(|| Status::invalid_argument(format!("state_filter {n} is not a known state")))?),
+            n => Some(PayloadState::from_i32(n).ok_or_else(|| {
+                Status::invalid_argument(format!("state_filter {n} is not a known state"))
+            })?),
         };
         let query = ListQuery {
             tier: optional_tier(req.tier_filter, "tier_filter")?,
@@ -256,13 +325,22 @@ impl PayloadCatalogService for CatalogService {
             labels: parse_label_selector(&req.label_selector).map_err(status)?,
             created_after_ms: (req.created_after_ms != 0).then_some(req.created_after_ms),
             created_before_ms: (req.created_before_ms != 0).then_some(req.created_before_ms),
-            page_size: if req.page_size <= 0 { DEFAULT_PAGE } else { (req.page_size as u32).min(MAX_PAGE) },
+            page_size: if req.page_size <= 0 {
+                DEFAULT_PAGE
+            } else {
+                (req.page_size as u32).min(MAX_PAGE)
+            },
             after: match req.page_token.as_str() {
                 "" => None,
                 token => Some(PageToken::decode(token).map_err(status)?),
             },
         };
-        let page = self.node.repo().list_payloads(&query).await.map_err(status)?;
+        let page = self
+            .node
+            .repo()
+            .list_payloads(&query)
+            .await
+            .map_err(status)?;
         let now = self.node.now_ms();
         let payloads = page
             .items
@@ -292,7 +370,10 @@ impl PayloadCatalogService for CatalogService {
         )))
     }
 
-    async fn abort_payload(&self, request: Request<runtime::AbortPayloadRequest>) -> Result<Response<()>, Status> {
+    async fn abort_payload(
+        &self,
+        request: Request<runtime::AbortPayloadRequest>,
+    ) -> Result<Response<()>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
         self.node.abort(id).await.map_err(status)?;
         Ok(Response::new(()))
@@ -334,7 +415,11 @@ impl CatalogService {
             self.node.spawn_relocate(id, target);
             return Ok(None);
         }
-        let outcome = self.node.relocate(id, target, wait_for_leases, fsync).await.map_err(status)?;
+        let outcome = self
+            .node
+            .relocate(id, target, wait_for_leases, fsync)
+            .await
+            .map_err(status)?;
         Ok(outcome.record().cloned())
     }
 }

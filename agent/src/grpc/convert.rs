@@ -33,7 +33,9 @@ pub fn lease_id(id: Option<&pb::LeaseId>) -> Result<LeaseId, Status> {
 }
 
 pub fn pb_payload_id(id: PayloadId) -> pb::PayloadId {
-    pb::PayloadId { value: id.as_bytes().to_vec() }
+    pb::PayloadId {
+        value: id.as_bytes().to_vec(),
+    }
 }
 
 /// A tier the caller must name (allocate, promote).
@@ -43,7 +45,9 @@ pub fn required_tier(value: i32, what: &str) -> Result<Tier, Status> {
         None if value == 0 => Err(Status::invalid_argument(format!(
             "{what} is TIER_UNSPECIFIED; name a tier (TIER_RAM or TIER_DISK on this node)"
         ))),
-        None => Err(Status::invalid_argument(format!("{what} {value} is not a known tier"))),
+        None => Err(Status::invalid_argument(format!(
+            "{what} {value} is not a known tier"
+        ))),
     }
 }
 

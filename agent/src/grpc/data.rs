@@ -19,7 +19,9 @@ impl DataService {
     fn lease_response(&self, grant: &LeaseGrant) -> runtime::AcquireReadLeaseResponse {
         runtime::AcquireReadLeaseResponse {
             payload_descriptor: Some(descriptor(&self.node, &grant.rec)),
-            lease_id: Some(payload_proto::core::LeaseId { value: grant.lease.as_bytes().to_vec() }),
+            lease_id: Some(payload_proto::core::LeaseId {
+                value: grant.lease.as_bytes().to_vec(),
+            }),
             lease_expires_at: Some(timestamp(grant.expires_ms)),
         }
     }
@@ -29,7 +31,9 @@ fn check_mode(mode: i32) -> Result<(), Status> {
     if mode == LeaseMode::Unspecified as i32 || mode == LeaseMode::Read as i32 {
         Ok(())
     } else {
-        Err(Status::failed_precondition(format!("lease mode {mode} is not supported; use LEASE_MODE_READ")))
+        Err(Status::failed_precondition(format!(
+            "lease mode {mode} is not supported; use LEASE_MODE_READ"
+        )))
     }
 }
 
@@ -41,7 +45,9 @@ impl PayloadDataService for DataService {
     ) -> Result<Response<runtime::ResolveSnapshotResponse>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
         let (rec, _) = self.node.get(id).map_err(status)?;
-        Ok(Response::new(runtime::ResolveSnapshotResponse { payload_descriptor: Some(descriptor(&self.node, &rec)) }))
+        Ok(Response::new(runtime::ResolveSnapshotResponse {
+            payload_descriptor: Some(descriptor(&self.node, &rec)),
+        }))
     }
 
     async fn acquire_read_lease(
@@ -61,7 +67,10 @@ impl PayloadDataService for DataService {
         Ok(Response::new(self.lease_response(&grant)))
     }
 
-    async fn release_lease(&self, request: Request<runtime::ReleaseLeaseRequest>) -> Result<Response<()>, Status> {
+    async fn release_lease(
+        &self,
+        request: Request<runtime::ReleaseLeaseRequest>,
+    ) -> Result<Response<()>, Status> {
         let lease = lease_id(request.get_ref().lease_id.as_ref())?;
         // Idempotent, as in the reference: releasing twice or late is fine.
         self.node.release(lease);
@@ -75,7 +84,9 @@ impl PayloadDataService for DataService {
         let req = request.get_ref();
         let lease = lease_id(req.lease_id.as_ref())?;
         let expires = self.node.renew(lease, req.extend_ms).map_err(status)?;
-        Ok(Response::new(runtime::RenewLeaseResponse { lease_expires_at: Some(timestamp(expires)) }))
+        Ok(Response::new(runtime::RenewLeaseResponse {
+            lease_expires_at: Some(timestamp(expires)),
+        }))
     }
 
     async fn batch_acquire_read_lease(
@@ -88,17 +99,32 @@ impl PayloadDataService for DataService {
             .iter()
             .map(|r| {
                 check_mode(r.mode)?;
-                Ok((payload_id(r.id.as_ref())?, optional_tier(r.min_tier, "min_tier")?, r.min_lease_duration_ms))
+                Ok((
+                    payload_id(r.id.as_ref())?,
+                    optional_tier(r.min_tier, "min_tier")?,
+                    r.min_lease_duration_ms,
+                ))
             })
             .collect();
-        let valid: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+        let valid: Vec<_> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().copied())
+            .collect();
         let mut granted = self.node.acquire_many(&valid).into_iter();
         let results = parsed
             .into_iter()
             .map(|p| {
-                let outcome = p.and_then(|_| granted.next().expect("one result per valid request").map_err(status));
+                let outcome = p.and_then(|_| {
+                    granted
+                        .next()
+                        .expect("one result per valid request")
+                        .map_err(status)
+                });
                 match outcome {
-                    Ok(grant) => runtime::LeaseResult { lease: Some(self.lease_response(&grant)), ..Default::default() },
+                    Ok(grant) => runtime::LeaseResult {
+                        lease: Some(self.lease_response(&grant)),
+                        ..Default::default()
+                    },
                     Err(st) => runtime::LeaseResult {
                         lease: None,
                         error_code: st.code() as i32,
@@ -107,7 +133,9 @@ impl PayloadDataService for DataService {
                 }
             })
             .collect();
-        Ok(Response::new(runtime::BatchAcquireReadLeaseResponse { results }))
+        Ok(Response::new(runtime::BatchAcquireReadLeaseResponse {
+            results,
+        }))
     }
 
     async fn batch_release_lease(
@@ -121,7 +149,8 @@ impl PayloadDataService for DataService {
             .map(|l| lease_id(Some(l)))
             .collect::<Result<Vec<_>, _>>()?;
         let released = self.node.release_many(&leases) as u32;
-        Ok(Response::new(runtime::BatchReleaseLeaseResponse { released }))
+        Ok(Response::new(runtime::BatchReleaseLeaseResponse {
+            released,
+        }))
     }
 }
-

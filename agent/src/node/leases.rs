@@ -10,9 +10,14 @@ use crate::journal::JournaledLease;
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LeaseSlot {
-    Live { payload: PayloadId, expires_ms: u64 },
+    Live {
+        payload: PayloadId,
+        expires_ms: u64,
+    },
     /// Kept until `until_ms` so that renew can say why the lease is gone.
-    Revoked { until_ms: u64 },
+    Revoked {
+        until_ms: u64,
+    },
 }
 
 /// A granted lease and the placement it pins.
@@ -25,7 +30,11 @@ pub struct LeaseGrant {
 
 impl Node {
     fn lease_duration(&self, requested_ms: u64) -> u64 {
-        let wanted = if requested_ms == 0 { self.cfg.lease_default_ms } else { requested_ms };
+        let wanted = if requested_ms == 0 {
+            self.cfg.lease_default_ms
+        } else {
+            requested_ms
+        };
         wanted.min(self.cfg.lease_max_ms)
     }
 
@@ -58,8 +67,14 @@ impl Node {
                 Err(Grant::Failed(err)) => return Err(err),
                 Ok(grant) => {
                     self.journal
-                        .grant(&[JournaledLease { lease: grant.lease, payload: id, expires_ms: grant.expires_ms }])
-                        .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
+                        .grant(&[JournaledLease {
+                            lease: grant.lease,
+                            payload: id,
+                            expires_ms: grant.expires_ms,
+                        }])
+                        .map_err(|e| {
+                            CatalogError::Storage(format!("writing the lease journal: {e}"))
+                        })?;
                     return Ok(grant);
                 }
             }
@@ -67,7 +82,10 @@ impl Node {
     }
 
     /// Grants many leases with one journal append; results keep request order.
-    pub fn acquire_many(&self, requests: &[(PayloadId, Option<Tier>, u64)]) -> Vec<Result<LeaseGrant, CatalogError>> {
+    pub fn acquire_many(
+        &self,
+        requests: &[(PayloadId, Option<Tier>, u64)],
+    ) -> Vec<Result<LeaseGrant, CatalogError>> {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, duration)| {
@@ -84,19 +102,31 @@ impl Node {
             .iter()
             .zip(requests)
             .filter_map(|(r, (id, _, _))| {
-                r.as_ref().ok().map(|g| JournaledLease { lease: g.lease, payload: *id, expires_ms: g.expires_ms })
+                r.as_ref().ok().map(|g| JournaledLease {
+                    lease: g.lease,
+                    payload: *id,
+                    expires_ms: g.expires_ms,
+                })
             })
             .collect();
         if let Err(e) = self.journal.grant(&journaled) {
             let release: Vec<LeaseId> = journaled.iter().map(|l| l.lease).collect();
             self.release_many(&release);
             let msg = format!("writing the lease journal: {e}");
-            return requests.iter().map(|_| Err(CatalogError::Storage(msg.clone()))).collect();
+            return requests
+                .iter()
+                .map(|_| Err(CatalogError::Storage(msg.clone())))
+                .collect();
         }
         results
     }
 
-    fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, duration_ms: u64) -> Result<LeaseGrant, Grant> {
+    fn try_grant(
+        &self,
+        id: PayloadId,
+        min_tier: Option<Tier>,
+        duration_ms: u64,
+    ) -> Result<LeaseGrant, Grant> {
         let entry = self.entry(id).map_err(Grant::Failed)?;
         let now = self.now_ms();
         let mut e = lock(&entry);
@@ -118,8 +148,18 @@ impl Node {
         e.last_access_ms = now;
         let rec = e.rec.clone();
         drop(e);
-        self.leases.shard(&lease).insert(lease, LeaseSlot::Live { payload: id, expires_ms });
-        Ok(LeaseGrant { lease, expires_ms, rec })
+        self.leases.shard(&lease).insert(
+            lease,
+            LeaseSlot::Live {
+                payload: id,
+                expires_ms,
+            },
+        );
+        Ok(LeaseGrant {
+            lease,
+            expires_ms,
+            rec,
+        })
     }
 
     /// Releases a lease; unknown or expired leases are fine (idempotent).
@@ -132,11 +172,19 @@ impl Node {
         let mut journal = Vec::new();
         for lease in leases {
             let slot = self.leases.shard(lease).remove(lease);
-            if let Some(LeaseSlot::Live { payload, expires_ms }) = slot {
+            if let Some(LeaseSlot::Live {
+                payload,
+                expires_ms,
+            }) = slot
+            {
                 if let Ok(entry) = self.entry(payload) {
                     lock(&entry).leases.remove(lease);
                 }
-                journal.push(JournaledLease { lease: *lease, payload, expires_ms });
+                journal.push(JournaledLease {
+                    lease: *lease,
+                    payload,
+                    expires_ms,
+                });
             }
         }
         if let Err(e) = self.journal.release(&journal) {
@@ -170,12 +218,26 @@ impl Node {
             let mut e = lock(&entry);
             match e.leases.get_mut(&lease) {
                 Some(exp) => *exp = expires_ms,
-                None => return Err(CatalogError::NotFound(format!("lease {lease} is no longer live"))),
+                None => {
+                    return Err(CatalogError::NotFound(format!(
+                        "lease {lease} is no longer live"
+                    )))
+                }
             }
         }
-        self.leases.shard(&lease).insert(lease, LeaseSlot::Live { payload, expires_ms });
+        self.leases.shard(&lease).insert(
+            lease,
+            LeaseSlot::Live {
+                payload,
+                expires_ms,
+            },
+        );
         self.journal
-            .grant(&[JournaledLease { lease, payload, expires_ms }])
+            .grant(&[JournaledLease {
+                lease,
+                payload,
+                expires_ms,
+            }])
             .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
         Ok(expires_ms)
     }
@@ -186,8 +248,17 @@ impl Node {
         for lease in leases {
             let mut shard = self.leases.shard(lease);
             if let Some(LeaseSlot::Live { expires_ms, .. }) = shard.get(lease).copied() {
-                shard.insert(*lease, LeaseSlot::Revoked { until_ms: expires_ms });
-                journal.push(JournaledLease { lease: *lease, payload, expires_ms });
+                shard.insert(
+                    *lease,
+                    LeaseSlot::Revoked {
+                        until_ms: expires_ms,
+                    },
+                );
+                journal.push(JournaledLease {
+                    lease: *lease,
+                    payload,
+                    expires_ms,
+                });
             }
         }
         if let Err(e) = self.journal.release(&journal) {
@@ -200,9 +271,17 @@ impl Node {
         let now = self.now_ms();
         let mut live = Vec::new();
         self.leases.for_each(|lease, slot| {
-            if let LeaseSlot::Live { payload, expires_ms } = slot {
+            if let LeaseSlot::Live {
+                payload,
+                expires_ms,
+            } = slot
+            {
                 if *expires_ms > now {
-                    live.push(JournaledLease { lease: *lease, payload: *payload, expires_ms: *expires_ms });
+                    live.push(JournaledLease {
+                        lease: *lease,
+                        payload: *payload,
+                        expires_ms: *expires_ms,
+                    });
                 }
             }
         });
@@ -220,7 +299,10 @@ impl Node {
         let now = self.now_ms();
         let mut expired = Vec::new();
         self.leases.for_each(|lease, slot| match slot {
-            LeaseSlot::Live { payload, expires_ms } if *expires_ms <= now => expired.push((*lease, Some(*payload))),
+            LeaseSlot::Live {
+                payload,
+                expires_ms,
+            } if *expires_ms <= now => expired.push((*lease, Some(*payload))),
             LeaseSlot::Revoked { until_ms } if *until_ms <= now => expired.push((*lease, None)),
             _ => {}
         });

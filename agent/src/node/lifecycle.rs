@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{CatalogError, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
+use payload_catalog::{
+    CatalogError, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write,
+};
 
 use super::{lock, Entry, Node};
 use crate::store::io_error;
@@ -45,7 +47,9 @@ impl Node {
     /// Reserves capacity and creates the region; the caller writes, then commits.
     pub async fn allocate(&self, req: AllocateRequest) -> Result<PayloadRecord, CatalogError> {
         if req.size_bytes == 0 {
-            return Err(CatalogError::InvalidArgument("size_bytes must be greater than 0".into()));
+            return Err(CatalogError::InvalidArgument(
+                "size_bytes must be greater than 0".into(),
+            ));
         }
         if req.size_bytes > self.cfg.max_payload_bytes {
             return Err(CatalogError::InvalidArgument(format!(
@@ -68,16 +72,28 @@ impl Node {
         }
         let now = self.now_ms();
         let never = req.no_evict || req.priority == Priority::Never;
-        let deadline = if req.write_deadline_ms == 0 { self.cfg.write_deadline_ms } else { req.write_deadline_ms };
+        let deadline = if req.write_deadline_ms == 0 {
+            self.cfg.write_deadline_ms
+        } else {
+            req.write_deadline_ms
+        };
         let rec = PayloadRecord {
             id,
             tier: req.tier,
             state: PayloadState::Allocated,
             size_bytes: req.size_bytes,
             created_at_ms: now,
-            expires_at_ms: if req.ttl_ms > 0 && !never { now.saturating_add(req.ttl_ms) } else { 0 },
+            expires_at_ms: if req.ttl_ms > 0 && !never {
+                now.saturating_add(req.ttl_ms)
+            } else {
+                0
+            },
             write_deadline_ms: now.saturating_add(deadline),
-            priority: if req.no_evict { Priority::Never } else { req.priority },
+            priority: if req.no_evict {
+                Priority::Never
+            } else {
+                req.priority
+            },
             spill_target: req.spill_target.unwrap_or(Tier::Disk),
             min_residency_tier: req.min_residency_tier,
             require_durable: req.require_durable,
@@ -88,7 +104,10 @@ impl Node {
         };
         // An uncommitted row need not be durable: a restart drops it anyway.
         self.writer.enqueue(Write::Insert(rec.clone()));
-        self.payloads.shard(&id).insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
+        self.payloads.shard(&id).insert(
+            id,
+            Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))),
+        );
         self.kick_spill_if_needed();
         Ok(rec)
     }
@@ -105,7 +124,12 @@ impl Node {
         let entry = self.entry(id)?;
         let tier = {
             let e = lock(&entry);
-            transition(e.rec.state, Event::Commit { durable: e.rec.tier.is_durable() })?;
+            transition(
+                e.rec.state,
+                Event::Commit {
+                    durable: e.rec.tier.is_durable(),
+                },
+            )?;
             e.rec.tier
         };
         let store = self.store(tier)?;
@@ -124,13 +148,22 @@ impl Node {
             None => None,
         };
         if sync {
-            store.sync(id).map_err(|e| io_error("syncing the payload", e))?;
+            store
+                .sync(id)
+                .map_err(|e| io_error("syncing the payload", e))?;
         }
-        store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
+        store
+            .seal(id)
+            .map_err(|e| io_error("sealing the payload", e))?;
         let rec = {
             let mut e = lock(&entry);
             // Re-check under the lock: a concurrent commit or abort may have won.
-            e.rec.state = transition(e.rec.state, Event::Commit { durable: tier.is_durable() })?;
+            e.rec.state = transition(
+                e.rec.state,
+                Event::Commit {
+                    durable: tier.is_durable(),
+                },
+            )?;
             e.rec.version += 1;
             e.rec.sha256 = digest;
             e.last_access_ms = self.now_ms();
@@ -227,7 +260,11 @@ impl Node {
 
     /// Pins the payload in its tier for `duration_ms` (0 = until unpinned).
     pub async fn pin(&self, id: PayloadId, duration_ms: u64) -> Result<(), CatalogError> {
-        let until = if duration_ms == 0 { u64::MAX } else { self.now_ms().saturating_add(duration_ms) };
+        let until = if duration_ms == 0 {
+            u64::MAX
+        } else {
+            self.now_ms().saturating_add(duration_ms)
+        };
         self.set_pin(id, until).await
     }
 

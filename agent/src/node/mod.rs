@@ -22,8 +22,8 @@ use crate::writer::Writer;
 
 pub use leases::LeaseGrant;
 pub(crate) use leases::LeaseSlot;
-pub use recovery::Recovery;
 pub use lifecycle::AllocateRequest;
+pub use recovery::Recovery;
 pub use tiering::MoveOutcome;
 
 const SHARDS: usize = 64;
@@ -71,7 +71,13 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn new(rec: PayloadRecord, now_ms: u64) -> Self {
-        Self { rec, leases: HashMap::new(), moving: false, gone: false, last_access_ms: now_ms }
+        Self {
+            rec,
+            leases: HashMap::new(),
+            moving: false,
+            gone: false,
+            last_access_ms: now_ms,
+        }
     }
 
     pub fn live_leases(&self, now_ms: u64) -> usize {
@@ -104,7 +110,9 @@ impl ShardKey for LeaseId {
 
 impl<K: ShardKey + Eq + std::hash::Hash, V> Sharded<K, V> {
     fn new() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
     }
 
     pub fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, V>> {
@@ -171,11 +179,12 @@ impl Node {
     }
 
     pub(crate) fn entry(&self, id: PayloadId) -> Result<EntryRef, CatalogError> {
-        self.payloads
-            .shard(&id)
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| CatalogError::NotFound(format!("payload {id} not found on node {}", self.cfg.node_name)))
+        self.payloads.shard(&id).get(&id).cloned().ok_or_else(|| {
+            CatalogError::NotFound(format!(
+                "payload {id} not found on node {}",
+                self.cfg.node_name
+            ))
+        })
     }
 
     /// A copy of the payload's row and its live lease count.
@@ -187,7 +196,9 @@ impl Node {
 
     /// Active leases per payload, for listings built from catalog rows.
     pub fn live_leases(&self, id: PayloadId) -> usize {
-        self.entry(id).map(|e| lock(&e).live_leases(self.now_ms())).unwrap_or(0)
+        self.entry(id)
+            .map(|e| lock(&e).live_leases(self.now_ms()))
+            .unwrap_or(0)
     }
 
     /// Every entry, for scans (stats, spill candidates, sweeps).
@@ -224,7 +235,9 @@ impl Node {
         self.payloads.for_each(|_, entry| {
             let e = lock(entry);
             moving += e.moving as u64;
-            let Some(t) = tiers.iter_mut().find(|t| t.tier == e.rec.tier as u32) else { return };
+            let Some(t) = tiers.iter_mut().find(|t| t.tier == e.rec.tier as u32) else {
+                return;
+            };
             t.payloads += 1;
             t.bytes += e.rec.size_bytes;
             if e.rec.is_pinned(now) {

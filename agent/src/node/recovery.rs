@@ -35,8 +35,9 @@ impl Node {
         journal_path: &Path,
     ) -> anyhow::Result<(Arc<Node>, Recovery)> {
         let (writer, _task) = Writer::spawn(repo.clone());
-        let (journal, journaled) = Journal::open(journal_path)
-            .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
+        let (journal, journaled) = Journal::open(journal_path).map_err(|e| {
+            anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display())
+        })?;
         let node = Node {
             cfg,
             clock: Clock::new(),
@@ -55,11 +56,17 @@ impl Node {
         node.remove_orphans(&mut report)?;
         let now = node.now_ms();
         for lease in journaled.into_iter().filter(|l| l.expires_ms > now) {
-            let Ok(entry) = node.entry(lease.payload) else { continue };
+            let Ok(entry) = node.entry(lease.payload) else {
+                continue;
+            };
             lock(&entry).leases.insert(lease.lease, lease.expires_ms);
-            node.leases
-                .shard(&lease.lease)
-                .insert(lease.lease, LeaseSlot::Live { payload: lease.payload, expires_ms: lease.expires_ms });
+            node.leases.shard(&lease.lease).insert(
+                lease.lease,
+                LeaseSlot::Live {
+                    payload: lease.payload,
+                    expires_ms: lease.expires_ms,
+                },
+            );
             report.leases_restored += 1;
         }
         tracing::info!(?report, "node recovered");
@@ -90,7 +97,10 @@ impl Node {
                 continue;
             }
             store.add_used(rec.size_bytes);
-            self.payloads.shard(&rec.id).insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec, now))));
+            self.payloads.shard(&rec.id).insert(
+                rec.id,
+                Arc::new(std::sync::Mutex::new(Entry::new(rec, now))),
+            );
             report.payloads += 1;
         }
         if !drops.is_empty() {

@@ -48,7 +48,12 @@ impl Node {
             return Ok(MoveOutcome::Deleted);
         }
         let to = self.store(target)?;
-        let deadline = self.now_ms() + if wait_for_leases { self.cfg.lease_max_ms } else { 0 };
+        let deadline = self.now_ms()
+            + if wait_for_leases {
+                self.cfg.lease_max_ms
+            } else {
+                0
+            };
         let entry = self.entry(id)?;
         let source = loop {
             let now = self.now_ms();
@@ -91,7 +96,8 @@ impl Node {
                 crate::store::copy_file(&from_path, &to_path, sync)?;
                 Ok(want.is_none_or(|want| digest_file(&to_path).is_ok_and(|got| got == want)))
             });
-            copy.await.map_err(|e| CatalogError::Storage(format!("copy task failed: {e}")))?
+            copy.await
+                .map_err(|e| CatalogError::Storage(format!("copy task failed: {e}")))?
         };
         let failure = match copied {
             Ok(true) => None,
@@ -107,7 +113,12 @@ impl Node {
                 None
             } else {
                 e.rec.tier = target;
-                e.rec.state = transition(e.rec.state, Event::FinishMove { durable: target.is_durable() })?;
+                e.rec.state = transition(
+                    e.rec.state,
+                    Event::FinishMove {
+                        durable: target.is_durable(),
+                    },
+                )?;
                 e.rec.version += 1;
                 e.moving = false;
                 Some(e.rec.clone())
@@ -121,11 +132,15 @@ impl Node {
                 // Deleted during the move: the delete left the source to us.
                 let _ = from.remove(id);
                 from.unreserve(source.size_bytes);
-                return Err(CatalogError::NotFound(format!("payload {id} was deleted during the move")));
+                return Err(CatalogError::NotFound(format!(
+                    "payload {id} was deleted during the move"
+                )));
             }
             self.cancel_move(id, &entry);
             return Err(failure.unwrap_or_else(|| {
-                CatalogError::Conflict(format!("payload {id} was leased during the move; it stays where it was"))
+                CatalogError::Conflict(format!(
+                    "payload {id} was leased during the move; it stays where it was"
+                ))
             }));
         };
         // The row must name the new copy before the old one is freed.
@@ -147,7 +162,11 @@ impl Node {
         }
     }
 
-    async fn reserve_for_move(&self, to: &crate::store::FileStore, bytes: u64) -> Result<(), CatalogError> {
+    async fn reserve_for_move(
+        &self,
+        to: &crate::store::FileStore,
+        bytes: u64,
+    ) -> Result<(), CatalogError> {
         if to.reserve(bytes).is_ok() {
             return Ok(());
         }
@@ -168,7 +187,11 @@ impl Node {
     }
 
     /// The spill target of a payload unless the request names one.
-    pub fn spill_target(&self, id: PayloadId, requested: Option<Tier>) -> Result<Tier, CatalogError> {
+    pub fn spill_target(
+        &self,
+        id: PayloadId,
+        requested: Option<Tier>,
+    ) -> Result<Tier, CatalogError> {
         match requested {
             Some(tier) => Ok(tier),
             None => {
@@ -204,7 +227,10 @@ impl Node {
             }
         }
         candidates.sort();
-        candidates.into_iter().map(|(_, _, id, size)| (id, size)).collect()
+        candidates
+            .into_iter()
+            .map(|(_, _, id, size)| (id, size))
+            .collect()
     }
 
     /// Spills until `free` bytes of RAM are available, or nothing more can go.
@@ -248,7 +274,11 @@ impl Node {
             let high = (self.ram.capacity() as f64 * self.cfg.ram_high_watermark) as u64;
             if self.ram.used() > high {
                 let moved = self.spill_to_low_watermark().await;
-                tracing::info!(moved, used = self.ram.used(), "spilled RAM down to the low watermark");
+                tracing::info!(
+                    moved,
+                    used = self.ram.used(),
+                    "spilled RAM down to the low watermark"
+                );
             }
         }
     }
@@ -265,8 +295,14 @@ fn check_move(rec: &PayloadRecord, target: Tier, now_ms: u64) -> Result<(), Cata
     }
     let downward = rec.tier.faster_than(target);
     if downward && rec.is_pinned(now_ms) {
-        let why = if rec.priority == Priority::Never { "marked never-evict" } else { "pinned" };
-        return Err(CatalogError::InvalidState(format!("payload {id} is {why}; unpin it before spilling")));
+        let why = if rec.priority == Priority::Never {
+            "marked never-evict"
+        } else {
+            "pinned"
+        };
+        return Err(CatalogError::InvalidState(format!(
+            "payload {id} is {why}; unpin it before spilling"
+        )));
     }
     if let Some(min) = rec.min_residency_tier {
         if min.faster_than(target) {

@@ -1,0 +1,129 @@
+//! A real node for tests: SQLite catalog file, RAM tier in a private
+//! directory under /dev/shm, disk tier in a temp dir, gRPC on a real Unix
+//! socket.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use payload_agent::node::{Node, NodeConfig, Recovery};
+use payload_agent::server;
+use payload_agent::store::FileStore;
+use payload_catalog::SqliteRepository;
+use payload_client::Client;
+use tempfile::TempDir;
+use tokio::sync::watch;
+
+pub const MIB: u64 = 1 << 20;
+
+/// Directories that outlive one node, so a test can restart on them.
+pub struct Dirs {
+    pub state: TempDir,
+    pub ram: TempDir,
+}
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        Dirs {
+            state: tempfile::tempdir().expect("state dir"),
+            ram: tempfile::Builder::new()
+                .prefix("pm-test-")
+                .tempdir_in("/dev/shm")
+                .expect("ram dir under /dev/shm"),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.state.path().join("agent.sock")
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.state.path().join("disk")
+    }
+
+    pub fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+pub struct Capacity {
+    pub ram: u64,
+    pub disk: u64,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            ram: 64 * MIB,
+            disk: 256 * MIB,
+        }
+    }
+}
+
+pub async fn open_node(dirs: &Dirs, cfg: NodeConfig, cap: &Capacity) -> (Arc<Node>, Recovery) {
+    let repo = SqliteRepository::open(&dirs.state.path().join("catalog.db"))
+        .await
+        .expect("catalog");
+    let ram = FileStore::ram(dirs.ram.path(), "pm", cap.ram).expect("ram store");
+    let disk = FileStore::disk(&dirs.disk(), cap.disk).expect("disk store");
+    Node::open(
+        cfg,
+        Arc::new(repo),
+        ram,
+        disk,
+        &dirs.state.path().join("leases.journal"),
+    )
+    .await
+    .expect("node opens")
+}
+
+/// A node serving on its socket until dropped.
+pub struct Served {
+    pub node: Arc<Node>,
+    pub client: Client,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    pub async fn start(dirs: &Dirs, cfg: NodeConfig, cap: &Capacity) -> Served {
+        let (node, _) = open_node(dirs, cfg, cap).await;
+        let uds = server::bind_socket(&dirs.socket()).expect("socket");
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn({
+            let node = node.clone();
+            async move { server::serve(node, uds, None, rx).await.expect("serve") }
+        });
+        let client = Client::connect(dirs.socket().to_str().unwrap())
+            .await
+            .expect("client connects");
+        Served {
+            node,
+            client,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        drop(self.client);
+        let _ = self.task.await;
+        self.node.flush().await.expect("flush");
+    }
+}
+
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
