@@ -87,9 +87,7 @@ pub struct StandaloneArgs {
 /// Parses `4096`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10TB`...
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let value: u64 = digits
         .parse()
@@ -100,11 +98,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use KiB, MiB, GiB or TiB"
-            ))
-        }
+        other => return Err(format!("unknown size unit {other:?}; use KiB, MiB, GiB or TiB")),
     };
     value
         .checked_mul(1 << shift)
@@ -115,8 +109,7 @@ fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("payload-manager"));
     }
-    let home = std::env::var_os("HOME")
-        .context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
+    let home = std::env::var_os("HOME").context("neither XDG_STATE_HOME nor HOME is set; pass --state-dir")?;
     Ok(PathBuf::from(home).join(".local/state/payload-manager"))
 }
 
@@ -153,8 +146,7 @@ impl StandaloneArgs {
             Some(dir) => dir,
             None => default_state_dir()?,
         };
-        std::fs::create_dir_all(&state_dir)
-            .with_context(|| format!("creating {}", state_dir.display()))?;
+        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
         let socket = socket.unwrap_or_else(|| state_dir.join("agent.sock"));
         let tcp: Option<SocketAddr> = match listen.as_str() {
             "off" | "" => None,
@@ -163,8 +155,7 @@ impl StandaloneArgs {
                     .with_context(|| format!("--listen {addr:?} is not host:port or off"))?,
             ),
         };
-        let catalog = catalog
-            .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
+        let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
         anyhow::ensure!(
             catalog.starts_with("sqlite:"),
             "--catalog {catalog:?}: this build supports sqlite:// catalogs only"
@@ -173,10 +164,7 @@ impl StandaloneArgs {
             .await
             .with_context(|| format!("opening catalog {catalog}"))?;
         let ram = FileStore::ram(&ram_root, &shm_prefix, ram_capacity)?;
-        let disk = FileStore::disk(
-            &disk_root.unwrap_or_else(|| state_dir.join("disk")),
-            disk_capacity,
-        )?;
+        let disk = FileStore::disk(&disk_root.unwrap_or_else(|| state_dir.join("disk")), disk_capacity)?;
         let cfg = NodeConfig {
             node_name,
             lease_default_ms,
@@ -185,15 +173,9 @@ impl StandaloneArgs {
             max_payload_bytes: max_payload_size,
             ram_high_watermark,
             ram_low_watermark,
+            clock: crate::clock::Clock::new(),
         };
-        let (node, _) = Node::open(
-            cfg,
-            Arc::new(repo),
-            ram,
-            disk,
-            &state_dir.join("leases.journal"),
-        )
-        .await?;
+        let (node, _) = Node::open(cfg, Arc::new(repo), ram, disk, &state_dir.join("leases.journal")).await?;
 
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {

@@ -1,15 +1,17 @@
-//! Wall-clock milliseconds derived from tokio's clock, so that lease expiry,
-//! TTLs and deadlines follow `tokio::time::pause()` in tests while persisted
-//! instants stay comparable across restarts.
+//! Wall-clock milliseconds for leases, TTLs and deadlines: monotonic within
+//! a run, comparable across restarts (they are persisted), and movable by
+//! tests with [`Clock::advance`] instead of sleeping. (`tokio::time::pause`
+//! does not fit here: it auto-advances while SQLite works on its own thread.)
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::time::Instant;
-
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Clock {
     base_ms: u64,
     base: Instant,
+    skew_ms: Arc<AtomicU64>,
 }
 
 impl Clock {
@@ -21,12 +23,18 @@ impl Clock {
         Self {
             base_ms,
             base: Instant::now(),
+            skew_ms: Arc::default(),
         }
     }
 
     /// Milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
-        self.base_ms + self.base.elapsed().as_millis() as u64
+        self.base_ms + self.base.elapsed().as_millis() as u64 + self.skew_ms.load(Ordering::Relaxed)
+    }
+
+    /// Moves this clock forward (tests).
+    pub fn advance(&self, ms: u64) {
+        self.skew_ms.fetch_add(ms, Ordering::Relaxed);
     }
 }
 

@@ -59,10 +59,8 @@ impl Journal {
         }
         let mut live: HashMap<LeaseId, JournaledLease> = HashMap::new();
         for rec in bytes.chunks_exact(RECORD) {
-            let (Ok(lease), Ok(payload)) = (
-                LeaseId::from_slice(&rec[1..17]),
-                PayloadId::from_slice(&rec[17..33]),
-            ) else {
+            let (Ok(lease), Ok(payload)) = (LeaseId::from_slice(&rec[1..17]), PayloadId::from_slice(&rec[17..33]))
+            else {
                 continue;
             };
             let expires_ms = u64::from_le_bytes(rec[33..41].try_into().expect("8 bytes"));

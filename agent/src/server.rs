@@ -28,19 +28,17 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
             "another agent is already listening on {}; stop it or choose another --socket",
             path.display()
         );
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
 
 pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
-        format!("binding {addr}; is another agent running? choose another --listen or --listen off")
-    })
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}; is another agent running? choose another --listen or --listen off"))
 }
 
 /// Serves until `stop` turns true, then drains.
@@ -60,10 +58,7 @@ pub async fn serve(
         match tcp {
             Some(listener) => Server::builder()
                 .add_routes(routes(node))
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    stopped(stop),
-                )
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped(stop))
                 .await
                 .context("TCP server"),
             None => Ok(()),

@@ -45,15 +45,8 @@ impl FileStore {
         Self::new(Tier::Disk, root, String::new(), ".bin", capacity)
     }
 
-    fn new(
-        tier: Tier,
-        root: &Path,
-        prefix: String,
-        suffix: &'static str,
-        capacity: u64,
-    ) -> anyhow::Result<Self> {
-        fs::create_dir_all(root)
-            .map_err(|e| anyhow::anyhow!("creating {} failed: {e}", root.display()))?;
+    fn new(tier: Tier, root: &Path, prefix: String, suffix: &'static str, capacity: u64) -> anyhow::Result<Self> {
+        fs::create_dir_all(root).map_err(|e| anyhow::anyhow!("creating {} failed: {e}", root.display()))?;
         let root = root.canonicalize()?;
         Ok(Self {
             tier,
@@ -78,8 +71,7 @@ impl FileStore {
     }
 
     pub fn path(&self, id: PayloadId) -> PathBuf {
-        self.root
-            .join(format!("{}{}{}", self.prefix, id, self.suffix))
+        self.root.join(format!("{}{}{}", self.prefix, id, self.suffix))
     }
 
     /// The RAM location name: the path relative to `/dev/shm`, with a leading slash.
@@ -112,11 +104,9 @@ impl FileStore {
     }
 
     pub fn unreserve(&self, bytes: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                Some(used.saturating_sub(bytes))
-            });
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            Some(used.saturating_sub(bytes))
+        });
     }
 
     /// Creates the empty region, owner read-write only, sized to `size`.
@@ -176,13 +166,8 @@ impl FileStore {
 /// before returning. A failed copy leaves nothing behind.
 pub fn copy_file(from: &Path, to: &Path, sync: bool) -> io::Result<()> {
     let mut source = File::open(from)?;
-    let mut dest = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(to)?;
-    let copied =
-        io::copy(&mut source, &mut dest).and_then(|_| if sync { dest.sync_all() } else { Ok(()) });
+    let mut dest = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
+    let copied = io::copy(&mut source, &mut dest).and_then(|_| if sync { dest.sync_all() } else { Ok(()) });
     if let Err(e) = copied {
         let _ = fs::remove_file(to);
         return Err(e);

@@ -51,10 +51,7 @@ impl Writer {
     }
 }
 
-async fn run(
-    repo: Arc<dyn Repository>,
-    mut rx: mpsc::UnboundedReceiver<(Option<Write>, Option<Reply>)>,
-) {
+async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<(Option<Write>, Option<Reply>)>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (items, replies): (Vec<Option<Write>>, Vec<Option<Reply>>) = batch.drain(..).unzip();

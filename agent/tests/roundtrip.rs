@@ -52,11 +52,7 @@ async fn disk_payload_has_an_absolute_path_and_is_sealed() {
     let Some(Location::Disk(disk)) = &desc.location else {
         panic!("disk location expected")
     };
-    assert!(
-        disk.path.starts_with('/'),
-        "absolute path, got {}",
-        disk.path
-    );
+    assert!(disk.path.starts_with('/'), "absolute path, got {}", disk.path);
     assert_eq!(std::fs::read(&disk.path).unwrap(), bytes);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&disk.path).unwrap().permissions().mode() & 0o777;

@@ -29,9 +29,9 @@ impl From<sqlx::Error> for CatalogError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 CatalogError::AlreadyExists(format!("already exists: {}", db.message()))
             }
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => CatalogError::NotFound(
-                "a referenced payload does not exist; create it first".to_string(),
-            ),
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                CatalogError::NotFound("a referenced payload does not exist; create it first".to_string())
+            }
             _ => CatalogError::Storage(err.to_string()),
         }
     }

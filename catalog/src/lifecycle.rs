@@ -36,9 +36,7 @@ pub fn transition(from: PayloadState, event: Event) -> Result<PayloadState, Cata
         (Allocated, Commit { durable }) => durable_or_active(durable),
         (Allocated, Abort) => Aborted,
         (Active | Durable, BeginMove) => Spilling,
-        (Spilling, FinishMove { durable }) | (Spilling, CancelMove { durable }) => {
-            durable_or_active(durable)
-        }
+        (Spilling, FinishMove { durable }) | (Spilling, CancelMove { durable }) => durable_or_active(durable),
         (Active | Durable | Spilling, Delete) => Deleted,
         (Allocated, Delete) => Aborted,
         (Active | Durable, Expire) => Expired,
@@ -54,11 +52,7 @@ fn refusal(from: PayloadState, event: Event) -> CatalogError {
         (PayloadState::Spilling, _) => "the payload is moving between tiers; retry shortly",
         _ => "the payload is no longer live",
     };
-    CatalogError::InvalidState(format!(
-        "payload is {}, cannot {:?}: {hint}",
-        from.name(),
-        event
-    ))
+    CatalogError::InvalidState(format!("payload is {}, cannot {:?}: {hint}", from.name(), event))
 }
 
 #[cfg(test)]
@@ -66,9 +60,7 @@ mod tests {
     use super::*;
     use PayloadState::*;
 
-    const STATES: [PayloadState; 7] = [
-        Allocated, Active, Spilling, Durable, Expired, Deleted, Aborted,
-    ];
+    const STATES: [PayloadState; 7] = [Allocated, Active, Spilling, Durable, Expired, Deleted, Aborted];
 
     fn events() -> Vec<Event> {
         let mut all = vec![Event::Abort, Event::BeginMove, Event::Delete, Event::Expire];
@@ -130,8 +122,6 @@ mod tests {
     #[test]
     fn refusal_message_tells_what_to_do() {
         let err = transition(Active, Event::Commit { durable: false }).unwrap_err();
-        assert!(err
-            .to_string()
-            .contains("only an ALLOCATED payload can be committed"));
+        assert!(err.to_string().contains("only an ALLOCATED payload can be committed"));
     }
 }

@@ -3,9 +3,7 @@
 use async_trait::async_trait;
 
 use crate::error::{CatalogError, Result};
-use crate::model::{
-    LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier,
-};
+use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
 
 /// One change to the payload table; a batch of them commits atomically.
 #[derive(Clone, Debug)]
@@ -37,11 +35,7 @@ pub struct PageToken {
 
 impl PageToken {
     pub fn encode(&self) -> String {
-        format!(
-            "k1.{}.{}",
-            self.created_at_ms,
-            hex::encode(self.id.as_bytes())
-        )
+        format!("k1.{}.{}", self.created_at_ms, hex::encode(self.id.as_bytes()))
     }
 
     pub fn decode(token: &str) -> Result<PageToken> {
@@ -55,10 +49,7 @@ impl PageToken {
             return Err(bad());
         }
         let created_at_ms = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-        let id = parts
-            .next()
-            .and_then(|p| hex::decode(p).ok())
-            .ok_or_else(bad)?;
+        let id = parts.next().and_then(|p| hex::decode(p).ok()).ok_or_else(bad)?;
         let id = PayloadId::from_slice(&id).map_err(|_| bad())?;
         if parts.next().is_some() {
             return Err(bad());
@@ -74,9 +65,7 @@ pub fn parse_label_selector(selector: &str) -> Result<Vec<(String, String)>> {
         .map(str::trim)
         .filter(|term| !term.is_empty())
         .map(|term| match term.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                Ok((k.trim().to_string(), v.trim().to_string()))
-            }
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
             _ => Err(CatalogError::InvalidArgument(format!(
                 "label selector term {term:?} must be key=value (terms separated by commas)"
             ))),
@@ -114,17 +103,7 @@ pub trait Repository: Send + Sync + 'static {
     async fn add_lineage(&self, child: PayloadId, edges: &[LineageEdge]) -> Result<()>;
     /// Edges reachable from `id` upstream (parents) or downstream (children),
     /// breadth first, up to `max_depth` hops (0 = unlimited).
-    async fn get_lineage(
-        &self,
-        id: PayloadId,
-        upstream: bool,
-        max_depth: u32,
-    ) -> Result<Vec<LineageEdge>>;
-    async fn update_metadata(
-        &self,
-        id: PayloadId,
-        mode: MetadataMode,
-        update: Metadata,
-    ) -> Result<Metadata>;
+    async fn get_lineage(&self, id: PayloadId, upstream: bool, max_depth: u32) -> Result<Vec<LineageEdge>>;
+    async fn update_metadata(&self, id: PayloadId, mode: MetadataMode, update: Metadata) -> Result<Metadata>;
     async fn append_metadata_event(&self, id: PayloadId, event: MetadataEvent) -> Result<()>;
 }

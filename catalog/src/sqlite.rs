@@ -11,8 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
@@ -90,8 +89,7 @@ fn record_from_row(row: &SqliteRow) -> Result<PayloadRecord> {
     let id: Vec<u8> = row.try_get("id")?;
     let tier = Tier::from_i32(row.try_get("tier")?).ok_or_else(|| corrupt("tier"))?;
     let state = PayloadState::from_i32(row.try_get("state")?).ok_or_else(|| corrupt("state"))?;
-    let spill_target =
-        Tier::from_i32(row.try_get("spill_target")?).ok_or_else(|| corrupt("spill target"))?;
+    let spill_target = Tier::from_i32(row.try_get("spill_target")?).ok_or_else(|| corrupt("spill target"))?;
     let min_residency: Option<i32> = row.try_get("min_residency_tier")?;
     let labels: String = row.try_get("labels")?;
     let sha256: Option<Vec<u8>> = row.try_get("sha256")?;
@@ -118,8 +116,7 @@ fn record_from_row(row: &SqliteRow) -> Result<PayloadRecord> {
 }
 
 async fn upsert(conn: &mut SqliteConnection, rec: &PayloadRecord, insert: bool) -> Result<()> {
-    let labels =
-        serde_json::to_string(&rec.labels).map_err(|e| CatalogError::Storage(e.to_string()))?;
+    let labels = serde_json::to_string(&rec.labels).map_err(|e| CatalogError::Storage(e.to_string()))?;
     let sql = if insert {
         "INSERT INTO payloads (id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
          priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms) \
@@ -148,10 +145,7 @@ async fn upsert(conn: &mut SqliteConnection, rec: &PayloadRecord, insert: bool) 
         .execute(&mut *conn)
         .await?;
     if done.rows_affected() == 0 {
-        return Err(CatalogError::NotFound(format!(
-            "payload {} not found",
-            rec.id
-        )));
+        return Err(CatalogError::NotFound(format!("payload {} not found", rec.id)));
     }
     if !insert {
         sqlx::query("DELETE FROM payload_labels WHERE payload_id = ?1")
@@ -201,11 +195,7 @@ async fn exists(conn: &mut SqliteConnection, id: PayloadId) -> Result<bool> {
     Ok(row.is_some())
 }
 
-async fn edges_of(
-    conn: &mut SqliteConnection,
-    id: PayloadId,
-    upstream: bool,
-) -> Result<Vec<LineageEdge>> {
+async fn edges_of(conn: &mut SqliteConnection, id: PayloadId, upstream: bool) -> Result<Vec<LineageEdge>> {
     let sql = if upstream {
         "SELECT child, parent, operation, role, parameters FROM lineage WHERE child = ?1 ORDER BY parent, operation, role"
     } else {
@@ -346,10 +336,7 @@ impl Repository for SqliteRepository {
             .push(" ORDER BY created_at_ms DESC, id DESC LIMIT ")
             .push_bind(page_size as i64 + 1);
         let rows = select.build().fetch_all(&self.pool).await?;
-        let mut items = rows
-            .iter()
-            .map(record_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut items = rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()?;
         let next = if items.len() > page_size {
             items.truncate(page_size);
             items.last().map(|r| PageToken {
@@ -369,9 +356,7 @@ impl Repository for SqliteRepository {
     async fn add_lineage(&self, child: PayloadId, edges: &[LineageEdge]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if !exists(&mut tx, child).await? {
-            return Err(CatalogError::NotFound(format!(
-                "lineage child {child} not found"
-            )));
+            return Err(CatalogError::NotFound(format!("lineage child {child} not found")));
         }
         for edge in edges {
             if edge.parent == child {
@@ -407,12 +392,7 @@ impl Repository for SqliteRepository {
         Ok(())
     }
 
-    async fn get_lineage(
-        &self,
-        id: PayloadId,
-        upstream: bool,
-        max_depth: u32,
-    ) -> Result<Vec<LineageEdge>> {
+    async fn get_lineage(&self, id: PayloadId, upstream: bool, max_depth: u32) -> Result<Vec<LineageEdge>> {
         let mut conn = self.pool.acquire().await?;
         if !exists(&mut conn, id).await? {
             return Err(CatalogError::NotFound(format!("payload {id} not found")));
@@ -420,12 +400,7 @@ impl Repository for SqliteRepository {
         walk(&mut conn, id, upstream, max_depth).await
     }
 
-    async fn update_metadata(
-        &self,
-        id: PayloadId,
-        mode: MetadataMode,
-        update: Metadata,
-    ) -> Result<Metadata> {
+    async fn update_metadata(&self, id: PayloadId, mode: MetadataMode, update: Metadata) -> Result<Metadata> {
         let mut tx = self.pool.begin().await?;
         if !exists(&mut tx, id).await? {
             return Err(CatalogError::NotFound(format!("payload {id} not found")));

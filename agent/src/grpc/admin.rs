@@ -14,10 +14,7 @@ pub struct AdminService {
 
 #[tonic::async_trait]
 impl PayloadAdminService for AdminService {
-    async fn stats(
-        &self,
-        _request: Request<admin::StatsRequest>,
-    ) -> Result<Response<admin::StatsResponse>, Status> {
+    async fn stats(&self, _request: Request<admin::StatsRequest>) -> Result<Response<admin::StatsResponse>, Status> {
         let node = self.node.clone();
         // A scan of every entry: keep it off the async workers.
         let stats = tokio::task::spawn_blocking(move || node.stats())

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use payload_catalog::repo::parse_label_selector;
 use payload_catalog::{
-    CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken,
-    PayloadState, Priority,
+    CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken, PayloadState, Priority,
 };
 use payload_proto::catalog as pbc;
 use payload_proto::core::{MetadataUpdateMode, PromotionPolicy, SpillPolicy};
@@ -14,9 +13,7 @@ use payload_proto::runtime;
 use payload_proto::services::payload_catalog_service_server::PayloadCatalogService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{
-    descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary,
-};
+use super::convert::{descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary};
 use crate::clock::timestamp;
 use crate::node::{AllocateRequest, MoveOutcome, Node};
 
@@ -46,10 +43,7 @@ impl PayloadCatalogService for CatalogService {
             no_evict: req.no_evict,
             priority: Priority::from_i32(policy.priority),
             spill_target: optional_tier(policy.spill_target, "eviction_policy.spill_target")?,
-            min_residency_tier: optional_tier(
-                policy.min_residency_tier,
-                "eviction_policy.min_residency_tier",
-            )?,
+            min_residency_tier: optional_tier(policy.min_residency_tier, "eviction_policy.min_residency_tier")?,
             require_durable: policy.require_durable,
             labels: req.labels.into_iter().collect(),
             write_deadline_ms: req.write_deadline_ms,
@@ -76,20 +70,13 @@ impl PayloadCatalogService for CatalogService {
                 )))
             }
         };
-        let rec = self
-            .node
-            .commit(id, expected, req.sync)
-            .await
-            .map_err(status)?;
+        let rec = self.node.commit(id, expected, req.sync).await.map_err(status)?;
         Ok(Response::new(runtime::CommitPayloadResponse {
             payload_descriptor: Some(descriptor(&self.node, &rec)),
         }))
     }
 
-    async fn delete(
-        &self,
-        request: Request<runtime::DeleteRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn delete(&self, request: Request<runtime::DeleteRequest>) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         self.node.delete(id, req.force).await.map_err(status)?;
@@ -116,16 +103,9 @@ impl PayloadCatalogService for CatalogService {
             self.node.spawn_relocate(id, target);
             rec
         } else {
-            match self
-                .node
-                .relocate(id, target, false, false)
-                .await
-                .map_err(status)?
-            {
+            match self.node.relocate(id, target, false, false).await.map_err(status)? {
                 MoveOutcome::Moved(rec) | MoveOutcome::Unchanged(rec) => rec,
-                MoveOutcome::Deleted => {
-                    return Err(Status::not_found(format!("payload {id} was deleted")))
-                }
+                MoveOutcome::Deleted => return Err(Status::not_found(format!("payload {id} was deleted"))),
             }
         };
         Ok(Response::new(runtime::PromoteResponse {
@@ -133,10 +113,7 @@ impl PayloadCatalogService for CatalogService {
         }))
     }
 
-    async fn spill(
-        &self,
-        request: Request<runtime::SpillRequest>,
-    ) -> Result<Response<runtime::SpillResponse>, Status> {
+    async fn spill(&self, request: Request<runtime::SpillRequest>) -> Result<Response<runtime::SpillResponse>, Status> {
         let req = request.into_inner();
         let target = optional_tier(req.target_tier, "target_tier")?;
         let background = req.policy == SpillPolicy::BestEffort as i32;
@@ -163,10 +140,7 @@ impl PayloadCatalogService for CatalogService {
         Ok(Response::new(runtime::SpillResponse { results }))
     }
 
-    async fn prefetch(
-        &self,
-        request: Request<runtime::PrefetchRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn prefetch(&self, request: Request<runtime::PrefetchRequest>) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         let target = required_tier(req.target_tier, "target_tier")?;
@@ -192,16 +166,11 @@ impl PayloadCatalogService for CatalogService {
         Ok(Response::new(()))
     }
 
-    async fn add_lineage(
-        &self,
-        request: Request<pbc::AddLineageRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn add_lineage(&self, request: Request<pbc::AddLineageRequest>) -> Result<Response<()>, Status> {
         let req = request.into_inner();
         let child = payload_id(req.child.as_ref())?;
         if req.parents.is_empty() {
-            return Err(Status::invalid_argument(
-                "AddLineage needs at least one parent edge",
-            ));
+            return Err(Status::invalid_argument("AddLineage needs at least one parent edge"));
         }
         let edges = req
             .parents
@@ -216,11 +185,7 @@ impl PayloadCatalogService for CatalogService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        self.node
-            .repo()
-            .add_lineage(child, &edges)
-            .await
-            .map_err(status)?;
+        self.node.repo().add_lineage(child, &edges).await.map_err(status)?;
         Ok(Response::new(()))
     }
 
@@ -315,9 +280,10 @@ impl PayloadCatalogService for CatalogService {
         let req = request.into_inner();
         let state = match req.state_filter {
             0 => None,
-            n => Some(PayloadState::from_i32(n).ok_or_else(|| {
-                Status::invalid_argument(format!("state_filter {n} is not a known state"))
-            })?),
+            n => Some(
+                PayloadState::from_i32(n)
+                    .ok_or_else(|| Status::invalid_argument(format!("state_filter {n} is not a known state")))?,
+            ),
         };
         let query = ListQuery {
             tier: optional_tier(req.tier_filter, "tier_filter")?,
@@ -335,12 +301,7 @@ impl PayloadCatalogService for CatalogService {
                 token => Some(PageToken::decode(token).map_err(status)?),
             },
         };
-        let page = self
-            .node
-            .repo()
-            .list_payloads(&query)
-            .await
-            .map_err(status)?;
+        let page = self.node.repo().list_payloads(&query).await.map_err(status)?;
         let now = self.node.now_ms();
         let payloads = page
             .items
@@ -370,10 +331,7 @@ impl PayloadCatalogService for CatalogService {
         )))
     }
 
-    async fn abort_payload(
-        &self,
-        request: Request<runtime::AbortPayloadRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn abort_payload(&self, request: Request<runtime::AbortPayloadRequest>) -> Result<Response<()>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
         self.node.abort(id).await.map_err(status)?;
         Ok(Response::new(()))

@@ -45,9 +45,7 @@ pub fn required_tier(value: i32, what: &str) -> Result<Tier, Status> {
         None if value == 0 => Err(Status::invalid_argument(format!(
             "{what} is TIER_UNSPECIFIED; name a tier (TIER_RAM or TIER_DISK on this node)"
         ))),
-        None => Err(Status::invalid_argument(format!(
-            "{what} {value} is not a known tier"
-        ))),
+        None => Err(Status::invalid_argument(format!("{what} {value} is not a known tier"))),
     }
 }
 

@@ -67,10 +67,7 @@ impl PayloadDataService for DataService {
         Ok(Response::new(self.lease_response(&grant)))
     }
 
-    async fn release_lease(
-        &self,
-        request: Request<runtime::ReleaseLeaseRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn release_lease(&self, request: Request<runtime::ReleaseLeaseRequest>) -> Result<Response<()>, Status> {
         let lease = lease_id(request.get_ref().lease_id.as_ref())?;
         // Idempotent, as in the reference: releasing twice or late is fine.
         self.node.release(lease);
@@ -106,20 +103,12 @@ impl PayloadDataService for DataService {
                 ))
             })
             .collect();
-        let valid: Vec<_> = parsed
-            .iter()
-            .filter_map(|p| p.as_ref().ok().copied())
-            .collect();
+        let valid: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
         let mut granted = self.node.acquire_many(&valid).into_iter();
         let results = parsed
             .into_iter()
             .map(|p| {
-                let outcome = p.and_then(|_| {
-                    granted
-                        .next()
-                        .expect("one result per valid request")
-                        .map_err(status)
-                });
+                let outcome = p.and_then(|_| granted.next().expect("one result per valid request").map_err(status));
                 match outcome {
                     Ok(grant) => runtime::LeaseResult {
                         lease: Some(self.lease_response(&grant)),
@@ -133,9 +122,7 @@ impl PayloadDataService for DataService {
                 }
             })
             .collect();
-        Ok(Response::new(runtime::BatchAcquireReadLeaseResponse {
-            results,
-        }))
+        Ok(Response::new(runtime::BatchAcquireReadLeaseResponse { results }))
     }
 
     async fn batch_release_lease(
@@ -149,8 +136,6 @@ impl PayloadDataService for DataService {
             .map(|l| lease_id(Some(l)))
             .collect::<Result<Vec<_>, _>>()?;
         let released = self.node.release_many(&leases) as u32;
-        Ok(Response::new(runtime::BatchReleaseLeaseResponse {
-            released,
-        }))
+        Ok(Response::new(runtime::BatchReleaseLeaseResponse { released }))
     }
 }

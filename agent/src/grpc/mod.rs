@@ -10,9 +10,7 @@ use std::sync::Arc;
 use payload_proto::services::payload_admin_service_server::PayloadAdminServiceServer;
 use payload_proto::services::payload_catalog_service_server::PayloadCatalogServiceServer;
 use payload_proto::services::payload_data_service_server::PayloadDataServiceServer;
-use payload_proto::services::payload_stream_service_server::{
-    PayloadStreamService, PayloadStreamServiceServer,
-};
+use payload_proto::services::payload_stream_service_server::{PayloadStreamService, PayloadStreamServiceServer};
 use tonic::service::Routes;
 
 use crate::node::Node;
@@ -25,12 +23,10 @@ impl PayloadStreamService for StreamService {}
 
 /// All four services, ready to serve on any listener.
 pub fn routes(node: Arc<Node>) -> Routes {
-    Routes::new(PayloadDataServiceServer::new(data::DataService {
-        node: node.clone(),
-    }))
-    .add_service(PayloadCatalogServiceServer::new(catalog::CatalogService {
-        node: node.clone(),
-    }))
-    .add_service(PayloadAdminServiceServer::new(admin::AdminService { node }))
-    .add_service(PayloadStreamServiceServer::new(StreamService))
+    Routes::new(PayloadDataServiceServer::new(data::DataService { node: node.clone() }))
+        .add_service(PayloadCatalogServiceServer::new(catalog::CatalogService {
+            node: node.clone(),
+        }))
+        .add_service(PayloadAdminServiceServer::new(admin::AdminService { node }))
+        .add_service(PayloadStreamServiceServer::new(StreamService))
 }

@@ -72,9 +72,7 @@ impl Node {
                             payload: id,
                             expires_ms: grant.expires_ms,
                         }])
-                        .map_err(|e| {
-                            CatalogError::Storage(format!("writing the lease journal: {e}"))
-                        })?;
+                        .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
                     return Ok(grant);
                 }
             }
@@ -82,10 +80,7 @@ impl Node {
     }
 
     /// Grants many leases with one journal append; results keep request order.
-    pub fn acquire_many(
-        &self,
-        requests: &[(PayloadId, Option<Tier>, u64)],
-    ) -> Vec<Result<LeaseGrant, CatalogError>> {
+    pub fn acquire_many(&self, requests: &[(PayloadId, Option<Tier>, u64)]) -> Vec<Result<LeaseGrant, CatalogError>> {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, duration)| {
@@ -121,12 +116,7 @@ impl Node {
         results
     }
 
-    fn try_grant(
-        &self,
-        id: PayloadId,
-        min_tier: Option<Tier>,
-        duration_ms: u64,
-    ) -> Result<LeaseGrant, Grant> {
+    fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, duration_ms: u64) -> Result<LeaseGrant, Grant> {
         let entry = self.entry(id).map_err(Grant::Failed)?;
         let now = self.now_ms();
         let mut e = lock(&entry);
@@ -155,11 +145,7 @@ impl Node {
                 expires_ms,
             },
         );
-        Ok(LeaseGrant {
-            lease,
-            expires_ms,
-            rec,
-        })
+        Ok(LeaseGrant { lease, expires_ms, rec })
     }
 
     /// Releases a lease; unknown or expired leases are fine (idempotent).
@@ -172,11 +158,7 @@ impl Node {
         let mut journal = Vec::new();
         for lease in leases {
             let slot = self.leases.shard(lease).remove(lease);
-            if let Some(LeaseSlot::Live {
-                payload,
-                expires_ms,
-            }) = slot
-            {
+            if let Some(LeaseSlot::Live { payload, expires_ms }) = slot {
                 if let Ok(entry) = self.entry(payload) {
                     lock(&entry).leases.remove(lease);
                 }
@@ -218,20 +200,12 @@ impl Node {
             let mut e = lock(&entry);
             match e.leases.get_mut(&lease) {
                 Some(exp) => *exp = expires_ms,
-                None => {
-                    return Err(CatalogError::NotFound(format!(
-                        "lease {lease} is no longer live"
-                    )))
-                }
+                None => return Err(CatalogError::NotFound(format!("lease {lease} is no longer live"))),
             }
         }
-        self.leases.shard(&lease).insert(
-            lease,
-            LeaseSlot::Live {
-                payload,
-                expires_ms,
-            },
-        );
+        self.leases
+            .shard(&lease)
+            .insert(lease, LeaseSlot::Live { payload, expires_ms });
         self.journal
             .grant(&[JournaledLease {
                 lease,
@@ -248,12 +222,7 @@ impl Node {
         for lease in leases {
             let mut shard = self.leases.shard(lease);
             if let Some(LeaseSlot::Live { expires_ms, .. }) = shard.get(lease).copied() {
-                shard.insert(
-                    *lease,
-                    LeaseSlot::Revoked {
-                        until_ms: expires_ms,
-                    },
-                );
+                shard.insert(*lease, LeaseSlot::Revoked { until_ms: expires_ms });
                 journal.push(JournaledLease {
                     lease: *lease,
                     payload,
@@ -271,11 +240,7 @@ impl Node {
         let now = self.now_ms();
         let mut live = Vec::new();
         self.leases.for_each(|lease, slot| {
-            if let LeaseSlot::Live {
-                payload,
-                expires_ms,
-            } = slot
-            {
+            if let LeaseSlot::Live { payload, expires_ms } = slot {
                 if *expires_ms > now {
                     live.push(JournaledLease {
                         lease: *lease,
@@ -299,10 +264,7 @@ impl Node {
         let now = self.now_ms();
         let mut expired = Vec::new();
         self.leases.for_each(|lease, slot| match slot {
-            LeaseSlot::Live {
-                payload,
-                expires_ms,
-            } if *expires_ms <= now => expired.push((*lease, Some(*payload))),
+            LeaseSlot::Live { payload, expires_ms } if *expires_ms <= now => expired.push((*lease, Some(*payload))),
             LeaseSlot::Revoked { until_ms } if *until_ms <= now => expired.push((*lease, None)),
             _ => {}
         });

@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{
-    CatalogError, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write,
-};
+use payload_catalog::{CatalogError, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
 
 use super::{lock, Entry, Node};
 use crate::store::io_error;
@@ -89,11 +87,7 @@ impl Node {
                 0
             },
             write_deadline_ms: now.saturating_add(deadline),
-            priority: if req.no_evict {
-                Priority::Never
-            } else {
-                req.priority
-            },
+            priority: if req.no_evict { Priority::Never } else { req.priority },
             spill_target: req.spill_target.unwrap_or(Tier::Disk),
             min_residency_tier: req.min_residency_tier,
             require_durable: req.require_durable,
@@ -104,10 +98,9 @@ impl Node {
         };
         // An uncommitted row need not be durable: a restart drops it anyway.
         self.writer.enqueue(Write::Insert(rec.clone()));
-        self.payloads.shard(&id).insert(
-            id,
-            Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))),
-        );
+        self.payloads
+            .shard(&id)
+            .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
         self.kick_spill_if_needed();
         Ok(rec)
     }
@@ -133,6 +126,21 @@ impl Node {
             e.rec.tier
         };
         let store = self.store(tier)?;
+        let size = lock(&entry).rec.size_bytes;
+        match store.region_len(id) {
+            Some(len) if len == size => {}
+            Some(len) => {
+                return Err(CatalogError::InvalidArgument(format!(
+                    "the region of payload {id} is {len} bytes but was allocated as {size}: a write went past the \
+                     region or truncated it; abort and allocate again"
+                )))
+            }
+            None => {
+                return Err(CatalogError::InvalidState(format!(
+                    "the region of payload {id} has disappeared; abort and allocate again"
+                )))
+            }
+        }
         let digest = match expected {
             Some(want) => {
                 let got = self.hash_region(tier, id).await?;
@@ -148,13 +156,9 @@ impl Node {
             None => None,
         };
         if sync {
-            store
-                .sync(id)
-                .map_err(|e| io_error("syncing the payload", e))?;
+            store.sync(id).map_err(|e| io_error("syncing the payload", e))?;
         }
-        store
-            .seal(id)
-            .map_err(|e| io_error("sealing the payload", e))?;
+        store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
         let rec = {
             let mut e = lock(&entry);
             // Re-check under the lock: a concurrent commit or abort may have won.

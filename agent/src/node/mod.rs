@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub ram_high_watermark: f64,
     /// ...and stops below this one.
     pub ram_low_watermark: f64,
+    /// The node's time source; tests pass one they can advance.
+    pub clock: Clock,
 }
 
 impl Default for NodeConfig {
@@ -52,6 +54,7 @@ impl Default for NodeConfig {
             max_payload_bytes: 128 << 30,
             ram_high_watermark: 0.9,
             ram_low_watermark: 0.7,
+            clock: Clock::new(),
         }
     }
 }
@@ -140,7 +143,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub struct Node {
     pub(crate) cfg: NodeConfig,
-    pub(crate) clock: Clock,
     pub(crate) repo: Arc<dyn Repository>,
     pub(crate) writer: Writer,
     pub(crate) ram: FileStore,
@@ -175,16 +177,19 @@ impl Node {
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
+        self.cfg.clock.now_ms()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.cfg.clock
     }
 
     pub(crate) fn entry(&self, id: PayloadId) -> Result<EntryRef, CatalogError> {
-        self.payloads.shard(&id).get(&id).cloned().ok_or_else(|| {
-            CatalogError::NotFound(format!(
-                "payload {id} not found on node {}",
-                self.cfg.node_name
-            ))
-        })
+        self.payloads
+            .shard(&id)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CatalogError::NotFound(format!("payload {id} not found on node {}", self.cfg.node_name)))
     }
 
     /// A copy of the payload's row and its live lease count.
@@ -196,9 +201,7 @@ impl Node {
 
     /// Active leases per payload, for listings built from catalog rows.
     pub fn live_leases(&self, id: PayloadId) -> usize {
-        self.entry(id)
-            .map(|e| lock(&e).live_leases(self.now_ms()))
-            .unwrap_or(0)
+        self.entry(id).map(|e| lock(&e).live_leases(self.now_ms())).unwrap_or(0)
     }
 
     /// Every entry, for scans (stats, spill candidates, sweeps).

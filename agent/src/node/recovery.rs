@@ -10,7 +10,6 @@ use payload_catalog::{PayloadId, Repository, Tier, Write};
 use tokio::sync::{Notify, Semaphore};
 
 use super::{lock, Entry, LeaseSlot, Node, NodeConfig, Sharded};
-use crate::clock::Clock;
 use crate::journal::Journal;
 use crate::store::FileStore;
 use crate::writer::Writer;
@@ -35,12 +34,10 @@ impl Node {
         journal_path: &Path,
     ) -> anyhow::Result<(Arc<Node>, Recovery)> {
         let (writer, _task) = Writer::spawn(repo.clone());
-        let (journal, journaled) = Journal::open(journal_path).map_err(|e| {
-            anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display())
-        })?;
+        let (journal, journaled) = Journal::open(journal_path)
+            .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
         let node = Node {
             cfg,
-            clock: Clock::new(),
             repo,
             writer,
             ram,
@@ -97,10 +94,9 @@ impl Node {
                 continue;
             }
             store.add_used(rec.size_bytes);
-            self.payloads.shard(&rec.id).insert(
-                rec.id,
-                Arc::new(std::sync::Mutex::new(Entry::new(rec, now))),
-            );
+            self.payloads
+                .shard(&rec.id)
+                .insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec, now))));
             report.payloads += 1;
         }
         if !drops.is_empty() {

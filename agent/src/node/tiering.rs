@@ -48,12 +48,7 @@ impl Node {
             return Ok(MoveOutcome::Deleted);
         }
         let to = self.store(target)?;
-        let deadline = self.now_ms()
-            + if wait_for_leases {
-                self.cfg.lease_max_ms
-            } else {
-                0
-            };
+        let deadline = self.now_ms() + if wait_for_leases { self.cfg.lease_max_ms } else { 0 };
         let entry = self.entry(id)?;
         let source = loop {
             let now = self.now_ms();
@@ -162,11 +157,7 @@ impl Node {
         }
     }
 
-    async fn reserve_for_move(
-        &self,
-        to: &crate::store::FileStore,
-        bytes: u64,
-    ) -> Result<(), CatalogError> {
+    async fn reserve_for_move(&self, to: &crate::store::FileStore, bytes: u64) -> Result<(), CatalogError> {
         if to.reserve(bytes).is_ok() {
             return Ok(());
         }
@@ -187,11 +178,7 @@ impl Node {
     }
 
     /// The spill target of a payload unless the request names one.
-    pub fn spill_target(
-        &self,
-        id: PayloadId,
-        requested: Option<Tier>,
-    ) -> Result<Tier, CatalogError> {
+    pub fn spill_target(&self, id: PayloadId, requested: Option<Tier>) -> Result<Tier, CatalogError> {
         match requested {
             Some(tier) => Ok(tier),
             None => {
@@ -227,10 +214,7 @@ impl Node {
             }
         }
         candidates.sort();
-        candidates
-            .into_iter()
-            .map(|(_, _, id, size)| (id, size))
-            .collect()
+        candidates.into_iter().map(|(_, _, id, size)| (id, size)).collect()
     }
 
     /// Spills until `free` bytes of RAM are available, or nothing more can go.
@@ -274,11 +258,7 @@ impl Node {
             let high = (self.ram.capacity() as f64 * self.cfg.ram_high_watermark) as u64;
             if self.ram.used() > high {
                 let moved = self.spill_to_low_watermark().await;
-                tracing::info!(
-                    moved,
-                    used = self.ram.used(),
-                    "spilled RAM down to the low watermark"
-                );
+                tracing::info!(moved, used = self.ram.used(), "spilled RAM down to the low watermark");
             }
         }
     }
