@@ -66,7 +66,7 @@ async fn watermark_spill_stops_at_the_low_watermark_and_skips_pinned() {
     };
     let (node, _) = open_node(&dirs, cfg, &cap).await;
     let mut ids = Vec::new();
-    for i in 0..9u8 {
+    for _ in 0..9u8 {
         let rec = node.allocate(AllocateRequest::new(MIB, Tier::Ram)).await.unwrap();
         node.commit(rec.id, None, false).await.unwrap();
         ids.push(rec.id);

@@ -46,16 +46,18 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("agent binary starts");
+        let agent = Agent { child };
         let socket = dirs.socket();
         // Readiness poll: the socket accepts once recovery is done.
         for _ in 0..500 {
             if let Ok(client) = Client::connect(socket.to_str().unwrap()).await {
                 if client.stats().await.is_ok() {
-                    return (Agent { child }, client);
+                    return (agent, client);
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        agent.kill9();
         panic!(
             "agent did not come up; log: {}",
             std::fs::read_to_string(dirs.state.path().join("agent.log")).unwrap()

@@ -36,11 +36,7 @@ pub async fn channel(target: &str) -> Result<Channel> {
                     "{target:?} is not an agent address; use unix:///path/agent.sock, /path/agent.sock or http://host:port"
                 ))
             })?;
-            endpoint
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(connect_err)
+            endpoint.tcp_nodelay(true).connect().await.map_err(connect_err)
         }
     }
 }

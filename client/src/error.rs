@@ -28,10 +28,7 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     /// The agent answered something this client cannot use.
     #[error("unexpected answer from the agent: {0}")]
     Protocol(String),

@@ -89,13 +89,8 @@ fn pb_id(id: PayloadId) -> pb::PayloadId {
 
 /// The payload id inside a descriptor.
 pub fn descriptor_id(desc: &PayloadDescriptor) -> Result<PayloadId> {
-    let raw = desc
-        .payload_id
-        .as_ref()
-        .map(|p| p.value.as_slice())
-        .unwrap_or_default();
-    Uuid::from_slice(raw)
-        .map_err(|_| ClientError::Protocol("descriptor carries no 16-byte payload id".into()))
+    let raw = desc.payload_id.as_ref().map(|p| p.value.as_slice()).unwrap_or_default();
+    Uuid::from_slice(raw).map_err(|_| ClientError::Protocol("descriptor carries no 16-byte payload id".into()))
 }
 
 impl Client {
@@ -169,11 +164,7 @@ impl Client {
     /// Commits a written region: its bytes never change afterwards.
     pub async fn commit(&self, region: WritableRegion) -> Result<PayloadDescriptor> {
         let WritableRegion {
-            id,
-            map,
-            verify,
-            sync,
-            ..
+            id, map, verify, sync, ..
         } = region;
         let expected_sha256 = if verify {
             use sha2::Digest;
@@ -201,9 +192,7 @@ impl Client {
     pub async fn abort(&self, id: PayloadId) -> Result<()> {
         self.catalog
             .clone()
-            .abort_payload(runtime::AbortPayloadRequest {
-                id: Some(pb_id(id)),
-            })
+            .abort_payload(runtime::AbortPayloadRequest { id: Some(pb_id(id)) })
             .await?;
         Ok(())
     }
@@ -258,6 +247,19 @@ impl Client {
         }
     }
 
+    /// Releases a lease now and waits for the agent to confirm; dropping a
+    /// [`Lease`] instead releases it in the background.
+    pub async fn release(&self, lease: Lease) -> Result<()> {
+        let lease_id = lease.detach();
+        let request = runtime::ReleaseLeaseRequest {
+            lease_id: Some(pb::LeaseId {
+                value: lease_id.as_bytes().to_vec(),
+            }),
+        };
+        self.data.clone().release_lease(request).await?;
+        Ok(())
+    }
+
     /// Renews a lease for `extend_ms` from now (0 = default); returns the new expiry.
     pub async fn renew(&self, lease: &Lease, extend_ms: u64) -> Result<u64> {
         let response = self
@@ -282,23 +284,13 @@ impl Client {
         Ok(self
             .catalog
             .clone()
-            .get_payload(runtime::GetPayloadRequest {
-                id: Some(pb_id(id)),
-            })
+            .get_payload(runtime::GetPayloadRequest { id: Some(pb_id(id)) })
             .await?
             .into_inner())
     }
 
-    pub async fn list(
-        &self,
-        request: runtime::ListPayloadsRequest,
-    ) -> Result<runtime::ListPayloadsResponse> {
-        Ok(self
-            .catalog
-            .clone()
-            .list_payloads(request)
-            .await?
-            .into_inner())
+    pub async fn list(&self, request: runtime::ListPayloadsRequest) -> Result<runtime::ListPayloadsResponse> {
+        Ok(self.catalog.clone().list_payloads(request).await?.into_inner())
     }
 
     pub async fn delete(&self, id: PayloadId, force: bool) -> Result<()> {
@@ -328,21 +320,14 @@ impl Client {
     pub async fn unpin(&self, id: PayloadId) -> Result<()> {
         self.catalog
             .clone()
-            .unpin(runtime::UnpinRequest {
-                id: Some(pb_id(id)),
-            })
+            .unpin(runtime::UnpinRequest { id: Some(pb_id(id)) })
             .await?;
         Ok(())
     }
 
     /// Moves the payload down to `target` (None = its spill target), waiting
     /// until done; `fsync` makes the new copy durable first.
-    pub async fn spill(
-        &self,
-        id: PayloadId,
-        target: Option<Tier>,
-        fsync: bool,
-    ) -> Result<PayloadDescriptor> {
+    pub async fn spill(&self, id: PayloadId, target: Option<Tier>, fsync: bool) -> Result<PayloadDescriptor> {
         let response = self
             .catalog
             .clone()
@@ -361,7 +346,11 @@ impl Client {
             .next()
             .ok_or_else(|| ClientError::Protocol("spill returned no result".into()))?;
         if !result.ok {
-            return Err(ClientError::FailedPrecondition(result.error_message));
+            let code = match result.error_code {
+                0 => tonic::Code::FailedPrecondition,
+                code => tonic::Code::from(code),
+            };
+            return Err(tonic::Status::new(code, result.error_message).into());
         }
         result
             .payload_descriptor
@@ -386,12 +375,7 @@ impl Client {
     }
 
     pub async fn stats(&self) -> Result<StatsResponse> {
-        Ok(self
-            .admin
-            .clone()
-            .stats(StatsRequest {})
-            .await?
-            .into_inner())
+        Ok(self.admin.clone().stats(StatsRequest {}).await?.into_inner())
     }
 
     /// The raw generated clients, for calls this wrapper does not cover.
@@ -407,10 +391,7 @@ impl Client {
 }
 
 /// Sends dropped leases back in batches: whatever is queued goes in one call.
-async fn release_loop(
-    mut data: PayloadDataServiceClient<Channel>,
-    mut rx: mpsc::UnboundedReceiver<Uuid>,
-) {
+async fn release_loop(mut data: PayloadDataServiceClient<Channel>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let lease_ids = batch

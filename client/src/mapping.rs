@@ -18,9 +18,10 @@ const SHM_DIR: &str = "/dev/shm";
 /// The file behind a descriptor's location and the payload's length.
 pub fn location_path(desc: &PayloadDescriptor) -> Result<(PathBuf, u64)> {
     match &desc.location {
-        Some(Location::Ram(ram)) => {
-            Ok((PathBuf::from(format!("{SHM_DIR}/{}", ram.shm_name.trim_start_matches('/'))), ram.length_bytes))
-        }
+        Some(Location::Ram(ram)) => Ok((
+            PathBuf::from(format!("{SHM_DIR}/{}", ram.shm_name.trim_start_matches('/'))),
+            ram.length_bytes,
+        )),
         Some(Location::Disk(disk)) => Ok((PathBuf::from(&disk.path), disk.length_bytes)),
         Some(Location::Gpu(_)) => Err(ClientError::Protocol(
             "GPU locations are not mappable from the CPU; ask for a lease with min tier RAM or DISK".into(),
@@ -43,8 +44,7 @@ pub fn map_writable(desc: &PayloadDescriptor) -> Result<MmapMut> {
 }
 
 fn map_readonly(path: &PathBuf, len: u64) -> Result<Mmap> {
-    let file =
-        File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
+    let file = File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
     // SAFETY: committed regions are sealed read-only and never change.
     unsafe { MmapOptions::new().len(len as usize).populate().map(&file) }
         .map_err(|e| ClientError::io(format!("mapping {}", path.display()), e))
@@ -97,12 +97,8 @@ impl MappingCache {
     /// Forgets every mapping of a payload (after delete), so its memory can go.
     pub fn forget(&self, id_text: &str) {
         let mut inner = self.lock();
-        inner
-            .maps
-            .retain(|path, _| !path.to_string_lossy().contains(id_text));
-        inner
-            .order
-            .retain(|path| !path.to_string_lossy().contains(id_text));
+        inner.maps.retain(|path, _| !path.to_string_lossy().contains(id_text));
+        inner.order.retain(|path| !path.to_string_lossy().contains(id_text));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {

@@ -128,12 +128,14 @@ impl PayloadCatalogService for CatalogService {
                     ok: true,
                     error_message: String::new(),
                     payload_descriptor: rec.map(|r| descriptor(&self.node, &r)),
+                    error_code: 0,
                 },
                 Err(err) => runtime::spill_response::Result {
                     id: Some(raw.clone()),
                     ok: false,
                     error_message: err.message().to_string(),
                     payload_descriptor: None,
+                    error_code: err.code() as i32,
                 },
             });
         }

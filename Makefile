@@ -1,0 +1,44 @@
+# Payload Manager — the two commands a new user needs are `make run` and
+# `make test`; both build what they need.
+
+CARGO ?= cargo
+VENV ?= $(CURDIR)/.venv
+# Where `make run` keeps its state; override to start afresh.
+STATE_DIR ?= $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/payload-manager
+
+.PHONY: build run test test-rust test-python lint bench clean
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+## Run a standalone node (agent + SQLite catalog) on the default socket and 127.0.0.1:50051.
+run:
+	$(CARGO) build --release -p payload-agent -p payload-client --bins
+	@echo "payloadctl is at target/release/payloadctl; try: target/release/payloadctl put README.md"
+	RUST_LOG=$${RUST_LOG:-info} ./target/release/payload-agent standalone --state-dir "$(STATE_DIR)"
+
+## Every test: Rust unit and integration tests, then the Python compatibility suite.
+test: test-rust test-python
+
+test-rust:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+test-python:
+	$(CARGO) build -p payload-agent --bin payload-agent
+	VENV="$(VENV)" PM_AGENT_BIN="$(CURDIR)/target/debug/payload-agent" bash e2e/python/run.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+## Benchmarks: figures and ratios against the floor, measured in one run.
+bench:
+	$(CARGO) bench -p payload-agent --bench standalone
+
+clean:
+	$(CARGO) clean

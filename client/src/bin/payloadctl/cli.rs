@@ -1,0 +1,346 @@
+//! The command line: global flags, subcommands, and the parsers that turn
+//! their text into ids, durations, labels and tiers before any call is made.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use payload_client::{PayloadId, Tier};
+use payload_proto::core::PayloadState;
+
+/// Exit codes, stable for scripts; `main` maps errors onto them.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_OTHER: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_NOT_FOUND: u8 = 3;
+pub const EXIT_CONFLICT: u8 = 4;
+pub const EXIT_NO_CAPACITY: u8 = 5;
+pub const EXIT_UNREACHABLE: u8 = 6;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  any other error
+  2  usage error or invalid argument (unknown flag, malformed id, empty input)
+  3  payload not found
+  4  conflict: the payload is leased, or in the wrong state for the call (e.g. pinned)
+  5  out of capacity on the tier
+  6  agent unreachable (cannot connect, or it is unavailable)";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "payloadctl",
+    version,
+    about = "Store, read and manage payloads on a Payload Manager agent",
+    long_about = None,
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct GlobalArgs {
+    /// Agent address: unix:///path/agent.sock, /path/agent.sock or
+    /// http://host:port. Default: the standalone agent's socket,
+    /// $XDG_STATE_HOME/payload-manager/agent.sock, else
+    /// ~/.local/state/payload-manager/agent.sock.
+    #[arg(long, env = "PM_AGENT", global = true, value_name = "ADDR")]
+    pub agent: Option<String>,
+    /// Output format: `table` for people, `json` for scripts.
+    #[arg(long, env = "PM_OUTPUT", global = true, value_name = "FORMAT", value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Store a file, or stdin with `-`, as a new payload and print its id.
+    Put(PutArgs),
+    /// Write a payload's bytes to a file or stdout (under a read lease).
+    Get(GetArgs),
+    /// List payloads, newest first.
+    Ls(LsArgs),
+    /// Show everything the agent knows about one payload.
+    Stat(IdArg),
+    /// Delete a payload.
+    Rm(RmArgs),
+    /// Keep a payload in its tier: it is not spilled while pinned.
+    Pin(PinArgs),
+    /// Remove a payload's pin.
+    Unpin(IdArg),
+    /// Move a payload down to a slower tier; returns once it is there.
+    Spill(SpillArgs),
+    /// Move a payload up to a faster tier; returns once it is there.
+    Promote(PromoteArgs),
+    /// Take a read lease that outlives this command and lasts until it expires.
+    Lease(LeaseArgs),
+    /// Show usage per tier and the number of live leases.
+    Stats,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArg {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+}
+
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    /// File to store, or `-` to read stdin.
+    #[arg(value_name = "FILE|-")]
+    pub input: PathBuf,
+    /// Tier to store the payload on.
+    #[arg(long, value_enum, default_value_t = TierArg::Ram)]
+    pub tier: TierArg,
+    /// Label as key=value; repeat for more.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Time to live: milliseconds, or with a unit (500ms, 30s, 5m, 1h, 1d).
+    /// Default: no expiry.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub ttl: Option<u64>,
+    /// Send the SHA-256 of the bytes with the commit; the agent refuses a mismatch.
+    #[arg(long)]
+    pub verify: bool,
+    /// Make the bytes durable (fsync) before the commit returns.
+    #[arg(long)]
+    pub fsync: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// Write to this file instead of stdout (`-` = stdout).
+    #[arg(short = 'o', long = "out", value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Slowest acceptable tier; a payload below it is promoted first.
+    #[arg(long, value_enum)]
+    pub min_tier: Option<TierArg>,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Only payloads on this tier.
+    #[arg(long, value_enum)]
+    pub tier: Option<TierArg>,
+    /// Only payloads in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<StateArg>,
+    /// Only payloads with this label, as key=value; repeat to require several.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Page size (1-500). Default: the agent's (50).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=500))]
+    pub limit: Option<i32>,
+    /// Follow every page instead of stopping after the first.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// Delete even while leased: live leases are invalidated.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PinArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// Pin for this long (500ms, 30s, 5m, 1h, 1d, or milliseconds). Default:
+    /// until unpinned.
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub duration: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SpillArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// Tier to move to. Default: the payload's spill target (disk).
+    #[arg(long, value_enum)]
+    pub to: Option<TierArg>,
+    /// Make the new copy durable (fsync) before the old one is dropped.
+    #[arg(long)]
+    pub fsync: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// Tier to move to.
+    #[arg(long, value_enum, default_value_t = TierArg::Ram)]
+    pub to: TierArg,
+}
+
+#[derive(Args, Debug)]
+pub struct LeaseArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// How long the lease lasts (500ms, 30s, 5m, 1h, or milliseconds); the
+    /// agent caps it at its maximum. Default: the agent's default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub duration: Option<u64>,
+    /// Slowest acceptable tier; a payload below it is promoted first.
+    #[arg(long, value_enum)]
+    pub min_tier: Option<TierArg>,
+}
+
+/// The tiers this agent stores payloads on.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TierArg {
+    Ram,
+    Disk,
+}
+
+impl From<TierArg> for Tier {
+    fn from(tier: TierArg) -> Tier {
+        match tier {
+            TierArg::Ram => Tier::Ram,
+            TierArg::Disk => Tier::Disk,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateArg {
+    Allocated,
+    Active,
+    Spilling,
+    Durable,
+    Evicting,
+    Deleting,
+    Expired,
+    Deleted,
+    Aborted,
+}
+
+impl From<StateArg> for PayloadState {
+    fn from(state: StateArg) -> PayloadState {
+        match state {
+            StateArg::Allocated => PayloadState::Allocated,
+            StateArg::Active => PayloadState::Active,
+            StateArg::Spilling => PayloadState::Spilling,
+            StateArg::Durable => PayloadState::Durable,
+            StateArg::Evicting => PayloadState::Evicting,
+            StateArg::Deleting => PayloadState::Deleting,
+            StateArg::Expired => PayloadState::Expired,
+            StateArg::Deleted => PayloadState::Deleted,
+            StateArg::Aborted => PayloadState::Aborted,
+        }
+    }
+}
+
+/// Accepts a payload id in dashed UUID form only, the form every command prints.
+pub fn parse_id(text: &str) -> Result<PayloadId, String> {
+    let text = text.trim();
+    match PayloadId::try_parse(text) {
+        Ok(id) if text.len() == 36 => Ok(id),
+        _ => Err("expected a payload id in dashed UUID form, e.g. 67e55044-10b1-426f-9247-bb680e5fe0c8".into()),
+    }
+}
+
+/// Parses `key=value`; the key must not be empty.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not a label; use key=value")),
+    }
+}
+
+/// Parses `1500` (milliseconds), `500ms`, `30s`, `5m`, `1h` or `1d` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 1500, 500ms, 30s, 5m or 1h"))?;
+    let scale = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown duration unit {other:?}; use ms, s, m, h or d")),
+    };
+    value.checked_mul(scale).ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_are_milliseconds_unless_a_unit_says_otherwise() {
+        assert_eq!(parse_duration_ms("1500"), Ok(1500));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("5m"), Ok(300_000));
+        assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+        assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
+        assert!(parse_duration_ms("5 fortnights").is_err());
+        assert!(parse_duration_ms("m").is_err());
+        assert!(parse_duration_ms("").is_err());
+    }
+
+    #[test]
+    fn ids_must_be_dashed_uuids() {
+        let id = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        assert_eq!(parse_id(id).map(|i| i.to_string()), Ok(id.to_string()));
+        assert!(parse_id("67e5504410b1426f9247bb680e5fe0c8").is_err());
+        assert!(parse_id("not-an-id").unwrap_err().contains("dashed UUID"));
+    }
+
+    #[test]
+    fn labels_need_a_key_and_may_have_an_empty_value() {
+        assert_eq!(parse_label("team=ml"), Ok(("team".into(), "ml".into())));
+        assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_label("flag="), Ok(("flag".into(), String::new())));
+        assert!(parse_label("=x").is_err());
+        assert!(parse_label("novalue").is_err());
+    }
+
+    #[test]
+    fn agent_and_output_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "payloadctl",
+            "ls",
+            "--output",
+            "json",
+            "--agent",
+            "/tmp/a.sock",
+            "--all",
+        ])
+        .expect("parses");
+        assert_eq!(cli.global.output, Format::Json);
+        assert_eq!(cli.global.agent.as_deref(), Some("/tmp/a.sock"));
+        assert!(matches!(cli.command, Command::Ls(LsArgs { all: true, .. })));
+    }
+}

@@ -1,0 +1,293 @@
+//! The commands that move no payload bytes through this process: listing,
+//! inspection, deletion, pins, tier moves, leases and stats.
+
+use anyhow::Context;
+use payload_client::{Client, LeaseOptions, PayloadId};
+use payload_proto::admin::StatsResponse;
+use payload_proto::core::payload_descriptor::Location;
+use payload_proto::core::{PayloadDescriptor, PayloadState};
+use payload_proto::runtime::ListPayloadsRequest;
+use serde_json::{json, Value};
+
+use crate::cli::{Format, IdArg, LeaseArgs, LsArgs, PinArgs, PromoteArgs, RmArgs, SpillArgs};
+use crate::render::{
+    descriptor_json, human_duration, human_size, id_text, key_values, labels_text, location_json, location_text,
+    now_ms, print, print_json, rfc3339, state_name, summary_json, tier_name, time_or, Table,
+};
+
+pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result<()> {
+    let LsArgs {
+        tier,
+        state,
+        labels,
+        limit,
+        all,
+    } = args;
+    let mut request = ListPayloadsRequest {
+        tier_filter: tier.map(|t| payload_client::Tier::from(t) as i32).unwrap_or(0),
+        state_filter: state.map(|s| PayloadState::from(s) as i32).unwrap_or(0),
+        page_size: limit.unwrap_or(0),
+        label_selector: labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        ..Default::default()
+    };
+    let mut payloads = Vec::new();
+    let (total, more) = loop {
+        let page = client.list(request.clone()).await.context("listing payloads")?;
+        payloads.extend(page.payloads);
+        if !all || page.next_page_token.is_empty() {
+            break (page.total_count, !page.next_page_token.is_empty());
+        }
+        request.page_token = page.next_page_token;
+    };
+    if format == Format::Json {
+        return print_json(&Value::Array(payloads.iter().map(summary_json).collect()));
+    }
+    let mut table = Table::new(vec![
+        "ID", "TIER", "STATE", "SIZE", "LEASES", "PINNED", "CREATED", "LABELS",
+    ]);
+    for p in &payloads {
+        table.row(vec![
+            id_text(p.id.as_ref()),
+            tier_name(p.tier).into(),
+            state_name(p.state).into(),
+            human_size(p.size_bytes),
+            p.active_leases.to_string(),
+            yes_no(p.pinned),
+            time_or(p.created_at_ms, "-"),
+            labels_text(&p.labels),
+        ]);
+    }
+    print(&table.render())?;
+    if more {
+        eprintln_quiet(&format!(
+            "showing {} of {total} payloads; pass --all for every page",
+            payloads.len()
+        ));
+    }
+    Ok(())
+}
+
+pub async fn stat(client: &Client, args: IdArg, format: Format) -> anyhow::Result<()> {
+    let IdArg { id } = args;
+    let response = client.stat(id).await.with_context(|| format!("looking up {id}"))?;
+    let summary = response.payload.unwrap_or_default();
+    let desc = response.payload_descriptor.unwrap_or_default();
+    if format == Format::Json {
+        let mut value = summary_json(&summary);
+        value["version"] = json!(desc.version);
+        value["location"] = location_json(&desc);
+        return print_json(&value);
+    }
+    let mut pairs = vec![
+        ("id", id_text(summary.id.as_ref())),
+        ("tier", tier_name(summary.tier).into()),
+        ("state", state_name(summary.state).into()),
+        (
+            "size",
+            format!("{} ({} bytes)", human_size(summary.size_bytes), summary.size_bytes),
+        ),
+        ("created", time_or(summary.created_at_ms, "-")),
+        ("expires", time_or(summary.expires_at_ms, "never")),
+        ("leases", summary.active_leases.to_string()),
+        ("pinned", yes_no(summary.pinned)),
+        ("labels", labels_text(&summary.labels)),
+        ("sha256", hex_or_dash(&summary.sha256)),
+        ("version", desc.version.to_string()),
+    ];
+    match &desc.location {
+        Some(Location::Ram(ram)) => pairs.push(("shm name", ram.shm_name.clone())),
+        Some(Location::Disk(disk)) => pairs.push(("offset", disk.offset_bytes.to_string())),
+        Some(Location::Gpu(gpu)) => pairs.push(("gpu device", gpu.device_id.to_string())),
+        None => {}
+    }
+    pairs.push(("path", location_text(&desc)));
+    print(&key_values(&pairs))
+}
+
+pub async fn rm(client: &Client, args: RmArgs, format: Format) -> anyhow::Result<()> {
+    let RmArgs { id, force } = args;
+    client
+        .delete(id, force)
+        .await
+        .with_context(|| format!("deleting {id}"))?;
+    done(format, id, "deleted", format!("deleted {id}"))
+}
+
+pub async fn pin(client: &Client, args: PinArgs, format: Format) -> anyhow::Result<()> {
+    let PinArgs { id, duration } = args;
+    let duration_ms = duration.unwrap_or(0);
+    client
+        .pin(id, duration_ms)
+        .await
+        .with_context(|| format!("pinning {id}"))?;
+    let how = match duration_ms {
+        0 => "until unpinned".to_string(),
+        ms => format!("for {}", human_duration(ms)),
+    };
+    done(format, id, "pinned", format!("pinned {id} {how}"))
+}
+
+pub async fn unpin(client: &Client, args: IdArg, format: Format) -> anyhow::Result<()> {
+    let IdArg { id } = args;
+    client.unpin(id).await.with_context(|| format!("unpinning {id}"))?;
+    done(format, id, "unpinned", format!("unpinned {id}"))
+}
+
+pub async fn spill(client: &Client, args: SpillArgs, format: Format) -> anyhow::Result<()> {
+    let SpillArgs { id, to, fsync } = args;
+    let desc = client
+        .spill(id, to.map(Into::into), fsync)
+        .await
+        .with_context(|| format!("spilling {id}"))?;
+    moved(format, &desc, "spilled")
+}
+
+pub async fn promote(client: &Client, args: PromoteArgs, format: Format) -> anyhow::Result<()> {
+    let PromoteArgs { id, to } = args;
+    let desc = client
+        .promote(id, to.into())
+        .await
+        .with_context(|| format!("promoting {id}"))?;
+    moved(format, &desc, "promoted")
+}
+
+pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::Result<()> {
+    let LeaseArgs { id, duration, min_tier } = args;
+    let opts = LeaseOptions {
+        min_tier: min_tier.map(Into::into),
+        best_effort: false,
+        duration_ms: duration.unwrap_or(0),
+    };
+    let lease = client
+        .get_with(id, opts)
+        .await
+        .with_context(|| format!("leasing {id}"))?;
+    let desc = lease.descriptor().clone();
+    let expires_at_ms = lease.expires_at_ms();
+    // Kept past this process: the agent ends it at expiry.
+    let lease_id = lease.detach();
+    if format == Format::Json {
+        return print_json(&json!({
+            "lease_id": lease_id.to_string(),
+            "payload_id": id.to_string(),
+            "expires_at": rfc3339(expires_at_ms),
+            "expires_at_ms": expires_at_ms,
+            "location": descriptor_json(&desc),
+        }));
+    }
+    print(&key_values(&[
+        ("leased", id.to_string()),
+        ("lease id", lease_id.to_string()),
+        (
+            "expires",
+            format!(
+                "{} (in {}; kept after payloadctl exits)",
+                rfc3339(expires_at_ms),
+                human_duration(expires_at_ms.saturating_sub(now_ms()))
+            ),
+        ),
+        ("tier", tier_name(desc.tier).into()),
+        ("path", location_text(&desc)),
+    ]))
+}
+
+pub async fn stats(client: &Client, format: Format) -> anyhow::Result<()> {
+    let stats = client.stats().await.context("reading agent stats")?;
+    if format == Format::Json {
+        return print_json(&stats_json(&stats));
+    }
+    let mut table = Table::new(vec!["TIER", "PAYLOADS", "BYTES", "CAPACITY", "PINNED", "LEASED"]);
+    for t in &stats.tiers {
+        table.row(vec![
+            tier_name(t.tier as i32).into(),
+            t.payloads.to_string(),
+            human_size(t.bytes),
+            match t.capacity_bytes {
+                0 => "-".into(),
+                cap => human_size(cap),
+            },
+            human_size(t.pinned_bytes),
+            human_size(t.leased_bytes),
+        ]);
+    }
+    let mut text = table.render();
+    text.push('\n');
+    text.push_str(&key_values(&[
+        ("active leases", stats.active_leases.to_string()),
+        ("queued spills", stats.spill_queue_depth.to_string()),
+        ("node", stats.node_name.clone()),
+    ]));
+    print(&text)
+}
+
+fn stats_json(s: &StatsResponse) -> Value {
+    let tiers: Vec<Value> = s
+        .tiers
+        .iter()
+        .map(|t| {
+            json!({
+                "tier": tier_name(t.tier as i32),
+                "payloads": t.payloads,
+                "bytes": t.bytes,
+                "capacity_bytes": t.capacity_bytes,
+                "pinned_bytes": t.pinned_bytes,
+                "leased_bytes": t.leased_bytes,
+            })
+        })
+        .collect();
+    json!({
+        "node_name": s.node_name,
+        "active_leases": s.active_leases,
+        "spill_queue_depth": s.spill_queue_depth,
+        "tiers": tiers,
+        "payloads_gpu": s.payloads_gpu,
+        "payloads_ram": s.payloads_ram,
+        "payloads_disk": s.payloads_disk,
+        "payloads_object": s.payloads_object,
+        "bytes_gpu": s.bytes_gpu,
+        "bytes_ram": s.bytes_ram,
+        "bytes_disk": s.bytes_disk,
+        "bytes_object": s.bytes_object,
+    })
+}
+
+fn done(format: Format, id: PayloadId, result: &str, line: String) -> anyhow::Result<()> {
+    match format {
+        Format::Table => print(&format!("{line}\n")),
+        Format::Json => print_json(&json!({ "id": id.to_string(), "result": result })),
+    }
+}
+
+fn moved(format: Format, desc: &PayloadDescriptor, verb: &str) -> anyhow::Result<()> {
+    match format {
+        Format::Table => print(&format!(
+            "{verb} {} to {}: {}\n",
+            id_text(desc.payload_id.as_ref()),
+            tier_name(desc.tier),
+            location_text(desc)
+        )),
+        Format::Json => print_json(&descriptor_json(desc)),
+    }
+}
+
+fn yes_no(flag: bool) -> String {
+    if flag { "yes" } else { "no" }.into()
+}
+
+fn hex_or_dash(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        "-".into()
+    } else {
+        hex::encode(bytes)
+    }
+}
+
+/// Notes for people go to stderr; a closed stderr is no reason to fail.
+fn eprintln_quiet(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

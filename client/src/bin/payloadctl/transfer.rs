@@ -1,0 +1,174 @@
+//! `put` and `get`: bytes move between a file (or stdin/stdout) and the
+//! agent's region in 4 MiB chunks, straight into or out of the mapping, with
+//! a progress bar on stderr for large transfers when a person is watching.
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::Path;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use payload_client::{Client, Lease, LeaseOptions, PutOptions};
+use serde_json::json;
+
+use crate::cli::{Format, GetArgs, PutArgs};
+use crate::render::{descriptor_json, id_text, print, print_json, stdout_error};
+use crate::UsageError;
+
+const CHUNK: usize = 4 << 20;
+/// Smaller transfers finish before a bar would be worth drawing.
+const PROGRESS_MIN_BYTES: u64 = 64 << 20;
+
+fn progress(len: u64, verb: &'static str) -> ProgressBar {
+    if len < PROGRESS_MIN_BYTES || !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::new(len).with_style(style);
+    bar.set_message(verb);
+    bar
+}
+
+fn refuse_empty(len: u64, what: &str) -> anyhow::Result<()> {
+    if len == 0 {
+        return Err(UsageError(format!("{what} is empty; payloads must hold at least one byte")).into());
+    }
+    Ok(())
+}
+
+pub async fn put(client: &Client, args: PutArgs, format: Format) -> anyhow::Result<()> {
+    let PutArgs {
+        input,
+        tier,
+        labels,
+        ttl,
+        verify,
+        fsync,
+    } = args;
+    let opts = PutOptions {
+        tier: tier.into(),
+        labels: labels.into_iter().collect(),
+        ttl_ms: ttl.unwrap_or(0),
+        verify,
+        sync: fsync,
+    };
+    let desc = if input == Path::new("-") {
+        let bytes = read_all(io::stdin().lock()).context("reading stdin")?;
+        refuse_empty(bytes.len() as u64, "stdin")?;
+        client.put_with(&bytes, &opts).await.context("storing stdin")?
+    } else {
+        let name = input.display();
+        let mut file = File::open(&input).with_context(|| format!("opening {name}"))?;
+        let meta = file.metadata().with_context(|| format!("reading the size of {name}"))?;
+        if meta.is_file() {
+            refuse_empty(meta.len(), &name.to_string())?;
+            let mut region = client
+                .allocate_with(meta.len(), &opts)
+                .await
+                .with_context(|| format!("allocating {} bytes for {name}", meta.len()))?;
+            let bar = progress(meta.len(), "put");
+            let filled = fill(&mut file, region.as_mut_slice(), &bar);
+            bar.finish_and_clear();
+            if let Err(err) = filled {
+                let id = region.id();
+                drop(region);
+                // Best effort: the agent aborts it anyway at its write deadline.
+                let _ = client.abort(id).await;
+                return Err(
+                    anyhow::Error::new(err).context(format!("reading {name} (did it change while being stored?)"))
+                );
+            }
+            client
+                .commit(region)
+                .await
+                .with_context(|| format!("committing {name}"))?
+        } else {
+            // A pipe or device: its size is known only once read.
+            let bytes = read_all(file).with_context(|| format!("reading {name}"))?;
+            refuse_empty(bytes.len() as u64, &name.to_string())?;
+            client
+                .put_with(&bytes, &opts)
+                .await
+                .with_context(|| format!("storing {name}"))?
+        }
+    };
+    match format {
+        Format::Table => print(&format!("{}\n", id_text(desc.payload_id.as_ref()))),
+        Format::Json => print_json(&descriptor_json(&desc)),
+    }
+}
+
+fn read_all(mut reader: impl Read) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn fill(reader: &mut impl Read, region: &mut [u8], bar: &ProgressBar) -> io::Result<()> {
+    for chunk in region.chunks_mut(CHUNK) {
+        reader.read_exact(chunk)?;
+        bar.inc(chunk.len() as u64);
+    }
+    Ok(())
+}
+
+pub async fn get(client: &Client, args: GetArgs, format: Format) -> anyhow::Result<()> {
+    let GetArgs { id, out, min_tier } = args;
+    let opts = LeaseOptions {
+        min_tier: min_tier.map(Into::into),
+        ..Default::default()
+    };
+    let lease = client
+        .get_with(id, opts)
+        .await
+        .with_context(|| format!("reading {id}"))?;
+    let bytes = lease.bytes();
+    let bar = progress(bytes.len() as u64, "get");
+    let out = out.filter(|path| path != Path::new("-"));
+    let written = match &out {
+        Some(path) => write_file(path, bytes, &bar),
+        None => drain(&mut io::stdout().lock(), bytes, &bar).map_err(stdout_error),
+    };
+    bar.finish_and_clear();
+    let size = bytes.len();
+    release(client, lease).await;
+    written?;
+    match (out, format) {
+        (Some(path), Format::Json) => print_json(&json!({
+            "id": id.to_string(),
+            "size_bytes": size,
+            "path": path.display().to_string(),
+        })),
+        _ => Ok(()),
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8], bar: &ProgressBar) -> anyhow::Result<()> {
+    let name = path.display();
+    let mut file = File::create(path).with_context(|| format!("creating {name}"))?;
+    if let Err(err) = drain(&mut file, bytes, bar) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(anyhow::Error::new(err).context(format!("writing {name}")));
+    }
+    Ok(())
+}
+
+fn drain(out: &mut impl Write, bytes: &[u8], bar: &ProgressBar) -> io::Result<()> {
+    for chunk in bytes.chunks(CHUNK) {
+        out.write_all(chunk)?;
+        bar.inc(chunk.len() as u64);
+    }
+    out.flush()
+}
+
+/// Releases at once: the library's background releaser would not get to run
+/// before this process exits, leaving the lease to block `rm` and `spill`
+/// until it expired. A failed release only keeps the lease until then.
+async fn release(client: &Client, lease: Lease) {
+    let _ = client.release(lease).await;
+}
