@@ -22,7 +22,7 @@ struct Agent {
 }
 
 impl Agent {
-    async fn start(ram_root: Option<&Path>, extra: &[&str]) -> (Agent, Client) {
+    async fn start(ram_root: Option<&Path>) -> (Agent, Client) {
         let state = tempfile::tempdir().unwrap();
         let ram = match ram_root {
             Some(_) => None,
@@ -36,7 +36,7 @@ impl Agent {
         let ram_path: PathBuf = ram_root
             .map(Path::to_path_buf)
             .unwrap_or_else(|| ram.as_ref().unwrap().path().into());
-        let child = spawn(state.path(), &ram_path, extra);
+        let child = spawn(state.path(), &ram_path, "2GiB");
         let client = connect(&state.path().join("agent.sock")).await;
         (
             Agent {
@@ -57,19 +57,14 @@ impl Drop for Agent {
     }
 }
 
-fn spawn(state: &Path, ram: &Path, extra: &[&str]) -> Child {
+fn spawn(state: &Path, ram: &Path, ram_capacity: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_payload-agent"))
         .arg("standalone")
         .arg("--state-dir")
         .arg(state)
         .arg("--ram-root")
         .arg(ram)
-        .args(["--listen", "off", "--disk-capacity", "4GiB"])
-        .args(if extra.is_empty() {
-            &["--ram-capacity", "2GiB"][..]
-        } else {
-            extra
-        })
+        .args(["--listen", "off", "--disk-capacity", "4GiB", "--ram-capacity", ram_capacity])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -140,7 +135,7 @@ fn floor_put(dir: &Path, src: &[u8]) -> f64 {
 }
 
 async fn big_transfers(report: &mut Vec<String>, label: &str, ram_root: Option<&Path>) {
-    let (agent, client) = Agent::start(ram_root, &[]).await;
+    let (agent, client) = Agent::start(ram_root).await;
     let floor_dir = ram_root
         .map(Path::to_path_buf)
         .unwrap_or_else(|| agent._ram.as_ref().unwrap().path().into());
@@ -189,7 +184,7 @@ async fn big_transfers(report: &mut Vec<String>, label: &str, ram_root: Option<&
 }
 
 async fn small_ops(report: &mut Vec<String>) {
-    let (agent, client) = Agent::start(None, &[]).await;
+    let (agent, client) = Agent::start(None).await;
     let payload = vec![7u8; 4096];
     let (mut puts, mut gets) = (Vec::new(), Vec::new());
     let mut ids = Vec::new();
@@ -335,14 +330,14 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         .prefix("pm-bench-empty-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let mut empty = spawn(empty_state.path(), empty_ram.path(), &[]);
+    let mut empty = spawn(empty_state.path(), empty_ram.path(), "2GiB");
     let _ = connect(&empty_state.path().join("agent.sock")).await;
     let empty_rss = rss_kib(empty.id());
     unsafe { libc::kill(empty.id() as i32, libc::SIGTERM) };
     let _ = empty.wait();
 
     let start = Instant::now();
-    let mut child = spawn(state.path(), ram.path(), &["--ram-capacity", "64GiB"]);
+    let mut child = spawn(state.path(), ram.path(), "64GiB");
     let client = connect(&state.path().join("agent.sock")).await;
     let startup_s = start.elapsed().as_secs_f64();
     let loaded_rss = rss_kib(child.id());

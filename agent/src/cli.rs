@@ -175,7 +175,7 @@ impl StandaloneArgs {
             ram_low_watermark,
             clock: crate::clock::Clock::new(),
         };
-        let (node, _) = Node::open(cfg, Arc::new(repo), ram, disk, &state_dir.join("leases.journal")).await?;
+        let (node, _) = Node::open(cfg, Arc::new(repo), ram, disk, &state_dir).await?;
 
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {

@@ -1,84 +1,246 @@
-//! Group commit: every catalog write goes through one task that takes all
-//! writes waiting at that moment and applies them in one transaction. Callers
-//! that need durability await the outcome; others (allocation rows, digests)
-//! fire and forget, and ordering is preserved either way.
+//! Catalog writes, durable on append. Every write goes first to a small
+//! write-ahead log (one `write()`; the page cache survives SIGKILL), then to
+//! one task that takes all writes waiting at that moment and applies them to
+//! the catalog in one transaction (group commit). Nothing on the request path
+//! waits for the catalog; readers of the catalog call [`Writer::flush`]
+//! first. At start-up the log is replayed into the catalog, which is
+//! harmless for writes that had already landed (inserts are upserts).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write as _};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use payload_catalog::{CatalogError, Repository, Write};
 use tokio::sync::{mpsc, oneshot};
 
-type Reply = oneshot::Sender<Result<(), CatalogError>>;
+use crate::node::lock;
 
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
+/// Rewrite the log with only pending writes once it is this large.
+const REWRITE_AT: u64 = 16 << 20;
+
+enum Item {
+    Write(u64, Write),
+    Flush(oneshot::Sender<Result<(), CatalogError>>),
+}
+
+struct Log {
+    file: File,
+    path: std::path::PathBuf,
+    len: u64,
+    next_seq: u64,
+    /// Appended but not yet in the catalog, oldest first, as encoded.
+    pending: VecDeque<(u64, Vec<u8>)>,
+}
 
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<(Option<Write>, Option<Reply>)>,
+    log: Arc<Mutex<Log>>,
+    tx: mpsc::UnboundedSender<Item>,
+}
+
+fn storage(what: &str, e: impl std::fmt::Display) -> CatalogError {
+    CatalogError::Storage(format!("{what}: {e}"))
+}
+
+fn frame(write: &Write) -> Result<Vec<u8>, CatalogError> {
+    let body = serde_json::to_vec(write).map_err(|e| storage("encoding a catalog write", e))?;
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes the log; a torn final record ends it.
+fn read_log(path: &Path) -> io::Result<Vec<Write>> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    }
+    let mut writes = Vec::new();
+    let mut rest = bytes.as_slice();
+    while rest.len() >= 4 {
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        let Some(body) = rest.get(4..4 + len) else { break };
+        let Ok(write) = serde_json::from_slice(body) else { break };
+        writes.push(write);
+        rest = &rest[4 + len..];
+    }
+    Ok(writes)
+}
+
+/// Applies writes one by one, so that one bad write cannot fail the rest.
+async fn apply_each(repo: &dyn Repository, writes: &[Write]) -> Result<(), CatalogError> {
+    let mut first_err = None;
+    for write in writes {
+        if let Err(err) = repo.write_batch(std::slice::from_ref(write)).await {
+            tracing::error!(?write, %err, "catalog write failed");
+            first_err.get_or_insert(err);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 impl Writer {
-    /// Starts the writer task; it ends when every `Writer` clone is dropped.
-    pub fn spawn(repo: Arc<dyn Repository>) -> (Writer, tokio::task::JoinHandle<()>) {
+    /// Replays the log at `path` into `repo`, then starts the writer task;
+    /// it ends when every `Writer` clone is dropped.
+    pub async fn open(repo: Arc<dyn Repository>, path: &Path) -> Result<Writer, CatalogError> {
+        let replay = read_log(path).map_err(|e| storage("reading the catalog log", e))?;
+        if !replay.is_empty() {
+            tracing::info!(writes = replay.len(), "replaying the catalog log");
+            if repo.write_batch(&replay).await.is_err() {
+                // An update of a row deleted later in the log fails alone; the rest apply.
+                let _ = apply_each(repo.as_ref(), &replay).await;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| storage("opening the catalog log", e))?;
+        file.set_len(0).map_err(|e| storage("truncating the catalog log", e))?;
+        let log = Log { file, path: path.to_path_buf(), len: 0, next_seq: 0, pending: VecDeque::new() };
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(repo, rx));
-        (Writer { tx }, task)
+        let log = Arc::new(Mutex::new(log));
+        tokio::spawn(run(repo, rx, log.clone()));
+        Ok(Writer { log, tx })
     }
 
-    /// Queues a write and waits until it is committed.
-    pub async fn write(&self, write: Write) -> Result<(), CatalogError> {
-        self.send_and_wait(Some(write)).await
+    /// Makes `write` durable (logged) and queues it for the catalog.
+    pub fn write(&self, write: Write) -> Result<(), CatalogError> {
+        let framed = frame(&write)?;
+        let mut log = lock(&self.log);
+        log.file.write_all(&framed).map_err(|e| storage("appending to the catalog log", e))?;
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        log.len += framed.len() as u64;
+        log.pending.push_back((seq, framed));
+        // Sent under the lock: the catalog sees writes in log order.
+        self.tx.send(Item::Write(seq, write)).map_err(|_| storage("catalog writer", "stopped"))
     }
 
-    /// Waits until every write queued before this call is committed.
+    /// Waits until every write made before this call is in the catalog.
     pub async fn flush(&self) -> Result<(), CatalogError> {
-        self.send_and_wait(None).await
-    }
-
-    async fn send_and_wait(&self, write: Option<Write>) -> Result<(), CatalogError> {
         let (reply, done) = oneshot::channel();
-        self.tx
-            .send((write, Some(reply)))
-            .map_err(|_| CatalogError::Storage("the catalog writer has stopped".into()))?;
-        done.await
-            .map_err(|_| CatalogError::Storage("the catalog writer has stopped".into()))?
-    }
-
-    /// Queues a write without waiting; a later awaited write commits after it.
-    pub fn enqueue(&self, write: Write) {
-        let _ = self.tx.send((Some(write), None));
+        self.tx.send(Item::Flush(reply)).map_err(|_| storage("catalog writer", "stopped"))?;
+        done.await.map_err(|_| storage("catalog writer", "stopped"))?
     }
 }
 
-async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<(Option<Write>, Option<Reply>)>) {
+impl Log {
+    /// Forgets writes up to `seq`, now in the catalog, and keeps the file small.
+    fn applied(&mut self, seq: u64) -> io::Result<()> {
+        while self.pending.front().is_some_and(|(s, _)| *s <= seq) {
+            self.pending.pop_front();
+        }
+        if self.pending.is_empty() {
+            self.file.set_len(0)?;
+            self.len = 0;
+        } else if self.len > REWRITE_AT {
+            let tmp = self.path.with_extension("rewrite");
+            let mut file = File::create(&tmp)?;
+            let mut len = 0;
+            for (_, framed) in &self.pending {
+                file.write_all(framed)?;
+                len += framed.len() as u64;
+            }
+            std::fs::rename(&tmp, &self.path)?;
+            self.file = OpenOptions::new().append(true).open(&self.path)?;
+            self.len = len;
+        }
+        Ok(())
+    }
+}
+
+async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, log: Arc<Mutex<Log>>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (items, replies): (Vec<Option<Write>>, Vec<Option<Reply>>) = batch.drain(..).unzip();
-        let is_write: Vec<bool> = items.iter().map(Option::is_some).collect();
-        let writes: Vec<Write> = items.into_iter().flatten().collect();
-        match repo.write_batch(&writes).await {
-            Ok(()) => {
-                for reply in replies.into_iter().flatten() {
-                    let _ = reply.send(Ok(()));
+        let mut writes = Vec::new();
+        let mut flushes = Vec::new();
+        let mut last = None;
+        for item in batch.drain(..) {
+            match item {
+                Item::Write(seq, write) => {
+                    writes.push(write);
+                    last = Some(seq);
                 }
-            }
-            // One bad write must not fail its neighbours: retry one by one.
-            Err(_) => {
-                let mut writes = writes.iter();
-                for (reply, is_write) in replies.into_iter().zip(is_write) {
-                    let result = match is_write.then(|| writes.next()).flatten() {
-                        Some(write) => repo.write_batch(std::slice::from_ref(write)).await,
-                        None => Ok(()),
-                    };
-                    if let Err(err) = &result {
-                        tracing::error!(%err, "catalog write failed");
-                    }
-                    if let Some(reply) = reply {
-                        let _ = reply.send(result);
-                    }
-                }
+                Item::Flush(reply) => flushes.push(reply),
             }
         }
+        let mut result = Ok(());
+        if !writes.is_empty() && repo.write_batch(&writes).await.is_err() {
+            result = apply_each(repo.as_ref(), &writes).await;
+        }
+        if let Some(seq) = last {
+            // Failed writes stay logged only until the next start-up replays them.
+            if let Err(e) = lock(&log).applied(seq) {
+                tracing::warn!(%e, "could not trim the catalog log");
+            }
+        }
+        for reply in flushes {
+            let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| storage("catalog write", e)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, SqliteRepository, Tier};
+
+    fn record(id: PayloadId, state: PayloadState) -> PayloadRecord {
+        PayloadRecord {
+            id,
+            tier: Tier::Ram,
+            state,
+            size_bytes: 1,
+            created_at_ms: 1,
+            expires_at_ms: 0,
+            write_deadline_ms: 0,
+            priority: Priority::Normal,
+            spill_target: Tier::Disk,
+            min_residency_tier: None,
+            require_durable: false,
+            labels: Default::default(),
+            sha256: None,
+            version: 1,
+            pinned_until_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_logged_write_that_never_reached_the_catalog_is_replayed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::open(&dir.path().join("c.db")).await.unwrap());
+        let (kept, dropped) = (PayloadId::random(), PayloadId::random());
+        let mut log = Vec::new();
+        for write in [
+            Write::Insert(record(kept, PayloadState::Allocated)),
+            Write::Insert(record(dropped, PayloadState::Allocated)),
+            Write::Update(record(kept, PayloadState::Active)),
+            Write::Delete(dropped),
+            // Already applied before the crash: replaying it again is harmless.
+            Write::Update(record(kept, PayloadState::Active)),
+        ] {
+            log.extend(frame(&write).unwrap());
+        }
+        log.extend_from_slice(&[200, 0, 0, 0, b'{']); // a torn last record
+        std::fs::write(dir.path().join("catalog.log"), log).unwrap();
+
+        let writer = Writer::open(repo.clone(), &dir.path().join("catalog.log")).await.unwrap();
+        assert_eq!(repo.get_payload(kept).await.unwrap().unwrap().state, PayloadState::Active);
+        assert!(repo.get_payload(dropped).await.unwrap().is_none());
+        assert_eq!(std::fs::metadata(dir.path().join("catalog.log")).unwrap().len(), 0, "replayed, then emptied");
+
+        writer.write(Write::Delete(kept)).unwrap();
+        writer.flush().await.unwrap();
+        assert!(repo.get_payload(kept).await.unwrap().is_none());
     }
 }

@@ -6,7 +6,9 @@ use crate::error::{CatalogError, Result};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
 
 /// One change to the payload table; a batch of them commits atomically.
-#[derive(Clone, Debug)]
+/// Applying the same write twice is harmless (inserts are upserts), so a
+/// log of writes can be replayed after a crash.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Write {
     Insert(PayloadRecord),
     Update(PayloadRecord),
@@ -93,7 +95,8 @@ pub struct MetadataEvent {
 
 #[async_trait]
 pub trait Repository: Send + Sync + 'static {
-    /// Applies every write in one transaction: all of them or none.
+    /// Applies every write in one transaction: all of them or none. An
+    /// update of a missing row fails with `NotFound`.
     async fn write_batch(&self, writes: &[Write]) -> Result<()>;
     async fn get_payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>>;
     /// Every payload row, for an agent rebuilding its in-memory view.

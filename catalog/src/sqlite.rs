@@ -120,7 +120,14 @@ async fn upsert(conn: &mut SqliteConnection, rec: &PayloadRecord, insert: bool) 
     let sql = if insert {
         "INSERT INTO payloads (id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
          priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+         ON CONFLICT (id) DO UPDATE SET tier = excluded.tier, state = excluded.state, \
+         size_bytes = excluded.size_bytes, created_at_ms = excluded.created_at_ms, \
+         expires_at_ms = excluded.expires_at_ms, write_deadline_ms = excluded.write_deadline_ms, \
+         priority = excluded.priority, spill_target = excluded.spill_target, \
+         min_residency_tier = excluded.min_residency_tier, require_durable = excluded.require_durable, \
+         labels = excluded.labels, sha256 = excluded.sha256, version = excluded.version, \
+         pinned_until_ms = excluded.pinned_until_ms"
     } else {
         "UPDATE payloads SET tier = ?2, state = ?3, size_bytes = ?4, created_at_ms = ?5, expires_at_ms = ?6, \
          write_deadline_ms = ?7, priority = ?8, spill_target = ?9, min_residency_tier = ?10, \
@@ -147,7 +154,7 @@ async fn upsert(conn: &mut SqliteConnection, rec: &PayloadRecord, insert: bool) 
     if done.rows_affected() == 0 {
         return Err(CatalogError::NotFound(format!("payload {} not found", rec.id)));
     }
-    if !insert {
+    {
         sqlx::query("DELETE FROM payload_labels WHERE payload_id = ?1")
             .bind(rec.id.as_bytes().as_slice())
             .execute(&mut *conn)

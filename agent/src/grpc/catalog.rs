@@ -187,7 +187,7 @@ impl PayloadCatalogService for CatalogService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        self.node.repo().add_lineage(child, &edges).await.map_err(status)?;
+        self.repo().await?.add_lineage(child, &edges).await.map_err(status)?;
         Ok(Response::new(()))
     }
 
@@ -303,7 +303,7 @@ impl PayloadCatalogService for CatalogService {
                 token => Some(PageToken::decode(token).map_err(status)?),
             },
         };
-        let page = self.node.repo().list_payloads(&query).await.map_err(status)?;
+        let page = self.repo().await?.list_payloads(&query).await.map_err(status)?;
         let now = self.node.now_ms();
         let payloads = page
             .items
@@ -353,6 +353,12 @@ impl PayloadCatalogService for CatalogService {
 }
 
 impl CatalogService {
+    /// The catalog, once every write made so far has reached it.
+    async fn repo(&self) -> Result<&Arc<dyn payload_catalog::Repository>, Status> {
+        self.node.flush().await.map_err(status)?;
+        Ok(self.node.repo())
+    }
+
     async fn spill_one(
         &self,
         raw: &payload_proto::core::PayloadId,

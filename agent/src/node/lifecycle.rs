@@ -96,8 +96,7 @@ impl Node {
             version: 1,
             pinned_until_ms: 0,
         };
-        // An uncommitted row need not be durable: a restart drops it anyway.
-        self.writer.enqueue(Write::Insert(rec.clone()));
+        self.writer.write(Write::Insert(rec.clone()))?;
         self.payloads
             .shard(&id)
             .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
@@ -173,7 +172,7 @@ impl Node {
             e.last_access_ms = self.now_ms();
             e.rec.clone()
         };
-        self.writer.write(Write::Update(rec.clone())).await?;
+        self.writer.write(Write::Update(rec.clone()))?;
         if digest.is_none() {
             self.spawn_digest(id);
         }
@@ -204,7 +203,9 @@ impl Node {
                         return;
                     }
                     e.rec.sha256 = Some(digest);
-                    node.writer.enqueue(Write::Update(e.rec.clone()));
+                    if let Err(err) = node.writer.write(Write::Update(e.rec.clone())) {
+                        tracing::warn!(%id, %err, "could not record the payload digest");
+                    }
                 }
                 Err(err) => tracing::warn!(%id, %err, "could not hash the committed payload"),
             }
@@ -245,7 +246,7 @@ impl Node {
         if moving {
             // The mover sees `gone` and frees both copies itself.
             self.payloads.shard(&id).remove(&id);
-            return self.writer.write(Write::Delete(id)).await;
+            return self.writer.write(Write::Delete(id));
         }
         self.forget(&rec).await
     }
@@ -253,7 +254,7 @@ impl Node {
     /// Removes a payload that is no longer live: row, entry, region, capacity.
     pub(crate) async fn forget(&self, rec: &PayloadRecord) -> Result<(), CatalogError> {
         self.payloads.shard(&rec.id).remove(&rec.id);
-        self.writer.write(Write::Delete(rec.id)).await?;
+        self.writer.write(Write::Delete(rec.id))?;
         let store = self.store(rec.tier)?;
         if let Err(e) = store.remove(rec.id) {
             tracing::warn!(id = %rec.id, %e, "could not remove the payload region");
@@ -287,6 +288,6 @@ impl Node {
             e.rec.pinned_until_ms = until;
             e.rec.clone()
         };
-        self.writer.write(Write::Update(rec)).await
+        self.writer.write(Write::Update(rec))
     }
 }

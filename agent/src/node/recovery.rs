@@ -26,15 +26,17 @@ pub struct Recovery {
 
 impl Node {
     /// Opens the node over its stores, catalog and lease journal.
+    /// `state_dir` holds the lease journal and the catalog write log.
     pub async fn open(
         cfg: NodeConfig,
         repo: Arc<dyn Repository>,
         ram: FileStore,
         disk: FileStore,
-        journal_path: &Path,
+        state_dir: &Path,
     ) -> anyhow::Result<(Arc<Node>, Recovery)> {
-        let (writer, _task) = Writer::spawn(repo.clone());
-        let (journal, journaled) = Journal::open(journal_path)
+        let writer = Writer::open(repo.clone(), &state_dir.join("catalog.log")).await?;
+        let journal_path = state_dir.join("leases.journal");
+        let (journal, journaled) = Journal::open(&journal_path)
             .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
         let node = Node {
             cfg,

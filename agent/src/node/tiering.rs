@@ -139,7 +139,7 @@ impl Node {
             }));
         };
         // The row must name the new copy before the old one is freed.
-        self.writer.write(Write::Update(rec.clone())).await?;
+        self.writer.write(Write::Update(rec.clone()))?;
         if let Err(e) = from.remove(id) {
             tracing::warn!(%id, %e, "could not remove the source copy after a move");
         }

@@ -80,7 +80,7 @@ pub async fn open_node(dirs: &Dirs, cfg: NodeConfig, cap: &Capacity) -> (Arc<Nod
         Arc::new(repo),
         ram,
         disk,
-        &dirs.state.path().join("leases.journal"),
+        dirs.state.path(),
     )
     .await
     .expect("node opens")
