@@ -1,6 +1,7 @@
 //! `make bench`: the standalone node measured against the floor on the same
 //! machine in the same run. Prints a Markdown report (copy it into
-//! docs/benchmarks.md). Scale with PM_BENCH_PAYLOADS (default 1,000,000).
+//! docs/benchmarks.md). Scale with PM_BENCH_PAYLOADS (default 1,000,000);
+//! run some sections only with PM_BENCH_ONLY=big,small,scale.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,14 @@ fn spawn(state: &Path, ram: &Path, ram_capacity: &str) -> Child {
         .arg(state)
         .arg("--ram-root")
         .arg(ram)
-        .args(["--listen", "off", "--disk-capacity", "4GiB", "--ram-capacity", ram_capacity])
+        .args([
+            "--listen",
+            "off",
+            "--disk-capacity",
+            "4GiB",
+            "--ram-capacity",
+            ram_capacity,
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -180,14 +188,14 @@ async fn big_transfers(report: &mut Vec<String>, label: &str, ram_root: Option<&
     for id in ids {
         client.delete(id, true).await.unwrap();
     }
+    drop(client);
     drop(agent);
 }
 
-async fn small_ops(report: &mut Vec<String>) {
-    let (agent, client) = Agent::start(None).await;
+/// Put and get latencies of one client, plus the bare RPC floor.
+async fn single_client(client: &Client, ids: &mut Vec<payload_client::PayloadId>) -> [Vec<Duration>; 3] {
     let payload = vec![7u8; 4096];
-    let (mut puts, mut gets) = (Vec::new(), Vec::new());
-    let mut ids = Vec::new();
+    let (mut puts, mut gets, mut rpcs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..200 {
         ids.push(client.put(&payload).await.unwrap()); // warm-up
     }
@@ -203,20 +211,71 @@ async fn small_ops(report: &mut Vec<String>) {
         drop(lease);
         gets.push(start.elapsed());
     }
-    puts.sort();
-    gets.sort();
-    for (what, v) in [("4 KiB put, 1 client", &puts), ("4 KiB get, 1 client", &gets)] {
-        let total: Duration = v.iter().sum();
-        report.push(format!(
-            "| {what} | p50 {:.0} µs, p99 {:.0} µs | {:.0} ops/s |",
-            percentile(v, 0.5).as_secs_f64() * 1e6,
-            percentile(v, 0.99).as_secs_f64() * 1e6,
-            v.len() as f64 / total.as_secs_f64()
-        ));
+    // The floor of any call: one unary RPC that only reads memory.
+    let (mut data, _, _) = client.raw();
+    for id in ids.iter().take(5000) {
+        let start = Instant::now();
+        let request = runtime::ResolveSnapshotRequest {
+            id: Some(pb::PayloadId {
+                value: id.as_bytes().to_vec(),
+            }),
+        };
+        data.resolve_snapshot(request).await.unwrap();
+        rpcs.push(start.elapsed());
     }
+    for v in [&mut puts, &mut gets, &mut rpcs] {
+        v.sort();
+    }
+    [rpcs, puts, gets]
+}
+
+fn latency_row(what: &str, v: &[Duration]) -> String {
+    let total: Duration = v.iter().sum();
+    format!(
+        "| {what} | p50 {:.0} µs, p99 {:.0} µs | {:.0} ops/s |",
+        percentile(v, 0.5).as_secs_f64() * 1e6,
+        percentile(v, 0.99).as_secs_f64() * 1e6,
+        v.len() as f64 / total.as_secs_f64()
+    )
+}
+
+async fn small_ops(report: &mut Vec<String>) {
+    let (agent, client) = Agent::start(None).await;
+    let mut ids = Vec::new();
+    let [rpcs, puts, gets] = single_client(&client, &mut ids).await;
+    report.push(latency_row(
+        "ResolveSnapshot (one RPC, the floor), current-thread client",
+        &rpcs,
+    ));
+    report.push(latency_row("4 KiB put, 1 client, current-thread runtime", &puts));
+    report.push(latency_row("4 KiB get, 1 client, current-thread runtime", &gets));
+
+    // The same client on a multi-threaded runtime pays cross-thread wake-ups.
+    let socket = agent.state.path().join("agent.sock");
+    let [rpcs, puts, gets] = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let client = Client::connect(socket.to_str().unwrap()).await.unwrap();
+                    single_client(&client, &mut Vec::new()).await
+                })
+            })
+            .join()
+            .unwrap()
+    });
+    report.push(latency_row(
+        "ResolveSnapshot (one RPC, the floor), multi-thread client",
+        &rpcs,
+    ));
+    report.push(latency_row("4 KiB put, 1 client, multi-thread runtime", &puts));
+    report.push(latency_row("4 KiB get, 1 client, multi-thread runtime", &gets));
 
     // Many clients, each on its own connection.
-    let socket = agent.state.path().join("agent.sock");
     for clients in [4usize, 16] {
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -283,6 +342,7 @@ async fn small_ops(report: &mut Vec<String>) {
         "| batch acquire of 1,000 leases | {:.0} leases/s (median of 10) | |",
         median(rates)
     ));
+    drop((data, client));
     drop(agent);
 }
 
@@ -421,6 +481,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         "| ListPayloads with label selector at {n} | {filtered_ms:.1} ms | total {} |",
         filtered.total_count
     ));
+    drop((data, client));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
 }
@@ -442,12 +503,14 @@ fn mount_huge() -> Option<tempfile::TempDir> {
 
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
+    let only = std::env::var("PM_BENCH_ONLY").unwrap_or_default();
+    let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     let n: usize = std::env::var("PM_BENCH_PAYLOADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // Clients measured on a current-thread runtime unless a row says otherwise.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -456,21 +519,27 @@ fn main() {
             "| benchmark | ours | floor | ratio (ours/floor speed) |".to_string(),
             "|---|---|---|---|".to_string(),
         ];
-        big_transfers(&mut report, "/dev/shm", None).await;
-        match mount_huge() {
-            Some(dir) => {
-                big_transfers(&mut report, "tmpfs huge=always", Some(dir.path())).await;
-                let _ = Command::new("umount").arg(dir.path()).status();
-            }
-            None => {
-                report.push("| 256 MiB put/get (tmpfs huge=always) | skipped: cannot mount tmpfs here | | |".into())
+        if want("big") {
+            big_transfers(&mut report, "/dev/shm", None).await;
+            match mount_huge() {
+                Some(dir) => {
+                    big_transfers(&mut report, "tmpfs huge=always", Some(dir.path())).await;
+                    let _ = Command::new("umount").arg(dir.path()).status();
+                }
+                None => {
+                    report.push("| 256 MiB put/get (tmpfs huge=always) | skipped: cannot mount tmpfs here | | |".into())
+                }
             }
         }
         report.push(String::new());
         report.push("| latency benchmark | figure | throughput / note |".into());
         report.push("|---|---|---|".into());
-        small_ops(&mut report).await;
-        at_scale(&mut report, n).await;
+        if want("small") {
+            small_ops(&mut report).await;
+        }
+        if want("scale") {
+            at_scale(&mut report, n).await;
+        }
         println!("{}", report.join("\n"));
     });
 }

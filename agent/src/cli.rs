@@ -17,6 +17,10 @@ use crate::store::FileStore;
 #[derive(Parser, Debug)]
 #[command(name = "payload-agent", version, about = "Payload Manager node agent", long_about = None)]
 pub struct Cli {
+    /// Threads serving requests (default: one per CPU). 1 runs everything
+    /// on one thread, which gives the lowest latency per call.
+    #[arg(long, env = "PM_WORKER_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -104,6 +108,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("{text:?} is too large"))
 }
+
+/// How long SIGTERM waits for in-flight calls.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
@@ -195,7 +202,15 @@ impl StandaloneArgs {
             tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
             "payload-agent standalone is serving"
         );
-        server::serve(node.clone(), uds, tcp, stop).await?;
+        let mut draining = stop.clone();
+        tokio::select! {
+            served = server::serve(node.clone(), uds, tcp, stop) => served?,
+            // Idle clients that never close their connections must not hold the exit.
+            _ = async {
+                let _ = draining.wait_for(|s| *s).await;
+                tokio::time::sleep(DRAIN_TIMEOUT).await;
+            } => tracing::warn!("in-flight calls did not finish within {DRAIN_TIMEOUT:?}; exiting anyway"),
+        }
         node.flush().await?;
         let _ = std::fs::remove_file(&socket);
         tracing::info!("stopped");

@@ -19,6 +19,9 @@ use crate::node::lock;
 
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
+/// How long the writer lets a burst gather when nobody is waiting on it:
+/// fewer, larger transactions leave the CPU to the request path.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 /// Rewrite the log with only pending writes once it is this large.
 const REWRITE_AT: u64 = 16 << 20;
 
@@ -106,7 +109,13 @@ impl Writer {
             .open(path)
             .map_err(|e| storage("opening the catalog log", e))?;
         file.set_len(0).map_err(|e| storage("truncating the catalog log", e))?;
-        let log = Log { file, path: path.to_path_buf(), len: 0, next_seq: 0, pending: VecDeque::new() };
+        let log = Log {
+            file,
+            path: path.to_path_buf(),
+            len: 0,
+            next_seq: 0,
+            pending: VecDeque::new(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let log = Arc::new(Mutex::new(log));
         tokio::spawn(run(repo, rx, log.clone()));
@@ -117,19 +126,25 @@ impl Writer {
     pub fn write(&self, write: Write) -> Result<(), CatalogError> {
         let framed = frame(&write)?;
         let mut log = lock(&self.log);
-        log.file.write_all(&framed).map_err(|e| storage("appending to the catalog log", e))?;
+        log.file
+            .write_all(&framed)
+            .map_err(|e| storage("appending to the catalog log", e))?;
         let seq = log.next_seq;
         log.next_seq += 1;
         log.len += framed.len() as u64;
         log.pending.push_back((seq, framed));
         // Sent under the lock: the catalog sees writes in log order.
-        self.tx.send(Item::Write(seq, write)).map_err(|_| storage("catalog writer", "stopped"))
+        self.tx
+            .send(Item::Write(seq, write))
+            .map_err(|_| storage("catalog writer", "stopped"))
     }
 
     /// Waits until every write made before this call is in the catalog.
     pub async fn flush(&self) -> Result<(), CatalogError> {
         let (reply, done) = oneshot::channel();
-        self.tx.send(Item::Flush(reply)).map_err(|_| storage("catalog writer", "stopped"))?;
+        self.tx
+            .send(Item::Flush(reply))
+            .map_err(|_| storage("catalog writer", "stopped"))?;
         done.await.map_err(|_| storage("catalog writer", "stopped"))?
     }
 }
@@ -159,9 +174,46 @@ impl Log {
     }
 }
 
+/// Keeps the last write per payload (an update after an insert stays an
+/// insert), so a payload allocated, committed and hashed within one batch
+/// costs one row write.
+fn coalesce(writes: Vec<Write>) -> Vec<Write> {
+    use payload_catalog::PayloadId;
+    use std::collections::HashMap;
+    let id = |w: &Write| -> PayloadId {
+        match w {
+            Write::Insert(r) | Write::Update(r) => r.id,
+            Write::Delete(id) => *id,
+        }
+    };
+    let mut slot: HashMap<PayloadId, usize> = HashMap::with_capacity(writes.len());
+    let mut out: Vec<Option<Write>> = Vec::with_capacity(writes.len());
+    for write in writes {
+        let key = id(&write);
+        let write = match (slot.get(&key).and_then(|&i| out[i].take()), write) {
+            (Some(Write::Insert(_)), Write::Update(rec)) => Write::Insert(rec),
+            (_, write) => write,
+        };
+        slot.insert(key, out.len());
+        out.push(Some(write));
+    }
+    out.into_iter().flatten().collect()
+}
+
 async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, log: Arc<Mutex<Log>>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Gather a burst, but stop as soon as somebody waits on a flush.
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while batch.len() < MAX_BATCH && !batch.iter().any(|item| matches!(item, Item::Flush(_))) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                item = rx.recv() => match item {
+                    Some(item) => batch.push(item),
+                    None => break,
+                },
+            }
+        }
         let mut writes = Vec::new();
         let mut flushes = Vec::new();
         let mut last = None;
@@ -174,6 +226,7 @@ async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, l
                 Item::Flush(reply) => flushes.push(reply),
             }
         }
+        let writes = coalesce(writes);
         let mut result = Ok(());
         if !writes.is_empty() && repo.write_batch(&writes).await.is_err() {
             result = apply_each(repo.as_ref(), &writes).await;
@@ -215,6 +268,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn coalescing_keeps_the_last_write_per_payload_and_inserts_stay_inserts() {
+        let (a, b) = (PayloadId::random(), PayloadId::random());
+        let writes = vec![
+            Write::Insert(record(a, PayloadState::Allocated)),
+            Write::Insert(record(b, PayloadState::Allocated)),
+            Write::Update(record(a, PayloadState::Active)),
+            Write::Delete(b),
+        ];
+        let out = coalesce(writes);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(&out[0], Write::Insert(r) if r.id == a && r.state == PayloadState::Active));
+        assert!(matches!(&out[1], Write::Delete(id) if *id == b));
+    }
+
     #[tokio::test]
     async fn a_logged_write_that_never_reached_the_catalog_is_replayed_at_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -234,10 +302,19 @@ mod tests {
         log.extend_from_slice(&[200, 0, 0, 0, b'{']); // a torn last record
         std::fs::write(dir.path().join("catalog.log"), log).unwrap();
 
-        let writer = Writer::open(repo.clone(), &dir.path().join("catalog.log")).await.unwrap();
-        assert_eq!(repo.get_payload(kept).await.unwrap().unwrap().state, PayloadState::Active);
+        let writer = Writer::open(repo.clone(), &dir.path().join("catalog.log"))
+            .await
+            .unwrap();
+        assert_eq!(
+            repo.get_payload(kept).await.unwrap().unwrap().state,
+            PayloadState::Active
+        );
         assert!(repo.get_payload(dropped).await.unwrap().is_none());
-        assert_eq!(std::fs::metadata(dir.path().join("catalog.log")).unwrap().len(), 0, "replayed, then emptied");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("catalog.log")).unwrap().len(),
+            0,
+            "replayed, then emptied"
+        );
 
         writer.write(Write::Delete(kept)).unwrap();
         writer.flush().await.unwrap();

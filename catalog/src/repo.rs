@@ -28,16 +28,23 @@ pub struct ListQuery {
     pub after: Option<PageToken>,
 }
 
-/// A keyset position: the last row of the previous page.
+/// A keyset position: the last row of the previous page, and the total the
+/// first page counted (a listing reports one total throughout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageToken {
     pub created_at_ms: u64,
     pub id: PayloadId,
+    pub total: u64,
 }
 
 impl PageToken {
     pub fn encode(&self) -> String {
-        format!("k1.{}.{}", self.created_at_ms, hex::encode(self.id.as_bytes()))
+        format!(
+            "k1.{}.{}.{}",
+            self.created_at_ms,
+            hex::encode(self.id.as_bytes()),
+            self.total
+        )
     }
 
     pub fn decode(token: &str) -> Result<PageToken> {
@@ -53,10 +60,15 @@ impl PageToken {
         let created_at_ms = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
         let id = parts.next().and_then(|p| hex::decode(p).ok()).ok_or_else(bad)?;
         let id = PayloadId::from_slice(&id).map_err(|_| bad())?;
+        let total = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
         if parts.next().is_some() {
             return Err(bad());
         }
-        Ok(PageToken { created_at_ms, id })
+        Ok(PageToken {
+            created_at_ms,
+            id,
+            total,
+        })
     }
 }
 
@@ -80,7 +92,7 @@ pub fn parse_label_selector(selector: &str) -> Result<Vec<(String, String)>> {
 pub struct Page {
     pub items: Vec<PayloadRecord>,
     pub next: Option<PageToken>,
-    /// Rows matching the filters, ignoring paging.
+    /// Rows matching the filters when the listing began (first page).
     pub total: u64,
 }
 
@@ -109,4 +121,43 @@ pub trait Repository: Send + Sync + 'static {
     async fn get_lineage(&self, id: PayloadId, upstream: bool, max_depth: u32) -> Result<Vec<LineageEdge>>;
     async fn update_metadata(&self, id: PayloadId, mode: MetadataMode, update: Metadata) -> Result<Metadata>;
     async fn append_metadata_event(&self, id: PayloadId, event: MetadataEvent) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_refused() {
+        let token = PageToken {
+            created_at_ms: 42,
+            id: PayloadId::random(),
+            total: 7,
+        };
+        assert_eq!(PageToken::decode(&token.encode()).unwrap(), token);
+        for garbage in [
+            "",
+            "7",
+            "k1.x.y.z",
+            "k1.1.00.1",
+            "k2.1.0011.1",
+            &format!("{}.9", token.encode()),
+        ] {
+            assert!(
+                matches!(PageToken::decode(garbage), Err(CatalogError::InvalidArgument(_))),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_selectors_parse_terms_and_refuse_bare_keys() {
+        assert_eq!(parse_label_selector("").unwrap(), vec![]);
+        assert_eq!(
+            parse_label_selector("a=1, b = 2").unwrap(),
+            vec![("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())]
+        );
+        assert!(parse_label_selector("a").is_err());
+        assert!(parse_label_selector("=1").is_err());
+    }
 }

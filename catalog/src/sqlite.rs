@@ -185,10 +185,11 @@ fn push_filters(qb: &mut QueryBuilder<'_, Sqlite>, query: &ListQuery) {
     if let Some(before) = query.created_before_ms {
         qb.push(" AND created_at_ms < ").push_bind(to_i64(before));
     }
+    // IN (not EXISTS) lets SQLite drive the query from the (key, value) index.
     for (key, value) in &query.labels {
-        qb.push(" AND EXISTS (SELECT 1 FROM payload_labels l WHERE l.payload_id = payloads.id AND l.key = ")
+        qb.push(" AND id IN (SELECT payload_id FROM payload_labels WHERE key = ")
             .push_bind(key.clone())
-            .push(" AND l.value = ")
+            .push(" AND value = ")
             .push_bind(value.clone())
             .push(")");
     }
@@ -321,9 +322,15 @@ impl Repository for SqliteRepository {
     }
 
     async fn list_payloads(&self, query: &ListQuery) -> Result<Page> {
-        let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM payloads");
-        push_filters(&mut count, query);
-        let total: i64 = count.build_query_scalar().fetch_one(&self.pool).await?;
+        // Counted once, on the first page; later pages carry it in their token.
+        let total = match query.after {
+            Some(after) => after.total,
+            None => {
+                let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM payloads");
+                push_filters(&mut count, query);
+                to_u64(count.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
+            }
+        };
 
         let page_size = query.page_size.max(1) as usize;
         let mut select = QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM payloads"));
@@ -349,15 +356,12 @@ impl Repository for SqliteRepository {
             items.last().map(|r| PageToken {
                 created_at_ms: r.created_at_ms,
                 id: r.id,
+                total,
             })
         } else {
             None
         };
-        Ok(Page {
-            items,
-            next,
-            total: to_u64(total),
-        })
+        Ok(Page { items, next, total })
     }
 
     async fn add_lineage(&self, child: PayloadId, edges: &[LineageEdge]) -> Result<()> {

@@ -108,7 +108,7 @@ impl Node {
     /// bytes are hashed now and must match; otherwise the digest is computed
     /// in the background.
     pub async fn commit(
-        self: &Arc<Self>,
+        &self,
         id: PayloadId,
         expected: Option<[u8; 32]>,
         sync: bool,
@@ -189,27 +189,30 @@ impl Node {
             .map_err(|e| io_error("hashing the payload", e))
     }
 
-    /// Computes and records the digest off the request path.
-    fn spawn_digest(self: &Arc<Self>, id: PayloadId) {
-        let node = self.clone();
-        tokio::spawn(async move {
-            let Ok(entry) = node.entry(id) else { return };
-            let tier = lock(&entry).rec.tier;
-            match node.hash_region(tier, id).await {
-                Ok(digest) => {
-                    let mut e = lock(&entry);
-                    // A move may have happened meanwhile; the bytes are the same.
-                    if e.gone || e.rec.sha256.is_some() {
-                        return;
-                    }
-                    e.rec.sha256 = Some(digest);
-                    if let Err(err) = node.writer.write(Write::Update(e.rec.clone())) {
-                        tracing::warn!(%id, %err, "could not record the payload digest");
-                    }
+    /// Queues the digest for the hashing thread, off the request path.
+    pub(crate) fn spawn_digest(&self, id: PayloadId) {
+        let _ = lock(&self.digests).send(id);
+    }
+
+    /// Hashes a committed payload and records its digest (hashing thread).
+    pub(crate) fn record_digest(&self, id: PayloadId) {
+        let Ok(entry) = self.entry(id) else { return };
+        let tier = lock(&entry).rec.tier;
+        let Ok(store) = self.store(tier) else { return };
+        match crate::store::digest_file(&store.path(id)) {
+            Ok(digest) => {
+                let mut e = lock(&entry);
+                // A move may have happened meanwhile; the bytes are the same.
+                if e.gone || e.rec.sha256.is_some() {
+                    return;
                 }
-                Err(err) => tracing::warn!(%id, %err, "could not hash the committed payload"),
+                e.rec.sha256 = Some(digest);
+                if let Err(err) = self.writer.write(Write::Update(e.rec.clone())) {
+                    tracing::warn!(%id, %err, "could not record the payload digest");
+                }
             }
-        });
+            Err(err) => tracing::debug!(%id, %err, "could not hash the committed payload (moved or deleted?)"),
+        }
     }
 
     /// Abandons an uncommitted allocation and frees its region.

@@ -152,8 +152,10 @@ pub struct Node {
     pub(crate) journal: Journal,
     /// Wakes the spill scheduler when RAM crosses its high watermark.
     pub(crate) spill_wanted: Notify,
-    /// Bounds background hashing to one core.
+    /// Bounds hashing on the request path (verified commits) to one core.
     pub(crate) hashing: tokio::sync::Semaphore,
+    /// Committed payloads waiting for the hashing thread.
+    pub(crate) digests: Mutex<std::sync::mpsc::Sender<PayloadId>>,
 }
 
 impl Node {

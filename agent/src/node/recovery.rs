@@ -38,6 +38,7 @@ impl Node {
         let journal_path = state_dir.join("leases.journal");
         let (journal, journaled) = Journal::open(&journal_path)
             .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
+        let (digests, pending_digests) = std::sync::mpsc::channel();
         let node = Node {
             cfg,
             repo,
@@ -49,6 +50,7 @@ impl Node {
             journal,
             spill_wanted: Notify::new(),
             hashing: Semaphore::new(1),
+            digests: std::sync::Mutex::new(digests),
         };
         let mut report = Recovery::default();
         node.load(&mut report).await?;
@@ -69,7 +71,26 @@ impl Node {
             report.leases_restored += 1;
         }
         tracing::info!(?report, "node recovered");
-        Ok((Arc::new(node), report))
+        let node = Arc::new(node);
+        let weak = Arc::downgrade(&node);
+        std::thread::Builder::new()
+            .name("payload-digest".into())
+            .spawn(move || {
+                // Ends when the node is gone.
+                while let Ok(id) = pending_digests.recv() {
+                    match weak.upgrade() {
+                        Some(node) => node.record_digest(id),
+                        None => return,
+                    }
+                }
+            })?;
+        // Digests a crash interrupted are computed again.
+        node.payloads.for_each(|id, e| {
+            if lock(e).rec.sha256.is_none() {
+                node.spawn_digest(*id);
+            }
+        });
+        Ok((node, report))
     }
 
     async fn load(&self, report: &mut Recovery) -> anyhow::Result<()> {

@@ -75,15 +75,9 @@ pub async fn open_node(dirs: &Dirs, cfg: NodeConfig, cap: &Capacity) -> (Arc<Nod
         .expect("catalog");
     let ram = FileStore::ram(dirs.ram.path(), "pm", cap.ram).expect("ram store");
     let disk = FileStore::disk(&dirs.disk(), cap.disk).expect("disk store");
-    Node::open(
-        cfg,
-        Arc::new(repo),
-        ram,
-        disk,
-        dirs.state.path(),
-    )
-    .await
-    .expect("node opens")
+    Node::open(cfg, Arc::new(repo), ram, disk, dirs.state.path())
+        .await
+        .expect("node opens")
 }
 
 /// A node serving on its socket until dropped.
