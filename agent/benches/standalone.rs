@@ -12,6 +12,7 @@ use memmap2::MmapOptions;
 use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Repository, SqliteRepository, Tier, Write};
 use payload_client::{Client, PutOptions};
 use payload_proto::{core as pb, runtime};
+use sha2::Digest;
 
 const MIB: usize = 1 << 20;
 const BIG: usize = 256 * MIB;
@@ -52,8 +53,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // SAFETY: plain kill(2) on our own child. SIGKILL: a graceful drain would
+        // wait for this process's idle connections, which cannot close while it blocks here.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -356,6 +358,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         .unwrap();
     let repo = SqliteRepository::open(&state.path().join("catalog.db")).await.unwrap();
     let seed_start = Instant::now();
+    let one_byte_digest: [u8; 32] = sha2::Sha256::digest([1u8]).into();
     let now = 1_700_000_000_000u64;
     for chunk in 0..n.div_ceil(10_000) {
         let mut writes = Vec::new();
@@ -375,7 +378,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
                 min_residency_tier: None,
                 require_durable: false,
                 labels: [("shard".to_string(), (i % 100).to_string())].into(),
-                sha256: None,
+                sha256: Some(one_byte_digest),
                 version: 2,
                 pinned_until_ms: 0,
             }));
@@ -393,7 +396,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
     let mut empty = spawn(empty_state.path(), empty_ram.path(), "2GiB");
     let _ = connect(&empty_state.path().join("agent.sock")).await;
     let empty_rss = rss_kib(empty.id());
-    unsafe { libc::kill(empty.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(empty.id() as i32, libc::SIGKILL) };
     let _ = empty.wait();
 
     let start = Instant::now();
@@ -482,7 +485,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         filtered.total_count
     ));
     drop((data, client));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
 }
 

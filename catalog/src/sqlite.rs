@@ -315,10 +315,15 @@ impl Repository for SqliteRepository {
     }
 
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>> {
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM payloads"))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(record_from_row).collect()
+        use futures_util::TryStreamExt;
+        // Streamed: a million rows are never held twice.
+        let sql = format!("SELECT {COLUMNS} FROM payloads");
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        let mut out = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            out.push(record_from_row(&row)?);
+        }
+        Ok(out)
     }
 
     async fn list_payloads(&self, query: &ListQuery) -> Result<Page> {
@@ -336,15 +341,14 @@ impl Repository for SqliteRepository {
         let mut select = QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM payloads"));
         push_filters(&mut select, query);
         if let Some(after) = query.after {
-            let ms = to_i64(after.created_at_ms);
+            // A row-value comparison lets SQLite seek the index instead of
+            // skipping every earlier row.
             select
-                .push(" AND (created_at_ms < ")
-                .push_bind(ms)
-                .push(" OR (created_at_ms = ")
-                .push_bind(ms)
-                .push(" AND id < ")
+                .push(" AND (created_at_ms, id) < (")
+                .push_bind(to_i64(after.created_at_ms))
+                .push(", ")
                 .push_bind(after.id.as_bytes().to_vec())
-                .push("))");
+                .push(")");
         }
         select
             .push(" ORDER BY created_at_ms DESC, id DESC LIMIT ")

@@ -201,11 +201,6 @@ impl Node {
         Ok((e.rec.clone(), e.live_leases(self.now_ms())))
     }
 
-    /// Active leases per payload, for listings built from catalog rows.
-    pub fn live_leases(&self, id: PayloadId) -> usize {
-        self.entry(id).map(|e| lock(&e).live_leases(self.now_ms())).unwrap_or(0)
-    }
-
     /// Every entry, for scans (stats, spill candidates, sweeps).
     pub(crate) fn entries(&self) -> Vec<EntryRef> {
         let mut all = Vec::new();

@@ -80,7 +80,7 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         if let Err(err) = self.reserve_for_move(to, source.size_bytes).await {
-            self.cancel_move(id, &entry);
+            self.cancel_move(&entry);
             return Err(err);
         }
         let from = self.store(source.tier)?;
@@ -131,7 +131,7 @@ impl Node {
                     "payload {id} was deleted during the move"
                 )));
             }
-            self.cancel_move(id, &entry);
+            self.cancel_move(&entry);
             return Err(failure.unwrap_or_else(|| {
                 CatalogError::Conflict(format!(
                     "payload {id} was leased during the move; it stays where it was"
@@ -147,7 +147,7 @@ impl Node {
         Ok(MoveOutcome::Moved(rec))
     }
 
-    fn cancel_move(&self, _id: PayloadId, entry: &super::EntryRef) {
+    fn cancel_move(&self, entry: &super::EntryRef) {
         let mut e = lock(entry);
         e.moving = false;
         let durable = e.rec.tier.is_durable();
