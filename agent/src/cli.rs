@@ -1,6 +1,9 @@
 //! Command line of `payload-agent`. Every flag has an environment variable,
 //! so the Helm chart and systemd units configure it the same way.
 
+// Doc comments here are `--help` text, written for people, not rustdoc.
+#![allow(rustdoc::invalid_html_tags)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

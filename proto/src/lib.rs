@@ -4,6 +4,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+// The comments come from the .proto files, written for protobuf, not rustdoc.
+#[allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/payload_v1.rs"));
 }
