@@ -105,6 +105,16 @@ async fn assert_no_orphans(dirs: &Dirs, client: &Client) -> usize {
     expected.len()
 }
 
+/// Puts `bytes` on `tier`; returns the id and the digest to check later.
+async fn put(client: &Client, bytes: &[u8], tier: Tier) -> Result<(uuid::Uuid, Vec<u8>), ClientError> {
+    let opts = PutOptions {
+        tier,
+        ..Default::default()
+    };
+    let desc = client.put_with(bytes, &opts).await?;
+    Ok((payload_client::descriptor_id(&desc)?, Sha256::digest(bytes).to_vec()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_writes_and_commits_loses_nothing_committed() {
     let dirs = Dirs::new();
@@ -113,17 +123,7 @@ async fn sigkill_during_writes_and_commits_loses_nothing_committed() {
     for i in 0..20u8 {
         let tier = if i % 2 == 0 { Tier::Ram } else { Tier::Disk };
         let bytes = pattern(50_000 + i as usize * 1000, i);
-        let desc = client
-            .put_with(
-                &bytes,
-                &PutOptions {
-                    tier,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        committed.push((payload_client::descriptor_id(&desc).unwrap(), Sha256::digest(&bytes)));
+        committed.push(put(&client, &bytes, tier).await.unwrap());
     }
     let leased = committed[0].0;
     let _lease = client
@@ -152,20 +152,8 @@ async fn sigkill_during_writes_and_commits_loses_nothing_committed() {
             for i in 0u32.. {
                 let bytes = pattern(20_000, i as u8);
                 let tier = if i % 3 == 0 { Tier::Disk } else { Tier::Ram };
-                match client
-                    .put_with(
-                        &bytes,
-                        &PutOptions {
-                            tier,
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                {
-                    Ok(desc) => acked
-                        .lock()
-                        .unwrap()
-                        .push((payload_client::descriptor_id(&desc).unwrap(), Sha256::digest(&bytes))),
+                match put(&client, &bytes, tier).await {
+                    Ok(done) => acked.lock().unwrap().push(done),
                     Err(_) => return,
                 }
             }
@@ -185,7 +173,7 @@ async fn sigkill_during_writes_and_commits_loses_nothing_committed() {
             .get(*id)
             .await
             .unwrap_or_else(|e| panic!("committed payload {id} lost: {e}"));
-        assert_eq!(Sha256::digest(lease.bytes()), *digest, "payload {id} changed");
+        assert_eq!(Sha256::digest(lease.bytes()).to_vec(), *digest, "payload {id} changed");
     }
     for id in half_written {
         assert!(
