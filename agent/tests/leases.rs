@@ -184,3 +184,22 @@ async fn blocking_lease_promotes_and_best_effort_fails_fast() {
     let path = node.store(Tier::Ram).unwrap().path(id);
     assert_eq!(std::fs::read(path).unwrap(), pattern(4096, 5));
 }
+
+#[tokio::test]
+async fn a_timed_pin_blocks_spill_until_it_lapses() {
+    let dirs = Dirs::new();
+    let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
+    let id = put(&node, Tier::Ram, b"pinned").await;
+    node.pin(id, 1_000).await.unwrap();
+    let err = node.relocate(id, Tier::Disk, false, false).await.unwrap_err();
+    assert!(
+        matches!(err, CatalogError::InvalidState(ref m) if m.contains("pinned")),
+        "{err:?}"
+    );
+    node.clock().advance(1_001);
+    assert!(matches!(
+        node.relocate(id, Tier::Disk, false, false).await,
+        Ok(MoveOutcome::Moved(_))
+    ));
+    node.unpin(PayloadId::random()).await.unwrap();
+}
