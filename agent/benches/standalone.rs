@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
-use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Repository, SqliteRepository, Tier, Write};
+use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Repository, SqliteRepository, Tier, Write};
 use payload_client::{Client, PutOptions};
 use payload_proto::{core as pb, runtime};
 use sha2::Digest;
@@ -381,21 +381,11 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
             let id = PayloadId::random();
             std::fs::write(ram.path().join(format!("pm-{id}")), [1u8]).unwrap();
             writes.push(Write::Insert(PayloadRecord {
-                id,
-                tier: Tier::Ram,
                 state: PayloadState::Active,
-                size_bytes: 1,
-                created_at_ms: now + i as u64,
-                expires_at_ms: 0,
-                write_deadline_ms: 0,
-                priority: Priority::Normal,
-                spill_target: Tier::Disk,
-                min_residency_tier: None,
-                require_durable: false,
                 labels: [("shard".to_string(), (i % 100).to_string())].into(),
                 sha256: Some(one_byte_digest),
                 version: 2,
-                pinned_until_ms: 0,
+                ..PayloadRecord::allocated(id, Tier::Ram, 1, now + i as u64)
             }));
         }
         repo.write_batch(&writes).await.unwrap();

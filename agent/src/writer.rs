@@ -246,25 +246,12 @@ async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, l
 #[cfg(test)]
 mod tests {
     use super::*;
-    use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, SqliteRepository, Tier};
+    use payload_catalog::{PayloadId, PayloadRecord, PayloadState, SqliteRepository, Tier};
 
     fn record(id: PayloadId, state: PayloadState) -> PayloadRecord {
         PayloadRecord {
-            id,
-            tier: Tier::Ram,
             state,
-            size_bytes: 1,
-            created_at_ms: 1,
-            expires_at_ms: 0,
-            write_deadline_ms: 0,
-            priority: Priority::Normal,
-            spill_target: Tier::Disk,
-            min_residency_tier: None,
-            require_durable: false,
-            labels: Default::default(),
-            sha256: None,
-            version: 1,
-            pinned_until_ms: 0,
+            ..PayloadRecord::allocated(id, Tier::Ram, 1, 1)
         }
     }
 

@@ -226,6 +226,28 @@ pub struct PayloadRecord {
 }
 
 impl PayloadRecord {
+    /// The row of a fresh allocation with default policy: ALLOCATED,
+    /// version 1, no TTL, no deadline, not pinned, spilling to disk.
+    pub fn allocated(id: PayloadId, tier: Tier, size_bytes: u64, created_at_ms: u64) -> Self {
+        Self {
+            id,
+            tier,
+            state: PayloadState::Allocated,
+            size_bytes,
+            created_at_ms,
+            expires_at_ms: 0,
+            write_deadline_ms: 0,
+            priority: Priority::Normal,
+            spill_target: Tier::Disk,
+            min_residency_tier: None,
+            require_durable: false,
+            labels: BTreeMap::new(),
+            sha256: None,
+            version: 1,
+            pinned_until_ms: 0,
+        }
+    }
+
     pub fn is_pinned(&self, now_ms: u64) -> bool {
         self.pinned_until_ms > now_ms || self.priority == Priority::Never
     }

@@ -5,21 +5,9 @@ use payload_catalog::*;
 
 fn record(created_at_ms: u64, tier: Tier, labels: &[(&str, &str)]) -> PayloadRecord {
     PayloadRecord {
-        id: PayloadId::random(),
-        tier,
         state: PayloadState::Active,
-        size_bytes: 10,
-        created_at_ms,
-        expires_at_ms: 0,
-        write_deadline_ms: 0,
-        priority: Priority::Normal,
-        spill_target: Tier::Disk,
-        min_residency_tier: None,
-        require_durable: false,
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        sha256: None,
-        version: 1,
-        pinned_until_ms: 0,
+        ..PayloadRecord::allocated(PayloadId::random(), tier, 10, created_at_ms)
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{CatalogError, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
+use payload_catalog::{CatalogError, PayloadId, PayloadRecord, Priority, Tier, Write};
 
 use super::{lock, Entry, Node};
 use crate::store::io_error;
@@ -76,11 +76,6 @@ impl Node {
             req.write_deadline_ms
         };
         let rec = PayloadRecord {
-            id,
-            tier: req.tier,
-            state: PayloadState::Allocated,
-            size_bytes: req.size_bytes,
-            created_at_ms: now,
             expires_at_ms: if req.ttl_ms > 0 && !never {
                 now.saturating_add(req.ttl_ms)
             } else {
@@ -92,9 +87,7 @@ impl Node {
             min_residency_tier: req.min_residency_tier,
             require_durable: req.require_durable,
             labels: req.labels,
-            sha256: None,
-            version: 1,
-            pinned_until_ms: 0,
+            ..PayloadRecord::allocated(id, req.tier, req.size_bytes, now)
         };
         self.writer.write(Write::Insert(rec.clone()))?;
         self.payloads
