@@ -20,11 +20,15 @@ run:
 ## Every test: Rust unit and integration tests, then the Python compatibility suite.
 test: test-rust test-python
 
+# One private PostgreSQL cluster (on 127.0.0.1, a spare port) serves the
+# whole run; the parity suite runs every catalog test on it and on SQLite.
+WITH_POSTGRES = $(CARGO) run -q -p payload-catalog --features testing --bin with-postgres --
+
 test-rust:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
+		$(WITH_POSTGRES) $(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
-		$(CARGO) test --workspace --no-fail-fast; \
+		$(WITH_POSTGRES) $(CARGO) test --workspace --no-fail-fast; \
 	fi
 
 test-python:

@@ -6,11 +6,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use payload_catalog::SqliteRepository;
 use tokio::sync::watch;
 
 use crate::node::{Node, NodeConfig};
@@ -31,8 +29,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a standalone node: the agent and an embedded SQLite catalog in one
-    /// process, no Kubernetes. Serves the v1 gRPC services on a Unix socket
-    /// and on TCP.
+    /// process, no Kubernetes (or a PostgreSQL catalog shared with other
+    /// agents, with --catalog postgres://...). Serves the v1 gRPC services on
+    /// a Unix socket and on TCP.
     Standalone(StandaloneArgs),
 }
 
@@ -49,7 +48,9 @@ pub struct StandaloneArgs {
     /// TCP address for clients that cannot use the socket, or `off`.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// Catalog database URL. Default: sqlite://<state-dir>/catalog.db.
+    /// Catalog database URL: sqlite://PATH (the default is
+    /// sqlite://<state-dir>/catalog.db) or postgres://USER@HOST:PORT/DB, a
+    /// catalog several agents may share (give each a distinct --node-name).
     #[arg(long, env = "PM_CATALOG")]
     pub catalog: Option<String>,
     /// Where RAM payloads live: /dev/shm or a tmpfs directory below it
@@ -86,7 +87,8 @@ pub struct StandaloneArgs {
     /// Largest payload accepted (bytes, or with a unit).
     #[arg(long, env = "PM_MAX_PAYLOAD_SIZE", default_value = "128GiB", value_parser = parse_size)]
     pub max_payload_size: u64,
-    /// Name of this node in stats and messages.
+    /// Name of this node: in stats and messages, and on the catalog rows
+    /// that describe this node's payload copies.
     #[arg(long, env = "PM_NODE_NAME", default_value = "standalone")]
     pub node_name: String,
 }
@@ -166,11 +168,7 @@ impl StandaloneArgs {
             ),
         };
         let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
-        anyhow::ensure!(
-            catalog.starts_with("sqlite:"),
-            "--catalog {catalog:?}: this build supports sqlite:// catalogs only"
-        );
-        let repo = SqliteRepository::open_url(&catalog)
+        let repo = payload_catalog::open_catalog(&catalog, &node_name)
             .await
             .with_context(|| format!("opening catalog {catalog}"))?;
         let ram = FileStore::ram(&ram_root, &shm_prefix, ram_capacity)?;
@@ -185,7 +183,7 @@ impl StandaloneArgs {
             ram_low_watermark,
             clock: crate::clock::Clock::new(),
         };
-        let (node, _) = Node::open(cfg, Arc::new(repo), ram, disk, &state_dir).await?;
+        let (node, _) = Node::open(cfg, repo, ram, disk, &state_dir).await?;
 
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {

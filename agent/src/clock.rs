@@ -51,3 +51,12 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
         nanos: ((ms % 1000) * 1_000_000) as i32,
     }
 }
+
+/// The Unix-millisecond instant of a protobuf timestamp (before 1970: 0).
+pub fn millis(ts: &prost_types::Timestamp) -> u64 {
+    let ms = ts
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.nanos) / 1_000_000);
+    u64::try_from(ms).unwrap_or(0)
+}

@@ -174,22 +174,26 @@ impl Log {
     }
 }
 
-/// Keeps the last write per payload (an update after an insert stays an
+/// Keeps the last write per payload row (an update after an insert stays an
 /// insert), so a payload allocated, committed and hashed within one batch
-/// costs one row write.
+/// costs one row write. Other steps (the agent logs none today) stay as they are.
 fn coalesce(writes: Vec<Write>) -> Vec<Write> {
     use payload_catalog::PayloadId;
     use std::collections::HashMap;
-    let id = |w: &Write| -> PayloadId {
+    let id = |w: &Write| -> Option<PayloadId> {
         match w {
-            Write::Insert(r) | Write::Update(r) => r.id,
-            Write::Delete(id) => *id,
+            Write::Insert(r) | Write::Update(r) => Some(r.id),
+            Write::Delete(id) => Some(*id),
+            Write::Lineage { .. } | Write::Metadata { .. } | Write::CommitOffset { .. } => None,
         }
     };
     let mut slot: HashMap<PayloadId, usize> = HashMap::with_capacity(writes.len());
     let mut out: Vec<Option<Write>> = Vec::with_capacity(writes.len());
     for write in writes {
-        let key = id(&write);
+        let Some(key) = id(&write) else {
+            out.push(Some(write));
+            continue;
+        };
         let write = match (slot.get(&key).and_then(|&i| out[i].take()), write) {
             (Some(Write::Insert(_)), Write::Update(rec)) => Write::Insert(rec),
             (_, write) => write,

@@ -18,6 +18,9 @@ pub enum CatalogError {
     ResourceExhausted(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// An offset past what exists (a stream's head, say).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The backing store failed; the request may be retried.
     #[error("catalog storage failed: {0}")]
     Storage(String),

@@ -1,14 +1,36 @@
 //! The catalog domain of Payload Manager: identifiers, states and the
 //! lifecycle state machine, and the repository that stores payload rows,
-//! lineage and metadata. No gRPC and no Kubernetes here.
+//! lineage, metadata and streams, on SQLite or PostgreSQL. No gRPC and no
+//! Kubernetes here.
 
 pub mod error;
 pub mod lifecycle;
 pub mod model;
 pub mod repo;
-pub mod sqlite;
+pub mod sql;
+pub mod stream;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{CatalogError, Result};
 pub use model::*;
 pub use repo::{ListQuery, MetadataEvent, Page, PageToken, Repository, Write};
-pub use sqlite::SqliteRepository;
+pub use sql::postgres::PgRepository;
+pub use sql::sqlite::SqliteRepository;
+pub use stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
+
+/// Opens the catalog a URL names, for node `node`: `sqlite:` (a file) or
+/// `postgres://` / `postgresql://` (a shared server).
+pub async fn open_catalog(url: &str, node: &str) -> Result<std::sync::Arc<dyn Repository>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(PgRepository::connect(url, node).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(
+            SqliteRepository::open_url(url).await?.for_node(node),
+        ))
+    } else {
+        Err(CatalogError::InvalidArgument(format!(
+            "catalog URL {url:?} names no backend this agent knows; use sqlite:PATH or postgres://USER@HOST:PORT/DB"
+        )))
+    }
+}

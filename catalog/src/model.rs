@@ -254,7 +254,7 @@ impl PayloadRecord {
 }
 
 /// One lineage edge as stored: `child` was derived from `parent`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LineageEdge {
     pub child: PayloadId,
     pub parent: PayloadId,
@@ -264,15 +264,18 @@ pub struct LineageEdge {
 }
 
 /// Opaque metadata attached to a payload (JSON by convention).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Metadata {
     pub data: Vec<u8>,
     pub schema: String,
     pub updated_at_ms: u64,
+    /// Bumped by every update, starting at 1; 0 = no metadata stored yet.
+    /// Ignored on input.
+    pub version: u64,
 }
 
 /// How an update combines with the stored metadata.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetadataMode {
     /// Keep the stored value of any part left empty; when both the stored and
     /// the new data are JSON objects, merge them key by key (RFC 7386).

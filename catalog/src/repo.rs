@@ -4,15 +4,35 @@ use async_trait::async_trait;
 
 use crate::error::{CatalogError, Result};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
+use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
 
-/// One change to the payload table; a batch of them commits atomically.
-/// Applying the same write twice is harmless (inserts are upserts), so a
-/// log of writes can be replayed after a crash.
+/// One step of a multi-step update; [`Repository::write_batch`] applies a
+/// batch of them atomically. Payload writes are idempotent (inserts are
+/// upserts), so the agent's log of them can be replayed after a crash.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Write {
     Insert(PayloadRecord),
     Update(PayloadRecord),
     Delete(PayloadId),
+    /// As [`Repository::add_lineage`].
+    Lineage {
+        child: PayloadId,
+        edges: Vec<LineageEdge>,
+    },
+    /// As [`Repository::update_metadata`].
+    Metadata {
+        id: PayloadId,
+        mode: MetadataMode,
+        update: Metadata,
+        expected_version: Option<u64>,
+    },
+    /// As [`Repository::commit_offset`].
+    CommitOffset {
+        stream: StreamKey,
+        group: String,
+        offset: u64,
+        now_ms: u64,
+    },
 }
 
 /// Filters and paging for [`Repository::list_payloads`]. Results are newest
@@ -97,7 +117,7 @@ pub struct Page {
 }
 
 /// An audit event appended to a payload's metadata history.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MetadataEvent {
     pub data: Vec<u8>,
     pub source: String,
@@ -105,22 +125,59 @@ pub struct MetadataEvent {
     pub ts_ms: u64,
 }
 
+/// The catalog's storage interface; SQLite and PostgreSQL implement it and
+/// the parity suite holds both to the same behaviour. Payload rows belong to
+/// the node the repository was opened for; lineage, metadata and streams are
+/// shared by every node of the catalog.
 #[async_trait]
 pub trait Repository: Send + Sync + 'static {
+    /// The node whose payload rows this repository writes and loads.
+    fn node(&self) -> &str;
     /// Applies every write in one transaction: all of them or none. An
     /// update of a missing row fails with `NotFound`.
     async fn write_batch(&self, writes: &[Write]) -> Result<()>;
     async fn get_payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>>;
-    /// Every payload row, for an agent rebuilding its in-memory view.
+    /// Every payload row of this node, for an agent rebuilding its view.
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>>;
+    /// A page of this node's payload rows.
     async fn list_payloads(&self, query: &ListQuery) -> Result<Page>;
+
     /// Adds edges `parent -> child`; both ends must exist and no cycle may form.
     async fn add_lineage(&self, child: PayloadId, edges: &[LineageEdge]) -> Result<()>;
     /// Edges reachable from `id` upstream (parents) or downstream (children),
     /// breadth first, up to `max_depth` hops (0 = unlimited).
     async fn get_lineage(&self, id: PayloadId, upstream: bool, max_depth: u32) -> Result<Vec<LineageEdge>>;
-    async fn update_metadata(&self, id: PayloadId, mode: MetadataMode, update: Metadata) -> Result<Metadata>;
+
+    /// Stores metadata and returns what is stored now. With
+    /// `expected_version`, fails with `Conflict` unless the stored version is
+    /// that one (0 = none stored yet): the loser of a race learns of it.
+    async fn update_metadata(
+        &self,
+        id: PayloadId,
+        mode: MetadataMode,
+        update: Metadata,
+        expected_version: Option<u64>,
+    ) -> Result<Metadata>;
+    async fn get_metadata(&self, id: PayloadId) -> Result<Option<Metadata>>;
     async fn append_metadata_event(&self, id: PayloadId, event: MetadataEvent) -> Result<()>;
+    /// A payload's metadata events, oldest first.
+    async fn metadata_history(&self, id: PayloadId) -> Result<Vec<MetadataEvent>>;
+
+    async fn create_stream(&self, key: &StreamKey, retention: Retention, now_ms: u64) -> Result<()>;
+    /// Removes a stream with its entries and offsets; a missing one is fine.
+    async fn delete_stream(&self, key: &StreamKey) -> Result<()>;
+    /// Appends in order and returns the first and last offsets given. Every
+    /// payload must exist. No items: `(0, 0)` and nothing written.
+    async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)>;
+    async fn read_stream(&self, key: &StreamKey, query: ReadQuery) -> Result<Vec<StreamEntry>>;
+    async fn stream_head(&self, key: &StreamKey) -> Result<StreamHead>;
+    /// Records a consumer group's offset; it may not pass the stream's head.
+    async fn commit_offset(&self, key: &StreamKey, group: &str, offset: u64, now_ms: u64) -> Result<()>;
+    /// `None` when the group never committed.
+    async fn get_committed(&self, key: &StreamKey, group: &str) -> Result<Option<u64>>;
+    /// Wakes with a stream's next offset whenever entries are appended to it
+    /// through any repository sharing this catalog.
+    fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64>;
 }
 
 #[cfg(test)]

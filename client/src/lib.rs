@@ -23,6 +23,7 @@ use payload_proto::admin::{StatsRequest, StatsResponse};
 use payload_proto::core::{self as pb, PayloadDescriptor, PromotionPolicy, SpillPolicy};
 use payload_proto::runtime;
 use payload_proto::services::payload_admin_service_client::PayloadAdminServiceClient;
+use payload_proto::services::payload_stream_service_client::PayloadStreamServiceClient;
 use payload_proto::services::payload_catalog_service_client::PayloadCatalogServiceClient;
 use payload_proto::services::payload_data_service_client::PayloadDataServiceClient;
 use tokio::sync::mpsc;
@@ -77,6 +78,7 @@ pub struct Client {
     data: PayloadDataServiceClient<Channel>,
     catalog: PayloadCatalogServiceClient<Channel>,
     admin: PayloadAdminServiceClient<Channel>,
+    streams: PayloadStreamServiceClient<Channel>,
     maps: Arc<mapping::MappingCache>,
     releases: mpsc::UnboundedSender<Uuid>,
     /// The connection's own thread, when the caller's runtime is multi-threaded.
@@ -154,7 +156,8 @@ impl Client {
         Client {
             data,
             catalog: PayloadCatalogServiceClient::new(channel.clone()),
-            admin: PayloadAdminServiceClient::new(channel),
+            admin: PayloadAdminServiceClient::new(channel.clone()),
+            streams: PayloadStreamServiceClient::new(channel),
             maps: Arc::new(mapping::MappingCache::new(4096)),
             releases,
             _io: None,
@@ -423,6 +426,12 @@ impl Client {
 
     pub async fn stats(&self) -> Result<StatsResponse> {
         Ok(self.admin.clone().stats(StatsRequest {}).await?.into_inner())
+    }
+
+    /// The stream service (create, append, read, subscribe, offsets): its
+    /// messages map one to one onto the wire, so it is handed out as is.
+    pub fn streams(&self) -> PayloadStreamServiceClient<Channel> {
+        self.streams.clone()
     }
 
     /// The raw generated clients, for calls this wrapper does not cover.

@@ -233,21 +233,18 @@ impl PayloadCatalogService for CatalogService {
             data: md.data,
             schema: md.schema,
             updated_at_ms: now,
+            version: 0,
         };
         let stored = self
             .node
             .repo()
-            .update_metadata(id, mode, update)
+            .update_metadata(id, mode, update, req.expected_version)
             .await
             .map_err(status)?;
         Ok(Response::new(pbc::UpdatePayloadMetadataResponse {
             id: Some(pb_payload_id(id)),
-            metadata: Some(pbc::PayloadMetadata {
-                id: Some(pb_payload_id(id)),
-                data: stored.data,
-                schema: stored.schema,
-            }),
             updated_at: Some(timestamp(stored.updated_at_ms)),
+            metadata: Some(pb_metadata(id, stored)),
         }))
     }
 
@@ -273,6 +270,34 @@ impl PayloadCatalogService for CatalogService {
             id: Some(pb_payload_id(id)),
             event_time: Some(timestamp(now)),
         }))
+    }
+
+    async fn get_payload_metadata(
+        &self,
+        request: Request<pbc::GetPayloadMetadataRequest>,
+    ) -> Result<Response<pbc::PayloadMetadata>, Status> {
+        let id = payload_id(request.into_inner().id.as_ref())?;
+        let stored = self.node.repo().get_metadata(id).await.map_err(status)?;
+        Ok(Response::new(pb_metadata(id, stored.unwrap_or_default())))
+    }
+
+    async fn list_payload_metadata_events(
+        &self,
+        request: Request<pbc::ListPayloadMetadataEventsRequest>,
+    ) -> Result<Response<pbc::ListPayloadMetadataEventsResponse>, Status> {
+        let id = payload_id(request.into_inner().id.as_ref())?;
+        let history = self.node.repo().metadata_history(id).await.map_err(status)?;
+        let events = history
+            .into_iter()
+            .map(|e| pbc::PayloadMetadataEvent {
+                id: Some(pb_payload_id(id)),
+                ts: Some(timestamp(e.ts_ms)),
+                data: e.data,
+                source: e.source,
+                version: e.version,
+            })
+            .collect();
+        Ok(Response::new(pbc::ListPayloadMetadataEventsResponse { events }))
     }
 
     async fn list_payloads(
@@ -387,5 +412,14 @@ impl CatalogService {
             .await
             .map_err(status)?;
         Ok(outcome.record().cloned())
+    }
+}
+
+fn pb_metadata(id: payload_catalog::PayloadId, stored: Metadata) -> pbc::PayloadMetadata {
+    pbc::PayloadMetadata {
+        id: Some(pb_payload_id(id)),
+        data: stored.data,
+        schema: stored.schema,
+        version: stored.version,
     }
 }

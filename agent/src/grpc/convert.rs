@@ -18,6 +18,7 @@ pub fn status(err: CatalogError) -> Status {
         CatalogError::Conflict(msg) => Status::aborted(msg),
         CatalogError::ResourceExhausted(msg) => Status::resource_exhausted(msg),
         CatalogError::InvalidArgument(msg) => Status::invalid_argument(msg),
+        CatalogError::OutOfRange(msg) => Status::out_of_range(msg),
         CatalogError::Storage(msg) => Status::unavailable(msg),
     }
 }

@@ -4,22 +4,17 @@ pub mod admin;
 pub mod catalog;
 pub mod convert;
 pub mod data;
+pub mod stream;
 
 use std::sync::Arc;
 
 use payload_proto::services::payload_admin_service_server::PayloadAdminServiceServer;
 use payload_proto::services::payload_catalog_service_server::PayloadCatalogServiceServer;
 use payload_proto::services::payload_data_service_server::PayloadDataServiceServer;
-use payload_proto::services::payload_stream_service_server::{PayloadStreamService, PayloadStreamServiceServer};
+use payload_proto::services::payload_stream_service_server::PayloadStreamServiceServer;
 use tonic::service::Routes;
 
 use crate::node::Node;
-
-/// Streams arrive with the catalog issue; until then every call answers
-/// UNIMPLEMENTED (the generated default).
-pub struct StreamService;
-
-impl PayloadStreamService for StreamService {}
 
 /// All four services, ready to serve on any listener.
 pub fn routes(node: Arc<Node>) -> Routes {
@@ -27,6 +22,8 @@ pub fn routes(node: Arc<Node>) -> Routes {
         .add_service(PayloadCatalogServiceServer::new(catalog::CatalogService {
             node: node.clone(),
         }))
-        .add_service(PayloadAdminServiceServer::new(admin::AdminService { node }))
-        .add_service(PayloadStreamServiceServer::new(StreamService))
+        .add_service(PayloadAdminServiceServer::new(admin::AdminService {
+            node: node.clone(),
+        }))
+        .add_service(PayloadStreamServiceServer::new(stream::StreamService { node }))
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use payload_agent::node::{Node, NodeConfig, Recovery};
 use payload_agent::server;
 use payload_agent::store::FileStore;
-use payload_catalog::SqliteRepository;
+use payload_catalog::{Repository, SqliteRepository};
 use payload_client::Client;
 use tempfile::TempDir;
 use tokio::sync::watch;
@@ -73,9 +73,19 @@ pub async fn open_node(dirs: &Dirs, cfg: NodeConfig, cap: &Capacity) -> (Arc<Nod
     let repo = SqliteRepository::open(&dirs.state.path().join("catalog.db"))
         .await
         .expect("catalog");
+    open_node_on(dirs, cfg, cap, Arc::new(repo)).await
+}
+
+/// A node on a catalog of the caller's choosing (a shared PostgreSQL, say).
+pub async fn open_node_on(
+    dirs: &Dirs,
+    cfg: NodeConfig,
+    cap: &Capacity,
+    repo: Arc<dyn Repository>,
+) -> (Arc<Node>, Recovery) {
     let ram = FileStore::ram(dirs.ram.path(), "pm", cap.ram).expect("ram store");
     let disk = FileStore::disk(&dirs.disk(), cap.disk).expect("disk store");
-    Node::open(cfg, Arc::new(repo), ram, disk, dirs.state.path())
+    Node::open(cfg, repo, ram, disk, dirs.state.path())
         .await
         .expect("node opens")
 }
@@ -91,6 +101,15 @@ pub struct Served {
 impl Served {
     pub async fn start(dirs: &Dirs, cfg: NodeConfig, cap: &Capacity) -> Served {
         let (node, _) = open_node(dirs, cfg, cap).await;
+        Self::serve(dirs, node).await
+    }
+
+    pub async fn start_on(dirs: &Dirs, cfg: NodeConfig, repo: Arc<dyn Repository>) -> Served {
+        let (node, _) = open_node_on(dirs, cfg, &Capacity::default(), repo).await;
+        Self::serve(dirs, node).await
+    }
+
+    async fn serve(dirs: &Dirs, node: Arc<Node>) -> Served {
         let uds = server::bind_socket(&dirs.socket()).expect("socket");
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn({

@@ -1,0 +1,259 @@
+//! `PayloadStreamService`: streams in the catalog, and subscriptions that
+//! are pushed new entries as appends commit (through this agent or any other
+//! sharing the catalog), with per-subscriber flow control.
+
+use std::sync::Arc;
+
+use payload_catalog::stream::MAX_READ;
+use payload_catalog::{AppendItem, ReadQuery, Repository, Retention, StreamEntry, StreamKey};
+use payload_proto::runtime;
+use payload_proto::runtime::subscribe_request::Start;
+use payload_proto::services::payload_stream_service_server::PayloadStreamService;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{payload_id, pb_payload_id, status};
+use crate::clock::{millis, timestamp};
+use crate::node::Node;
+
+pub struct StreamService {
+    pub node: Arc<Node>,
+}
+
+/// Entries queued per subscriber when the request names no `max_inflight`.
+const DEFAULT_INFLIGHT: u32 = 64;
+const MAX_INFLIGHT: u32 = 4_096;
+
+fn stream_key(stream: Option<&runtime::StreamId>) -> Result<StreamKey, Status> {
+    let stream = stream.ok_or_else(|| Status::invalid_argument("stream is missing; name the stream"))?;
+    StreamKey::new(stream.namespace.as_str(), stream.name.as_str()).map_err(status)
+}
+
+fn pb_entry(key: &StreamKey, entry: StreamEntry) -> runtime::StreamEntry {
+    runtime::StreamEntry {
+        stream: Some(runtime::StreamId {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }),
+        offset: entry.offset,
+        payload_id: Some(pb_payload_id(entry.payload_id)),
+        event_time: Some(timestamp(entry.event_time_ms)),
+        append_time: Some(timestamp(entry.append_time_ms)),
+        duration_ns: entry.duration_ns,
+        tags: entry.tags.into_iter().collect(),
+    }
+}
+
+impl StreamService {
+    fn repo(&self) -> Arc<dyn Repository> {
+        self.node.repo().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl PayloadStreamService for StreamService {
+    async fn create_stream(&self, request: Request<runtime::CreateStreamRequest>) -> Result<Response<()>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        let retention = Retention {
+            max_entries: req.retention_max_entries,
+            max_age_ms: req.retention_max_age_sec.saturating_mul(1_000),
+        };
+        self.repo()
+            .create_stream(&key, retention, self.node.now_ms())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn delete_stream(&self, request: Request<runtime::DeleteStreamRequest>) -> Result<Response<()>, Status> {
+        let key = stream_key(request.into_inner().stream.as_ref())?;
+        self.repo().delete_stream(&key).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn append(
+        &self,
+        request: Request<runtime::AppendRequest>,
+    ) -> Result<Response<runtime::AppendResponse>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        let now = self.node.now_ms();
+        let items = req
+            .items
+            .into_iter()
+            .map(|item| {
+                Ok(AppendItem {
+                    payload_id: payload_id(item.payload_id.as_ref())?,
+                    // An entry without an event time happened when appended.
+                    event_time_ms: item.event_time.as_ref().map_or(now, millis),
+                    duration_ns: item.duration_ns,
+                    tags: item.tags.into_iter().collect(),
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let (first_offset, last_offset) = self.repo().append(&key, &items, now).await.map_err(status)?;
+        Ok(Response::new(runtime::AppendResponse {
+            first_offset,
+            last_offset,
+        }))
+    }
+
+    async fn read(&self, request: Request<runtime::ReadRequest>) -> Result<Response<runtime::ReadResponse>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        let query = ReadQuery {
+            start: req.start_offset,
+            end: None,
+            max: req.max_entries,
+            not_before_ms: req.not_before.as_ref().map_or(0, millis),
+        };
+        let entries = self.repo().read_stream(&key, query).await.map_err(status)?;
+        Ok(Response::new(runtime::ReadResponse {
+            entries: entries.into_iter().map(|e| pb_entry(&key, e)).collect(),
+        }))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<runtime::SubscribeRequest>,
+    ) -> Result<Response<BoxStream<runtime::SubscribeResponse>>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        let repo = self.repo();
+        let head = repo.stream_head(&key).await.map_err(status)?;
+        let start = match req.start {
+            Some(Start::Offset(offset)) => offset,
+            Some(Start::FromLatest(true)) => head.next_offset,
+            _ => 0,
+        };
+        if start > head.next_offset {
+            return Err(Status::out_of_range(format!(
+                "offset {start} is past the head of stream {key} (next offset {}); subscribe from_latest to wait for new entries",
+                head.next_offset
+            )));
+        }
+        let inflight = match req.max_inflight {
+            0 => DEFAULT_INFLIGHT,
+            n => n.min(MAX_INFLIGHT),
+        };
+        let (tx, rx) = mpsc::channel(inflight as usize);
+        let woken = repo.watch_stream(head);
+        tokio::spawn(follow(repo, key, start, u64::from(inflight), woken, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn commit(&self, request: Request<runtime::CommitRequest>) -> Result<Response<()>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        self.repo()
+            .commit_offset(&key, &req.consumer_group, req.offset, self.node.now_ms())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_committed(
+        &self,
+        request: Request<runtime::GetCommittedRequest>,
+    ) -> Result<Response<runtime::GetCommittedResponse>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        let committed = self
+            .repo()
+            .get_committed(&key, &req.consumer_group)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(runtime::GetCommittedResponse {
+            offset: committed.unwrap_or(0),
+            committed: committed.is_some(),
+        }))
+    }
+
+    async fn get_range(
+        &self,
+        request: Request<runtime::GetRangeRequest>,
+    ) -> Result<Response<runtime::GetRangeResponse>, Status> {
+        let req = request.into_inner();
+        let key = stream_key(req.stream.as_ref())?;
+        let (start, end) = (req.start_offset, req.end_offset);
+        if end < start {
+            return Err(Status::invalid_argument(format!(
+                "end_offset {end} is before start_offset {start}"
+            )));
+        }
+        if end - start >= MAX_READ {
+            return Err(Status::invalid_argument(format!(
+                "a range holds at most {MAX_READ} entries; split {start}..={end}"
+            )));
+        }
+        let repo = self.repo();
+        let head = repo.stream_head(&key).await.map_err(status)?;
+        if end >= head.next_offset {
+            return Err(Status::out_of_range(format!(
+                "end_offset {end} is past the last entry of stream {key} (next offset {})",
+                head.next_offset
+            )));
+        }
+        let query = ReadQuery {
+            start,
+            end: Some(end),
+            max: MAX_READ,
+            not_before_ms: 0,
+        };
+        let entries = repo.read_stream(&key, query).await.map_err(status)?;
+        Ok(Response::new(runtime::GetRangeResponse {
+            entries: entries.into_iter().map(|e| pb_entry(&key, e)).collect(),
+        }))
+    }
+}
+
+/// Feeds one subscriber: reads from `next` in batches the size of its
+/// window, sends each entry (waiting for room, so a slow subscriber holds
+/// back only this task), and sleeps on the stream's watch when caught up.
+/// Ends when the subscriber goes away or the stream is deleted.
+async fn follow(
+    repo: Arc<dyn Repository>,
+    key: StreamKey,
+    mut next: u64,
+    batch: u64,
+    mut woken: watch::Receiver<u64>,
+    tx: mpsc::Sender<Result<runtime::SubscribeResponse, Status>>,
+) {
+    loop {
+        // Marked seen before reading: an append committed after this point
+        // wakes the wait below even if the read already returned it.
+        woken.borrow_and_update();
+        let query = ReadQuery {
+            start: next,
+            end: None,
+            max: batch,
+            not_before_ms: 0,
+        };
+        let entries = match repo.read_stream(&key, query).await {
+            Ok(entries) => entries,
+            Err(err) => {
+                let _ = tx.send(Err(status(err))).await;
+                return;
+            }
+        };
+        if entries.is_empty() {
+            tokio::select! {
+                changed = woken.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
+            }
+            continue;
+        }
+        for entry in entries {
+            next = entry.offset + 1;
+            let response = runtime::SubscribeResponse {
+                entry: Some(pb_entry(&key, entry)),
+            };
+            if tx.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! PostgreSQL backend: the catalog several agents share. Offsets, metadata
+//! versions and lineage checks rely on row locks taken inside each
+//! transaction; appends are announced with NOTIFY so subscribers attached to
+//! any agent wake up.
+
+use std::collections::{HashSet, VecDeque};
+use std::str::FromStr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{Pool, QueryBuilder, Row, Transaction};
+
+use super::{corrupt, merge_data, migrate_error, to_i64, to_u64, StreamHub};
+use crate::error::{CatalogError, Result};
+use crate::model::*;
+use crate::repo::*;
+use crate::stream::*;
+
+/// The PostgreSQL schema, embedded; applied in order at connect.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The NOTIFY channel appends are announced on: payload `<stream id> <next offset>`.
+const APPEND_CHANNEL: &str = "payload_manager_stream_append";
+
+type Db = sqlx::Postgres;
+type Conn = sqlx::PgConnection;
+type DbRow = sqlx::postgres::PgRow;
+type Repo = PgRepository;
+
+/// A catalog in a PostgreSQL database, shared by any number of agents.
+#[derive(Clone)]
+pub struct PgRepository {
+    pool: Pool<Db>,
+    node: Arc<str>,
+    hub: Arc<StreamHub>,
+}
+
+impl PgRepository {
+    /// Connects to `url` (`postgres://user@host:port/db`) as node `node`,
+    /// applies pending migrations, and starts listening for appends.
+    pub async fn connect(url: &str, node: &str) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| CatalogError::InvalidArgument(format!("bad PostgreSQL URL {url:?}: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| CatalogError::Storage(format!("cannot connect to PostgreSQL catalog {url:?}: {e}")))?;
+        // Migrations take an advisory lock, so agents starting together
+        // apply each one once.
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| migrate_error("PostgreSQL", &MIGRATOR, e))?;
+        let hub = Arc::new(StreamHub::default());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(APPEND_CHANNEL).await?;
+        tokio::spawn(relay_appends(listener, Arc::downgrade(&hub)));
+        Ok(Self {
+            pool,
+            node: node.into(),
+            hub,
+        })
+    }
+}
+
+/// Feeds appends announced by every agent into this repository's hub, until
+/// the repository is gone.
+async fn relay_appends(mut listener: PgListener, hub: Weak<StreamHub>) {
+    loop {
+        let received = listener.recv().await;
+        let Some(hub) = hub.upgrade() else {
+            return;
+        };
+        match received {
+            Ok(note) => {
+                let mut parts = note.payload().split(' ').map(str::parse::<i64>);
+                if let (Some(Ok(id)), Some(Ok(next))) = (parts.next(), parts.next()) {
+                    hub.notify(id, to_u64(next));
+                }
+            }
+            Err(err) => {
+                // The listener reconnects on the next recv; anything sent
+                // meanwhile is lost, so every subscriber re-reads.
+                tracing::warn!(%err, "stream notification listener lost its connection");
+                hub.notify_all();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Row locks order concurrent writers; no table-wide lock is needed.
+async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>> {
+    Ok(pool.begin().await?)
+}
+
+/// Delivered to every listening agent when the transaction commits.
+async fn announce_append(conn: &mut Conn, head: StreamHead) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(APPEND_CHANNEL)
+        .bind(format!("{} {}", head.id, to_i64(head.next_offset)))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+include!("common.rs");

@@ -1,0 +1,43 @@
+-- Several agents may share one catalog: a payload row describes the copy held
+-- by one node, and each agent loads and recovers only its own rows.
+ALTER TABLE payloads ADD COLUMN node TEXT NOT NULL DEFAULT '';
+CREATE INDEX payloads_by_node ON payloads (node);
+
+-- Optimistic concurrency for metadata updates (expected_version).
+ALTER TABLE metadata ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+
+CREATE TABLE streams (
+    id                    INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace             TEXT NOT NULL,
+    name                  TEXT NOT NULL,
+    retention_max_entries INTEGER NOT NULL DEFAULT 0,
+    retention_max_age_ms  INTEGER NOT NULL DEFAULT 0,
+    -- The offset the next appended entry gets; bumped under the row's write
+    -- lock, so concurrent appends never share an offset.
+    next_offset           INTEGER NOT NULL DEFAULT 0,
+    created_at_ms         INTEGER NOT NULL,
+    UNIQUE (namespace, name)
+);
+
+-- Entries refer to payloads by id without a foreign key: deleting a payload
+-- must not rewrite a stream's history.
+CREATE TABLE stream_entries (
+    stream_id      INTEGER NOT NULL REFERENCES streams (id) ON DELETE CASCADE,
+    entry_offset   INTEGER NOT NULL,
+    payload_id     BLOB NOT NULL CHECK (length(payload_id) = 16),
+    event_time_ms  INTEGER NOT NULL,
+    append_time_ms INTEGER NOT NULL,
+    duration_ns    INTEGER NOT NULL,
+    tags           TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (stream_id, entry_offset)
+) WITHOUT ROWID;
+
+CREATE INDEX stream_entries_by_append_time ON stream_entries (stream_id, append_time_ms);
+
+CREATE TABLE consumer_offsets (
+    stream_id      INTEGER NOT NULL REFERENCES streams (id) ON DELETE CASCADE,
+    consumer_group TEXT NOT NULL,
+    entry_offset   INTEGER NOT NULL,
+    updated_at_ms  INTEGER NOT NULL,
+    PRIMARY KEY (stream_id, consumer_group)
+) WITHOUT ROWID;
