@@ -35,7 +35,12 @@ async fn create(streams: &mut PayloadStreamServiceClient<Channel>, name: &str) {
         .unwrap();
 }
 
-async fn append(streams: &mut PayloadStreamServiceClient<Channel>, name: &str, id: &pb::PayloadId, n: usize) -> (u64, u64) {
+async fn append(
+    streams: &mut PayloadStreamServiceClient<Channel>,
+    name: &str,
+    id: &pb::PayloadId,
+    n: usize,
+) -> (u64, u64) {
     let items = (0..n)
         .map(|i| AppendItem {
             payload_id: Some(id.clone()),
@@ -78,6 +83,16 @@ async fn next_offset(sub: &mut Streaming<SubscribeResponse>) -> u64 {
         .unwrap()
         .expect("the subscription stays open");
     msg.entry.unwrap().offset
+}
+
+fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => {
+            assert!(!status.message().is_empty(), "{status:?} says what to do");
+            status.code()
+        }
+    }
 }
 
 async fn a_payload(served: &Served) -> pb::PayloadId {
@@ -142,19 +157,15 @@ async fn stream_calls_with_bad_input_get_precise_statuses() {
     let served = Served::start(&dirs, NodeConfig::default(), &Capacity::default()).await;
     let id = a_payload(&served).await;
     let mut s = served.client.streams();
-    let code = |r: Result<tonic::Response<_>, tonic::Status>| match r {
-        Ok(_) => Code::Ok,
-        Err(status) => {
-            assert!(!status.message().is_empty());
-            status.code()
-        }
-    };
     let empty_name = CreateStreamRequest {
         stream: sid(""),
         ..Default::default()
     };
     assert_eq!(code(s.create_stream(empty_name).await), Code::InvalidArgument);
-    assert_eq!(code(s.create_stream(CreateStreamRequest::default()).await), Code::InvalidArgument);
+    assert_eq!(
+        code(s.create_stream(CreateStreamRequest::default()).await),
+        Code::InvalidArgument
+    );
     let read = |name: &str, start_offset| ReadRequest {
         stream: sid(name),
         start_offset,
@@ -165,7 +176,11 @@ async fn stream_calls_with_bad_input_get_precise_statuses() {
         stream: sid("ghost"),
         items: vec![AppendItem::default()],
     };
-    assert_eq!(code(s.append(ghost_item).await), Code::InvalidArgument, "an item without a payload id");
+    assert_eq!(
+        code(s.append(ghost_item).await),
+        Code::InvalidArgument,
+        "an item without a payload id"
+    );
     let sub = SubscribeRequest {
         stream: sid("ghost"),
         ..Default::default()
@@ -218,12 +233,18 @@ async fn stream_calls_with_bad_input_get_precise_statuses() {
     let zero = s.get_committed(committed("g")).await.unwrap().into_inner();
     assert_eq!((zero.offset, zero.committed), (0, true));
     assert_eq!(code(s.commit(commit(9)).await), Code::OutOfRange);
-    assert_eq!(code(s.get_committed(committed("")).await), Code::Ok, "reading an empty group finds nothing");
+    assert_eq!(
+        code(s.get_committed(committed("")).await),
+        Code::Ok,
+        "reading an empty group finds nothing"
+    );
 
     // Deleting ends live subscriptions with NOT_FOUND.
     let mut live = subscribe(&mut s, "s", Start::FromLatest(true), 0).await;
     s.delete_stream(DeleteStreamRequest { stream: sid("s") }).await.unwrap();
-    let ended = tokio::time::timeout(PATIENCE, live.message()).await.expect("the subscription ends");
+    let ended = tokio::time::timeout(PATIENCE, live.message())
+        .await
+        .expect("the subscription ends");
     assert_eq!(ended.unwrap_err().code(), Code::NotFound);
     s.delete_stream(DeleteStreamRequest { stream: sid("s") }).await.unwrap();
     served.stop().await;
@@ -252,18 +273,37 @@ async fn agents_sharing_postgres_see_each_others_appends() {
     create(&mut sa, "shared").await;
     let mut on_b = subscribe(&mut sb, "shared", Start::FromBeginning(true), 0).await;
     assert_eq!(append(&mut sa, "shared", &id_a, 2).await, (0, 1));
-    assert_eq!(append(&mut sb, "shared", &id_b, 1).await, (2, 2), "one offset sequence across agents");
+    assert_eq!(
+        append(&mut sb, "shared", &id_b, 1).await,
+        (2, 2),
+        "one offset sequence across agents"
+    );
     for want in 0..3 {
         assert_eq!(next_offset(&mut on_b).await, want);
     }
-    assert_eq!(append(&mut sa, "shared", &id_b, 1).await, (3, 3), "payloads of any node may be appended");
+    assert_eq!(
+        append(&mut sa, "shared", &id_b, 1).await,
+        (3, 3),
+        "payloads of any node may be appended"
+    );
     assert_eq!(next_offset(&mut on_b).await, 3);
 
     let listed = |served: &Served| {
         let client = served.client.clone();
-        async move { client.list(ListPayloadsRequest::default()).await.unwrap().payloads.len() }
+        async move {
+            client
+                .list(ListPayloadsRequest::default())
+                .await
+                .unwrap()
+                .payloads
+                .len()
+        }
     };
-    assert_eq!((listed(&a).await, listed(&b).await), (1, 1), "each agent lists its own copies");
+    assert_eq!(
+        (listed(&a).await, listed(&b).await),
+        (1, 1),
+        "each agent lists its own copies"
+    );
     drop(on_b);
     a.stop().await;
     b.stop().await;

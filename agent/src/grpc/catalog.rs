@@ -236,8 +236,8 @@ impl PayloadCatalogService for CatalogService {
             version: 0,
         };
         let stored = self
-            .node
             .repo()
+            .await?
             .update_metadata(id, mode, update, req.expected_version)
             .await
             .map_err(status)?;
@@ -261,8 +261,8 @@ impl PayloadCatalogService for CatalogService {
             version: req.version,
             ts_ms: now,
         };
-        self.node
-            .repo()
+        self.repo()
+            .await?
             .append_metadata_event(id, event)
             .await
             .map_err(status)?;
@@ -277,7 +277,7 @@ impl PayloadCatalogService for CatalogService {
         request: Request<pbc::GetPayloadMetadataRequest>,
     ) -> Result<Response<pbc::PayloadMetadata>, Status> {
         let id = payload_id(request.into_inner().id.as_ref())?;
-        let stored = self.node.repo().get_metadata(id).await.map_err(status)?;
+        let stored = self.repo().await?.get_metadata(id).await.map_err(status)?;
         Ok(Response::new(pb_metadata(id, stored.unwrap_or_default())))
     }
 
@@ -286,7 +286,7 @@ impl PayloadCatalogService for CatalogService {
         request: Request<pbc::ListPayloadMetadataEventsRequest>,
     ) -> Result<Response<pbc::ListPayloadMetadataEventsResponse>, Status> {
         let id = payload_id(request.into_inner().id.as_ref())?;
-        let history = self.node.repo().metadata_history(id).await.map_err(status)?;
+        let history = self.repo().await?.metadata_history(id).await.map_err(status)?;
         let events = history
             .into_iter()
             .map(|e| pbc::PayloadMetadataEvent {

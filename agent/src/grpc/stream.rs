@@ -94,6 +94,9 @@ impl PayloadStreamService for StreamService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        // Payloads committed a moment ago may still be on their way to the
+        // catalog; the existence check must see them.
+        self.node.flush().await.map_err(status)?;
         let (first_offset, last_offset) = self.repo().append(&key, &items, now).await.map_err(status)?;
         Ok(Response::new(runtime::AppendResponse {
             first_offset,
