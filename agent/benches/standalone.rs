@@ -6,7 +6,11 @@
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+mod support;
+
 use std::time::{Duration, Instant};
+use support::{connect, kill, percentile, spawn};
 
 use memmap2::MmapOptions;
 use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Repository, SqliteRepository, Tier, Write};
@@ -38,7 +42,7 @@ impl Agent {
         let ram_path: PathBuf = ram_root
             .map(Path::to_path_buf)
             .unwrap_or_else(|| ram.as_ref().unwrap().path().into());
-        let child = spawn(state.path(), &ram_path, "2GiB");
+        let child = spawn(state.path(), &ram_path, "2GiB", &[]);
         let client = connect(&state.path().join("agent.sock")).await;
         (
             Agent {
@@ -53,44 +57,8 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child. SIGKILL: a graceful drain would
-        // wait for this process's idle connections, which cannot close while it blocks here.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
+        kill(&mut self.child);
     }
-}
-
-fn spawn(state: &Path, ram: &Path, ram_capacity: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_payload-agent"))
-        .arg("standalone")
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--ram-root")
-        .arg(ram)
-        .args([
-            "--listen",
-            "off",
-            "--disk-capacity",
-            "4GiB",
-            "--ram-capacity",
-            ram_capacity,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("agent starts")
-}
-
-async fn connect(socket: &Path) -> Client {
-    for _ in 0..30_000 {
-        if let Ok(client) = Client::connect(socket.to_str().unwrap()).await {
-            if client.stats().await.is_ok() {
-                return client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("agent did not start");
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -105,10 +73,6 @@ fn rss_kib(pid: u32) -> u64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Reads every byte (as u64 words) so the pages are really touched.
@@ -398,14 +362,13 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         .prefix("pm-bench-empty-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let mut empty = spawn(empty_state.path(), empty_ram.path(), "2GiB");
+    let mut empty = spawn(empty_state.path(), empty_ram.path(), "2GiB", &[]);
     let _ = connect(&empty_state.path().join("agent.sock")).await;
     let empty_rss = rss_kib(empty.id());
-    unsafe { libc::kill(empty.id() as i32, libc::SIGKILL) };
-    let _ = empty.wait();
+    kill(&mut empty);
 
     let start = Instant::now();
-    let mut child = spawn(state.path(), ram.path(), "64GiB");
+    let mut child = spawn(state.path(), ram.path(), "64GiB", &[]);
     let client = connect(&state.path().join("agent.sock")).await;
     let startup_s = start.elapsed().as_secs_f64();
     let loaded_rss = rss_kib(child.id());
@@ -490,8 +453,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         filtered.total_count
     ));
     drop((data, client));
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let _ = child.wait();
+    kill(&mut child);
 }
 
 /// A tmpfs with transparent huge pages under /dev/shm, if this machine lets us mount one.

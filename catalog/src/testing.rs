@@ -81,8 +81,19 @@ fn give_to_postgres(path: &Path) -> Result<(), String> {
 }
 
 impl PgCluster {
-    /// initdb into a temporary directory and start the server on a spare port.
+    /// initdb into a temporary directory and start the server on a spare
+    /// port, without fsync: fast, and a crash of the machine loses it.
     pub fn start() -> Result<Self, String> {
+        Self::start_with("-c fsync=off -c synchronous_commit=off")
+    }
+
+    /// As [`PgCluster::start`], with PostgreSQL's durable defaults (fsync
+    /// and synchronous commit on), for benchmarks.
+    pub fn start_durable() -> Result<Self, String> {
+        Self::start_with("")
+    }
+
+    fn start_with(settings: &str) -> Result<Self, String> {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("pm-postgres-")
@@ -114,7 +125,7 @@ impl PgCluster {
             .port();
         let options = format!(
             "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={data_arg} \
-             -c fsync=off -c synchronous_commit=off -c max_connections=300"
+             -c max_connections=300 {settings}"
         );
         let log = format!("{data_arg}/server.log");
         let cluster = Self { dir, bin, port };
@@ -168,7 +179,8 @@ fn server_url() -> Result<String, String> {
     own.as_ref().map(PgCluster::url).map_err(Clone::clone)
 }
 
-async fn create_database(server: &str) -> Result<String, String> {
+/// Creates an empty database on `server` (an admin URL) and returns its URL.
+pub async fn create_database(server: &str) -> Result<String, String> {
     let mut conn = PgConnection::connect(server)
         .await
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;

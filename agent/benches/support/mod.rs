@@ -1,0 +1,64 @@
+//! What both benchmark programs need: an agent process and a client on it.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use payload_client::Client;
+
+/// Starts `payload-agent standalone` on `state` with its RAM tier in `ram`;
+/// `extra` adds flags (a `--catalog`, a `--node-name`).
+pub fn spawn(state: &Path, ram: &Path, ram_capacity: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_payload-agent"))
+        .arg("standalone")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--ram-root")
+        .arg(ram)
+        .args([
+            "--listen",
+            "off",
+            "--disk-capacity",
+            "4GiB",
+            "--ram-capacity",
+            ram_capacity,
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("agent starts")
+}
+
+pub fn kill(child: &mut Child) {
+    // SAFETY: plain kill(2) on our own child. SIGKILL: a graceful drain would
+    // wait for this process's idle connections, which cannot close while it blocks here.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+pub async fn connect(socket: &Path) -> Client {
+    for _ in 0..30_000 {
+        if let Ok(client) = Client::connect(socket.to_str().unwrap()).await {
+            if client.stats().await.is_ok() {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("agent did not start");
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
