@@ -285,7 +285,7 @@ where
         format!(
             "INSERT INTO lineage (child, parent, operation, role) \
              SELECT c.id, p.id, 'derive', 'input' FROM payloads c \
-             JOIN payloads p ON p.created_at_ms = c.created_at_ms - 1 \
+             JOIN payloads p ON p.node = c.node AND p.created_at_ms = c.created_at_ms - 1 \
              WHERE (c.created_at_ms - {BASE_MS}) % 100 <> 0"
         )
         .as_str(),
@@ -414,7 +414,8 @@ fn main() {
                 "| seeding {n} rows + lineage by SQL (SQLite) | {:.1} s | |",
                 t.elapsed().as_secs_f64()
             ));
-            let repo = SqliteRepository::open(&path).await.unwrap().for_node("bench");
+            let url = format!("sqlite://{}", path.display());
+            let repo = SqliteRepository::open_url(&url, "bench").await.unwrap();
             catalog_scale(&mut report, "SQLite", &repo, n).await;
             let url = create_database(&cluster.url()).await.unwrap();
             let t = Instant::now();

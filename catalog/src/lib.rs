@@ -25,9 +25,7 @@ pub async fn open_catalog(url: &str, node: &str) -> Result<std::sync::Arc<dyn Re
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(std::sync::Arc::new(PgRepository::connect(url, node).await?))
     } else if url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(
-            SqliteRepository::open_url(url).await?.for_node(node),
-        ))
+        Ok(std::sync::Arc::new(SqliteRepository::open_url(url, node).await?))
     } else {
         Err(CatalogError::InvalidArgument(format!(
             "catalog URL {url:?} names no backend this agent knows; use sqlite:PATH or postgres://USER@HOST:PORT/DB"

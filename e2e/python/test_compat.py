@@ -67,6 +67,7 @@ def pb(tmp_path_factory):
             lifecycle=mod("runtime.v1.lifecycle_pb2"),
             tiering=mod("runtime.v1.tiering_pb2"),
             stats=mod("admin.v1.stats_pb2"),
+            stream=mod("runtime.v1.stream_pb2"),
             data_grpc=mod("services.v1.payload_data_service_pb2_grpc"),
             catalog_grpc=mod("services.v1.payload_catalog_service_pb2_grpc"),
             admin_grpc=mod("services.v1.payload_admin_service_pb2_grpc"),
@@ -161,6 +162,7 @@ class Client:
         self.data = pb.data_grpc.PayloadDataServiceStub(channel)
         self.catalog = pb.catalog_grpc.PayloadCatalogServiceStub(channel)
         self.admin = pb.admin_grpc.PayloadAdminServiceStub(channel)
+        self.streams = pb.stream_grpc.PayloadStreamServiceStub(channel)
 
 
 def _connect(pb, target):
@@ -418,6 +420,43 @@ def test_delete_while_leased(pb, client):
     assert wait_gone(path), f"{path} still exists after a forced delete"
     # The revoked lease can still be released without error.
     release(pb, client, resp.lease_id)
+
+
+def test_stream_append_subscribe_and_offsets(pb, client):
+    s = pb.stream
+    c = client
+    sid = s.StreamID(name=f"py-{uuid.uuid4()}", namespace="compat")
+    c.streams.CreateStream(s.CreateStreamRequest(stream=sid, retention_max_entries=100), timeout=CALL_TIMEOUT)
+    expect_code(grpc.StatusCode.ALREADY_EXISTS, c.streams.CreateStream, s.CreateStreamRequest(stream=sid))
+    payload = put_ram(pb, c, b"stream entry").payload_id
+    # A subscriber started before any append gets entries pushed, in order.
+    sub = c.streams.Subscribe(s.SubscribeRequest(stream=sid, from_beginning=True), timeout=CALL_TIMEOUT)
+    item = lambda n: s.AppendItem(payload_id=payload, duration_ns=n, tags={"n": str(n)})  # noqa: E731
+    done = c.streams.Append(s.AppendRequest(stream=sid, items=[item(0), item(1)]), timeout=CALL_TIMEOUT)
+    assert (done.first_offset, done.last_offset) == (0, 1)
+    done = c.streams.Append(s.AppendRequest(stream=sid, items=[item(2)]), timeout=CALL_TIMEOUT)
+    assert (done.first_offset, done.last_offset) == (2, 2)
+    got = [next(sub).entry for _ in range(3)]
+    assert [e.offset for e in got] == [0, 1, 2]
+    assert got[1].tags["n"] == "1" and got[1].payload_id.value == payload.value
+    assert got[2].stream.name == sid.name
+    sub.cancel()
+
+    read = c.streams.Read(s.ReadRequest(stream=sid, start_offset=1), timeout=CALL_TIMEOUT)
+    assert [e.offset for e in read.entries] == [1, 2]
+    rng = c.streams.GetRange(s.GetRangeRequest(stream=sid, start_offset=0, end_offset=1), timeout=CALL_TIMEOUT)
+    assert [e.offset for e in rng.entries] == [0, 1]
+    expect_code(grpc.StatusCode.OUT_OF_RANGE, c.streams.Read, s.ReadRequest(stream=sid, start_offset=9))
+    ghost = s.AppendRequest(stream=sid, items=[s.AppendItem(payload_id=pid(pb, uuid.uuid4().bytes))])
+    expect_code(grpc.StatusCode.NOT_FOUND, c.streams.Append, ghost)
+
+    committed = c.streams.GetCommitted(s.GetCommittedRequest(stream=sid, consumer_group="g"), timeout=CALL_TIMEOUT)
+    assert (committed.offset, committed.committed) == (0, False)
+    c.streams.Commit(s.CommitRequest(stream=sid, consumer_group="g", offset=0), timeout=CALL_TIMEOUT)
+    committed = c.streams.GetCommitted(s.GetCommittedRequest(stream=sid, consumer_group="g"), timeout=CALL_TIMEOUT)
+    assert (committed.offset, committed.committed) == (0, True)
+    c.streams.DeleteStream(s.DeleteStreamRequest(stream=sid), timeout=CALL_TIMEOUT)
+    expect_code(grpc.StatusCode.NOT_FOUND, c.streams.Read, s.ReadRequest(stream=sid))
 
 
 def test_spill_ram_to_disk(pb, client):

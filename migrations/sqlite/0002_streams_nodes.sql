@@ -1,7 +1,10 @@
 -- Several agents may share one catalog: a payload row describes the copy held
 -- by one node, and each agent loads and recovers only its own rows.
 ALTER TABLE payloads ADD COLUMN node TEXT NOT NULL DEFAULT '';
-CREATE INDEX payloads_by_node ON payloads (node);
+-- Listings are per node, newest first: one index serves the order, the
+-- keyset seek and the count.
+DROP INDEX payloads_by_created;
+CREATE INDEX payloads_by_node_created ON payloads (node, created_at_ms DESC, id DESC);
 
 -- Optimistic concurrency for metadata updates (expected_version).
 ALTER TABLE metadata ADD COLUMN version INTEGER NOT NULL DEFAULT 1;

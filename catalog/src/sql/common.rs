@@ -107,10 +107,8 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
     Ok(())
 }
 
-/// Rows written before nodes were recorded (node = '') belong to whichever
-/// node opens the catalog; only a standalone SQLite catalog can have them.
 fn push_filters<'a>(qb: &mut QueryBuilder<'a, Db>, node: &'a str, query: &'a ListQuery) {
-    qb.push(" WHERE node IN (").push_bind(node).push(", '')");
+    qb.push(" WHERE node = ").push_bind(node);
     if let Some(tier) = query.tier {
         qb.push(" AND tier = ").push_bind(tier as i32);
     }
@@ -412,7 +410,7 @@ impl Repository for Repo {
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>> {
         use futures_util::TryStreamExt;
         // Streamed: a million rows are never held twice.
-        let sql = format!("SELECT {COLUMNS} FROM payloads WHERE node IN ($1, '')");
+        let sql = format!("SELECT {COLUMNS} FROM payloads WHERE node = $1");
         let mut rows = sqlx::query(&sql).bind(&*self.node).fetch(&self.pool);
         let mut out = Vec::new();
         while let Some(row) = rows.try_next().await? {

@@ -37,27 +37,21 @@ pub struct SqliteRepository {
 }
 
 impl SqliteRepository {
-    /// Opens (creating if needed) the database at `path`, for node
-    /// `standalone`, and applies every pending migration.
+    /// Opens (creating if needed) the database at `path` for node
+    /// `standalone` and applies every pending migration.
     pub async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::new().filename(path);
-        Self::connect(options).await
+        Self::connect(SqliteConnectOptions::new().filename(path), "standalone").await
     }
 
-    /// Opens a connection string such as `sqlite:///var/lib/pm/catalog.db`.
-    pub async fn open_url(url: &str) -> Result<Self> {
+    /// Opens a connection string such as `sqlite:///var/lib/pm/catalog.db`
+    /// for node `node`.
+    pub async fn open_url(url: &str, node: &str) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| CatalogError::InvalidArgument(format!("bad SQLite URL {url:?}: {e}")))?;
-        Self::connect(options).await
+        Self::connect(options, node).await
     }
 
-    /// The same catalog, writing and loading the payload rows of `node`.
-    pub fn for_node(mut self, node: &str) -> Self {
-        self.node = node.into();
-        self
-    }
-
-    async fn connect(options: SqliteConnectOptions) -> Result<Self> {
+    async fn connect(options: SqliteConnectOptions, node: &str) -> Result<Self> {
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -72,9 +66,15 @@ impl SqliteRepository {
             .run(&pool)
             .await
             .map_err(|e| migrate_error("SQLite", &MIGRATOR, e))?;
+        // Rows written before rows named their node (schema version 1) belong
+        // to the one node a SQLite catalog serves.
+        sqlx::query("UPDATE payloads SET node = $1 WHERE node = ''")
+            .bind(node)
+            .execute(&pool)
+            .await?;
         Ok(Self {
             pool,
-            node: "standalone".into(),
+            node: node.into(),
             hub: Arc::default(),
         })
     }

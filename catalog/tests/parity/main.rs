@@ -51,11 +51,10 @@ impl Backend {
 
     pub async fn try_open(&self, node: &str) -> Result<Arc<dyn Repository>> {
         Ok(match &self.target {
-            Target::Sqlite(dir) => Arc::new(
-                SqliteRepository::open(&dir.path().join("catalog.db"))
-                    .await?
-                    .for_node(node),
-            ),
+            Target::Sqlite(dir) => {
+                let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
+                Arc::new(SqliteRepository::open_url(&url, node).await?)
+            }
             Target::Postgres(url) => Arc::new(PgRepository::connect(url, node).await?),
         })
     }
