@@ -2,6 +2,7 @@
 //! journal, spill and promotion, and the v1 gRPC services over a Unix socket
 //! and TCP. `payload-agent standalone` runs it with an embedded SQLite catalog.
 
+pub mod appender;
 pub mod cli;
 pub mod clock;
 pub mod grpc;

@@ -152,6 +152,48 @@ async fn a_slow_subscriber_does_not_hold_back_writers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_transactions_but_keep_their_own_offsets() {
+    let dirs = Dirs::new();
+    let served = Served::start(&dirs, NodeConfig::default(), &Capacity::default()).await;
+    let id = a_payload(&served).await;
+    let mut streams = served.client.streams();
+    create(&mut streams, "s").await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8 {
+        let (mut streams, id) = (streams.clone(), id.clone());
+        tasks.spawn(async move {
+            let mut ranges = Vec::new();
+            for round in 0..50 {
+                if task == 0 && round % 10 == 0 {
+                    // A bad call in the crowd fails alone.
+                    let ghost = Some(pb::PayloadId { value: vec![9; 16] });
+                    let bad = AppendRequest {
+                        stream: sid("s"),
+                        items: vec![AppendItem {
+                            payload_id: ghost,
+                            ..Default::default()
+                        }],
+                    };
+                    assert_eq!(code(streams.append(bad).await), Code::NotFound);
+                }
+                ranges.push(append(&mut streams, "s", &id, 2).await);
+            }
+            ranges
+        });
+    }
+    let mut offsets = Vec::new();
+    while let Some(ranges) = tasks.join_next().await {
+        for (first, last) in ranges.unwrap() {
+            assert_eq!(last, first + 1, "a call's entries are contiguous");
+            offsets.extend([first, last]);
+        }
+    }
+    offsets.sort();
+    assert_eq!(offsets, (0..800).collect::<Vec<_>>());
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_calls_with_bad_input_get_precise_statuses() {
     let dirs = Dirs::new();
     let served = Served::start(&dirs, NodeConfig::default(), &Capacity::default()).await;

@@ -25,5 +25,5 @@ pub fn routes(node: Arc<Node>) -> Routes {
         .add_service(PayloadAdminServiceServer::new(admin::AdminService {
             node: node.clone(),
         }))
-        .add_service(PayloadStreamServiceServer::new(stream::StreamService { node }))
+        .add_service(PayloadStreamServiceServer::new(stream::StreamService::new(node)))
 }

@@ -15,11 +15,13 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::{payload_id, pb_payload_id, status};
+use crate::appender::Appender;
 use crate::clock::{millis, timestamp};
 use crate::node::Node;
 
 pub struct StreamService {
-    pub node: Arc<Node>,
+    node: Arc<Node>,
+    appender: Appender,
 }
 
 /// Entries queued per subscriber when the request names no `max_inflight`.
@@ -47,6 +49,11 @@ fn pb_entry(key: &StreamKey, entry: StreamEntry) -> runtime::StreamEntry {
 }
 
 impl StreamService {
+    pub fn new(node: Arc<Node>) -> Self {
+        let appender = Appender::new(node.repo().clone());
+        Self { node, appender }
+    }
+
     fn repo(&self) -> Arc<dyn Repository> {
         self.node.repo().clone()
     }
@@ -97,7 +104,7 @@ impl PayloadStreamService for StreamService {
         // Payloads committed a moment ago may still be on their way to the
         // catalog; the existence check must see them.
         self.node.flush().await.map_err(status)?;
-        let (first_offset, last_offset) = self.repo().append(&key, &items, now).await.map_err(status)?;
+        let (first_offset, last_offset) = self.appender.append(key, items, now).await.map_err(status)?;
         Ok(Response::new(runtime::AppendResponse {
             first_offset,
             last_offset,

@@ -34,6 +34,14 @@ impl Node {
         disk: FileStore,
         state_dir: &Path,
     ) -> anyhow::Result<(Arc<Node>, Recovery)> {
+        // The catalog scopes payload rows by node: a mismatch would load (and
+        // recover, deleting rows) as another node.
+        anyhow::ensure!(
+            repo.node() == cfg.node_name,
+            "the catalog was opened for node {:?} but this agent is node {:?}",
+            repo.node(),
+            cfg.node_name
+        );
         let writer = Writer::open(repo.clone(), &state_dir.join("catalog.log")).await?;
         let journal_path = state_dir.join("leases.journal");
         let (journal, journaled) = Journal::open(&journal_path)

@@ -1,7 +1,7 @@
 // The repository, written once for both SQL backends. This file is not a
 // module: `sqlite.rs` and `postgres.rs` each `include!` it after defining
 // `Db`, `Conn`, `DbRow`, `Repo` (with `pool`, `node` and `hub` fields),
-// `begin_write` and `announce_append`. See `sql/mod.rs` for why.
+// `begin_write`, `lock_lineage` and `announce_append`. See `sql/mod.rs` for why.
 
 const COLUMNS: &str = "id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
      priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms";
@@ -193,6 +193,7 @@ async fn walk(conn: &mut Conn, start: PayloadId, upstream: bool, max_depth: u32)
 }
 
 async fn add_lineage(conn: &mut Conn, child: PayloadId, edges: &[LineageEdge]) -> Result<()> {
+    lock_lineage(conn).await?;
     require_payload(conn, child, "lineage child").await?;
     for edge in edges {
         if edge.parent == child {
@@ -247,56 +248,62 @@ async fn update_metadata(
     expected_version: Option<u64>,
 ) -> Result<Metadata> {
     require_payload(conn, id, "payload").await?;
-    let old = get_metadata(conn, id).await?.unwrap_or_default();
-    let lost_race = || {
-        CatalogError::Conflict(format!(
-            "metadata of {id} is at version {}, not the expected {}; read it again and retry",
-            old.version,
-            expected_version.unwrap_or_default()
-        ))
-    };
-    if expected_version.is_some_and(|v| v != old.version) {
-        return Err(lost_race());
-    }
-    let mut stored = match mode {
-        MetadataMode::Replace => update,
-        MetadataMode::Merge => Metadata {
-            data: merge_data(&old.data, update.data),
-            schema: if update.schema.is_empty() {
-                old.schema.clone()
-            } else {
-                update.schema
+    // Without an expected version a lost race is retried on the newer value
+    // (a MERGE must apply on top of it); with one, it is the caller's to see.
+    for _ in 0..16 {
+        let old = get_metadata(conn, id).await?.unwrap_or_default();
+        let lost_race = || {
+            CatalogError::Conflict(format!(
+                "metadata of {id} is at version {}, not the expected {}; read it again and retry",
+                old.version,
+                expected_version.unwrap_or_default()
+            ))
+        };
+        if expected_version.is_some_and(|v| v != old.version) {
+            return Err(lost_race());
+        }
+        let mut stored = match mode {
+            MetadataMode::Replace => update.clone(),
+            MetadataMode::Merge => Metadata {
+                data: merge_data(&old.data, update.data.clone()),
+                schema: if update.schema.is_empty() {
+                    old.schema.clone()
+                } else {
+                    update.schema.clone()
+                },
+                updated_at_ms: update.updated_at_ms,
+                version: 0,
             },
-            updated_at_ms: update.updated_at_ms,
-            version: 0,
-        },
-    };
-    stored.version = old.version + 1;
-    // The version condition makes the write itself the check, so a writer
-    // that read the same version concurrently updates nothing.
-    let done = sqlx::query(
-        "INSERT INTO metadata (payload_id, data, schema, updated_at_ms, version) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (payload_id) DO UPDATE SET data = excluded.data, schema = excluded.schema, \
-         updated_at_ms = excluded.updated_at_ms, version = excluded.version \
-         WHERE metadata.version = $6",
-    )
-    .bind(id.as_bytes().as_slice())
-    .bind(&stored.data)
-    .bind(&stored.schema)
-    .bind(to_i64(stored.updated_at_ms))
-    .bind(to_i64(stored.version))
-    .bind(to_i64(old.version))
-    .execute(&mut *conn)
-    .await;
-    match done {
-        Ok(done) if done.rows_affected() == 1 => Ok(stored),
-        Ok(_) => Err(lost_race()),
-        Err(err) => match CatalogError::from(err) {
-            // Two first writers: the second insert hits the primary key.
-            CatalogError::AlreadyExists(_) => Err(lost_race()),
-            err => Err(err),
-        },
+        };
+        stored.version = old.version + 1;
+        // The version condition makes the write itself the check, so of two
+        // writers that read the same version only one updates.
+        let done = sqlx::query(
+            "INSERT INTO metadata (payload_id, data, schema, updated_at_ms, version) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (payload_id) DO UPDATE SET data = excluded.data, schema = excluded.schema, \
+             updated_at_ms = excluded.updated_at_ms, version = excluded.version \
+             WHERE metadata.version = $6",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(&stored.data)
+        .bind(&stored.schema)
+        .bind(to_i64(stored.updated_at_ms))
+        .bind(to_i64(stored.version))
+        .bind(to_i64(old.version))
+        .execute(&mut *conn)
+        .await;
+        // ON CONFLICT settles two first writers too: the second one waits for
+        // the first and then takes the update path, where the version differs.
+        if done?.rows_affected() == 1 {
+            return Ok(stored);
+        }
+        if expected_version.is_some() {
+            return Err(lost_race());
+        }
     }
+    Err(CatalogError::Conflict(format!(
+        "metadata of {id} kept changing under this update; retry"
+    )))
 }
 
 /// The row of a stream, locked for writing where the backend locks rows.

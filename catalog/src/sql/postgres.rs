@@ -72,21 +72,26 @@ impl PgRepository {
 /// the repository is gone.
 async fn relay_appends(mut listener: PgListener, hub: Weak<StreamHub>) {
     loop {
-        let received = listener.recv().await;
+        // try_recv, not recv: recv reconnects silently and what was sent
+        // meanwhile is lost; here a lost connection is seen (Ok(None)) and
+        // every subscriber re-reads.
+        let received = listener.try_recv().await;
         let Some(hub) = hub.upgrade() else {
             return;
         };
         match received {
-            Ok(note) => {
+            Ok(Some(note)) => {
                 let mut parts = note.payload().split(' ').map(str::parse::<i64>);
                 if let (Some(Ok(id)), Some(Ok(next))) = (parts.next(), parts.next()) {
                     hub.notify(id, to_u64(next));
                 }
             }
+            Ok(None) => {
+                tracing::warn!("stream notification listener lost its connection; reconnecting");
+                hub.notify_all();
+            }
             Err(err) => {
-                // The listener reconnects on the next recv; anything sent
-                // meanwhile is lost, so every subscriber re-reads.
-                tracing::warn!(%err, "stream notification listener lost its connection");
+                tracing::warn!(%err, "stream notification listener failed; retrying");
                 hub.notify_all();
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -98,6 +103,19 @@ async fn relay_appends(mut listener: PgListener, hub: Weak<StreamHub>) {
 async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>> {
     Ok(pool.begin().await?)
 }
+
+/// Lineage writes from every agent take turns, so two concurrent additions
+/// cannot each pass the cycle check and together close a cycle.
+async fn lock_lineage(conn: &mut Conn) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LINEAGE_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The advisory lock key of lineage writes ("pm-lineage" in ASCII).
+const LINEAGE_LOCK: i64 = 0x706d_2d6c_696e_6561;
 
 /// Delivered to every listening agent when the transaction commits.
 async fn announce_append(conn: &mut Conn, head: StreamHead) -> Result<()> {

@@ -86,6 +86,11 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>> {
     Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
 }
 
+/// `BEGIN IMMEDIATE` already serializes every writer.
+async fn lock_lineage(_conn: &mut Conn) -> Result<()> {
+    Ok(())
+}
+
 /// One process owns a SQLite catalog, so its own hub hears every append.
 async fn announce_append(_conn: &mut Conn, _head: StreamHead) -> Result<()> {
     Ok(())

@@ -154,6 +154,46 @@ async fn two_updates_with_the_same_expected_version_one_wins(b: Backend) {
     }
 }
 
+async fn concurrent_merges_without_a_version_both_apply(b: Backend) {
+    let rec = record(1, Tier::Ram, &[]);
+    insert(&*b.repo, std::slice::from_ref(&rec)).await;
+    let other = b.open("standalone").await;
+    for round in 0..10 {
+        let (left, right) = tokio::join!(
+            b.repo.update_metadata(
+                rec.id,
+                MetadataMode::Merge,
+                md(&format!(r#"{{"left{round}":1}}"#), ""),
+                None
+            ),
+            other.update_metadata(
+                rec.id,
+                MetadataMode::Merge,
+                md(&format!(r#"{{"right{round}":1}}"#), ""),
+                None
+            ),
+        );
+        left.unwrap();
+        right.unwrap();
+    }
+    let stored = b.repo.get_metadata(rec.id).await.unwrap().unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&stored.data).unwrap();
+    assert_eq!(value.as_object().unwrap().len(), 20, "no merge lost: {value}");
+    assert_eq!(stored.version, 20);
+}
+
+async fn concurrent_opposite_edges_never_close_a_cycle(b: Backend) {
+    let other = b.open("standalone").await;
+    for _ in 0..10 {
+        let recs: Vec<_> = (0..2).map(|i| record(i, Tier::Ram, &[])).collect();
+        insert(&*b.repo, &recs).await;
+        let (x, y) = (recs[0].id, recs[1].id);
+        let (x_from_y, y_from_x) = ([edge(x, y)], [edge(y, x)]);
+        let (one, two) = tokio::join!(b.repo.add_lineage(x, &x_from_y), other.add_lineage(y, &y_from_x));
+        assert!(one.is_ok() != two.is_ok(), "exactly one edge lands: {one:?} / {two:?}");
+    }
+}
+
 async fn metadata_events_read_back_in_order(b: Backend) {
     let repo = &*b.repo;
     let rec = record(1, Tier::Ram, &[]);
@@ -185,5 +225,7 @@ parity!(
     metadata_merge_combines_json_objects_and_replace_overwrites,
     a_stale_expected_version_is_refused_and_changes_nothing,
     two_updates_with_the_same_expected_version_one_wins,
+    concurrent_merges_without_a_version_both_apply,
+    concurrent_opposite_edges_never_close_a_cycle,
     metadata_events_read_back_in_order,
 );
