@@ -274,8 +274,8 @@ where
     use sqlx::Executor;
     pool.execute(
         format!(
-            "INSERT INTO payload_labels (payload_id, key, value) \
-             SELECT id, 'shard', CAST((created_at_ms - {BASE_MS}) % 100 AS TEXT) FROM payloads"
+            "INSERT INTO payload_labels (payload_id, key, value, node, created_at_ms) \
+             SELECT id, 'shard', CAST((created_at_ms - {BASE_MS}) % 100 AS TEXT), node, created_at_ms FROM payloads"
         )
         .as_str(),
     )

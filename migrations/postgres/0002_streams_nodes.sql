@@ -6,6 +6,16 @@ ALTER TABLE payloads ADD COLUMN node TEXT NOT NULL DEFAULT '';
 DROP INDEX payloads_by_created;
 CREATE INDEX payloads_by_node_created ON payloads (node, created_at_ms DESC, id DESC);
 
+-- Label rows carry their payload's listing key, so a label-filtered page is
+-- one range of this index, in listing order.
+ALTER TABLE payload_labels ADD COLUMN node TEXT NOT NULL DEFAULT '';
+ALTER TABLE payload_labels ADD COLUMN created_at_ms BIGINT NOT NULL DEFAULT 0;
+UPDATE payload_labels SET
+    node = (SELECT p.node FROM payloads p WHERE p.id = payload_labels.payload_id),
+    created_at_ms = (SELECT p.created_at_ms FROM payloads p WHERE p.id = payload_labels.payload_id);
+DROP INDEX payload_labels_by_kv;
+CREATE INDEX payload_labels_by_kv ON payload_labels (key, value, node, created_at_ms DESC, payload_id DESC);
+
 -- Optimistic concurrency for metadata updates (expected_version).
 ALTER TABLE metadata ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
 

@@ -6,6 +6,15 @@
 const COLUMNS: &str = "id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
      priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms";
 
+/// [`COLUMNS`] of the payloads table aliased `p`.
+fn qualified_columns() -> String {
+    COLUMNS
+        .split(", ")
+        .map(|c| format!("p.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 const ENTRY_COLUMNS: &str = "entry_offset, payload_id, event_time_ms, append_time_ms, duration_ns, tags";
 
 fn record_from_row(row: &DbRow) -> Result<PayloadRecord> {
@@ -97,38 +106,66 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
         .execute(&mut *conn)
         .await?;
     for (key, value) in &rec.labels {
-        sqlx::query("INSERT INTO payload_labels (payload_id, key, value) VALUES ($1, $2, $3)")
-            .bind(rec.id.as_bytes().as_slice())
-            .bind(key)
-            .bind(value)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "INSERT INTO payload_labels (payload_id, key, value, node, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(rec.id.as_bytes().as_slice())
+        .bind(key)
+        .bind(value)
+        .bind(node)
+        .bind(to_i64(rec.created_at_ms))
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
 
-fn push_filters<'a>(qb: &mut QueryBuilder<'a, Db>, node: &'a str, query: &'a ListQuery) {
-    qb.push(" WHERE node = ").push_bind(node);
+/// The FROM clause and filters of a listing. With a label selector the
+/// first label drives: its index rows carry the node and creation time, so a
+/// page is one index range in listing order however rare the label is.
+/// `d` names the driving table, whose `created_at_ms` and `{id}` order the
+/// listing.
+fn push_listing<'a>(
+    qb: &mut QueryBuilder<'a, Db>,
+    node: &'a str,
+    query: &'a ListQuery,
+) -> (&'static str, &'static str) {
+    let driver = match query.labels.first() {
+        Some((key, value)) => {
+            qb.push(" FROM payload_labels d JOIN payloads p ON p.id = d.payload_id WHERE d.key = ")
+                .push_bind(key.as_str())
+                .push(" AND d.value = ")
+                .push_bind(value.as_str())
+                .push(" AND d.node = ")
+                .push_bind(node);
+            ("d", "payload_id")
+        }
+        None => {
+            qb.push(" FROM payloads p WHERE p.node = ").push_bind(node);
+            ("p", "id")
+        }
+    };
     if let Some(tier) = query.tier {
-        qb.push(" AND tier = ").push_bind(tier as i32);
+        qb.push(" AND p.tier = ").push_bind(tier as i32);
     }
     if let Some(state) = query.state {
-        qb.push(" AND state = ").push_bind(state as i32);
+        qb.push(" AND p.state = ").push_bind(state as i32);
     }
+    let (d, _) = driver;
     if let Some(after) = query.created_after_ms {
-        qb.push(" AND created_at_ms > ").push_bind(to_i64(after));
+        qb.push(format!(" AND {d}.created_at_ms > ")).push_bind(to_i64(after));
     }
     if let Some(before) = query.created_before_ms {
-        qb.push(" AND created_at_ms < ").push_bind(to_i64(before));
+        qb.push(format!(" AND {d}.created_at_ms < ")).push_bind(to_i64(before));
     }
-    // IN (not EXISTS) lets the planner drive the query from the (key, value) index.
-    for (key, value) in &query.labels {
-        qb.push(" AND id IN (SELECT payload_id FROM payload_labels WHERE key = ")
+    for (key, value) in query.labels.iter().skip(1) {
+        qb.push(" AND p.id IN (SELECT payload_id FROM payload_labels WHERE key = ")
             .push_bind(key.as_str())
             .push(" AND value = ")
             .push_bind(value.as_str())
             .push(")");
     }
+    driver
 }
 
 async fn exists(conn: &mut Conn, id: PayloadId) -> Result<bool> {
@@ -431,27 +468,27 @@ impl Repository for Repo {
         let total = match query.after {
             Some(after) => after.total,
             None => {
-                let mut count = QueryBuilder::<Db>::new("SELECT COUNT(*) FROM payloads");
-                push_filters(&mut count, &self.node, query);
+                let mut count = QueryBuilder::<Db>::new("SELECT COUNT(*)");
+                push_listing(&mut count, &self.node, query);
                 to_u64(count.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
             }
         };
 
         let page_size = query.page_size.max(1) as usize;
-        let mut select = QueryBuilder::<Db>::new(format!("SELECT {COLUMNS} FROM payloads"));
-        push_filters(&mut select, &self.node, query);
+        let mut select = QueryBuilder::<Db>::new(format!("SELECT {}", qualified_columns()));
+        let (d, id) = push_listing(&mut select, &self.node, query);
         if let Some(after) = query.after {
             // A row-value comparison lets the planner seek the index instead
             // of skipping every earlier row.
             select
-                .push(" AND (created_at_ms, id) < (")
+                .push(format!(" AND ({d}.created_at_ms, {d}.{id}) < ("))
                 .push_bind(to_i64(after.created_at_ms))
                 .push(", ")
                 .push_bind(after.id.as_bytes().to_vec())
                 .push(")");
         }
         select
-            .push(" ORDER BY created_at_ms DESC, id DESC LIMIT ")
+            .push(format!(" ORDER BY {d}.created_at_ms DESC, {d}.{id} DESC LIMIT "))
             .push_bind(page_size as i64 + 1);
         let rows = select.build().fetch_all(&self.pool).await?;
         let mut items = rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()?;

@@ -68,10 +68,12 @@ impl SqliteRepository {
             .map_err(|e| migrate_error("SQLite", &MIGRATOR, e))?;
         // Rows written before rows named their node (schema version 1) belong
         // to the one node a SQLite catalog serves.
-        sqlx::query("UPDATE payloads SET node = $1 WHERE node = ''")
-            .bind(node)
-            .execute(&pool)
-            .await?;
+        for table in ["payloads", "payload_labels"] {
+            sqlx::query(&format!("UPDATE {table} SET node = $1 WHERE node = ''"))
+                .bind(node)
+                .execute(&pool)
+                .await?;
+        }
         Ok(Self {
             pool,
             node: node.into(),

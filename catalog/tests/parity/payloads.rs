@@ -31,10 +31,11 @@ async fn listing_filters_and_pages_stay_stable_while_rows_are_inserted(b: Backen
     let mut recs = Vec::new();
     for i in 0..30u64 {
         let tier = if i % 3 == 0 { Tier::Disk } else { Tier::Ram };
+        let odd = if (i / 2) % 2 == 1 { "1" } else { "0" };
         recs.push(record(
             1_000 + i / 2,
             tier,
-            &[("team", if i % 2 == 0 { "x" } else { "y" })],
+            &[("team", if i % 2 == 0 { "x" } else { "y" }), ("odd", odd)],
         ));
     }
     insert(repo, &recs).await;
@@ -77,6 +78,36 @@ async fn listing_filters_and_pages_stay_stable_while_rows_are_inserted(b: Backen
         .iter()
         .all(|r| r.labels["team"] == "x" && r.tier == Tier::Ram));
     assert_eq!(page.total, 10);
+    // A label-driven listing pages by keyset too, in the same order.
+    let mut by_team = ListQuery {
+        labels: vec![("team".into(), "y".into())],
+        page_size: 4,
+        ..Default::default()
+    };
+    let mut paged = Vec::new();
+    loop {
+        let page = repo.list_payloads(&by_team).await.unwrap();
+        assert_eq!(page.total, 15);
+        paged.extend(page.items.iter().map(|r| (r.created_at_ms, r.id)));
+        match page.next {
+            Some(token) => by_team.after = Some(token),
+            None => break,
+        }
+    }
+    let mut want: Vec<_> = recs
+        .iter()
+        .filter(|r| r.labels["team"] == "y")
+        .map(|r| (r.created_at_ms, r.id))
+        .collect();
+    want.sort_by(|a, b| b.cmp(a));
+    assert_eq!(paged, want);
+    let two_labels = ListQuery {
+        labels: vec![("team".into(), "y".into()), ("odd".into(), "1".into())],
+        created_after_ms: Some(1_002),
+        page_size: 100,
+        ..Default::default()
+    };
+    assert_eq!(repo.list_payloads(&two_labels).await.unwrap().total, 6);
     let window = ListQuery {
         created_after_ms: Some(1_003),
         created_before_ms: Some(1_006),
