@@ -43,6 +43,7 @@ lint:
 ## Benchmarks: figures and ratios against the floor, measured in one run.
 bench:
 	$(CARGO) bench -p payload-agent --bench standalone
+	$(CARGO) bench -p payload-agent --bench catalog
 
 clean:
 	$(CARGO) clean

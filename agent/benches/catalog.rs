@@ -58,11 +58,47 @@ fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
     v
 }
 
+const COMMITS: usize = 20_000;
+const IN_FLIGHT: usize = 32;
+
+/// The floor for a commit: a one-row INSERT in a transaction of its own,
+/// straight into the same database engine with the same durability
+/// settings, 32 in flight. What the agent must beat by batching.
+async fn floor_commits<DB: sqlx::Database>(pool: sqlx::Pool<DB>) -> f64
+where
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    use sqlx::Executor;
+    pool.execute("CREATE TABLE floor (id BYTEA PRIMARY KEY, v BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    let n = COMMITS / 4;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (pool, next) = (pool.clone(), next.clone());
+        workers.spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let id = uuid::Uuid::new_v4().as_bytes().to_vec();
+                sqlx::query::<DB>("INSERT INTO floor (id, v) VALUES ($1, 1)")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Commit RPCs against allocations made beforehand, 32 in flight: the
 /// agent's log append plus group commit into the catalog.
-async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>) {
-    const N: usize = 20_000;
-    const IN_FLIGHT: usize = 32;
+async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>, floor: f64) {
+    const N: usize = COMMITS;
     let (agent, client) = Agent::start(catalog, "bench").await;
     let (_, catalog_rpc, _) = client.raw();
     let mut ids = Vec::with_capacity(N);
@@ -108,10 +144,11 @@ async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>) {
     let secs = start.elapsed().as_secs_f64();
     let latencies = sorted(latencies);
     report.push(format!(
-        "| commits through the agent ({label}), {IN_FLIGHT} in flight | {:.0} commits/s | p50 {:.0} µs, p99 {:.0} µs |",
+        "| commits through the agent ({label}), {IN_FLIGHT} in flight | {:.0} commits/s | p50 {:.0} µs, p99 {:.0} µs; floor (one INSERT per transaction) {floor:.0}/s: {:.1}× |",
         N as f64 / secs,
         us(percentile(&latencies, 0.5)),
         us(percentile(&latencies, 0.99)),
+        N as f64 / secs / floor,
     ));
     drop(client);
     drop(agent);
@@ -390,9 +427,29 @@ fn main() {
             "|---|---|---|".to_string(),
         ];
         if want("commits") {
-            commits(&mut report, "SQLite", None).await;
+            let dir = tempfile::tempdir().unwrap();
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(dir.path().join("floor.db"))
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30));
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .unwrap();
+            let floor = floor_commits(pool).await;
+            commits(&mut report, "SQLite", None, floor).await;
             let url = create_database(&cluster.url()).await.unwrap();
-            commits(&mut report, "PostgreSQL", Some(&url)).await;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .connect(&url)
+                .await
+                .unwrap();
+            let floor = floor_commits(pool).await;
+            let url = create_database(&cluster.url()).await.unwrap();
+            commits(&mut report, "PostgreSQL", Some(&url), floor).await;
         }
         if want("streams") {
             let (agent, client) = Agent::start(None, "a").await;
