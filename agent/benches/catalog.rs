@@ -15,7 +15,7 @@ use payload_catalog::{ListQuery, PgRepository, Repository, SqliteRepository};
 use payload_client::Client;
 use payload_proto::core as pb;
 use payload_proto::runtime::{self, subscribe_request::Start};
-use support::{connect, kill, ms, percentile, spawn, us};
+use support::{connect, kill, ms, percentile, scale, spawn, us, wanted};
 use tokio::task::JoinSet;
 
 /// One agent process with its own state and RAM directories.
@@ -410,12 +410,7 @@ async fn catalog_scale(report: &mut Vec<String>, label: &str, repo: &dyn Reposit
 }
 
 fn main() {
-    let only = std::env::var("PM_BENCH_ONLY").unwrap_or_default();
-    let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
-    let n: usize = std::env::var("PM_BENCH_PAYLOADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let n = scale();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -426,7 +421,7 @@ fn main() {
             "| catalog benchmark | figure | detail |".to_string(),
             "|---|---|---|".to_string(),
         ];
-        if want("commits") {
+        if wanted("commits") {
             let dir = tempfile::tempdir().unwrap();
             let options = sqlx::sqlite::SqliteConnectOptions::new()
                 .filename(dir.path().join("floor.db"))
@@ -451,7 +446,7 @@ fn main() {
             let url = create_database(&cluster.url()).await.unwrap();
             commits(&mut report, "PostgreSQL", Some(&url), floor).await;
         }
-        if want("streams") {
+        if wanted("streams") {
             let (agent, client) = Agent::start(None, "a").await;
             streams(&mut report, "SQLite", &client, &client).await;
             drop((client, agent));
@@ -462,7 +457,7 @@ fn main() {
             streams(&mut report, "PostgreSQL, subscriber on another agent", &a, &b).await;
             drop((a, b, agent_a, agent_b));
         }
-        if want("catalog-scale") {
+        if wanted("catalog-scale") {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("catalog.db");
             let t = Instant::now();

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 mod support;
 
 use std::time::{Duration, Instant};
-use support::{connect, kill, percentile, spawn};
+use support::{connect, kill, percentile, scale, spawn, wanted};
 
 use memmap2::MmapOptions;
 use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Repository, SqliteRepository, Tier, Write};
@@ -473,12 +473,7 @@ fn mount_huge() -> Option<tempfile::TempDir> {
 
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
-    let only = std::env::var("PM_BENCH_ONLY").unwrap_or_default();
-    let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
-    let n: usize = std::env::var("PM_BENCH_PAYLOADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let n = scale();
     // Clients measured on a current-thread runtime unless a row says otherwise.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -489,7 +484,7 @@ fn main() {
             "| benchmark | ours | floor | ratio (ours/floor speed) |".to_string(),
             "|---|---|---|---|".to_string(),
         ];
-        if want("big") {
+        if wanted("big") {
             big_transfers(&mut report, "/dev/shm", None).await;
             match mount_huge() {
                 Some(dir) => {
@@ -504,10 +499,10 @@ fn main() {
         report.push(String::new());
         report.push("| latency benchmark | figure | throughput / note |".into());
         report.push("|---|---|---|".into());
-        if want("small") {
+        if wanted("small") {
             small_ops(&mut report).await;
         }
-        if want("scale") {
+        if wanted("scale") {
             at_scale(&mut report, n).await;
         }
         println!("{}", report.join("\n"));

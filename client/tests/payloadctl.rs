@@ -354,3 +354,37 @@ fn an_agent_that_is_not_there_is_exit_code_6() {
     let text = fails_with(&payloadctl(&["--agent", socket.to_str().unwrap(), "ls"], None), 6);
     assert!(text.starts_with("payloadctl: could not connect"), "{text}");
 }
+
+#[test]
+fn streams_are_created_appended_read_and_their_offsets_kept() {
+    let agent = Agent::start();
+    let a = put_file(&agent, b"first", &[]);
+    let b = put_file(&agent, b"second", &[]);
+    ok(&agent.ctl(&["stream", "create", "events", "--max-entries", "100"]));
+    assert!(fails_with(&agent.ctl(&["stream", "create", "events"]), 4).contains("already exists"));
+    let offsets = json(&agent.ctl(&[
+        "stream", "append", "events", &a, &b, "--tag", "run=1", "--output", "json",
+    ]));
+    assert_eq!(
+        (offsets["first_offset"].as_u64(), offsets["last_offset"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    let entries = json(&agent.ctl(&["stream", "read", "events", "--from", "1", "--output", "json"]));
+    let entries = entries.as_array().expect("a list of entries");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["payload_id"], b.as_str());
+    assert_eq!(entries[0]["tags"]["run"], "1");
+    assert!(ok(&agent.ctl(&["stream", "read", "events"])).contains(&a));
+
+    let nothing = json(&agent.ctl(&["stream", "committed", "events", "g", "--output", "json"]));
+    assert!(nothing["offset"].is_null(), "{nothing}");
+    ok(&agent.ctl(&["stream", "commit", "events", "g", "0"]));
+    assert_eq!(ok(&agent.ctl(&["stream", "committed", "events", "g"])).trim(), "0");
+
+    let ghost = Uuid::new_v4().to_string();
+    fails_with(&agent.ctl(&["stream", "append", "events", &ghost]), 3);
+    fails_with(&agent.ctl(&["stream", "read", "nope"]), 3);
+    ok(&agent.ctl(&["stream", "rm", "events"]));
+    fails_with(&agent.ctl(&["stream", "read", "events"]), 3);
+}

@@ -62,3 +62,17 @@ pub fn ms(d: Duration) -> f64 {
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
+
+/// Whether a section runs: all of them unless PM_BENCH_ONLY lists some.
+pub fn wanted(section: &str) -> bool {
+    let only = std::env::var("PM_BENCH_ONLY").unwrap_or_default();
+    only.is_empty() || only.split(',').any(|s| s.trim() == section)
+}
+
+/// How many payloads the at-scale sections seed: PM_BENCH_PAYLOADS, else a million.
+pub fn scale() -> usize {
+    std::env::var("PM_BENCH_PAYLOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}

@@ -84,6 +84,101 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Show usage per tier and the number of live leases.
     Stats,
+    /// Streams: ordered, append-only sequences of payload ids with
+    /// consumer-group offsets.
+    #[command(subcommand)]
+    Stream(StreamCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Create a stream.
+    Create(StreamCreateArgs),
+    /// Delete a stream with its entries and consumer offsets.
+    Rm(StreamName),
+    /// Append payloads, in order; prints the offsets they were given.
+    Append(StreamAppendArgs),
+    /// Print entries from an offset on.
+    Read(StreamReadArgs),
+    /// Print entries as they are appended, until interrupted.
+    Tail(StreamTailArgs),
+    /// Record a consumer group's offset.
+    Commit(StreamCommitArgs),
+    /// Show a consumer group's committed offset.
+    Committed(StreamGroupArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StreamName {
+    /// Stream name.
+    pub name: String,
+    /// Namespace of the stream.
+    #[arg(long, default_value = "")]
+    pub namespace: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamCreateArgs {
+    #[command(flatten)]
+    pub stream: StreamName,
+    /// Keep at most this many entries (default: no limit).
+    #[arg(long)]
+    pub max_entries: Option<u64>,
+    /// Drop entries older than this (30s, 10m, 2h, 7d; default: never).
+    #[arg(long, value_parser = parse_duration_ms, value_name = "DURATION")]
+    pub max_age: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamAppendArgs {
+    #[command(flatten)]
+    pub stream: StreamName,
+    /// Payload ids to append, in order.
+    #[arg(required = true, value_parser = parse_id, value_name = "ID")]
+    pub ids: Vec<PayloadId>,
+    /// Tag every appended entry with key=value; repeat for more.
+    #[arg(long = "tag", value_parser = parse_label, value_name = "KEY=VALUE")]
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamReadArgs {
+    #[command(flatten)]
+    pub stream: StreamName,
+    /// First offset to print.
+    #[arg(long, default_value_t = 0)]
+    pub from: u64,
+    /// Print at most this many entries (default and cap: 10000).
+    #[arg(long)]
+    pub max: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamTailArgs {
+    #[command(flatten)]
+    pub stream: StreamName,
+    /// Start at this offset (default: only entries appended from now on).
+    #[arg(long, conflicts_with = "beginning")]
+    pub from: Option<u64>,
+    /// Start at the oldest entry kept.
+    #[arg(long)]
+    pub beginning: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamGroupArgs {
+    #[command(flatten)]
+    pub stream: StreamName,
+    /// Consumer group.
+    pub group: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamCommitArgs {
+    #[command(flatten)]
+    pub group: StreamGroupArgs,
+    /// Offset to record.
+    pub offset: u64,
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod render;
+mod stream;
 mod transfer;
 
 use std::io::Write;
@@ -74,6 +75,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Promote(args) => commands::promote(&client, args, output).await,
         Command::Lease(args) => commands::lease(&client, args, output).await,
         Command::Stats => commands::stats(&client, output).await,
+        Command::Stream(command) => stream::run(&client, command, output).await,
     }
 }
 
