@@ -343,20 +343,27 @@ async fn update_metadata(
     )))
 }
 
-/// The row of a stream, locked for writing where the backend locks rows.
-async fn stream_row(conn: &mut Conn, key: &StreamKey, lock: bool) -> Result<(StreamHead, Retention)> {
-    // Bumping nothing is a write: it takes the row lock (PostgreSQL) before
-    // anything is read, so concurrent appends serialize on the stream.
-    let sql = if lock {
-        "UPDATE streams SET next_offset = next_offset WHERE namespace = $1 AND name = $2 \
-         RETURNING id, next_offset, retention_max_entries, retention_max_age_ms"
-    } else {
-        "SELECT id, next_offset, retention_max_entries, retention_max_age_ms FROM streams \
-         WHERE namespace = $1 AND name = $2"
-    };
-    let row = sqlx::query(sql)
+/// The row of a stream. With `reserve`, first moves its head past that many
+/// new entries and returns the head as it was: the write takes the row lock
+/// (PostgreSQL) before anything is read, so concurrent appends serialize on
+/// the stream, and a failed append rolls the move back with the rest.
+async fn stream_row(conn: &mut Conn, key: &StreamKey, reserve: Option<u64>) -> Result<(StreamHead, Retention)> {
+    let query = match reserve {
+        Some(n) => sqlx::query(
+            "UPDATE streams SET next_offset = next_offset + $3 WHERE namespace = $1 AND name = $2 \
+             RETURNING id, next_offset - $3 AS next_offset, retention_max_entries, retention_max_age_ms",
+        )
         .bind(&key.namespace)
         .bind(&key.name)
+        .bind(to_i64(n)),
+        None => sqlx::query(
+            "SELECT id, next_offset, retention_max_entries, retention_max_age_ms FROM streams \
+             WHERE namespace = $1 AND name = $2",
+        )
+        .bind(&key.namespace)
+        .bind(&key.name),
+    };
+    let row = query
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| CatalogError::NotFound(format!("stream {key} not found; create it first")))?;
@@ -378,7 +385,7 @@ async fn commit_offset(conn: &mut Conn, key: &StreamKey, group: &str, offset: u6
             "consumer_group must not be empty".to_string(),
         ));
     }
-    let (head, _) = stream_row(conn, key, false).await?;
+    let (head, _) = stream_row(conn, key, None).await?;
     if offset > head.next_offset {
         return Err(CatalogError::OutOfRange(format!(
             "offset {offset} is past the head of stream {key} (next offset {})",
@@ -615,7 +622,7 @@ impl Repository for Repo {
 
     async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)> {
         let mut tx = begin_write(&self.pool).await?;
-        let (head, retention) = stream_row(&mut tx, key, true).await?;
+        let (head, retention) = stream_row(&mut tx, key, Some(items.len() as u64)).await?;
         if items.is_empty() {
             return Ok((0, 0));
         }
@@ -642,11 +649,6 @@ impl Repository for Repo {
             .await?;
         }
         let next = first + items.len() as u64;
-        sqlx::query("UPDATE streams SET next_offset = $1 WHERE id = $2")
-            .bind(to_i64(next))
-            .bind(head.id)
-            .execute(&mut *tx)
-            .await?;
         if retention.max_entries > 0 && next > retention.max_entries {
             sqlx::query("DELETE FROM stream_entries WHERE stream_id = $1 AND entry_offset < $2")
                 .bind(head.id)
@@ -673,7 +675,7 @@ impl Repository for Repo {
 
     async fn read_stream(&self, key: &StreamKey, query: ReadQuery) -> Result<Vec<StreamEntry>> {
         let mut conn = self.pool.acquire().await?;
-        let (head, _) = stream_row(&mut conn, key, false).await?;
+        let (head, _) = stream_row(&mut conn, key, None).await?;
         if query.start > head.next_offset {
             return Err(CatalogError::OutOfRange(format!(
                 "start offset {} is past the head of stream {key} (next offset {})",
@@ -708,7 +710,7 @@ impl Repository for Repo {
 
     async fn stream_head(&self, key: &StreamKey) -> Result<StreamHead> {
         let mut conn = self.pool.acquire().await?;
-        Ok(stream_row(&mut conn, key, false).await?.0)
+        Ok(stream_row(&mut conn, key, None).await?.0)
     }
 
     async fn commit_offset(&self, key: &StreamKey, group: &str, offset: u64, now_ms: u64) -> Result<()> {
@@ -720,7 +722,7 @@ impl Repository for Repo {
 
     async fn get_committed(&self, key: &StreamKey, group: &str) -> Result<Option<u64>> {
         let mut conn = self.pool.acquire().await?;
-        let (head, _) = stream_row(&mut conn, key, false).await?;
+        let (head, _) = stream_row(&mut conn, key, None).await?;
         let row = sqlx::query("SELECT entry_offset FROM consumer_offsets WHERE stream_id = $1 AND consumer_group = $2")
             .bind(head.id)
             .bind(group)

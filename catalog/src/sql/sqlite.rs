@@ -67,12 +67,18 @@ impl SqliteRepository {
             .await
             .map_err(|e| migrate_error("SQLite", &MIGRATOR, e))?;
         // Rows written before rows named their node (schema version 1) belong
-        // to the one node a SQLite catalog serves.
-        for table in ["payloads", "payload_labels"] {
-            sqlx::query(&format!("UPDATE {table} SET node = $1 WHERE node = ''"))
-                .bind(node)
-                .execute(&pool)
-                .await?;
+        // to the one node a SQLite catalog serves. The index answers the
+        // probe, so a catalog without such rows pays nothing more.
+        let unowned = sqlx::query("SELECT 1 FROM payloads WHERE node = '' LIMIT 1")
+            .fetch_optional(&pool)
+            .await?;
+        if unowned.is_some() {
+            for table in ["payloads", "payload_labels"] {
+                sqlx::query(&format!("UPDATE {table} SET node = $1 WHERE node = ''"))
+                    .bind(node)
+                    .execute(&pool)
+                    .await?;
+            }
         }
         Ok(Self {
             pool,
