@@ -170,7 +170,7 @@ impl StandaloneArgs {
         let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
         let repo = payload_catalog::open_catalog(&catalog, &node_name)
             .await
-            .with_context(|| format!("opening catalog {catalog}"))?;
+            .with_context(|| format!("opening catalog {}", payload_catalog::redact_url(&catalog)))?;
         let ram = FileStore::ram(&ram_root, &shm_prefix, ram_capacity)?;
         let disk = FileStore::disk(&disk_root.unwrap_or_else(|| state_dir.join("disk")), disk_capacity)?;
         let cfg = NodeConfig {

@@ -19,6 +19,21 @@ pub use sql::postgres::PgRepository;
 pub use sql::sqlite::SqliteRepository;
 pub use stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
 
+/// A catalog URL fit for logs and error messages: any password replaced
+/// by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Opens the catalog a URL names, for node `node`: `sqlite:` (a file) or
 /// `postgres://` / `postgresql://` (a shared server).
 pub async fn open_catalog(url: &str, node: &str) -> Result<std::sync::Arc<dyn Repository>> {
@@ -28,7 +43,21 @@ pub async fn open_catalog(url: &str, node: &str) -> Result<std::sync::Arc<dyn Re
         Ok(std::sync::Arc::new(SqliteRepository::open_url(url, node).await?))
     } else {
         Err(CatalogError::InvalidArgument(format!(
-            "catalog URL {url:?} names no backend this agent knows; use sqlite:PATH or postgres://USER@HOST:PORT/DB"
+            "catalog URL {:?} names no backend this agent knows; use sqlite:PATH or postgres://USER@HOST:PORT/DB",
+            redact_url(url)
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            super::redact_url("postgres://pm:s3cret@db:5432/x"),
+            "postgres://pm:***@db:5432/x"
+        );
+        assert_eq!(super::redact_url("postgres://pm@db/x"), "postgres://pm@db/x");
+        assert_eq!(super::redact_url("sqlite:///a/b.db"), "sqlite:///a/b.db");
     }
 }

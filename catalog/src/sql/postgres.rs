@@ -42,14 +42,15 @@ impl PgRepository {
     /// Connects to `url` (`postgres://user@host:port/db`) as node `node`,
     /// applies pending migrations, and starts listening for appends.
     pub async fn connect(url: &str, node: &str) -> Result<Self> {
+        let shown = crate::redact_url(url);
         let options = PgConnectOptions::from_str(url)
-            .map_err(|e| CatalogError::InvalidArgument(format!("bad PostgreSQL URL {url:?}: {e}")))?;
+            .map_err(|e| CatalogError::InvalidArgument(format!("bad PostgreSQL URL {shown:?}: {e}")))?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|e| CatalogError::Storage(format!("cannot connect to PostgreSQL catalog {url:?}: {e}")))?;
+            .map_err(|e| CatalogError::Storage(format!("cannot connect to PostgreSQL catalog {shown:?}: {e}")))?;
         // Migrations take an advisory lock, so agents starting together
         // apply each one once.
         MIGRATOR
