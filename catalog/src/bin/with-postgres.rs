@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         }
     };
     eprintln!("with-postgres: PostgreSQL at {}", cluster.url());
+    outlive_interrupts();
     let code = run(Command::new(program).args(args).env(URL_VAR, cluster.url()));
     drop(cluster);
     code
@@ -33,5 +34,17 @@ fn run(cmd: &mut Command) -> ExitCode {
             eprintln!("with-postgres: cannot run the command: {err}");
             ExitCode::from(127)
         }
+    }
+}
+
+extern "C" fn ignore(_: libc::c_int) {}
+
+/// Ctrl-C and SIGTERM go to the command, which ends; this process lives on
+/// long enough to stop the cluster. A handler (not SIG_IGN) is reset by exec,
+/// so the command still gets the default behaviour.
+fn outlive_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that does nothing, for this process only.
+        unsafe { libc::signal(signal, ignore as *const () as libc::sighandler_t) };
     }
 }
