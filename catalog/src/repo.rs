@@ -170,6 +170,10 @@ pub trait Repository: Send + Sync + 'static {
     /// payload must exist. No items: `(0, 0)` and nothing written.
     async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)>;
     async fn read_stream(&self, key: &StreamKey, query: ReadQuery) -> Result<Vec<StreamEntry>>;
+    /// Up to `max` entries from offset `start` of the stream with row id
+    /// `stream_id`, in one query and without checking that the stream still
+    /// exists (a deleted one has no entries): the subscriber's path.
+    async fn read_entries(&self, stream_id: i64, start: u64, max: u64) -> Result<Vec<StreamEntry>>;
     async fn stream_head(&self, key: &StreamKey) -> Result<StreamHead>;
     /// Records a consumer group's offset; it may not pass the stream's head.
     async fn commit_offset(&self, key: &StreamKey, group: &str, offset: u64, now_ms: u64) -> Result<()>;

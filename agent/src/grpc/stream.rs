@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use payload_catalog::stream::MAX_READ;
-use payload_catalog::{AppendItem, ReadQuery, Repository, Retention, StreamEntry, StreamKey};
+use payload_catalog::{AppendItem, CatalogError, ReadQuery, Repository, Retention, StreamEntry, StreamHead, StreamKey};
 use payload_proto::runtime;
 use payload_proto::runtime::subscribe_request::Start;
 use payload_proto::services::payload_stream_service_server::PayloadStreamService;
@@ -151,7 +151,7 @@ impl PayloadStreamService for StreamService {
         };
         let (tx, rx) = mpsc::channel(inflight as usize);
         let woken = repo.watch_stream(head);
-        tokio::spawn(follow(repo, key, start, u64::from(inflight), woken, tx));
+        tokio::spawn(follow(repo, key, head, start, u64::from(inflight), woken, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -221,12 +221,14 @@ impl PayloadStreamService for StreamService {
 }
 
 /// Feeds one subscriber: reads from `next` in batches the size of its
-/// window, sends each entry (waiting for room, so a slow subscriber holds
-/// back only this task), and sleeps on the stream's watch when caught up.
-/// Ends when the subscriber goes away or the stream is deleted.
+/// window (one query each), sends each entry (waiting for room, so a slow
+/// subscriber holds back only this task), and sleeps on the stream's watch
+/// once caught up. Ends when the subscriber goes away or the stream is
+/// deleted.
 async fn follow(
     repo: Arc<dyn Repository>,
     key: StreamKey,
+    head: StreamHead,
     mut next: u64,
     batch: u64,
     mut woken: watch::Receiver<u64>,
@@ -236,25 +238,29 @@ async fn follow(
         // Marked seen before reading: an append committed after this point
         // wakes the wait below even if the read already returned it.
         woken.borrow_and_update();
-        let query = ReadQuery {
-            start: next,
-            end: None,
-            max: batch,
-            not_before_ms: 0,
-        };
-        let entries = match repo.read_stream(&key, query).await {
+        let entries = match repo.read_entries(head.id, next, batch).await {
             Ok(entries) => entries,
             Err(err) => {
                 let _ = tx.send(Err(status(err))).await;
                 return;
             }
         };
+        let caught_up = (entries.len() as u64) < batch;
         if entries.is_empty() {
-            tokio::select! {
-                changed = woken.changed() => if changed.is_err() { return },
-                () = tx.closed() => return,
+            // Woken with nothing to read: the stream may be gone (a delete
+            // wakes its subscribers), or gone and made again under its name.
+            match repo.stream_head(&key).await {
+                Ok(now) if now.id == head.id => {}
+                Ok(_) | Err(CatalogError::NotFound(_)) => {
+                    let gone = format!("stream {key} was deleted");
+                    let _ = tx.send(Err(Status::not_found(gone))).await;
+                    return;
+                }
+                Err(err) => {
+                    let _ = tx.send(Err(status(err))).await;
+                    return;
+                }
             }
-            continue;
         }
         for entry in entries {
             next = entry.offset + 1;
@@ -263,6 +269,12 @@ async fn follow(
             };
             if tx.send(Ok(response)).await.is_err() {
                 return;
+            }
+        }
+        if caught_up {
+            tokio::select! {
+                changed = woken.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
             }
         }
     }

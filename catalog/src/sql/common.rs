@@ -708,6 +708,19 @@ impl Repository for Repo {
         rows.iter().map(entry_from_row).collect()
     }
 
+    async fn read_entries(&self, stream_id: i64, start: u64, max: u64) -> Result<Vec<StreamEntry>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM stream_entries WHERE stream_id = $1 AND entry_offset >= $2 \
+             ORDER BY entry_offset LIMIT $3"
+        ))
+        .bind(stream_id)
+        .bind(to_i64(start))
+        .bind(to_i64(max.min(MAX_READ)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
     async fn stream_head(&self, key: &StreamKey) -> Result<StreamHead> {
         let mut conn = self.pool.acquire().await?;
         Ok(stream_row(&mut conn, key, None).await?.0)

@@ -72,7 +72,10 @@ async fn appends_get_contiguous_offsets_in_request_order(b: Backend) {
         repo.read_stream(&s, read_from(3)).await.unwrap().is_empty(),
         "the head is empty"
     );
-    assert_eq!(repo.stream_head(&s).await.unwrap().next_offset, 3);
+    let head = repo.stream_head(&s).await.unwrap();
+    assert_eq!(head.next_offset, 3);
+    assert_eq!(repo.read_entries(head.id, 1, 1).await.unwrap(), vec![all[1].clone()]);
+    assert_eq!(repo.read_entries(head.id, 0, 100).await.unwrap(), all);
 }
 
 async fn bad_stream_requests_get_precise_errors(b: Backend) {
