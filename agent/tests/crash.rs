@@ -21,6 +21,11 @@ struct Agent {
 
 impl Agent {
     async fn start(dirs: &Dirs) -> (Agent, Client) {
+        Self::start_with(dirs, &[]).await
+    }
+
+    /// With `extra` flags: a `--catalog` and `--node-name`, say.
+    async fn start_with(dirs: &Dirs, extra: &[&str]) -> (Agent, Client) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -42,6 +47,7 @@ impl Agent {
             ])
             .arg("--ram-root")
             .arg(dirs.ram.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -225,4 +231,75 @@ async fn sigkill_during_spills_leaves_exactly_one_valid_copy() {
         );
     }
     agent.kill9();
+}
+
+/// Two agents on one PostgreSQL catalog; one is killed mid-write and
+/// restarted: it keeps every payload it acknowledged, and its recovery
+/// touches none of the other node's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_on_a_shared_postgres_catalog_spares_the_other_node() {
+    let Some(url) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
+    let flags = |node: &'static str| ["--catalog", url.as_str(), "--node-name", node];
+    let (agent_a, a) = Agent::start_with(&dirs_a, &flags("a")).await;
+    let (agent_b, b) = Agent::start_with(&dirs_b, &flags("b")).await;
+    let mut on_b = Vec::new();
+    for i in 0..10u8 {
+        on_b.push(put(&b, &pattern(10_000, i), Tier::Ram).await.unwrap());
+    }
+    let mut half_written = Vec::new();
+    for _ in 0..2 {
+        half_written.push(a.allocate_with(4096, &PutOptions::default()).await.unwrap().id());
+    }
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = tokio::spawn({
+        let (client, acked) = (a.clone(), acked.clone());
+        async move {
+            for i in 0u32.. {
+                let tier = if i % 2 == 0 { Tier::Ram } else { Tier::Disk };
+                match put(&client, &pattern(20_000, i as u8), tier).await {
+                    Ok(done) => acked.lock().unwrap().push(done),
+                    Err(_) => return,
+                }
+            }
+        }
+    });
+    while acked.lock().unwrap().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    agent_a.kill9();
+    let _ = writer.await;
+    drop(a);
+
+    let (agent_a, a) = Agent::start_with(&dirs_a, &flags("a")).await;
+    for (id, digest) in acked.lock().unwrap().iter() {
+        let lease = a
+            .get(*id)
+            .await
+            .unwrap_or_else(|e| panic!("committed payload {id} lost: {e}"));
+        assert_eq!(Sha256::digest(lease.bytes()).to_vec(), *digest);
+    }
+    for id in half_written {
+        assert!(
+            matches!(a.stat(id).await, Err(ClientError::NotFound(_))),
+            "half-written {id} dropped"
+        );
+    }
+    assert_no_orphans(&dirs_a, &a).await;
+    assert_eq!(
+        assert_no_orphans(&dirs_b, &b).await,
+        on_b.len(),
+        "node b's rows are all still there"
+    );
+    for (id, digest) in &on_b {
+        assert_eq!(Sha256::digest(b.get(*id).await.unwrap().bytes()).to_vec(), *digest);
+        assert!(
+            matches!(a.stat(*id).await, Err(ClientError::NotFound(_))),
+            "a does not serve b's payloads"
+        );
+    }
+    agent_a.kill9();
+    agent_b.kill9();
 }
