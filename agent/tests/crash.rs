@@ -274,7 +274,8 @@ async fn sigkill_on_a_shared_postgres_catalog_spares_the_other_node() {
     drop(a);
 
     let (agent_a, a) = Agent::start_with(&dirs_a, &flags("a")).await;
-    for (id, digest) in acked.lock().unwrap().iter() {
+    let acked = acked.lock().unwrap().clone();
+    for (id, digest) in &acked {
         let lease = a
             .get(*id)
             .await
