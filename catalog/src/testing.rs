@@ -143,12 +143,18 @@ impl PgCluster {
     }
 }
 
-impl Drop for PgCluster {
-    fn drop(&mut self) {
+impl PgCluster {
+    fn stop(&self) {
         let data = self.dir.path().join("data");
         if let Some(data) = data.to_str() {
             let _ = run(&self.bin, "pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"]);
         }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -158,10 +164,7 @@ static OWN: OnceLock<Result<PgCluster, String>> = OnceLock::new();
 
 extern "C" fn stop_own_cluster() {
     if let Some(Ok(cluster)) = OWN.get() {
-        let data = cluster.dir.path().join("data");
-        if let Some(data) = data.to_str() {
-            let _ = run(&cluster.bin, "pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"]);
-        }
+        cluster.stop();
         let _ = std::fs::remove_dir_all(cluster.dir.path());
     }
 }

@@ -102,6 +102,13 @@ fn pb_id(id: PayloadId) -> pb::PayloadId {
     }
 }
 
+/// A protobuf timestamp as Unix milliseconds (absent or before 1970: 0).
+pub fn timestamp_ms(ts: Option<&prost_types::Timestamp>) -> u64 {
+    ts.map_or(0, |t| {
+        (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
+    })
+}
+
 /// The payload id inside a descriptor.
 pub fn descriptor_id(desc: &PayloadDescriptor) -> Result<PayloadId> {
     let raw = desc.payload_id.as_ref().map(|p| p.value.as_slice()).unwrap_or_default();
@@ -277,10 +284,7 @@ impl Client {
         let desc = response
             .payload_descriptor
             .ok_or_else(|| ClientError::Protocol("lease without a descriptor".into()))?;
-        let expires_at_ms = response
-            .lease_expires_at
-            .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
-            .unwrap_or(0);
+        let expires_at_ms = timestamp_ms(response.lease_expires_at.as_ref());
         match self.maps.get(&desc) {
             Ok(map) => Ok(Lease {
                 id,
@@ -323,10 +327,7 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok(response
-            .lease_expires_at
-            .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
-            .unwrap_or(0))
+        Ok(timestamp_ms(response.lease_expires_at.as_ref()))
     }
 
     /// Where the payload is now (advisory: it may move at once).

@@ -2,7 +2,7 @@
 //! consumer offsets, through the agent's stream service.
 
 use anyhow::Context;
-use payload_client::{Client, ClientError};
+use payload_client::{timestamp_ms, Client, ClientError};
 use payload_proto::core::PayloadId as PbPayloadId;
 use payload_proto::runtime::subscribe_request::Start;
 use payload_proto::runtime::*;
@@ -18,18 +18,12 @@ fn stream_id(stream: &StreamName) -> Option<StreamId> {
     })
 }
 
-fn ms(ts: Option<&prost_types::Timestamp>) -> u64 {
-    ts.map_or(0, |t| {
-        (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
-    })
-}
-
 fn entry_json(e: &StreamEntry) -> Value {
     json!({
         "offset": e.offset,
         "payload_id": id_text(e.payload_id.as_ref()),
-        "event_time": rfc3339(ms(e.event_time.as_ref())),
-        "append_time": rfc3339(ms(e.append_time.as_ref())),
+        "event_time": rfc3339(timestamp_ms(e.event_time.as_ref())),
+        "append_time": rfc3339(timestamp_ms(e.append_time.as_ref())),
         "duration_ns": e.duration_ns,
         "tags": e.tags,
     })
@@ -41,7 +35,7 @@ fn entry_row(e: &StreamEntry) -> Vec<String> {
     vec![
         e.offset.to_string(),
         id_text(e.payload_id.as_ref()),
-        rfc3339(ms(e.append_time.as_ref())),
+        rfc3339(timestamp_ms(e.append_time.as_ref())),
         tags.join(","),
     ]
 }
