@@ -5,7 +5,7 @@
 #![allow(rustdoc::invalid_html_tags)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::node::{Node, NodeConfig};
 use crate::server;
+use crate::state::StateDir;
 use crate::store::FileStore;
 
 #[derive(Parser, Debug)]
@@ -57,7 +58,9 @@ pub struct StandaloneArgs {
     /// (clients open /dev/shm/<shm_name>).
     #[arg(long, env = "PM_RAM_ROOT", default_value = "/dev/shm")]
     pub ram_root: PathBuf,
-    /// Prefix of shared-memory names: /<prefix>-<uuid>.
+    /// Prefix of shared-memory names: /<prefix>-<node-id>-<uuid>, where the
+    /// node id is made once in the state dir (agents sharing /dev/shm never
+    /// touch each other's regions).
     #[arg(long, env = "PM_SHM_PREFIX", default_value = "pm")]
     pub shm_prefix: String,
     /// RAM tier capacity (bytes, or with a unit: 512MiB, 4GiB, 1G).
@@ -91,6 +94,10 @@ pub struct StandaloneArgs {
     /// that describe this node's payload copies.
     #[arg(long, env = "PM_NODE_NAME", default_value = "standalone")]
     pub node_name: String,
+    /// Catalog writes that may wait in the node's log while the catalog is
+    /// unavailable; past it, Allocate, Commit and Pin answer UNAVAILABLE.
+    #[arg(long, env = "PM_CATALOG_BACKLOG", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub catalog_backlog: u64,
 }
 
 /// Parses `4096`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10TB`...
@@ -145,6 +152,7 @@ impl StandaloneArgs {
             write_deadline_ms,
             max_payload_size,
             node_name,
+            catalog_backlog,
         } = self;
         anyhow::ensure!(
             0.0 < ram_low_watermark && ram_low_watermark <= ram_high_watermark && ram_high_watermark <= 1.0,
@@ -158,7 +166,7 @@ impl StandaloneArgs {
             Some(dir) => dir,
             None => default_state_dir()?,
         };
-        std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let state = StateDir::open(&state_dir)?;
         let socket = socket.unwrap_or_else(|| state_dir.join("agent.sock"));
         let tcp: Option<SocketAddr> = match listen.as_str() {
             "off" | "" => None,
@@ -171,8 +179,15 @@ impl StandaloneArgs {
         let repo = payload_catalog::open_catalog(&catalog, &node_name)
             .await
             .with_context(|| format!("opening catalog {}", payload_catalog::redact_url(&catalog)))?;
-        let ram = FileStore::ram(&ram_root, &shm_prefix, ram_capacity)?;
-        let disk = FileStore::disk(&disk_root.unwrap_or_else(|| state_dir.join("disk")), disk_capacity)?;
+        if let Some(path) = catalog.strip_prefix("sqlite://") {
+            make_private(Path::new(path.split('?').next().unwrap_or(path)));
+        }
+        let ram = FileStore::ram(&ram_root, &shm_prefix, state.node_id(), ram_capacity)?;
+        let disk = FileStore::disk(
+            &disk_root.unwrap_or_else(|| state_dir.join("disk")),
+            state.node_id(),
+            disk_capacity,
+        )?;
         let cfg = NodeConfig {
             node_name,
             lease_default_ms,
@@ -181,9 +196,10 @@ impl StandaloneArgs {
             max_payload_bytes: max_payload_size,
             ram_high_watermark,
             ram_low_watermark,
+            catalog_backlog: usize::try_from(catalog_backlog).unwrap_or(usize::MAX),
             clock: crate::clock::Clock::new(),
         };
-        let (node, _) = Node::open(cfg, repo, ram, disk, &state_dir).await?;
+        let (node, _) = Node::open(cfg, repo, ram, disk, state).await?;
 
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {
@@ -216,6 +232,17 @@ impl StandaloneArgs {
         let _ = std::fs::remove_file(&socket);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Tightens a SQLite catalog and its WAL files to 0600 (SQLite creates
+/// them by the umask); files the agent does not own are left as they are.
+fn make_private(db: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let _ = std::fs::set_permissions(Path::new(&name), std::fs::Permissions::from_mode(0o600));
     }
 }
 

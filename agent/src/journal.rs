@@ -1,20 +1,28 @@
 //! The node journal of leases: an append-only file of fixed-size records
-//! (grant, release). A `write()` per change is enough to survive SIGKILL (the
-//! page cache outlives the process); leases need not survive power loss,
-//! because their holders do not either. The file is compacted at start-up and
-//! whenever it grows far beyond the live set.
+//! (grant, release), each with a CRC-32, after a header naming the format.
+//! A `write()` per change is enough to survive SIGKILL (the page cache
+//! outlives the process); leases need not survive power loss, because their
+//! holders do not either. A damaged record (a short write, say) is skipped
+//! and reading resumes at the next record whose checksum holds, so one bad
+//! write never hides the records after it. The file is compacted at
+//! start-up and whenever it grows far beyond the live set.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use payload_catalog::{LeaseId, PayloadId};
 
+use crate::durable;
+
 const GRANT: u8 = 1;
 const RELEASE: u8 = 2;
-const RECORD: usize = 1 + 16 + 16 + 8;
+/// Starts every journal in this format.
+const MAGIC: &[u8; 8] = b"PMLJ\x02\0\0\0";
+const BODY: usize = 1 + 16 + 16 + 8;
+const RECORD: usize = BODY + 4;
 /// Rewrite the file once it holds this many records more than are live.
 const COMPACT_SLACK: u64 = 100_000;
 
@@ -33,21 +41,87 @@ pub struct Journal {
 
 struct Inner {
     file: File,
+    /// Bytes of whole records; a failed append is cut back to it.
+    len: u64,
     records: u64,
     /// Live leases at the last compaction.
     live: u64,
 }
 
+/// CRC-32 (IEEE), table-driven.
+fn crc32(bytes: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    !bytes
+        .iter()
+        .fold(!0u32, |c, &b| TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+}
+
 fn encode(out: &mut Vec<u8>, tag: u8, lease: &JournaledLease) {
+    let start = out.len();
     out.push(tag);
     out.extend_from_slice(lease.lease.as_bytes());
     out.extend_from_slice(lease.payload.as_bytes());
     out.extend_from_slice(&lease.expires_ms.to_le_bytes());
+    let crc = crc32(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// One record's body: tag, lease, payload, expiry.
+fn decode(body: &[u8]) -> Option<(u8, JournaledLease)> {
+    let tag = body[0];
+    if tag != GRANT && tag != RELEASE {
+        return None;
+    }
+    let lease = LeaseId::from_slice(&body[1..17]).ok()?;
+    let payload = PayloadId::from_slice(&body[17..33]).ok()?;
+    let expires_ms = u64::from_le_bytes(body[33..41].try_into().ok()?);
+    Some((
+        tag,
+        JournaledLease {
+            lease,
+            payload,
+            expires_ms,
+        },
+    ))
+}
+
+/// Every record of a journal, in order, skipping damaged bytes.
+fn records(bytes: &[u8]) -> Vec<(u8, JournaledLease)> {
+    let mut out = Vec::new();
+    let Some(mut rest) = bytes.strip_prefix(MAGIC.as_slice()) else {
+        // The format before checksums: fixed records, no header.
+        return bytes.chunks_exact(BODY).filter_map(decode).collect();
+    };
+    while rest.len() >= RECORD {
+        let (body, crc) = (&rest[..BODY], &rest[BODY..RECORD]);
+        match decode(body).filter(|_| crc32(body).to_le_bytes() == crc) {
+            Some(rec) => {
+                out.push(rec);
+                rest = &rest[RECORD..];
+            }
+            None => rest = &rest[1..],
+        }
+    }
+    out
 }
 
 impl Journal {
     /// Opens the journal, returning it with the leases it still holds (the
-    /// caller drops expired ones). A torn final record is ignored.
+    /// caller drops expired ones).
     pub fn open(path: &Path) -> io::Result<(Journal, Vec<JournaledLease>)> {
         let mut bytes = Vec::new();
         match File::open(path) {
@@ -58,35 +132,20 @@ impl Journal {
             Err(e) => return Err(e),
         }
         let mut live: HashMap<LeaseId, JournaledLease> = HashMap::new();
-        for rec in bytes.chunks_exact(RECORD) {
-            let (Ok(lease), Ok(payload)) = (LeaseId::from_slice(&rec[1..17]), PayloadId::from_slice(&rec[17..33]))
-            else {
-                continue;
-            };
-            let expires_ms = u64::from_le_bytes(rec[33..41].try_into().expect("8 bytes"));
-            match rec[0] {
-                GRANT => {
-                    live.insert(
-                        lease,
-                        JournaledLease {
-                            lease,
-                            payload,
-                            expires_ms,
-                        },
-                    );
-                }
-                RELEASE => {
-                    live.remove(&lease);
-                }
-                _ => {}
+        for (tag, lease) in records(&bytes) {
+            if tag == GRANT {
+                live.insert(lease.lease, lease);
+            } else {
+                live.remove(&lease.lease);
             }
         }
         let leases: Vec<JournaledLease> = live.into_values().collect();
-        let file = Self::rewrite(path, &leases)?;
+        let (file, len) = Self::rewrite(path, &leases)?;
         let journal = Journal {
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {
                 file,
+                len,
                 records: leases.len() as u64,
                 live: leases.len() as u64,
             }),
@@ -94,18 +153,15 @@ impl Journal {
         Ok((journal, leases))
     }
 
-    /// Writes `leases` to a fresh file and atomically puts it in place.
-    fn rewrite(path: &Path, leases: &[JournaledLease]) -> io::Result<File> {
-        let tmp = path.with_extension("compact");
-        let mut buf = Vec::with_capacity(leases.len() * RECORD);
+    /// Writes `leases` to a fresh file and durably puts it in place.
+    fn rewrite(path: &Path, leases: &[JournaledLease]) -> io::Result<(File, u64)> {
+        let mut buf = Vec::with_capacity(MAGIC.len() + leases.len() * RECORD);
+        buf.extend_from_slice(MAGIC);
         for lease in leases {
             encode(&mut buf, GRANT, lease);
         }
-        let mut file = File::create(&tmp)?;
-        file.write_all(&buf)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        OpenOptions::new().append(true).open(path)
+        durable::replace_file(path, &buf)?;
+        Ok((OpenOptions::new().append(true).open(path)?, buf.len() as u64))
     }
 
     pub fn grant(&self, leases: &[JournaledLease]) -> io::Result<()> {
@@ -125,21 +181,30 @@ impl Journal {
             encode(&mut buf, tag, lease);
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.file.write_all(&buf)?;
+        if let Err(e) = inner.file.write_all(&buf) {
+            let len = inner.len;
+            let _ = inner.file.set_len(len);
+            return Err(e);
+        }
+        inner.len += buf.len() as u64;
         inner.records += leases.len() as u64;
         Ok(())
     }
 
     /// Rewrites the file with only `live` if it has grown well past it.
     /// `live` must be read while no grant is in flight, so callers pass a
-    /// closure evaluated under the journal lock.
+    /// closure evaluated under the journal lock. Blocking: call it off the
+    /// async workers.
     pub fn maybe_compact(&self, live: impl FnOnce() -> Vec<JournaledLease>) -> io::Result<()> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner.records < COMPACT_SLACK.max(2 * inner.live) {
             return Ok(());
         }
         let leases = live();
-        inner.file = Self::rewrite(&self.path, &leases)?;
+        crate::failpoint!("mid-compaction");
+        let (file, len) = Self::rewrite(&self.path, &leases)?;
+        inner.file = file;
+        inner.len = len;
         inner.records = leases.len() as u64;
         inner.live = leases.len() as u64;
         Ok(())
@@ -188,5 +253,47 @@ mod tests {
         f.write_all(&[GRANT, 1, 2, 3]).unwrap();
         let (_journal, live) = Journal::open(&path).unwrap();
         assert_eq!(live, vec![a]);
+    }
+
+    #[test]
+    fn a_short_write_in_the_middle_hides_no_later_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases.journal");
+        let (a, b) = (lease(10), lease(20));
+        {
+            let (journal, _) = Journal::open(&path).unwrap();
+            journal.grant(&[a]).unwrap();
+        }
+        // A torn record (as from a full disk), then a good one after it.
+        let mut torn = Vec::new();
+        encode(&mut torn, GRANT, &lease(99));
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&torn[..20]).unwrap();
+        let mut good = Vec::new();
+        encode(&mut good, GRANT, &b);
+        f.write_all(&good).unwrap();
+        let (_journal, mut live) = Journal::open(&path).unwrap();
+        live.sort_by_key(|l| l.expires_ms);
+        assert_eq!(live, vec![a, b]);
+    }
+
+    #[test]
+    fn a_journal_from_before_checksums_is_read_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases.journal");
+        let a = lease(10);
+        let mut old = vec![GRANT];
+        old.extend_from_slice(a.lease.as_bytes());
+        old.extend_from_slice(a.payload.as_bytes());
+        old.extend_from_slice(&a.expires_ms.to_le_bytes());
+        std::fs::write(&path, &old).unwrap();
+        let (_journal, live) = Journal::open(&path).unwrap();
+        assert_eq!(live, vec![a]);
+        assert!(std::fs::read(&path).unwrap().starts_with(MAGIC));
+    }
+
+    #[test]
+    fn crc32_matches_the_ieee_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
 }

@@ -5,9 +5,13 @@
 pub mod appender;
 pub mod cli;
 pub mod clock;
+pub mod durable;
+pub mod error;
+pub mod failpoint;
 pub mod grpc;
 pub mod journal;
 pub mod node;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod writer;

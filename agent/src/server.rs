@@ -30,7 +30,15 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         );
         std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // Created 0600 by the bind itself, so there is no moment when another
+    // user could connect. The umask is the process's: this runs at start-up,
+    // and it only ever takes permissions away.
+    // SAFETY: umask has no preconditions.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

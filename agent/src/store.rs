@@ -1,16 +1,22 @@
 //! File-backed tiers: RAM is one POSIX shared-memory object per payload (a
 //! file on the tmpfs behind `/dev/shm`), DISK is one file per payload under a
-//! root directory. Capacity is reserved before a region is created, so the
-//! tier never overcommits; regions are 0600 while written and 0400 once
-//! sealed.
+//! root directory. Every name carries the node id, so agents that share a
+//! root never mistake each other's files for their own. Capacity is real:
+//! it is reserved before a region is created and the region's space is
+//! allocated (`fallocate`) at once, so a full filesystem answers the
+//! allocation instead of killing a writer with SIGBUS. Regions are 0600
+//! while written and 0400 once sealed.
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use payload_catalog::{CatalogError, PayloadId, Tier};
+use payload_catalog::{PayloadId, Tier};
+
+use crate::error::AgentError;
 use sha2::{Digest, Sha256};
 
 /// The directory every shared-memory name is relative to.
@@ -21,41 +27,92 @@ pub const SHM_DIR: &str = "/dev/shm";
 pub struct FileStore {
     tier: Tier,
     root: PathBuf,
-    /// File names are `<prefix><uuid><suffix>`.
+    /// File names are `<prefix><uuid><suffix>`; the prefix names the node.
     prefix: String,
+    /// Names before node ids (`<legacy_prefix><uuid><suffix>`): adopted at
+    /// start-up only when this node's catalog has a row for the uuid.
+    legacy_prefix: String,
     suffix: &'static str,
     capacity: u64,
     used: AtomicU64,
 }
 
+/// What a scan of a tier's root found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Regions this node created.
+    pub ours: Vec<PayloadId>,
+    /// Regions in the pre-node-id naming: maybe ours, maybe another agent's.
+    pub legacy: Vec<PayloadId>,
+    /// Payload regions of other nodes, left alone.
+    pub foreign: usize,
+}
+
 impl FileStore {
-    /// The RAM tier: `<root>/<prefix>-<uuid>`; `root` must be `/dev/shm` or
-    /// a directory below it so that `shm_name` resolves for every client.
-    pub fn ram(root: &Path, shm_prefix: &str, capacity: u64) -> anyhow::Result<Self> {
+    /// The RAM tier: `<root>/<prefix>-<node_id>-<uuid>`; `root` must be
+    /// `/dev/shm` or a directory below it so that `shm_name` resolves for
+    /// every client.
+    pub fn ram(root: &Path, shm_prefix: &str, node_id: &str, capacity: u64) -> anyhow::Result<Self> {
         anyhow::ensure!(
             root.starts_with(SHM_DIR),
             "the RAM root {} must be {SHM_DIR} or a directory below it: clients open {SHM_DIR}/<shm_name>",
             root.display()
         );
-        Self::new(Tier::Ram, root, format!("{shm_prefix}-"), "", capacity)
+        anyhow::ensure!(
+            !shm_prefix.is_empty() && !shm_prefix.contains(['/', '\0']),
+            "--shm-prefix {shm_prefix:?} must be non-empty and hold no '/': shared-memory names are one path component"
+        );
+        let legacy = format!("{shm_prefix}-");
+        Self::new(Tier::Ram, root, format!("{legacy}{node_id}-"), legacy, "", capacity)
     }
 
-    /// The DISK tier: `<root>/<uuid>.bin`.
-    pub fn disk(root: &Path, capacity: u64) -> anyhow::Result<Self> {
-        Self::new(Tier::Disk, root, String::new(), ".bin", capacity)
+    /// The DISK tier: `<root>/<node_id>-<uuid>.bin`.
+    pub fn disk(root: &Path, node_id: &str, capacity: u64) -> anyhow::Result<Self> {
+        Self::new(Tier::Disk, root, format!("{node_id}-"), String::new(), ".bin", capacity)
     }
 
-    fn new(tier: Tier, root: &Path, prefix: String, suffix: &'static str, capacity: u64) -> anyhow::Result<Self> {
+    fn new(
+        tier: Tier,
+        root: &Path,
+        prefix: String,
+        legacy_prefix: String,
+        suffix: &'static str,
+        capacity: u64,
+    ) -> anyhow::Result<Self> {
         fs::create_dir_all(root).map_err(|e| anyhow::anyhow!("creating {} failed: {e}", root.display()))?;
         let root = root.canonicalize()?;
         Ok(Self {
             tier,
             root,
             prefix,
+            legacy_prefix,
             suffix,
             capacity,
             used: AtomicU64::new(0),
         })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Refuses a capacity the filesystem cannot hold: what is not yet used
+    /// of it must fit in the free space (this node's regions already hold
+    /// their own).
+    pub fn check_capacity(&self) -> anyhow::Result<()> {
+        let (free, total) = free_space(&self.root)?;
+        let wanted = self.capacity.saturating_sub(self.used());
+        anyhow::ensure!(
+            wanted <= free,
+            "the {} tier may grow by {wanted} bytes (capacity {}, {} in use), but {} has {free} bytes free of {total}: \
+             lower the capacity flag of the {} tier or free space there",
+            self.tier.name(),
+            self.capacity,
+            self.used(),
+            self.root.display(),
+            self.tier.name().to_ascii_lowercase(),
+        );
+        Ok(())
     }
 
     pub fn tier(&self) -> Tier {
@@ -82,14 +139,14 @@ impl FileStore {
     }
 
     /// Reserves `bytes` of capacity, or says how much is free.
-    pub fn reserve(&self, bytes: u64) -> Result<(), CatalogError> {
+    pub fn reserve(&self, bytes: u64) -> Result<(), AgentError> {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(bytes).filter(|total| *total <= self.capacity)
             })
             .map(|_| ())
             .map_err(|used| {
-                CatalogError::ResourceExhausted(format!(
+                AgentError::ResourceExhausted(format!(
                     "{} tier is full: {bytes} bytes requested, {} of {} free; delete or spill payloads, or raise its capacity",
                     self.tier.name(),
                     self.capacity.saturating_sub(used),
@@ -109,15 +166,19 @@ impl FileStore {
         });
     }
 
-    /// Creates the empty region, owner read-write only, sized to `size`.
+    /// Creates the region, owner read-write only, with `size` bytes of the
+    /// filesystem's space allocated to it; on failure nothing is left.
     pub fn create(&self, id: PayloadId, size: u64) -> io::Result<()> {
+        let path = self.path(id);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(self.path(id))?;
-        file.set_len(size)
+            .open(&path)?;
+        allocate(&file, size).inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        })
     }
 
     /// Drops write permission: after commit nobody opens the region for writing.
@@ -138,28 +199,73 @@ impl FileStore {
         fs::metadata(self.path(id)).ok().map(|m| m.len())
     }
 
+    /// Makes the region and its name survive power loss.
     pub fn sync(&self, id: PayloadId) -> io::Result<()> {
-        File::open(self.path(id))?.sync_all()
+        let path = self.path(id);
+        File::open(&path)?.sync_all()?;
+        crate::durable::fsync_parent(&path)
     }
 
-    /// Every payload id that has a region here (files that look like ours).
-    pub fn scan(&self) -> io::Result<Vec<PayloadId>> {
-        let mut ids = Vec::new();
+    fn legacy_path(&self, id: PayloadId) -> PathBuf {
+        self.root.join(format!("{}{}{}", self.legacy_prefix, id, self.suffix))
+    }
+
+    /// Renames a region in the pre-node-id naming to this node's name. Only
+    /// for ids this node's catalog holds: that row proves the file is ours.
+    pub fn adopt_legacy(&self, id: PayloadId) -> bool {
+        !self.path(id).exists() && fs::rename(self.legacy_path(id), self.path(id)).is_ok()
+    }
+
+    /// Sorts the files under the root into this node's regions, regions in
+    /// the old naming, and other nodes' regions; anything else is ignored.
+    pub fn scan(&self) -> io::Result<Scan> {
+        let mut scan = Scan::default();
         for entry in fs::read_dir(&self.root)? {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some(rest) = name.strip_prefix(&self.prefix) else {
+            let Some(body) = name.strip_suffix(self.suffix) else {
                 continue;
             };
-            let Some(uuid) = rest.strip_suffix(self.suffix) else {
-                continue;
-            };
-            if let Ok(id) = PayloadId::parse(uuid) {
-                ids.push(id);
+            if let Some(id) = body.strip_prefix(&self.prefix).and_then(|u| PayloadId::parse(u).ok()) {
+                scan.ours.push(id);
+            } else if let Some(rest) = body.strip_prefix(&self.legacy_prefix) {
+                if let Ok(id) = PayloadId::parse(rest) {
+                    scan.legacy.push(id);
+                } else if rest.len() > 36 && rest.get(rest.len() - 36..).is_some_and(|u| PayloadId::parse(u).is_ok()) {
+                    scan.foreign += 1;
+                }
             }
         }
-        Ok(ids)
+        Ok(scan)
     }
+}
+
+/// Gives `file` `size` bytes of real space. Filesystems without
+/// `fallocate` get a sparse file, as before.
+fn allocate(file: &File, size: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate on a descriptor we own; mode 0 extends the file.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => file.set_len(size),
+        _ => Err(err),
+    }
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
 }
 
 /// Copies a region to a new file and seals it; `sync` makes the copy durable
@@ -167,12 +273,18 @@ impl FileStore {
 pub fn copy_file(from: &Path, to: &Path, sync: bool) -> io::Result<()> {
     let mut source = File::open(from)?;
     let mut dest = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
-    let copied = io::copy(&mut source, &mut dest).and_then(|_| if sync { dest.sync_all() } else { Ok(()) });
+    let copied = source
+        .metadata()
+        .and_then(|m| allocate(&dest, m.len()))
+        .and_then(|_| io::copy(&mut source, &mut dest))
+        .and_then(|_| if sync { dest.sync_all() } else { Ok(()) })
+        .and_then(|_| fs::set_permissions(to, Permissions::from_mode(0o400)))
+        .and_then(|_| if sync { crate::durable::fsync_parent(to) } else { Ok(()) });
     if let Err(e) = copied {
         let _ = fs::remove_file(to);
         return Err(e);
     }
-    fs::set_permissions(to, Permissions::from_mode(0o400))
+    Ok(())
 }
 
 /// SHA-256 of a file's bytes.
@@ -183,11 +295,16 @@ pub fn digest_file(path: &Path) -> io::Result<[u8; 32]> {
     Ok(hasher.finalize().into())
 }
 
-/// Maps an I/O failure on a region to the catalog's vocabulary.
-pub fn io_error(what: &str, err: io::Error) -> CatalogError {
-    if err.raw_os_error() == Some(libc::ENOSPC) {
-        CatalogError::ResourceExhausted(format!("{what}: the filesystem is full"))
-    } else {
-        CatalogError::Storage(format!("{what}: {err}"))
+/// Maps an I/O failure on the node to the agent's vocabulary: a full
+/// filesystem is out of capacity, anything else a node failure.
+pub fn io_error(what: &str, err: io::Error) -> AgentError {
+    match err.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => AgentError::ResourceExhausted(format!(
+            "{what}: the filesystem is full; delete payloads or free space there"
+        )),
+        _ => AgentError::Io {
+            what: what.to_string(),
+            detail: err.to_string(),
+        },
     }
 }

@@ -1,56 +1,91 @@
 //! Catalog writes, durable on append. Every write goes first to a small
 //! write-ahead log (one `write()`; the page cache survives SIGKILL), then to
 //! one task that takes all writes waiting at that moment and applies them to
-//! the catalog in one transaction (group commit). Nothing on the request path
-//! waits for the catalog; readers of the catalog call [`Writer::flush`]
-//! first. At start-up the log is replayed into the catalog, which is
-//! harmless for writes that had already landed (inserts are upserts).
+//! the catalog in one transaction (group commit). The log is the truth until
+//! the catalog has a write: a write leaves the log only once it is applied,
+//! a failing catalog is retried with backoff for as long as it takes, and a
+//! write the catalog refuses for good is set aside in `catalog.rejected`,
+//! never dropped. Past a backlog limit new payloads are refused
+//! ([`Writer::admit`]) so nothing is acknowledged that cannot be kept.
+//! `sync` commits wait for an fsync of the log, shared by every write
+//! appended by then (group fsync).
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use payload_catalog::{CatalogError, Repository, Write};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::durable;
+use crate::error::AgentError;
 use crate::node::lock;
 
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
 /// How long the writer lets a burst gather when nobody is waiting on it:
 /// fewer, larger transactions leave the CPU to the request path.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+const GATHER: Duration = Duration::from_millis(20);
 /// Rewrite the log with only pending writes once it is this large.
 const REWRITE_AT: u64 = 16 << 20;
+/// A catalog transaction that takes longer than this is abandoned and retried.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retry delays grow from the first to the last, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a reader of the catalog waits for pending writes to land.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
 
 enum Item {
     Write(u64, Write),
-    Flush(oneshot::Sender<Result<(), CatalogError>>),
+    Flush(oneshot::Sender<()>),
 }
 
 struct Log {
     file: File,
-    path: std::path::PathBuf,
+    path: PathBuf,
+    /// Bytes of whole records in the file; a failed append is cut back to it.
     len: u64,
     next_seq: u64,
     /// Appended but not yet in the catalog, oldest first, as encoded.
     pending: VecDeque<(u64, Vec<u8>)>,
 }
 
+/// Whether the catalog is taking writes, for the messages of refused calls.
+#[derive(Default)]
+struct Health {
+    failing_since: Option<Instant>,
+    last_error: String,
+    rejected: u64,
+}
+
+struct Shared {
+    log: Mutex<Log>,
+    health: Mutex<Health>,
+    max_backlog: usize,
+    rejected_path: PathBuf,
+    /// Every write with a sequence number below this is fsynced in the log
+    /// (or applied to the catalog, which is durable itself).
+    synced: watch::Sender<u64>,
+    syncing: Mutex<bool>,
+}
+
 #[derive(Clone)]
 pub struct Writer {
-    log: Arc<Mutex<Log>>,
+    shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<Item>,
 }
 
-fn storage(what: &str, e: impl std::fmt::Display) -> CatalogError {
-    CatalogError::Storage(format!("{what}: {e}"))
+fn stopped() -> AgentError {
+    AgentError::Unavailable("the node's catalog writer has stopped; restart the agent".into())
 }
 
-fn frame(write: &Write) -> Result<Vec<u8>, CatalogError> {
-    let body = serde_json::to_vec(write).map_err(|e| storage("encoding a catalog write", e))?;
+fn frame(write: &Write) -> Result<Vec<u8>, AgentError> {
+    let body =
+        serde_json::to_vec(write).map_err(|e| AgentError::InvalidArgument(format!("encoding a catalog write: {e}")))?;
     let mut out = Vec::with_capacity(body.len() + 4);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
@@ -79,73 +114,275 @@ fn read_log(path: &Path) -> io::Result<Vec<Write>> {
     Ok(writes)
 }
 
-/// Applies writes one by one, so that one bad write cannot fail the rest.
-async fn apply_each(repo: &dyn Repository, writes: &[Write]) -> Result<(), CatalogError> {
-    let mut first_err = None;
-    for write in writes {
-        if let Err(err) = repo.write_batch(std::slice::from_ref(write)).await {
-            tracing::error!(?write, %err, "catalog write failed");
-            first_err.get_or_insert(err);
+/// One transaction, abandoned after [`STATEMENT_TIMEOUT`].
+async fn attempt(repo: &dyn Repository, writes: &[Write]) -> Result<(), CatalogError> {
+    match tokio::time::timeout(STATEMENT_TIMEOUT, repo.write_batch(writes)).await {
+        Ok(result) => result,
+        Err(_) => Err(CatalogError::Storage(format!(
+            "the catalog did not finish a write within {STATEMENT_TIMEOUT:?}"
+        ))),
+    }
+}
+
+fn transient(err: &CatalogError) -> bool {
+    matches!(err, CatalogError::Storage(_))
+}
+
+/// Exponential backoff with jitter (so agents sharing a catalog that comes
+/// back do not retry in step).
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(BACKOFF_FIRST)
+    }
+
+    async fn wait(&mut self) {
+        let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (self.0.as_millis() as u64 / 2 + 1);
+        tokio::time::sleep(self.0 + Duration::from_millis(jitter)).await;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// How long to keep trying while the catalog is unavailable.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// The background writer: until it works.
+    Forever,
+    /// Start-up replay: report the outage instead, so the agent refuses to start.
+    Once,
+}
+
+/// Applies `writes`: as one batch, then, if the catalog refuses the batch
+/// for good, one by one, setting aside each write it refuses. A catalog
+/// that is unavailable is retried (or reported, with `Patience::Once`).
+async fn apply(
+    repo: &dyn Repository,
+    writes: &[Write],
+    shared: &Shared,
+    patience: Patience,
+) -> Result<(), CatalogError> {
+    let mut backoff = Backoff::new();
+    loop {
+        match attempt(repo, writes).await {
+            Ok(()) => return shared.healthy(),
+            Err(err) if transient(&err) => {
+                shared.failing(&err);
+                if patience == Patience::Once {
+                    return Err(err);
+                }
+                backoff.wait().await;
+            }
+            Err(err) if writes.len() == 1 => match shared.reject(&writes[0], &err) {
+                Ok(()) => return Ok(()),
+                Err(full) if patience == Patience::Once => return Err(full),
+                // The state dir is full or read-only: keep the write until it is not.
+                Err(full) => {
+                    shared.failing(&full);
+                    backoff.wait().await;
+                }
+            },
+            Err(_) => break,
         }
     }
-    first_err.map_or(Ok(()), Err)
+    for write in writes {
+        Box::pin(apply(repo, std::slice::from_ref(write), shared, patience)).await?;
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn healthy(&self) -> Result<(), CatalogError> {
+        let mut health = lock(&self.health);
+        if let Some(since) = health.failing_since.take() {
+            tracing::info!(after = ?since.elapsed(), "the catalog takes writes again");
+        }
+        Ok(())
+    }
+
+    fn failing(&self, err: &CatalogError) {
+        let mut health = lock(&self.health);
+        if health.failing_since.is_none() {
+            tracing::error!(%err, "catalog write failed; the write stays in catalog.log and is retried");
+            health.failing_since = Some(Instant::now());
+        }
+        health.last_error = err.to_string();
+    }
+
+    /// Sets aside a write the catalog refuses for good: kept, with the
+    /// reason, for an operator to look at; never silently dropped.
+    fn reject(&self, write: &Write, err: &CatalogError) -> Result<(), CatalogError> {
+        tracing::error!(?write, %err, path = %self.rejected_path.display(), "the catalog refused a write; it is set aside");
+        lock(&self.health).rejected += 1;
+        let line = serde_json::json!({ "error": err.to_string(), "write": write });
+        let mut text = line.to_string();
+        text.push('\n');
+        durable::open_append(&self.rejected_path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| CatalogError::Storage(format!("setting aside a refused catalog write: {e}")))
+    }
+
+    fn outage(&self, pending: usize) -> Option<String> {
+        let health = lock(&self.health);
+        let since = health.failing_since?;
+        Some(format!(
+            "the catalog has refused writes for {}s ({}); {pending} writes wait in catalog.log",
+            since.elapsed().as_secs(),
+            health.last_error
+        ))
+    }
 }
 
 impl Writer {
     /// Replays the log at `path` into `repo`, then starts the writer task;
-    /// it ends when every `Writer` clone is dropped.
-    pub async fn open(repo: Arc<dyn Repository>, path: &Path) -> Result<Writer, CatalogError> {
-        let replay = read_log(path).map_err(|e| storage("reading the catalog log", e))?;
+    /// it ends when every `Writer` clone is dropped. A replay the catalog
+    /// cannot take now fails, and leaves the log as it was.
+    pub async fn open(repo: Arc<dyn Repository>, path: &Path, max_backlog: usize) -> anyhow::Result<Writer> {
+        let replay = read_log(path).map_err(|e| anyhow::anyhow!("reading the catalog log {}: {e}", path.display()))?;
+        let file = durable::open_append(path)
+            .map_err(|e| anyhow::anyhow!("opening the catalog log {}: {e}", path.display()))?;
+        let shared = Arc::new(Shared {
+            log: Mutex::new(Log {
+                file,
+                path: path.to_path_buf(),
+                len: 0,
+                next_seq: 0,
+                pending: VecDeque::new(),
+            }),
+            health: Mutex::default(),
+            max_backlog,
+            rejected_path: path.with_extension("rejected"),
+            synced: watch::channel(0).0,
+            syncing: Mutex::new(false),
+        });
         if !replay.is_empty() {
             tracing::info!(writes = replay.len(), "replaying the catalog log");
-            if repo.write_batch(&replay).await.is_err() {
-                // An update of a row deleted later in the log fails alone; the rest apply.
-                let _ = apply_each(repo.as_ref(), &replay).await;
+            if let Err(err) = apply(repo.as_ref(), &replay, &shared, Patience::Once).await {
+                anyhow::bail!(
+                    "the catalog cannot take the {} writes waiting in {} ({err}); they are kept there. Make the \
+                     catalog writable (is another process holding the SQLite database? is PostgreSQL up? is its \
+                     disk full?) and start the agent again",
+                    replay.len(),
+                    path.display()
+                );
             }
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| storage("opening the catalog log", e))?;
-        file.set_len(0).map_err(|e| storage("truncating the catalog log", e))?;
-        let log = Log {
-            file,
-            path: path.to_path_buf(),
-            len: 0,
-            next_seq: 0,
-            pending: VecDeque::new(),
-        };
+        lock(&shared.log)
+            .file
+            .set_len(0)
+            .map_err(|e| anyhow::anyhow!("emptying the replayed catalog log {}: {e}", path.display()))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let log = Arc::new(Mutex::new(log));
-        tokio::spawn(run(repo, rx, log.clone()));
-        Ok(Writer { log, tx })
+        tokio::spawn(run(repo, rx, shared.clone()));
+        Ok(Writer { shared, tx })
     }
 
-    /// Makes `write` durable (logged) and queues it for the catalog.
-    pub fn write(&self, write: Write) -> Result<(), CatalogError> {
+    /// Refuses new work while the catalog has fallen too far behind: the
+    /// log would grow without bound, and a client would be told "stored"
+    /// for a write the node may not be able to keep.
+    pub fn admit(&self) -> Result<(), AgentError> {
+        let pending = lock(&self.shared.log).pending.len();
+        if pending < self.shared.max_backlog {
+            return Ok(());
+        }
+        let why = self
+            .shared
+            .outage(pending)
+            .unwrap_or_else(|| format!("{pending} writes wait for the catalog"));
+        Err(AgentError::Unavailable(format!(
+            "{why}; new payloads are refused until the catalog catches up (limit {}): check the catalog, then retry",
+            self.shared.max_backlog
+        )))
+    }
+
+    /// Makes `write` durable against SIGKILL (logged) and queues it for the
+    /// catalog. Returns its sequence number, for [`Writer::sync`].
+    pub fn write(&self, write: Write) -> Result<u64, AgentError> {
         let framed = frame(&write)?;
-        let mut log = lock(&self.log);
-        log.file
-            .write_all(&framed)
-            .map_err(|e| storage("appending to the catalog log", e))?;
+        let mut log = lock(&self.shared.log);
+        if let Err(e) = log.file.write_all(&framed) {
+            // A partial record would hide every record after it: cut it off.
+            let len = log.len;
+            if let Err(cut) = log.file.set_len(len) {
+                tracing::error!(%cut, "could not cut a failed append off the catalog log");
+            }
+            return Err(crate::store::io_error("appending to the catalog log", e));
+        }
         let seq = log.next_seq;
         log.next_seq += 1;
         log.len += framed.len() as u64;
         log.pending.push_back((seq, framed));
         // Sent under the lock: the catalog sees writes in log order.
-        self.tx
-            .send(Item::Write(seq, write))
-            .map_err(|_| storage("catalog writer", "stopped"))
+        self.tx.send(Item::Write(seq, write)).map_err(|_| stopped())?;
+        Ok(seq)
     }
 
-    /// Waits until every write made before this call is in the catalog.
-    pub async fn flush(&self) -> Result<(), CatalogError> {
+    /// Waits until write `seq` survives power loss. Concurrent callers share
+    /// one fsync: whoever finds none running starts one that covers every
+    /// write appended so far; the rest wait for it.
+    pub async fn sync(&self, seq: u64) -> Result<(), AgentError> {
+        let mut synced = self.shared.synced.subscribe();
+        loop {
+            if *synced.borrow_and_update() > seq {
+                return Ok(());
+            }
+            let lead = !std::mem::replace(&mut *lock(&self.shared.syncing), true);
+            if lead {
+                let result = self.sync_now().await;
+                *lock(&self.shared.syncing) = false;
+                // Wake the followers either way: after a failure one retries.
+                self.shared.synced.send_modify(|_| {});
+                result?;
+            } else if synced.changed().await.is_err() {
+                return Err(stopped());
+            }
+        }
+    }
+
+    async fn sync_now(&self) -> Result<(), AgentError> {
+        let (file, upto) = {
+            let log = lock(&self.shared.log);
+            let file = log
+                .file
+                .try_clone()
+                .map_err(|e| crate::store::io_error("syncing the catalog log", e))?;
+            (file, log.next_seq)
+        };
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| crate::store::io_error("syncing the catalog log", std::io::Error::other(e)))?
+            .map_err(|e| crate::store::io_error("syncing the catalog log", e))?;
+        self.shared.synced.send_if_modified(|synced| {
+            let advanced = upto > *synced;
+            *synced = (*synced).max(upto);
+            advanced
+        });
+        Ok(())
+    }
+
+    /// Waits until every write made before this call is in the catalog, or
+    /// says why it is not.
+    pub async fn flush(&self) -> Result<(), AgentError> {
         let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Item::Flush(reply))
-            .map_err(|_| storage("catalog writer", "stopped"))?;
-        done.await.map_err(|_| storage("catalog writer", "stopped"))?
+        self.tx.send(Item::Flush(reply)).map_err(|_| stopped())?;
+        match tokio::time::timeout(FLUSH_WAIT, done).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => {
+                let pending = lock(&self.shared.log).pending.len();
+                let why = self
+                    .shared
+                    .outage(pending)
+                    .unwrap_or_else(|| format!("{pending} writes wait for the catalog"));
+                Err(AgentError::Unavailable(format!(
+                    "{why}; retry once the catalog is back"
+                )))
+            }
+        }
+    }
+
+    /// Writes waiting for the catalog (for tests and stats).
+    pub fn backlog(&self) -> usize {
+        lock(&self.shared.log).pending.len()
     }
 }
 
@@ -159,24 +396,22 @@ impl Log {
             self.file.set_len(0)?;
             self.len = 0;
         } else if self.len > REWRITE_AT {
-            let tmp = self.path.with_extension("rewrite");
-            let mut file = File::create(&tmp)?;
-            let mut len = 0;
+            let mut bytes = Vec::new();
             for (_, framed) in &self.pending {
-                file.write_all(framed)?;
-                len += framed.len() as u64;
+                bytes.extend_from_slice(framed);
             }
-            std::fs::rename(&tmp, &self.path)?;
-            self.file = OpenOptions::new().append(true).open(&self.path)?;
-            self.len = len;
+            durable::replace_file(&self.path, &bytes)?;
+            self.file = durable::open_append(&self.path)?;
+            self.len = bytes.len() as u64;
         }
         Ok(())
     }
 }
 
 /// Keeps the last write per payload row (an update after an insert stays an
-/// insert), so a payload allocated, committed and hashed within one batch
-/// costs one row write. Other steps (the agent logs none today) stay as they are.
+/// insert; nothing after a delete revives the row), so a payload allocated,
+/// committed and hashed within one batch costs one row write. Other steps
+/// (the agent logs none today) stay as they are.
 fn coalesce(writes: Vec<Write>) -> Vec<Write> {
     use payload_catalog::PayloadId;
     use std::collections::HashMap;
@@ -196,6 +431,7 @@ fn coalesce(writes: Vec<Write>) -> Vec<Write> {
         };
         let write = match (slot.get(&key).and_then(|&i| out[i].take()), write) {
             (Some(Write::Insert(_)), Write::Update(rec)) => Write::Insert(rec),
+            (Some(Write::Delete(id)), Write::Update(_)) => Write::Delete(id),
             (_, write) => write,
         };
         slot.insert(key, out.len());
@@ -204,7 +440,7 @@ fn coalesce(writes: Vec<Write>) -> Vec<Write> {
     out.into_iter().flatten().collect()
 }
 
-async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, log: Arc<Mutex<Log>>) {
+async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, shared: Arc<Shared>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Gather a burst, but stop as soon as somebody waits on a flush.
@@ -230,85 +466,24 @@ async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, l
                 Item::Flush(reply) => flushes.push(reply),
             }
         }
-        let writes = coalesce(writes);
-        let mut result = Ok(());
-        if !writes.is_empty() && repo.write_batch(&writes).await.is_err() {
-            result = apply_each(repo.as_ref(), &writes).await;
-        }
         if let Some(seq) = last {
-            // Failed writes stay logged only until the next start-up replays them.
-            if let Err(e) = lock(&log).applied(seq) {
+            let writes = coalesce(writes);
+            // Returns only once every write is applied or set aside.
+            if let Err(err) = apply(repo.as_ref(), &writes, &shared, Patience::Forever).await {
+                // Not reached (Forever retries); if it were, stopping keeps the log for the next start.
+                tracing::error!(%err, "the catalog writer stops; its writes stay in catalog.log");
+                return;
+            }
+            crate::failpoint!("writer-applied");
+            if let Err(e) = lock(&shared.log).applied(seq) {
                 tracing::warn!(%e, "could not trim the catalog log");
             }
         }
         for reply in flushes {
-            let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| storage("catalog write", e)));
+            let _ = reply.send(());
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use payload_catalog::{PayloadId, PayloadRecord, PayloadState, SqliteRepository, Tier};
-
-    fn record(id: PayloadId, state: PayloadState) -> PayloadRecord {
-        PayloadRecord {
-            state,
-            ..PayloadRecord::allocated(id, Tier::Ram, 1, 1)
-        }
-    }
-
-    #[test]
-    fn coalescing_keeps_the_last_write_per_payload_and_inserts_stay_inserts() {
-        let (a, b) = (PayloadId::random(), PayloadId::random());
-        let writes = vec![
-            Write::Insert(record(a, PayloadState::Allocated)),
-            Write::Insert(record(b, PayloadState::Allocated)),
-            Write::Update(record(a, PayloadState::Active)),
-            Write::Delete(b),
-        ];
-        let out = coalesce(writes);
-        assert_eq!(out.len(), 2);
-        assert!(matches!(&out[0], Write::Insert(r) if r.id == a && r.state == PayloadState::Active));
-        assert!(matches!(&out[1], Write::Delete(id) if *id == b));
-    }
-
-    #[tokio::test]
-    async fn a_logged_write_that_never_reached_the_catalog_is_replayed_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::open(&dir.path().join("c.db")).await.unwrap());
-        let (kept, dropped) = (PayloadId::random(), PayloadId::random());
-        let mut log = Vec::new();
-        for write in [
-            Write::Insert(record(kept, PayloadState::Allocated)),
-            Write::Insert(record(dropped, PayloadState::Allocated)),
-            Write::Update(record(kept, PayloadState::Active)),
-            Write::Delete(dropped),
-            // Already applied before the crash: replaying it again is harmless.
-            Write::Update(record(kept, PayloadState::Active)),
-        ] {
-            log.extend(frame(&write).unwrap());
-        }
-        log.extend_from_slice(&[200, 0, 0, 0, b'{']); // a torn last record
-        std::fs::write(dir.path().join("catalog.log"), log).unwrap();
-
-        let writer = Writer::open(repo.clone(), &dir.path().join("catalog.log"))
-            .await
-            .unwrap();
-        assert_eq!(
-            repo.get_payload(kept).await.unwrap().unwrap().state,
-            PayloadState::Active
-        );
-        assert!(repo.get_payload(dropped).await.unwrap().is_none());
-        assert_eq!(
-            std::fs::metadata(dir.path().join("catalog.log")).unwrap().len(),
-            0,
-            "replayed, then emptied"
-        );
-
-        writer.write(Write::Delete(kept)).unwrap();
-        writer.flush().await.unwrap();
-        assert!(repo.get_payload(kept).await.unwrap().is_none());
-    }
-}
+mod tests;

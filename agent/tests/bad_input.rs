@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
+use payload_agent::error::AgentError;
 use payload_agent::node::{AllocateRequest, NodeConfig};
-use payload_catalog::{CatalogError, Tier};
+use payload_catalog::Tier;
 use payload_proto::core::{self as pb, Tier as PbTier};
 use payload_proto::runtime;
 use sha2::{Digest, Sha256};
@@ -278,7 +279,7 @@ async fn a_write_past_the_region_is_refused_at_commit() {
     std::fs::write(node.store(Tier::Ram).unwrap().path(rec.id), vec![1u8; 150]).unwrap();
     let err = node.commit(rec.id, None, false).await.unwrap_err();
     assert!(
-        matches!(err, CatalogError::InvalidArgument(ref m) if m.contains("past the region")),
+        matches!(err, AgentError::InvalidArgument(ref m) if m.contains("past the region")),
         "{err:?}"
     );
     node.abort(rec.id).await.unwrap();
@@ -296,7 +297,7 @@ async fn a_writer_that_disappears_is_aborted_at_its_deadline() {
     assert!(node.get(rec.id).is_ok(), "still within its deadline");
     node.clock().advance(1_001);
     node.sweep().await;
-    assert!(matches!(node.get(rec.id), Err(CatalogError::NotFound(_))));
+    assert!(matches!(node.get(rec.id), Err(AgentError::NotFound(_))));
     assert!(!node.store(Tier::Disk).unwrap().path(rec.id).exists());
     assert_eq!(node.store(Tier::Disk).unwrap().used(), 0, "capacity returned");
 }

@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
+use payload_agent::error::AgentError;
 use payload_agent::node::{AllocateRequest, NodeConfig};
-use payload_catalog::{CatalogError, Tier};
+use payload_catalog::Tier;
 
 #[tokio::test]
 async fn full_ram_spills_to_disk_then_both_full_is_resource_exhausted() {
@@ -21,7 +22,7 @@ async fn full_ram_spills_to_disk_then_both_full_is_resource_exhausted() {
             Ok(rec) => rec,
             Err(err) => {
                 assert!(
-                    matches!(err, CatalogError::ResourceExhausted(ref m) if m.contains("full")),
+                    matches!(err, AgentError::ResourceExhausted(ref m) if m.contains("full")),
                     "{err:?}"
                 );
                 assert_eq!(i, 10, "allocation {i} failed too early: {err}");
@@ -35,9 +36,9 @@ async fn full_ram_spills_to_disk_then_both_full_is_resource_exhausted() {
     assert_eq!(ids.len(), 10, "4 MiB RAM + 6 MiB disk hold ten 1 MiB payloads");
     assert_eq!(node.ids_on(Tier::Disk).len(), 6, "the coldest six went to disk");
     let err = node.allocate(AllocateRequest::new(MIB, Tier::Ram)).await.unwrap_err();
-    assert!(matches!(err, CatalogError::ResourceExhausted(_)), "{err:?}");
+    assert!(matches!(err, AgentError::ResourceExhausted(_)), "{err:?}");
     let err = node.allocate(AllocateRequest::new(MIB, Tier::Disk)).await.unwrap_err();
-    assert!(matches!(err, CatalogError::ResourceExhausted(_)), "{err:?}");
+    assert!(matches!(err, AgentError::ResourceExhausted(_)), "{err:?}");
     assert!(node.store(Tier::Ram).unwrap().used() <= 4 * MIB);
     assert!(node.store(Tier::Disk).unwrap().used() <= 6 * MIB);
     for (id, seed) in ids {

@@ -6,120 +6,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::*;
 use common::*;
-use payload_client::{Client, ClientError, PutOptions, Tier};
+use payload_client::{ClientError, PutOptions, Tier};
+use payload_proto::core::PayloadState as pb_state;
 use sha2::{Digest, Sha256};
-
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    async fn start(dirs: &Dirs) -> (Agent, Client) {
-        Self::start_with(dirs, &[]).await
-    }
-
-    /// With `extra` flags: a `--catalog` and `--node-name`, say.
-    async fn start_with(dirs: &Dirs, extra: &[&str]) -> (Agent, Client) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dirs.state.path().join("agent.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_payload-agent"))
-            .arg("standalone")
-            .arg("--state-dir")
-            .arg(dirs.state.path())
-            .args([
-                "--listen",
-                "off",
-                "--shm-prefix",
-                "pm",
-                "--ram-capacity",
-                "128MiB",
-                "--disk-capacity",
-                "512MiB",
-            ])
-            .arg("--ram-root")
-            .arg(dirs.ram.path())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("agent binary starts");
-        let agent = Agent { child };
-        let socket = dirs.socket();
-        // Readiness poll: the socket accepts once recovery is done.
-        for _ in 0..500 {
-            if let Ok(client) = Client::connect(socket.to_str().unwrap()).await {
-                if client.stats().await.is_ok() {
-                    return (agent, client);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        agent.kill9();
-        panic!(
-            "agent did not come up; log: {}",
-            std::fs::read_to_string(dirs.state.path().join("agent.log")).unwrap()
-        );
-    }
-
-    fn kill9(mut self) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        self.child.wait().unwrap();
-    }
-}
-
-/// Lists every payload and checks that the files on disk and in shm are
-/// exactly their regions: nothing orphaned, nothing missing.
-async fn assert_no_orphans(dirs: &Dirs, client: &Client) -> usize {
-    let mut expected = BTreeSet::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list(payload_proto::runtime::ListPayloadsRequest {
-                page_size: 500,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        for p in &page.payloads {
-            let id = uuid::Uuid::from_slice(&p.id.as_ref().unwrap().value).unwrap();
-            expected.insert(if p.tier == Tier::Ram as i32 {
-                format!("ram:pm-{id}")
-            } else {
-                format!("disk:{id}.bin")
-            });
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
-    let mut found = BTreeSet::new();
-    found.extend(Dirs::files_in(dirs.ram.path()).into_iter().map(|f| format!("ram:{f}")));
-    found.extend(Dirs::files_in(&dirs.disk()).into_iter().map(|f| format!("disk:{f}")));
-    assert_eq!(found, expected, "regions on the node must match catalog rows exactly");
-    expected.len()
-}
-
-/// Puts `bytes` on `tier`; returns the id and the digest to check later.
-async fn put(client: &Client, bytes: &[u8], tier: Tier) -> Result<(uuid::Uuid, Vec<u8>), ClientError> {
-    let opts = PutOptions {
-        tier,
-        ..Default::default()
-    };
-    let desc = client.put_with(bytes, &opts).await?;
-    Ok((payload_client::descriptor_id(&desc)?, Sha256::digest(bytes).to_vec()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_writes_and_commits_loses_nothing_committed() {
@@ -174,13 +68,8 @@ async fn sigkill_during_writes_and_commits_loses_nothing_committed() {
 
     let (agent, client) = Agent::start(&dirs).await;
     let acked = acked.lock().unwrap().clone();
-    for (id, digest) in committed.iter().chain(acked.iter()) {
-        let lease = client
-            .get(*id)
-            .await
-            .unwrap_or_else(|e| panic!("committed payload {id} lost: {e}"));
-        assert_eq!(Sha256::digest(lease.bytes()).to_vec(), *digest, "payload {id} changed");
-    }
+    assert_served(&client, &committed).await;
+    assert_served(&client, &acked).await;
     for id in half_written {
         assert!(
             matches!(client.stat(id).await, Err(ClientError::NotFound(_))),
@@ -218,12 +107,22 @@ async fn sigkill_during_spills_leaves_exactly_one_valid_copy() {
         });
         tokio::time::sleep(Duration::from_millis(round * 7)).await;
         agent.kill9();
-        let _ = mover.await;
+        match mover.await.unwrap() {
+            // Finished before the kill, or cut off by it.
+            Ok(()) | Err(ClientError::Unavailable(_)) | Err(ClientError::Other(_)) => {}
+            Err(err) => panic!("round {round}: the move failed for another reason: {err}"),
+        }
         drop(client);
         (agent, client) = Agent::start(&dirs).await;
         let lease = client.get(id).await.expect("the payload survives every crash");
         assert_eq!(Sha256::digest(lease.bytes()), digest, "round {round}");
         drop(lease);
+        // Never left SPILLING: the payload still moves both ways.
+        let state = client.stat(id).await.unwrap().payload.unwrap().state;
+        assert!(
+            [pb_state::Active as i32, pb_state::Durable as i32].contains(&state),
+            "round {round}: state {state}"
+        );
         assert_eq!(
             assert_no_orphans(&dirs, &client).await,
             1,
@@ -275,13 +174,7 @@ async fn sigkill_on_a_shared_postgres_catalog_spares_the_other_node() {
 
     let (agent_a, a) = Agent::start_with(&dirs_a, &flags("a")).await;
     let acked = acked.lock().unwrap().clone();
-    for (id, digest) in &acked {
-        let lease = a
-            .get(*id)
-            .await
-            .unwrap_or_else(|e| panic!("committed payload {id} lost: {e}"));
-        assert_eq!(Sha256::digest(lease.bytes()).to_vec(), *digest);
-    }
+    assert_served(&a, &acked).await;
     for id in half_written {
         assert!(
             matches!(a.stat(id).await, Err(ClientError::NotFound(_))),

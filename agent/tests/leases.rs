@@ -5,8 +5,9 @@
 mod common;
 
 use common::*;
+use payload_agent::error::AgentError;
 use payload_agent::node::{AllocateRequest, MoveOutcome, Node, NodeConfig};
-use payload_catalog::{CatalogError, PayloadId, Tier};
+use payload_catalog::{PayloadId, Tier};
 use std::sync::Arc;
 
 async fn put(node: &Arc<Node>, tier: Tier, bytes: &[u8]) -> PayloadId {
@@ -38,7 +39,7 @@ async fn a_live_lease_blocks_spill_and_an_expired_one_lets_it_move() {
         "the default duration applies"
     );
     let err = node.relocate(id, Tier::Disk, false, false).await.unwrap_err();
-    assert!(matches!(err, CatalogError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, AgentError::Conflict(_)), "{err:?}");
     node.clock().advance(1_001);
     let moved = node.relocate(id, Tier::Disk, false, false).await.unwrap();
     assert!(matches!(moved, MoveOutcome::Moved(ref r) if r.tier == Tier::Disk));
@@ -70,7 +71,7 @@ async fn renew_extends_a_lease_past_its_first_expiry() {
     node.clock().advance(1_300);
     let err = node.renew(grant.lease, 0).unwrap_err();
     assert!(
-        matches!(err, CatalogError::NotFound(_)),
+        matches!(err, AgentError::NotFound(_)),
         "expired leases cannot be renewed: {err:?}"
     );
 }
@@ -82,14 +83,14 @@ async fn force_delete_revokes_leases_and_renew_says_so() {
     let id = put(&node, Tier::Ram, b"doomed").await;
     let grant = node.acquire(id, None, true, 0).await.unwrap();
     let err = node.delete(id, false).await.unwrap_err();
-    assert!(matches!(err, CatalogError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, AgentError::Conflict(_)), "{err:?}");
     node.delete(id, true).await.unwrap();
     let err = node.renew(grant.lease, 0).unwrap_err();
     assert!(
-        matches!(err, CatalogError::InvalidState(ref m) if m.contains("revoked")),
+        matches!(err, AgentError::InvalidState(ref m) if m.contains("revoked")),
         "{err:?}"
     );
-    assert!(matches!(node.get(id), Err(CatalogError::NotFound(_))));
+    assert!(matches!(node.get(id), Err(AgentError::NotFound(_))));
     assert!(!node.store(Tier::Ram).unwrap().path(id).exists(), "bytes are gone");
     assert!(!node.release(grant.lease), "release after revocation is a no-op");
 }
@@ -139,7 +140,7 @@ async fn live_leases_survive_a_restart_and_expired_ones_do_not() {
     assert!(node.renew(short_lease, 0).is_err());
     assert!(matches!(
         node.relocate(id, Tier::Disk, false, false).await,
-        Err(CatalogError::Conflict(_))
+        Err(AgentError::Conflict(_))
     ));
 }
 
@@ -157,9 +158,9 @@ async fn batch_acquire_answers_each_item_in_order() {
         (b, None, 0),
     ]);
     assert!(results[0].is_ok());
-    assert!(matches!(results[1], Err(CatalogError::InvalidState(_))));
+    assert!(matches!(results[1], Err(AgentError::InvalidState(_))));
     assert!(
-        matches!(results[2], Err(CatalogError::InvalidState(_))),
+        matches!(results[2], Err(AgentError::InvalidState(_))),
         "batch never promotes"
     );
     assert_eq!(results[3].as_ref().unwrap().rec.id, b);
@@ -178,7 +179,7 @@ async fn blocking_lease_promotes_and_best_effort_fails_fast() {
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
     let id = put(&node, Tier::Disk, &pattern(4096, 5)).await;
     let err = node.acquire(id, Some(Tier::Ram), false, 0).await.unwrap_err();
-    assert!(matches!(err, CatalogError::InvalidState(_)), "{err:?}");
+    assert!(matches!(err, AgentError::InvalidState(_)), "{err:?}");
     let grant = node.acquire(id, Some(Tier::Ram), true, 0).await.unwrap();
     assert_eq!(grant.rec.tier, Tier::Ram);
     let path = node.store(Tier::Ram).unwrap().path(id);
@@ -193,7 +194,7 @@ async fn a_timed_pin_blocks_spill_until_it_lapses() {
     node.pin(id, 1_000).await.unwrap();
     let err = node.relocate(id, Tier::Disk, false, false).await.unwrap_err();
     assert!(
-        matches!(err, CatalogError::InvalidState(ref m) if m.contains("pinned")),
+        matches!(err, AgentError::InvalidState(ref m) if m.contains("pinned")),
         "{err:?}"
     );
     node.clock().advance(1_001);

@@ -21,7 +21,8 @@ pub enum CatalogError {
     /// An offset past what exists (a stream's head, say).
     #[error("{0}")]
     OutOfRange(String),
-    /// The backing store failed; the request may be retried.
+    /// The backing store is unavailable (locked, down, full); the request
+    /// may be retried.
     #[error("catalog storage failed: {0}")]
     Storage(String),
 }
@@ -35,9 +36,33 @@ impl From<sqlx::Error> for CatalogError {
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
                 CatalogError::NotFound("a referenced payload does not exist; create it first".to_string())
             }
+            sqlx::Error::Database(db) if !transient_code(db.code().as_deref()) => {
+                // The database refused this statement: retrying it cannot help.
+                CatalogError::InvalidArgument(format!(
+                    "the catalog refused the request (code {}): {}",
+                    db.code().unwrap_or_default(),
+                    db.message()
+                ))
+            }
             _ => CatalogError::Storage(err.to_string()),
         }
     }
+}
+
+/// Whether a database error code means "try again later" (a lock, a lost
+/// connection, a full disk, a shutdown) rather than "this statement is bad".
+/// PostgreSQL codes are SQLSTATEs; SQLite codes are (extended) result codes.
+fn transient_code(code: Option<&str>) -> bool {
+    let Some(code) = code else { return true };
+    if let Ok(sqlite) = code.parse::<u32>() {
+        // BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL (primary code in the low byte).
+        return matches!(sqlite & 0xff, 5 | 6 | 7 | 10 | 13 | 14 | 15);
+    }
+    // Connection, resources, operator intervention, system errors,
+    // serialization failures and lock timeouts.
+    ["08", "53", "57", "58", "40", "55P03", "XX"]
+        .iter()
+        .any(|prefix| code.starts_with(prefix))
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;

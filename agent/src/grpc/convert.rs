@@ -1,26 +1,18 @@
 //! Conversions at the gRPC edge: wire messages are validated into domain
 //! types on receipt, domain errors map to one status each.
 
-use payload_catalog::{CatalogError, LeaseId, PayloadId, PayloadRecord, Tier};
+use payload_catalog::{LeaseId, PayloadId, PayloadRecord, Tier};
 use payload_proto::core as pb;
 use payload_proto::runtime;
 use tonic::Status;
 
 use crate::clock::timestamp;
+use crate::error::AgentError;
 use crate::node::Node;
 
-/// The one mapping from domain errors to gRPC statuses.
-pub fn status(err: CatalogError) -> Status {
-    match err {
-        CatalogError::NotFound(msg) => Status::not_found(msg),
-        CatalogError::AlreadyExists(msg) => Status::already_exists(msg),
-        CatalogError::InvalidState(msg) => Status::failed_precondition(msg),
-        CatalogError::Conflict(msg) => Status::aborted(msg),
-        CatalogError::ResourceExhausted(msg) => Status::resource_exhausted(msg),
-        CatalogError::InvalidArgument(msg) => Status::invalid_argument(msg),
-        CatalogError::OutOfRange(msg) => Status::out_of_range(msg),
-        CatalogError::Storage(msg) => Status::unavailable(msg),
-    }
+/// Domain and agent errors as gRPC statuses; the mapping lives in [`AgentError::status`].
+pub fn status(err: impl Into<AgentError>) -> Status {
+    err.into().status()
 }
 
 pub fn payload_id(id: Option<&pb::PayloadId>) -> Result<PayloadId, Status> {

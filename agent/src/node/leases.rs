@@ -3,10 +3,12 @@
 //! until it expires or is released; force-delete revokes it, and a revoked
 //! lease answers renew with its own error until its original expiry.
 
-use payload_catalog::{CatalogError, LeaseId, PayloadId, PayloadRecord, Tier};
+use crate::error::AgentError;
+use payload_catalog::{LeaseId, PayloadId, PayloadRecord, Tier};
 
 use super::{lock, Node};
 use crate::journal::JournaledLease;
+use crate::store::io_error;
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LeaseSlot {
@@ -47,7 +49,7 @@ impl Node {
         min_tier: Option<Tier>,
         blocking: bool,
         duration_ms: u64,
-    ) -> Result<LeaseGrant, CatalogError> {
+    ) -> Result<LeaseGrant, AgentError> {
         let mut promoted = false;
         loop {
             match self.try_grant(id, min_tier, duration_ms) {
@@ -59,20 +61,23 @@ impl Node {
                     if !blocking {
                         self.spawn_relocate(id, target);
                     }
-                    return Err(CatalogError::InvalidState(format!(
+                    return Err(AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; a promotion was queued, retry shortly or ask with PROMOTION_POLICY_BLOCKING",
                         target.name()
                     )));
                 }
                 Err(Grant::Failed(err)) => return Err(err),
                 Ok(grant) => {
-                    self.journal
-                        .grant(&[JournaledLease {
-                            lease: grant.lease,
-                            payload: id,
-                            expires_ms: grant.expires_ms,
-                        }])
-                        .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
+                    let journaled = self.journal.grant(&[JournaledLease {
+                        lease: grant.lease,
+                        payload: id,
+                        expires_ms: grant.expires_ms,
+                    }]);
+                    if let Err(e) = journaled {
+                        // A lease the journal does not hold would not survive a restart: take it back.
+                        self.release(grant.lease);
+                        return Err(io_error("writing the lease journal", e));
+                    }
                     return Ok(grant);
                 }
             }
@@ -80,13 +85,13 @@ impl Node {
     }
 
     /// Grants many leases with one journal append; results keep request order.
-    pub fn acquire_many(&self, requests: &[(PayloadId, Option<Tier>, u64)]) -> Vec<Result<LeaseGrant, CatalogError>> {
+    pub fn acquire_many(&self, requests: &[(PayloadId, Option<Tier>, u64)]) -> Vec<Result<LeaseGrant, AgentError>> {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, duration)| {
                 self.try_grant(*id, *min_tier, *duration).map_err(|e| match e {
                     Grant::Failed(err) => err,
-                    Grant::TooSlow(target) => CatalogError::InvalidState(format!(
+                    Grant::TooSlow(target) => AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
                         target.name()
                     )),
@@ -107,11 +112,8 @@ impl Node {
         if let Err(e) = self.journal.grant(&journaled) {
             let release: Vec<LeaseId> = journaled.iter().map(|l| l.lease).collect();
             self.release_many(&release);
-            let msg = format!("writing the lease journal: {e}");
-            return requests
-                .iter()
-                .map(|_| Err(CatalogError::Storage(msg.clone())))
-                .collect();
+            let err = io_error("writing the lease journal", e);
+            return requests.iter().map(|_| Err(err.clone())).collect();
         }
         results
     }
@@ -121,7 +123,7 @@ impl Node {
         let now = self.now_ms();
         let mut e = lock(&entry);
         if !e.rec.state.is_readable() {
-            return Err(Grant::Failed(CatalogError::InvalidState(format!(
+            return Err(Grant::Failed(AgentError::InvalidState(format!(
                 "payload {id} is {}; only committed payloads can be leased (commit it first)",
                 e.rec.state.name()
             ))));
@@ -173,46 +175,47 @@ impl Node {
             // A lost release only makes the lease live until it expires.
             tracing::warn!(%e, "could not journal lease releases");
         }
-        self.maybe_compact_journal();
         journal.len()
     }
 
     /// Extends a live lease to now + `extend_ms` (0 = default duration).
-    pub fn renew(&self, lease: LeaseId, extend_ms: u64) -> Result<u64, CatalogError> {
+    pub fn renew(&self, lease: LeaseId, extend_ms: u64) -> Result<u64, AgentError> {
         let now = self.now_ms();
         let slot = self.leases.shard(&lease).get(&lease).copied();
         let payload = match slot {
             Some(LeaseSlot::Live { payload, expires_ms }) if expires_ms > now => payload,
             Some(LeaseSlot::Revoked { .. }) => {
-                return Err(CatalogError::InvalidState(format!(
+                return Err(AgentError::InvalidState(format!(
                     "lease {lease} was revoked because its payload was force-deleted; do not read the old location"
                 )))
             }
             _ => {
-                return Err(CatalogError::NotFound(format!(
+                return Err(AgentError::NotFound(format!(
                     "lease {lease} is unknown or has expired; acquire a new lease"
                 )))
             }
         };
         let expires_ms = now.saturating_add(self.lease_duration(extend_ms));
         let entry = self.entry(payload)?;
-        {
-            let mut e = lock(&entry);
-            match e.leases.get_mut(&lease) {
-                Some(exp) => *exp = expires_ms,
-                None => return Err(CatalogError::NotFound(format!("lease {lease} is no longer live"))),
-            }
-        }
-        self.leases
-            .shard(&lease)
-            .insert(lease, LeaseSlot::Live { payload, expires_ms });
+        // Under the payload's lock, which a force delete holds while it
+        // revokes: a renew either lands before the revoke or sees it.
+        let e = &mut *lock(&entry);
+        let Some(exp) = e.leases.get_mut(&lease) else {
+            return Err(AgentError::NotFound(format!("lease {lease} is no longer live")));
+        };
+        let renewed = JournaledLease {
+            lease,
+            payload,
+            expires_ms,
+        };
         self.journal
-            .grant(&[JournaledLease {
-                lease,
-                payload,
-                expires_ms,
-            }])
-            .map_err(|e| CatalogError::Storage(format!("writing the lease journal: {e}")))?;
+            .grant(&[renewed])
+            .map_err(|e| io_error("writing the lease journal", e))?;
+        *exp = expires_ms;
+        let mut shard = self.leases.shard(&lease);
+        if let Some(LeaseSlot::Live { expires_ms: slot, .. }) = shard.get_mut(&lease) {
+            *slot = expires_ms;
+        }
         Ok(expires_ms)
     }
 
@@ -253,7 +256,8 @@ impl Node {
         live
     }
 
-    fn maybe_compact_journal(&self) {
+    /// Blocking (a scan, a write, fsyncs): the sweeper runs it on a blocking thread.
+    pub(crate) fn maybe_compact_journal(&self) {
         if let Err(e) = self.journal.maybe_compact(|| self.live_journal()) {
             tracing::warn!(%e, "could not compact the lease journal");
         }
@@ -274,7 +278,6 @@ impl Node {
                 lock(&entry).leases.remove(&lease);
             }
         }
-        self.maybe_compact_journal();
     }
 
     pub fn lease_count(&self) -> usize {
@@ -291,5 +294,5 @@ impl Node {
 
 enum Grant {
     TooSlow(Tier),
-    Failed(CatalogError),
+    Failed(AgentError),
 }

@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::error::AgentError;
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{CatalogError, PayloadId, PayloadRecord, Priority, Tier, Write};
+use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
 
 use super::{lock, Entry, Node};
 use crate::store::io_error;
@@ -42,19 +43,19 @@ impl AllocateRequest {
 }
 
 impl Node {
-    /// Reserves capacity and creates the region; the caller writes, then commits.
-    pub async fn allocate(&self, req: AllocateRequest) -> Result<PayloadRecord, CatalogError> {
+    /// Reserves capacity and creates the region; the caller writes, then
+    /// commits. Every step taken is undone if a later one fails.
+    pub async fn allocate(self: &Arc<Self>, req: AllocateRequest) -> Result<PayloadRecord, AgentError> {
         if req.size_bytes == 0 {
-            return Err(CatalogError::InvalidArgument(
-                "size_bytes must be greater than 0".into(),
-            ));
+            return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
         }
         if req.size_bytes > self.cfg.max_payload_bytes {
-            return Err(CatalogError::InvalidArgument(format!(
+            return Err(AgentError::InvalidArgument(format!(
                 "size_bytes {} exceeds the maximum payload size of {} bytes; split the payload",
                 req.size_bytes, self.cfg.max_payload_bytes
             )));
         }
+        self.writer.admit()?;
         let store = self.store(req.tier)?;
         if let Err(full) = store.reserve(req.size_bytes) {
             if req.tier != Tier::Ram {
@@ -68,6 +69,7 @@ impl Node {
             store.unreserve(req.size_bytes);
             return Err(io_error("creating the payload region", e));
         }
+        crate::failpoint!("after-region-create");
         let now = self.now_ms();
         let never = req.no_evict || req.priority == Priority::Never;
         let deadline = if req.write_deadline_ms == 0 {
@@ -89,7 +91,12 @@ impl Node {
             labels: req.labels,
             ..PayloadRecord::allocated(id, req.tier, req.size_bytes, now)
         };
-        self.writer.write(Write::Insert(rec.clone()))?;
+        if let Err(err) = self.writer.write(Write::Insert(rec.clone())) {
+            let _ = store.remove(id);
+            store.unreserve(req.size_bytes);
+            return Err(err);
+        }
+        crate::failpoint!("after-log-append");
         self.payloads
             .shard(&id)
             .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
@@ -99,15 +106,16 @@ impl Node {
 
     /// Seals the region and makes the payload readable. With `expected` the
     /// bytes are hashed now and must match; otherwise the digest is computed
-    /// in the background.
+    /// in the background. With `sync` the bytes, their name and the catalog
+    /// record survive power loss before this returns.
     pub async fn commit(
         &self,
         id: PayloadId,
         expected: Option<[u8; 32]>,
         sync: bool,
-    ) -> Result<PayloadRecord, CatalogError> {
+    ) -> Result<PayloadRecord, AgentError> {
         let entry = self.entry(id)?;
-        let tier = {
+        let (tier, size) = {
             let e = lock(&entry);
             transition(
                 e.rec.state,
@@ -115,20 +123,20 @@ impl Node {
                     durable: e.rec.tier.is_durable(),
                 },
             )?;
-            e.rec.tier
+            (e.rec.tier, e.rec.size_bytes)
         };
+        self.writer.admit()?;
         let store = self.store(tier)?;
-        let size = lock(&entry).rec.size_bytes;
         match store.region_len(id) {
             Some(len) if len == size => {}
             Some(len) => {
-                return Err(CatalogError::InvalidArgument(format!(
+                return Err(AgentError::InvalidArgument(format!(
                     "the region of payload {id} is {len} bytes but was allocated as {size}: a write went past the \
                      region or truncated it; abort and allocate again"
                 )))
             }
             None => {
-                return Err(CatalogError::InvalidState(format!(
+                return Err(AgentError::InvalidState(format!(
                     "the region of payload {id} has disappeared; abort and allocate again"
                 )))
             }
@@ -137,7 +145,7 @@ impl Node {
             Some(want) => {
                 let got = self.hash_region(tier, id).await?;
                 if got != want {
-                    return Err(CatalogError::InvalidArgument(format!(
+                    return Err(AgentError::InvalidArgument(format!(
                         "the bytes written hash to {} but the commit expected {}; rewrite the region and commit again, or abort",
                         hex::encode(got),
                         hex::encode(want)
@@ -148,43 +156,62 @@ impl Node {
             None => None,
         };
         if sync {
-            store.sync(id).map_err(|e| io_error("syncing the payload", e))?;
+            let path = store.path(id);
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&path)?.sync_all()?;
+                crate::durable::fsync_parent(&path)
+            })
+            .await
+            .map_err(|e| crate::error::task_failed("syncing the payload", e))?
+            .map_err(|e| io_error("syncing the payload", e))?;
         }
         store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
-        let rec = {
+        let (rec, seq) = {
             let mut e = lock(&entry);
             // Re-check under the lock: a concurrent commit or abort may have won.
-            e.rec.state = transition(
-                e.rec.state,
+            let mut rec = e.rec.clone();
+            rec.state = transition(
+                rec.state,
                 Event::Commit {
                     durable: tier.is_durable(),
                 },
             )?;
-            e.rec.version += 1;
-            e.rec.sha256 = digest;
+            rec.version += 1;
+            rec.sha256 = digest;
+            // Logged under the lock, before the node shows it: log order is
+            // the order of effect, and a failed write changes nothing.
+            let seq = self.writer.write(Write::Update(rec.clone()))?;
+            e.rec = rec.clone();
             e.last_access_ms = self.now_ms();
-            e.rec.clone()
+            (rec, seq)
         };
-        self.writer.write(Write::Update(rec.clone()))?;
+        crate::failpoint!("after-commit-log");
+        if sync {
+            self.writer.sync(seq).await?;
+        }
         if digest.is_none() {
             self.spawn_digest(id);
         }
         Ok(rec)
     }
 
-    async fn hash_region(&self, tier: Tier, id: PayloadId) -> Result<[u8; 32], CatalogError> {
+    async fn hash_region(&self, tier: Tier, id: PayloadId) -> Result<[u8; 32], AgentError> {
         let path_store = self.store(tier)?;
         let path = path_store.path(id);
         let _permit = self.hashing.acquire().await;
         tokio::task::spawn_blocking(move || crate::store::digest_file(&path))
             .await
-            .map_err(|e| CatalogError::Storage(format!("hashing task failed: {e}")))?
+            .map_err(|e| crate::error::task_failed("hashing the payload", e))?
             .map_err(|e| io_error("hashing the payload", e))
     }
 
-    /// Queues the digest for the hashing thread, off the request path.
+    /// Queues the digest for the hashing thread, off the request path. A
+    /// full queue leaves it for the next start-up, which hashes every
+    /// payload without a digest.
     pub(crate) fn spawn_digest(&self, id: PayloadId) {
-        let _ = lock(&self.digests).send(id);
+        if let Err(std::sync::mpsc::TrySendError::Full(_)) = self.digests.try_send(id) {
+            tracing::debug!(%id, "the digest queue is full; the digest waits for the next start");
+        }
     }
 
     /// Hashes a committed payload and records its digest (hashing thread).
@@ -199,9 +226,11 @@ impl Node {
                 if e.gone || e.rec.sha256.is_some() {
                     return;
                 }
-                e.rec.sha256 = Some(digest);
-                if let Err(err) = self.writer.write(Write::Update(e.rec.clone())) {
-                    tracing::warn!(%id, %err, "could not record the payload digest");
+                let mut rec = e.rec.clone();
+                rec.sha256 = Some(digest);
+                match self.writer.write(Write::Update(logged(&rec))) {
+                    Ok(_) => e.rec = rec,
+                    Err(err) => tracing::warn!(%id, %err, "could not record the payload digest"),
                 }
             }
             Err(err) => tracing::debug!(%id, %err, "could not hash the committed payload (moved or deleted?)"),
@@ -209,32 +238,31 @@ impl Node {
     }
 
     /// Abandons an uncommitted allocation and frees its region.
-    pub async fn abort(&self, id: PayloadId) -> Result<(), CatalogError> {
+    pub async fn abort(&self, id: PayloadId) -> Result<(), AgentError> {
         let entry = self.entry(id)?;
         let rec = {
             let mut e = lock(&entry);
-            e.rec.state = transition(e.rec.state, Event::Abort)?;
-            e.gone = true;
+            self.end(&mut e, Event::Abort)?;
             e.rec.clone()
         };
-        self.forget(&rec).await
+        self.free(&rec);
+        Ok(())
     }
 
     /// Deletes a payload. Live leases refuse it unless `force`, which revokes
     /// them at once.
-    pub async fn delete(&self, id: PayloadId, force: bool) -> Result<(), CatalogError> {
+    pub async fn delete(&self, id: PayloadId, force: bool) -> Result<(), AgentError> {
         let entry = self.entry(id)?;
         let now = self.now_ms();
         let (rec, revoked, moving) = {
             let mut e = lock(&entry);
             let live = e.live_leases(now);
             if live > 0 && !force {
-                return Err(CatalogError::Conflict(format!(
+                return Err(AgentError::Conflict(format!(
                     "payload {id} has {live} live lease(s); wait for their release or delete with force=true"
                 )));
             }
-            e.rec.state = transition(e.rec.state, Event::Delete)?;
-            e.gone = true;
+            self.end(&mut e, Event::Delete)?;
             let revoked: Vec<_> = e.leases.drain().map(|(lease, _)| lease).collect();
             (e.rec.clone(), revoked, e.moving)
         };
@@ -242,48 +270,78 @@ impl Node {
         if moving {
             // The mover sees `gone` and frees both copies itself.
             self.payloads.shard(&id).remove(&id);
-            return self.writer.write(Write::Delete(id));
+        } else {
+            self.free(&rec);
         }
-        self.forget(&rec).await
-    }
-
-    /// Removes a payload that is no longer live: row, entry, region, capacity.
-    pub(crate) async fn forget(&self, rec: &PayloadRecord) -> Result<(), CatalogError> {
-        self.payloads.shard(&rec.id).remove(&rec.id);
-        self.writer.write(Write::Delete(rec.id))?;
-        let store = self.store(rec.tier)?;
-        if let Err(e) = store.remove(rec.id) {
-            tracing::warn!(id = %rec.id, %e, "could not remove the payload region");
-        }
-        store.unreserve(rec.size_bytes);
         Ok(())
     }
 
+    /// Ends a payload's life, under its lock: the Delete is logged first,
+    /// so a failed log write leaves the payload as it was.
+    pub(crate) fn end(&self, e: &mut Entry, event: Event) -> Result<(), AgentError> {
+        let next = transition(e.rec.state, event)?;
+        self.writer.write(Write::Delete(e.rec.id))?;
+        e.rec.state = next;
+        e.gone = true;
+        Ok(())
+    }
+
+    /// Frees what an ended payload held: entry, region, capacity.
+    pub(crate) fn free(&self, rec: &PayloadRecord) {
+        self.payloads.shard(&rec.id).remove(&rec.id);
+        crate::failpoint!("before-free");
+        if let Ok(store) = self.store(rec.tier) {
+            if let Err(e) = store.remove(rec.id) {
+                tracing::warn!(id = %rec.id, %e, "could not remove the payload region");
+            }
+            store.unreserve(rec.size_bytes);
+        }
+    }
+
     /// Pins the payload in its tier for `duration_ms` (0 = until unpinned).
-    pub async fn pin(&self, id: PayloadId, duration_ms: u64) -> Result<(), CatalogError> {
+    pub async fn pin(&self, id: PayloadId, duration_ms: u64) -> Result<(), AgentError> {
         let until = if duration_ms == 0 {
             u64::MAX
         } else {
             self.now_ms().saturating_add(duration_ms)
         };
+        self.writer.admit()?;
         self.set_pin(id, until).await
     }
 
     /// Unpins; unknown payloads are fine (idempotent, as the reference).
-    pub async fn unpin(&self, id: PayloadId) -> Result<(), CatalogError> {
+    pub async fn unpin(&self, id: PayloadId) -> Result<(), AgentError> {
         match self.set_pin(id, 0).await {
-            Err(CatalogError::NotFound(_)) => Ok(()),
+            Err(AgentError::NotFound(_)) => Ok(()),
             other => other,
         }
     }
 
-    async fn set_pin(&self, id: PayloadId, until: u64) -> Result<(), CatalogError> {
+    async fn set_pin(&self, id: PayloadId, until: u64) -> Result<(), AgentError> {
         let entry = self.entry(id)?;
-        let rec = {
-            let mut e = lock(&entry);
-            e.rec.pinned_until_ms = until;
-            e.rec.clone()
-        };
-        self.writer.write(Write::Update(rec))
+        let mut e = lock(&entry);
+        if e.gone {
+            return Err(AgentError::NotFound(format!("payload {id} was deleted")));
+        }
+        let mut rec = e.rec.clone();
+        rec.pinned_until_ms = until;
+        self.writer.write(Write::Update(logged(&rec)))?;
+        e.rec = rec;
+        Ok(())
     }
+}
+
+/// The row to log for a payload as it is now. A move in progress is never
+/// logged: until its switch, the row names the source copy as it was, so a
+/// crash mid-move leaves a payload that can still move, expire and spill.
+pub(crate) fn logged(rec: &PayloadRecord) -> PayloadRecord {
+    let mut rec = rec.clone();
+    if rec.state == PayloadState::Spilling {
+        rec.state = if rec.tier.is_durable() {
+            PayloadState::Durable
+        } else {
+            PayloadState::Active
+        };
+    }
+    rec
 }

@@ -12,11 +12,13 @@ mod tiering;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use payload_catalog::{CatalogError, LeaseId, PayloadId, PayloadRecord, Repository, Tier};
+use crate::error::AgentError;
+use payload_catalog::{LeaseId, PayloadId, PayloadRecord, Repository, Tier};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::journal::Journal;
+use crate::state::StateDir;
 use crate::store::FileStore;
 use crate::writer::Writer;
 
@@ -40,6 +42,8 @@ pub struct NodeConfig {
     pub ram_high_watermark: f64,
     /// ...and stops below this one.
     pub ram_low_watermark: f64,
+    /// Catalog writes that may wait in the log before new payloads are refused.
+    pub catalog_backlog: usize,
     /// The node's time source; tests pass one they can advance.
     pub clock: Clock,
 }
@@ -54,6 +58,7 @@ impl Default for NodeConfig {
             max_payload_bytes: 128 << 30,
             ram_high_watermark: 0.9,
             ram_low_watermark: 0.7,
+            catalog_backlog: 100_000,
             clock: Clock::new(),
         }
     }
@@ -143,6 +148,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub struct Node {
     pub(crate) cfg: NodeConfig,
+    /// Locked for as long as the node lives.
+    pub(crate) state: StateDir,
     pub(crate) repo: Arc<dyn Repository>,
     pub(crate) writer: Writer,
     pub(crate) ram: FileStore,
@@ -154,21 +161,21 @@ pub struct Node {
     pub(crate) spill_wanted: Notify,
     /// Bounds hashing on the request path (verified commits) to one core.
     pub(crate) hashing: tokio::sync::Semaphore,
-    /// Committed payloads waiting for the hashing thread.
-    pub(crate) digests: Mutex<std::sync::mpsc::Sender<PayloadId>>,
+    /// Committed payloads waiting for the hashing thread (bounded).
+    pub(crate) digests: std::sync::mpsc::SyncSender<PayloadId>,
 }
 
 impl Node {
-    pub fn store(&self, tier: Tier) -> Result<&FileStore, CatalogError> {
+    pub fn store(&self, tier: Tier) -> Result<&FileStore, AgentError> {
         match tier {
             Tier::Ram => Ok(&self.ram),
             Tier::Disk => Ok(&self.disk),
-            Tier::Gpu | Tier::Object => Err(CatalogError::InvalidState(format!(
+            Tier::Gpu | Tier::Object => Err(AgentError::InvalidState(format!(
                 "the {} tier is not configured on node {}",
                 tier.name(),
                 self.cfg.node_name
             ))),
-            Tier::Void => Err(CatalogError::InvalidArgument(
+            Tier::Void => Err(AgentError::InvalidArgument(
                 "TIER_VOID is not a place to store bytes; spill to VOID deletes a payload".into(),
             )),
         }
@@ -186,16 +193,16 @@ impl Node {
         &self.cfg.clock
     }
 
-    pub(crate) fn entry(&self, id: PayloadId) -> Result<EntryRef, CatalogError> {
+    pub(crate) fn entry(&self, id: PayloadId) -> Result<EntryRef, AgentError> {
         self.payloads
             .shard(&id)
             .get(&id)
             .cloned()
-            .ok_or_else(|| CatalogError::NotFound(format!("payload {id} not found on node {}", self.cfg.node_name)))
+            .ok_or_else(|| AgentError::NotFound(format!("payload {id} not found on node {}", self.cfg.node_name)))
     }
 
     /// A copy of the payload's row and its live lease count.
-    pub fn get(&self, id: PayloadId) -> Result<(PayloadRecord, usize), CatalogError> {
+    pub fn get(&self, id: PayloadId) -> Result<(PayloadRecord, usize), AgentError> {
         let entry = self.entry(id)?;
         let e = lock(&entry);
         Ok((e.rec.clone(), e.live_leases(self.now_ms())))
@@ -253,7 +260,7 @@ impl Node {
 
 impl Node {
     /// Waits until every queued catalog write is committed.
-    pub async fn flush(&self) -> Result<(), CatalogError> {
+    pub async fn flush(&self) -> Result<(), AgentError> {
         self.writer.flush().await
     }
 }

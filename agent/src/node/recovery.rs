@@ -1,18 +1,24 @@
 //! Start-up: rebuild the in-memory view from the catalog, check every copy
 //! against what is really in shm and on disk, drop half-written allocations,
-//! remove orphan regions, and restore leases that are still live.
+//! put interrupted moves back on their source copy, remove this node's
+//! orphan regions (and nothing else), and restore leases that are still live.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 
-use payload_catalog::{PayloadId, Repository, Tier, Write};
+use payload_catalog::lifecycle::{transition, Event};
+use payload_catalog::{PayloadId, PayloadState, Repository, Tier, Write};
 use tokio::sync::{Notify, Semaphore};
 
 use super::{lock, Entry, LeaseSlot, Node, NodeConfig, Sharded};
 use crate::journal::Journal;
+use crate::state::StateDir;
 use crate::store::FileStore;
 use crate::writer::Writer;
+
+/// Committed payloads waiting for the hashing thread, at most; past it a
+/// digest waits for the next start-up.
+const DIGEST_QUEUE: usize = 65_536;
 
 /// What start-up found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,18 +27,25 @@ pub struct Recovery {
     pub dropped_allocations: usize,
     pub lost: usize,
     pub orphans_removed: usize,
+    /// Moves a crash interrupted: the payload is back on its source copy.
+    pub moves_undone: usize,
+    /// Regions named before node ids, renamed to this node's names.
+    pub legacy_adopted: usize,
+    /// Files this node cannot prove it created (another agent's, or older
+    /// names without a catalog row): reported, never touched.
+    pub foreign_skipped: usize,
     pub leases_restored: usize,
 }
 
 impl Node {
-    /// Opens the node over its stores, catalog and lease journal.
-    /// `state_dir` holds the lease journal and the catalog write log.
+    /// Opens the node over its stores, catalog and lease journal; `state`
+    /// holds the lease journal and the catalog write log.
     pub async fn open(
         cfg: NodeConfig,
         repo: Arc<dyn Repository>,
         ram: FileStore,
         disk: FileStore,
-        state_dir: &Path,
+        state: StateDir,
     ) -> anyhow::Result<(Arc<Node>, Recovery)> {
         // The catalog scopes payload rows by node: a mismatch would load (and
         // recover, deleting rows) as another node.
@@ -42,13 +55,14 @@ impl Node {
             repo.node(),
             cfg.node_name
         );
-        let writer = Writer::open(repo.clone(), &state_dir.join("catalog.log")).await?;
-        let journal_path = state_dir.join("leases.journal");
+        let writer = Writer::open(repo.clone(), &state.join("catalog.log"), cfg.catalog_backlog).await?;
+        let journal_path = state.join("leases.journal");
         let (journal, journaled) = Journal::open(&journal_path)
             .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
-        let (digests, pending_digests) = std::sync::mpsc::channel();
+        let (digests, pending_digests) = std::sync::mpsc::sync_channel(DIGEST_QUEUE);
         let node = Node {
             cfg,
+            state,
             repo,
             writer,
             ram,
@@ -58,11 +72,13 @@ impl Node {
             journal,
             spill_wanted: Notify::new(),
             hashing: Semaphore::new(1),
-            digests: std::sync::Mutex::new(digests),
+            digests,
         };
         let mut report = Recovery::default();
         node.load(&mut report).await?;
-        node.remove_orphans(&mut report)?;
+        node.remove_orphans(&mut report);
+        node.ram.check_capacity()?;
+        node.disk.check_capacity()?;
         let now = node.now_ms();
         for lease in journaled.into_iter().filter(|l| l.expires_ms > now) {
             let Ok(entry) = node.entry(lease.payload) else {
@@ -78,7 +94,7 @@ impl Node {
             );
             report.leases_restored += 1;
         }
-        tracing::info!(?report, "node recovered");
+        tracing::info!(node_id = node.state.node_id(), ?report, "node recovered");
         let node = Arc::new(node);
         let weak = Arc::downgrade(&node);
         std::thread::Builder::new()
@@ -103,8 +119,7 @@ impl Node {
 
     async fn load(&self, report: &mut Recovery) -> anyhow::Result<()> {
         let now = self.now_ms();
-        let mut drops = Vec::new();
-        for rec in self.repo.load_payloads().await? {
+        for mut rec in self.repo.load_payloads().await? {
             let store = match self.store(rec.tier) {
                 Ok(store) => store,
                 Err(err) => {
@@ -112,17 +127,32 @@ impl Node {
                     continue;
                 }
             };
+            // This node's row proves an old-style name is this node's file.
+            if store.adopt_legacy(rec.id) {
+                report.legacy_adopted += 1;
+            }
             if !rec.state.is_readable() {
                 let _ = store.remove(rec.id);
-                drops.push(Write::Delete(rec.id));
+                self.writer.write(Write::Delete(rec.id))?;
                 report.dropped_allocations += 1;
                 continue;
             }
             if store.region_len(rec.id) != Some(rec.size_bytes) {
                 tracing::error!(id = %rec.id, tier = rec.tier.name(), "committed payload has no intact region; dropping its row");
-                drops.push(Write::Delete(rec.id));
+                self.writer.write(Write::Delete(rec.id))?;
                 report.lost += 1;
                 continue;
+            }
+            if rec.state == PayloadState::Spilling {
+                // The row still names the source copy: the move never switched.
+                rec.state = transition(
+                    rec.state,
+                    Event::CancelMove {
+                        durable: rec.tier.is_durable(),
+                    },
+                )?;
+                self.writer.write(Write::Update(rec.clone()))?;
+                report.moves_undone += 1;
             }
             store.add_used(rec.size_bytes);
             self.payloads
@@ -130,13 +160,14 @@ impl Node {
                 .insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec, now))));
             report.payloads += 1;
         }
-        if !drops.is_empty() {
-            self.repo.write_batch(&drops).await?;
-        }
         Ok(())
     }
 
-    fn remove_orphans(&self, report: &mut Recovery) -> anyhow::Result<()> {
+    /// Removes this node's regions that no row names (a crash between
+    /// creating and logging, or between copying and switching). Anything
+    /// the node cannot prove it created is counted and left alone, and a
+    /// region that cannot be removed is reported, never fatal.
+    fn remove_orphans(&self, report: &mut Recovery) {
         for store in [&self.ram, &self.disk] {
             let mut owned = HashSet::new();
             self.payloads.for_each(|id, e| {
@@ -144,16 +175,30 @@ impl Node {
                     owned.insert(*id);
                 }
             });
-            for id in store.scan()? {
-                if !owned.contains(&id) {
-                    store.remove(id)?;
-                    report.orphans_removed += 1;
+            let scan = match store.scan() {
+                Ok(scan) => scan,
+                Err(err) => {
+                    tracing::warn!(root = %store.root().display(), %err, "could not scan for orphan regions");
+                    continue;
+                }
+            };
+            for id in scan.ours.into_iter().filter(|id| !owned.contains(id)) {
+                match store.remove(id) {
+                    Ok(()) => report.orphans_removed += 1,
+                    Err(err) => tracing::warn!(%id, %err, "could not remove an orphan region"),
                 }
             }
+            let skipped = scan.foreign + scan.legacy.len();
+            if skipped > 0 {
+                tracing::info!(
+                    root = %store.root().display(),
+                    skipped,
+                    "left alone regions this node did not create (other agents', or older names with no row here)"
+                );
+            }
+            report.foreign_skipped += skipped;
         }
-        Ok(())
     }
-
     /// Payload ids held on `tier`, for tests and tools.
     pub fn ids_on(&self, tier: Tier) -> Vec<PayloadId> {
         let mut ids = Vec::new();

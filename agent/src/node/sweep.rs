@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use payload_catalog::lifecycle::{transition, Event};
+use payload_catalog::lifecycle::Event;
 use payload_catalog::PayloadState;
 
 use super::{lock, Node};
@@ -29,24 +29,26 @@ impl Node {
                 }
                 _ => continue,
             };
-            if let Ok(state) = transition(e.rec.state, event) {
-                e.rec.state = state;
-                e.gone = true;
-                doomed.push(e.rec.clone());
+            match self.end(&mut e, event) {
+                Ok(()) => doomed.push(e.rec.clone()),
+                // Tried again at the next pass.
+                Err(err) => tracing::warn!(id = %e.rec.id, %err, "could not remove an expired payload"),
             }
         }
         for rec in doomed {
-            tracing::info!(id = %rec.id, state = rec.state.name(), "removing payload");
-            if let Err(err) = self.forget(&rec).await {
-                tracing::warn!(id = %rec.id, %err, "could not remove an expired payload");
-            }
+            tracing::info!(id = %rec.id, state = rec.state.name(), "removed payload");
+            self.free(&rec);
         }
     }
 
     pub async fn run_sweeper(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => self.sweep().await,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    self.sweep().await;
+                    let node = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || node.maybe_compact_journal()).await;
+                }
                 _ = super::stopped(&mut stop) => return,
             }
         }

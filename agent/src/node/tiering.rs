@@ -4,14 +4,17 @@
 //! source: a crash at any point leaves one valid copy, and start-up removes
 //! the other.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::AgentError;
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{CatalogError, PayloadId, PayloadRecord, Priority, Tier, Write};
+use payload_catalog::{PayloadId, PayloadRecord, Priority, Tier, Write};
 
 use super::{lock, Node};
-use crate::store::{digest_file, io_error};
+use crate::store::{digest_file, io_error, FileStore};
 
 /// What a move did.
 #[derive(Clone, Debug)]
@@ -35,14 +38,33 @@ impl MoveOutcome {
 impl Node {
     /// Moves a committed payload to `target`. Refused while leased (unless
     /// `wait_for_leases`, which waits up to the maximum lease duration),
-    /// while pinned (downward moves), and against the payload's policy.
-    pub async fn relocate(
-        &self,
+    /// while pinned (downward moves), and against the payload's policy. The
+    /// move runs as a task of its own: a caller that goes away (a cancelled
+    /// RPC) cannot leave it half done.
+    /// (A named future type: moves nest, through `make_room`, and an
+    /// `async fn` here would make the spawned future's type recursive.)
+    pub fn relocate(
+        self: &Arc<Self>,
         id: PayloadId,
         target: Tier,
         wait_for_leases: bool,
         sync: bool,
-    ) -> Result<MoveOutcome, CatalogError> {
+    ) -> Pin<Box<dyn Future<Output = Result<MoveOutcome, AgentError>> + Send>> {
+        let node = self.clone();
+        let task = tokio::spawn(async move { node.relocate_now(id, target, wait_for_leases, sync).await });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| crate::error::task_failed(&format!("moving payload {id}"), e))?
+        })
+    }
+
+    async fn relocate_now(
+        self: &Arc<Self>,
+        id: PayloadId,
+        target: Tier,
+        wait_for_leases: bool,
+        sync: bool,
+    ) -> Result<MoveOutcome, AgentError> {
         if target == Tier::Void {
             self.delete(id, false).await?;
             return Ok(MoveOutcome::Deleted);
@@ -58,20 +80,17 @@ impl Node {
                     return Ok(MoveOutcome::Unchanged(e.rec.clone()));
                 }
                 check_move(&e.rec, target, now)?;
-                if e.moving {
-                    return Err(CatalogError::InvalidState(format!(
-                        "payload {id} is already moving between tiers; retry shortly"
-                    )));
-                }
                 let live = e.live_leases(now);
-                if live == 0 {
+                if e.moving {
+                    // Another move is under way (moves always end): see where it lands.
+                } else if live == 0 {
+                    // Not logged: the row keeps naming the source until the switch.
                     e.rec.state = transition(e.rec.state, Event::BeginMove)?;
                     e.rec.version += 1;
                     e.moving = true;
                     break e.rec.clone();
-                }
-                if now >= deadline {
-                    return Err(CatalogError::Conflict(format!(
+                } else if now >= deadline {
+                    return Err(AgentError::Conflict(format!(
                         "payload {id} has {live} live lease(s) pinning it to the {} tier; release them, or spill with wait_for_leases",
                         e.rec.tier.name()
                     )));
@@ -79,85 +98,85 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        if let Err(err) = self.reserve_for_move(to, source.size_bytes).await {
-            self.cancel_move(&entry);
-            return Err(err);
-        }
         let from = self.store(source.tier)?;
-        let copied = {
-            let (from_path, to_path) = (from.path(id), to.path(id));
-            let want = source.sha256;
-            let copy = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-                crate::store::copy_file(&from_path, &to_path, sync)?;
-                Ok(want.is_none_or(|want| digest_file(&to_path).is_ok_and(|got| got == want)))
-            });
-            copy.await
-                .map_err(|e| CatalogError::Storage(format!("copy task failed: {e}")))?
+        // From here every exit either switches or undoes what was taken.
+        let reserved = self.reserve_for_move(to, source.size_bytes).await;
+        let copied = match &reserved {
+            Ok(()) => copy_verified(from, to, &source, sync).await,
+            Err(err) => Err(err.clone()),
         };
-        let failure = match copied {
-            Ok(true) => None,
-            Ok(false) => Some(CatalogError::Storage(format!(
-                "the copy of payload {id} on the {} tier does not match its SHA-256; the source copy is kept",
-                target.name()
-            ))),
-            Err(e) => Some(io_error("copying the payload", e)),
-        };
-        let switched = {
-            let mut e = lock(&entry);
-            if e.gone || failure.is_some() || e.live_leases(self.now_ms()) > 0 {
-                None
-            } else {
-                e.rec.tier = target;
-                e.rec.state = transition(
-                    e.rec.state,
-                    Event::FinishMove {
-                        durable: target.is_durable(),
-                    },
-                )?;
-                e.rec.version += 1;
-                e.moving = false;
-                Some(e.rec.clone())
-            }
-        };
-        let Some(rec) = switched else {
-            let _ = to.remove(id);
-            to.unreserve(source.size_bytes);
-            let gone = lock(&entry).gone;
-            if gone {
-                // Deleted during the move: the delete left the source to us.
-                let _ = from.remove(id);
+        match copied.and_then(|()| self.switch(&entry, target)) {
+            Ok(rec) => {
+                crate::failpoint!("after-switch");
+                if let Err(e) = from.remove(id) {
+                    tracing::warn!(%id, %e, "could not remove the source copy after a move");
+                }
                 from.unreserve(source.size_bytes);
-                return Err(CatalogError::NotFound(format!(
-                    "payload {id} was deleted during the move"
-                )));
+                Ok(MoveOutcome::Moved(rec))
             }
-            self.cancel_move(&entry);
-            return Err(failure.unwrap_or_else(|| {
-                CatalogError::Conflict(format!(
-                    "payload {id} was leased during the move; it stays where it was"
-                ))
-            }));
-        };
-        // The row must name the new copy before the old one is freed.
-        self.writer.write(Write::Update(rec.clone()))?;
-        if let Err(e) = from.remove(id) {
-            tracing::warn!(%id, %e, "could not remove the source copy after a move");
+            Err(err) => {
+                if reserved.is_ok() {
+                    let _ = to.remove(id);
+                    to.unreserve(source.size_bytes);
+                }
+                Err(self.undo_move(&entry, from, err))
+            }
         }
-        from.unreserve(source.size_bytes);
-        Ok(MoveOutcome::Moved(rec))
     }
 
-    fn cancel_move(&self, entry: &super::EntryRef) {
+    /// Makes the new copy authoritative: logged under the payload's lock,
+    /// unless the payload was deleted or leased meanwhile.
+    fn switch(&self, entry: &super::EntryRef, target: Tier) -> Result<PayloadRecord, AgentError> {
+        let mut e = lock(entry);
+        let id = e.rec.id;
+        if e.gone {
+            return Err(AgentError::NotFound(format!(
+                "payload {id} was deleted during the move"
+            )));
+        }
+        if e.live_leases(self.now_ms()) > 0 {
+            return Err(AgentError::Conflict(format!(
+                "payload {id} was leased during the move; it stays where it was"
+            )));
+        }
+        let mut rec = e.rec.clone();
+        rec.tier = target;
+        rec.state = transition(
+            rec.state,
+            Event::FinishMove {
+                durable: target.is_durable(),
+            },
+        )?;
+        rec.version += 1;
+        // The row must name the new copy before the old one is freed.
+        self.writer.write(Write::Update(rec.clone()))?;
+        e.rec = rec.clone();
+        e.moving = false;
+        Ok(rec)
+    }
+
+    /// Ends a move that did not switch: the payload stays on its source
+    /// copy, or, if it was deleted meanwhile, the source is freed here (the
+    /// delete left it to the mover).
+    fn undo_move(&self, entry: &super::EntryRef, from: &FileStore, err: AgentError) -> AgentError {
         let mut e = lock(entry);
         e.moving = false;
+        if e.gone {
+            let (id, size) = (e.rec.id, e.rec.size_bytes);
+            drop(e);
+            let _ = from.remove(id);
+            from.unreserve(size);
+            return AgentError::NotFound(format!("payload {id} was deleted during the move"));
+        }
         let durable = e.rec.tier.is_durable();
         if let Ok(state) = transition(e.rec.state, Event::CancelMove { durable }) {
             e.rec.state = state;
             e.rec.version += 1;
         }
+        err
     }
 
-    async fn reserve_for_move(&self, to: &crate::store::FileStore, bytes: u64) -> Result<(), CatalogError> {
+    async fn reserve_for_move(self: &Arc<Self>, to: &FileStore, bytes: u64) -> Result<(), AgentError> {
         if to.reserve(bytes).is_ok() {
             return Ok(());
         }
@@ -171,14 +190,14 @@ impl Node {
     pub fn spawn_relocate(self: &Arc<Self>, id: PayloadId, target: Tier) {
         let node = self.clone();
         tokio::spawn(async move {
-            if let Err(err) = node.relocate(id, target, false, false).await {
+            if let Err(err) = node.relocate_now(id, target, false, false).await {
                 tracing::info!(%id, target = target.name(), %err, "background move did not happen");
             }
         });
     }
 
     /// The spill target of a payload unless the request names one.
-    pub fn spill_target(&self, id: PayloadId, requested: Option<Tier>) -> Result<Tier, CatalogError> {
+    pub fn spill_target(&self, id: PayloadId, requested: Option<Tier>) -> Result<Tier, AgentError> {
         match requested {
             Some(tier) => Ok(tier),
             None => {
@@ -218,20 +237,20 @@ impl Node {
     }
 
     /// Spills until `free` bytes of RAM are available, or nothing more can go.
-    pub(crate) async fn make_room(&self, free: u64) {
+    pub(crate) async fn make_room(self: &Arc<Self>, free: u64) {
         for (id, _) in self.spill_candidates() {
             if self.ram.capacity().saturating_sub(self.ram.used()) >= free {
                 return;
             }
-            // Boxed: a promotion into RAM can land here and move others down.
-            if let Err(err) = Box::pin(self.relocate(id, Tier::Disk, false, false)).await {
+            // A promotion into RAM can land here and move others down.
+            if let Err(err) = self.relocate(id, Tier::Disk, false, false).await {
                 tracing::debug!(%id, %err, "could not spill to make room");
             }
         }
     }
 
     /// Spills down to the low watermark.
-    pub async fn spill_to_low_watermark(&self) -> usize {
+    pub async fn spill_to_low_watermark(self: &Arc<Self>) -> usize {
         let low = (self.ram.capacity() as f64 * self.cfg.ram_low_watermark) as u64;
         let mut moved = 0;
         for (id, _) in self.spill_candidates() {
@@ -265,10 +284,10 @@ impl Node {
 }
 
 /// Whether policy allows moving `rec` to `target` now.
-fn check_move(rec: &PayloadRecord, target: Tier, now_ms: u64) -> Result<(), CatalogError> {
+fn check_move(rec: &PayloadRecord, target: Tier, now_ms: u64) -> Result<(), AgentError> {
     let id = rec.id;
     if !rec.state.is_readable() {
-        return Err(CatalogError::InvalidState(format!(
+        return Err(AgentError::InvalidState(format!(
             "payload {id} is {}; only committed payloads move between tiers",
             rec.state.name()
         )));
@@ -280,23 +299,47 @@ fn check_move(rec: &PayloadRecord, target: Tier, now_ms: u64) -> Result<(), Cata
         } else {
             "pinned"
         };
-        return Err(CatalogError::InvalidState(format!(
+        return Err(AgentError::InvalidState(format!(
             "payload {id} is {why}; unpin it before spilling"
         )));
     }
     if let Some(min) = rec.min_residency_tier {
         if min.faster_than(target) {
-            return Err(CatalogError::InvalidState(format!(
+            return Err(AgentError::InvalidState(format!(
                 "payload {id} must stay at the {} tier or faster by its eviction policy",
                 min.name()
             )));
         }
     }
     if rec.require_durable && !target.is_durable() && downward {
-        return Err(CatalogError::InvalidState(format!(
+        return Err(AgentError::InvalidState(format!(
             "payload {id} requires a durable tier; {} is not durable",
             target.name()
         )));
     }
     Ok(())
+}
+
+/// Copies the source region to the target tier and checks the copy against
+/// the payload's digest; a failed copy leaves no file behind.
+async fn copy_verified(from: &FileStore, to: &FileStore, source: &PayloadRecord, sync: bool) -> Result<(), AgentError> {
+    let (id, target) = (source.id, to.tier());
+    let (from_path, to_path) = (from.path(id), to.path(id));
+    let want = source.sha256;
+    let copy = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        crate::store::copy_file(&from_path, &to_path, sync)?;
+        Ok(want.is_none_or(|want| digest_file(&to_path).is_ok_and(|got| got == want)))
+    });
+    match copy.await {
+        Ok(Ok(true)) => {
+            crate::failpoint!("after-copy");
+            Ok(())
+        }
+        Ok(Ok(false)) => Err(AgentError::Integrity(format!(
+            "the copy of payload {id} on the {} tier does not match its SHA-256; the source copy is kept",
+            target.name()
+        ))),
+        Ok(Err(e)) => Err(io_error("copying the payload", e)),
+        Err(e) => Err(crate::error::task_failed("copying the payload", e)),
+    }
 }

@@ -4,11 +4,14 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use payload_agent::node::{Node, NodeConfig, Recovery};
 use payload_agent::server;
+use payload_agent::state::StateDir;
 use payload_agent::store::FileStore;
 use payload_catalog::{Repository, SqliteRepository};
 use payload_client::Client;
@@ -83,11 +86,10 @@ pub async fn open_node_on(
     cap: &Capacity,
     repo: Arc<dyn Repository>,
 ) -> (Arc<Node>, Recovery) {
-    let ram = FileStore::ram(dirs.ram.path(), "pm", cap.ram).expect("ram store");
-    let disk = FileStore::disk(&dirs.disk(), cap.disk).expect("disk store");
-    Node::open(cfg, repo, ram, disk, dirs.state.path())
-        .await
-        .expect("node opens")
+    let state = StateDir::open(dirs.state.path()).expect("state dir");
+    let ram = FileStore::ram(dirs.ram.path(), "pm", state.node_id(), cap.ram).expect("ram store");
+    let disk = FileStore::disk(&dirs.disk(), state.node_id(), cap.disk).expect("disk store");
+    Node::open(cfg, repo, ram, disk, state).await.expect("node opens")
 }
 
 /// A node serving on its socket until dropped.

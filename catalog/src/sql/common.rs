@@ -219,6 +219,9 @@ async fn walk(conn: &mut Conn, start: PayloadId, upstream: bool, max_depth: u32)
             continue;
         }
         for edge in edges_of(conn, node, upstream).await? {
+            if edge.parent == edge.child {
+                continue;
+            }
             let next = if upstream { edge.parent } else { edge.child };
             if seen.insert(next) {
                 queue.push_back((next, depth + 1));
@@ -233,13 +236,14 @@ async fn add_lineage(conn: &mut Conn, child: PayloadId, edges: &[LineageEdge]) -
     lock_lineage(conn).await?;
     require_payload(conn, child, "lineage child").await?;
     for edge in edges {
-        if edge.parent == child {
-            return Err(CatalogError::InvalidArgument(format!(
-                "payload {child} cannot be its own parent"
-            )));
-        }
-        require_payload(conn, edge.parent, "lineage parent").await?;
-        let ancestors = walk(conn, edge.parent, true, 0).await?;
+        // A self edge is recorded (the reference accepts it and its client
+        // examples send one) but never followed: `walk` skips it.
+        let ancestors = if edge.parent == child {
+            Vec::new()
+        } else {
+            require_payload(conn, edge.parent, "lineage parent").await?;
+            walk(conn, edge.parent, true, 0).await?
+        };
         if ancestors.iter().any(|e| e.parent == child) {
             return Err(CatalogError::InvalidArgument(format!(
                 "adding {} as a parent of {child} would make a lineage cycle",

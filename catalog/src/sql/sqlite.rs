@@ -1,7 +1,7 @@
 //! SQLite backend: the embedded default catalog of a standalone node.
-//! WAL mode with `synchronous=NORMAL`: a commit survives a process crash
-//! (SIGKILL) without an fsync per transaction; callers that batch writes get
-//! group commit for free.
+//! WAL mode with `synchronous=FULL`: a commit survives power loss (the agent
+//! truncates its write log once a write is here, so this file must be the
+//! durable copy); callers that batch writes share the fsync.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
@@ -55,7 +55,7 @@ impl SqliteRepository {
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()

@@ -1,0 +1,171 @@
+use super::*;
+use payload_catalog::{PayloadId, PayloadRecord, PayloadState, SqliteRepository, Tier};
+use sqlx::Connection as _;
+
+fn record(id: PayloadId, state: PayloadState) -> PayloadRecord {
+    PayloadRecord {
+        state,
+        ..PayloadRecord::allocated(id, Tier::Ram, 1, 1)
+    }
+}
+
+async fn sqlite(dir: &Path) -> Arc<dyn Repository> {
+    Arc::new(SqliteRepository::open(&dir.join("c.db")).await.unwrap())
+}
+
+#[test]
+fn coalescing_keeps_the_last_write_per_payload_and_never_revives_a_delete() {
+    let (a, b, c) = (PayloadId::random(), PayloadId::random(), PayloadId::random());
+    let writes = vec![
+        Write::Insert(record(a, PayloadState::Allocated)),
+        Write::Insert(record(b, PayloadState::Allocated)),
+        Write::Update(record(a, PayloadState::Active)),
+        Write::Delete(b),
+        Write::Delete(c),
+        Write::Update(record(c, PayloadState::Active)),
+    ];
+    let out = coalesce(writes);
+    assert_eq!(out.len(), 3);
+    assert!(matches!(&out[0], Write::Insert(r) if r.id == a && r.state == PayloadState::Active));
+    assert!(matches!(&out[1], Write::Delete(id) if *id == b));
+    assert!(matches!(&out[2], Write::Delete(id) if *id == c), "{:?}", out[2]);
+}
+
+#[tokio::test]
+async fn a_logged_write_that_never_reached_the_catalog_is_replayed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = sqlite(dir.path()).await;
+    let (kept, dropped) = (PayloadId::random(), PayloadId::random());
+    let mut log = Vec::new();
+    for write in [
+        Write::Insert(record(kept, PayloadState::Allocated)),
+        Write::Insert(record(dropped, PayloadState::Allocated)),
+        Write::Update(record(kept, PayloadState::Active)),
+        Write::Delete(dropped),
+        // Already applied before the crash: replaying it again is harmless.
+        Write::Update(record(kept, PayloadState::Active)),
+    ] {
+        log.extend(frame(&write).unwrap());
+    }
+    log.extend_from_slice(&[200, 0, 0, 0, b'{']); // a torn last record
+    std::fs::write(dir.path().join("catalog.log"), log).unwrap();
+
+    let writer = Writer::open(repo.clone(), &dir.path().join("catalog.log"), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        repo.get_payload(kept).await.unwrap().unwrap().state,
+        PayloadState::Active
+    );
+    assert!(repo.get_payload(dropped).await.unwrap().is_none());
+    assert_eq!(
+        std::fs::metadata(dir.path().join("catalog.log")).unwrap().len(),
+        0,
+        "replayed, then emptied"
+    );
+
+    writer.write(Write::Delete(kept)).unwrap();
+    writer.flush().await.unwrap();
+    assert!(repo.get_payload(kept).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_write_the_catalog_refuses_is_set_aside_and_the_rest_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = sqlite(dir.path()).await;
+    let writer = Writer::open(repo.clone(), &dir.path().join("catalog.log"), 100)
+        .await
+        .unwrap();
+    let (a, ghost, b) = (PayloadId::random(), PayloadId::random(), PayloadId::random());
+    writer.write(Write::Insert(record(a, PayloadState::Active))).unwrap();
+    // An update of a row that does not exist: refused for good.
+    writer
+        .write(Write::Update(record(ghost, PayloadState::Active)))
+        .unwrap();
+    writer.write(Write::Insert(record(b, PayloadState::Active))).unwrap();
+    writer.flush().await.unwrap();
+    assert!(repo.get_payload(a).await.unwrap().is_some());
+    assert!(repo.get_payload(b).await.unwrap().is_some());
+    let rejected = std::fs::read_to_string(dir.path().join("catalog.rejected")).unwrap();
+    assert_eq!(rejected.lines().count(), 1, "{rejected}");
+    assert!(rejected.contains(&ghost.to_string()), "{rejected}");
+    assert_eq!(writer.backlog(), 0);
+    assert_eq!(std::fs::metadata(dir.path().join("catalog.log")).unwrap().len(), 0);
+}
+
+/// Holds SQLite's write lock from another connection, as another process
+/// would (`BEGIN IMMEDIATE` and nothing else).
+async fn hold_write_lock(db: &Path) -> sqlx::SqliteConnection {
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+    conn
+}
+
+#[tokio::test]
+async fn a_locked_catalog_keeps_writes_in_the_log_until_it_takes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = sqlite(dir.path()).await;
+    let log_path = dir.path().join("catalog.log");
+    let writer = Writer::open(repo.clone(), &log_path, 2).await.unwrap();
+    let mut locker = hold_write_lock(&dir.path().join("c.db")).await;
+
+    let ids: Vec<_> = (0..2).map(|_| PayloadId::random()).collect();
+    for id in &ids {
+        writer.write(Write::Insert(record(*id, PayloadState::Active))).unwrap();
+    }
+    while lock(&writer.shared.health).failing_since.is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        writer.backlog(),
+        2,
+        "nothing leaves the log while the catalog is locked"
+    );
+    assert!(std::fs::metadata(&log_path).unwrap().len() > 0);
+    let refused = writer.admit().unwrap_err();
+    assert!(
+        matches!(&refused, AgentError::Unavailable(m) if m.contains("catalog.log")),
+        "{refused:?}"
+    );
+
+    // A restart now (a second writer on the same log) refuses to start and keeps the log.
+    let before = std::fs::read(&log_path).unwrap();
+    let err = Writer::open(repo.clone(), &log_path, 2).await.err().expect("refused");
+    assert!(err.to_string().contains("they are kept there"), "{err}");
+    assert_eq!(std::fs::read(&log_path).unwrap(), before);
+
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    writer.flush().await.unwrap();
+    for id in &ids {
+        assert!(repo.get_payload(*id).await.unwrap().is_some(), "{id} landed");
+    }
+    assert_eq!(writer.backlog(), 0);
+    writer.admit().unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_synced_writes_all_wait_for_an_fsync_that_covers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = sqlite(dir.path()).await;
+    let writer = Writer::open(repo, &dir.path().join("catalog.log"), 100).await.unwrap();
+    let waits: Vec<_> = (0..8)
+        .map(|_| {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                let seq = writer
+                    .write(Write::Insert(record(PayloadId::random(), PayloadState::Active)))
+                    .unwrap();
+                writer.sync(seq).await.map(|()| seq)
+            })
+        })
+        .collect();
+    for wait in waits {
+        let seq = wait.await.unwrap().unwrap();
+        assert!(
+            *writer.shared.synced.borrow() > seq,
+            "write {seq} returned before its fsync"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The agent binary as a real process: started on a test's directories,
+//! killed with SIGKILL (or aborted at a fault point), started again.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use payload_client::{Client, ClientError, PutOptions, Tier};
+use sha2::{Digest, Sha256};
+
+use super::Dirs;
+
+pub struct Agent {
+    pub child: Child,
+}
+
+/// The flags every test agent gets; `extra` may add or override.
+fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dirs.log())
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_payload-agent"));
+    cmd.arg("standalone")
+        .arg("--state-dir")
+        .arg(dirs.state.path())
+        .args([
+            "--listen",
+            "off",
+            "--ram-capacity",
+            "128MiB",
+            "--disk-capacity",
+            "512MiB",
+        ])
+        .arg("--ram-root")
+        .arg(dirs.ram.path())
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(log);
+    cmd
+}
+
+impl Agent {
+    pub async fn start(dirs: &Dirs) -> (Agent, Client) {
+        Self::start_with(dirs, &[]).await
+    }
+
+    /// With `extra` flags: a `--catalog` and `--node-name`, say.
+    pub async fn start_with(dirs: &Dirs, extra: &[&str]) -> (Agent, Client) {
+        Self::start_env(dirs, extra, &[])
+            .await
+            .unwrap_or_else(|log| panic!("agent did not come up; log: {log}"))
+    }
+
+    /// Starts the agent and waits until it serves; a process that exits
+    /// first gives back its log.
+    pub async fn start_env(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Result<(Agent, Client), String> {
+        let child = command(dirs, extra, env).spawn().expect("agent binary starts");
+        let mut agent = Agent { child };
+        let socket = dirs.socket();
+        // Readiness poll: the socket accepts once recovery is done.
+        for _ in 0..1500 {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                return Err(format!("exited with {status}: {}", dirs.read_log()));
+            }
+            if let Ok(client) = Client::connect(socket.to_str().unwrap()).await {
+                if client.stats().await.is_ok() {
+                    return Ok((agent, client));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent.kill9();
+        Err(format!("did not come up: {}", dirs.read_log()))
+    }
+
+    pub fn kill9(self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Sends `signal` and waits for the process to end.
+    pub fn signal(mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait().unwrap()
+    }
+
+    /// Waits for the process to end by itself (a fault point aborted it).
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Dirs {
+    pub fn log(&self) -> std::path::PathBuf {
+        self.state.path().join("agent.log")
+    }
+
+    pub fn read_log(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// The node id the agent made in its state dir.
+    pub fn node_id(&self) -> String {
+        node_id(self.state.path())
+    }
+}
+
+pub fn node_id(state: &Path) -> String {
+    std::fs::read_to_string(state.join("node-id"))
+        .expect("the agent made a node id")
+        .trim()
+        .to_string()
+}
+
+/// Lists every payload and checks that this node's files in shm and on
+/// disk are exactly their regions: nothing orphaned, nothing missing.
+/// Returns how many there are.
+pub async fn assert_no_orphans(dirs: &Dirs, client: &Client) -> usize {
+    let node = dirs.node_id();
+    let mut expected = BTreeSet::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list(payload_proto::runtime::ListPayloadsRequest {
+                page_size: 500,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for p in &page.payloads {
+            let id = uuid::Uuid::from_slice(&p.id.as_ref().unwrap().value).unwrap();
+            expected.insert(if p.tier == Tier::Ram as i32 {
+                format!("ram:pm-{node}-{id}")
+            } else {
+                format!("disk:{node}-{id}.bin")
+            });
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let ours = |f: &String| f.starts_with(&format!("pm-{node}-")) || f.starts_with(&format!("{node}-"));
+    let mut found = BTreeSet::new();
+    found.extend(
+        Dirs::files_in(dirs.ram.path())
+            .into_iter()
+            .filter(ours)
+            .map(|f| format!("ram:{f}")),
+    );
+    found.extend(
+        Dirs::files_in(&dirs.disk())
+            .into_iter()
+            .filter(ours)
+            .map(|f| format!("disk:{f}")),
+    );
+    assert_eq!(
+        found, expected,
+        "this node's regions must match its catalog rows exactly"
+    );
+    expected.len()
+}
+
+/// Puts `bytes` on `tier`; returns the id and the digest to check later.
+pub async fn put(client: &Client, bytes: &[u8], tier: Tier) -> Result<(uuid::Uuid, Vec<u8>), ClientError> {
+    put_opts(
+        client,
+        bytes,
+        &PutOptions {
+            tier,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn put_opts(client: &Client, bytes: &[u8], opts: &PutOptions) -> Result<(uuid::Uuid, Vec<u8>), ClientError> {
+    let desc = client.put_with(bytes, opts).await?;
+    Ok((payload_client::descriptor_id(&desc)?, Sha256::digest(bytes).to_vec()))
+}
+
+/// Every payload in `acked` is served with the bytes it was put with.
+pub async fn assert_served(client: &Client, acked: &[(uuid::Uuid, Vec<u8>)]) {
+    for (id, digest) in acked {
+        let lease = client
+            .get(*id)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged payload {id} lost: {e}"));
+        assert_eq!(Sha256::digest(lease.bytes()).to_vec(), *digest, "payload {id} changed");
+    }
+}
