@@ -30,6 +30,7 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
+    crate::failpoint!("mid-rewrite");
     fs::rename(&tmp, path)?;
     fsync_parent(path)
 }

@@ -96,22 +96,30 @@ impl FileStore {
         &self.root
     }
 
-    /// Refuses a capacity the filesystem cannot hold: what is not yet used
-    /// of it must fit in the free space (this node's regions already hold
-    /// their own).
+    /// Refuses a capacity the filesystem can never hold, and warns when
+    /// what is left of it is more than the free space now (others use the
+    /// filesystem too; allocation past the free space answers
+    /// RESOURCE_EXHAUSTED, since regions get real space).
     pub fn check_capacity(&self) -> anyhow::Result<()> {
         let (free, total) = free_space(&self.root)?;
-        let wanted = self.capacity.saturating_sub(self.used());
+        let tier = self.tier.name().to_ascii_lowercase();
         anyhow::ensure!(
-            wanted <= free,
-            "the {} tier may grow by {wanted} bytes (capacity {}, {} in use), but {} has {free} bytes free of {total}: \
-             lower the capacity flag of the {} tier or free space there",
-            self.tier.name(),
+            self.capacity <= total,
+            "the {tier} tier's capacity ({} bytes) is larger than the filesystem at {} ({total} bytes): lower \
+             --{tier}-capacity or give the tier a larger filesystem",
             self.capacity,
-            self.used(),
             self.root.display(),
-            self.tier.name().to_ascii_lowercase(),
         );
+        let wanted = self.capacity.saturating_sub(self.used());
+        if wanted > free {
+            tracing::warn!(
+                tier,
+                root = %self.root.display(),
+                free,
+                wanted,
+                "the tier's free capacity is more than the filesystem has free; allocations past it will be refused"
+            );
+        }
         Ok(())
     }
 

@@ -468,6 +468,7 @@ async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, s
         }
         if let Some(seq) = last {
             let writes = coalesce(writes);
+            crate::failpoint!("writer-before-apply");
             // Returns only once every write is applied or set aside.
             if let Err(err) = apply(repo.as_ref(), &writes, &shared, Patience::Forever).await {
                 // Not reached (Forever retries); if it were, stopping keeps the log for the next start.

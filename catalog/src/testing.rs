@@ -21,6 +21,7 @@ pub struct PgCluster {
     dir: TempDir,
     bin: PathBuf,
     port: u16,
+    options: String,
 }
 
 fn bin_dir() -> PathBuf {
@@ -127,14 +128,35 @@ impl PgCluster {
             "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={data_arg} \
              -c max_connections=300 {settings}"
         );
-        let log = format!("{data_arg}/server.log");
-        let cluster = Self { dir, bin, port };
-        run(
-            &cluster.bin,
-            "pg_ctl",
-            &["-D", data_arg, "-l", &log, "-w", "-o", &options, "start"],
-        )?;
+        let cluster = Self {
+            dir,
+            bin,
+            port,
+            options,
+        };
+        cluster.resume()?;
         Ok(cluster)
+    }
+
+    /// Starts the server (again) on the same data and port.
+    pub fn resume(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        let data = data.to_str().ok_or("temporary path is not UTF-8")?;
+        let log = format!("{data}/server.log");
+        run(
+            &self.bin,
+            "pg_ctl",
+            &["-D", data, "-l", &log, "-w", "-o", &self.options, "start"],
+        )
+        .map(drop)
+    }
+
+    /// Stops the server as an outage would (`pg_ctl stop -m fast`); the
+    /// data stays for [`PgCluster::resume`].
+    pub fn pause(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        let data = data.to_str().ok_or("temporary path is not UTF-8")?;
+        run(&self.bin, "pg_ctl", &["-D", data, "-m", "fast", "-w", "stop"]).map(drop)
     }
 
     /// The superuser's URL on the maintenance database.

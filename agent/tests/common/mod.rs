@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod tmpfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

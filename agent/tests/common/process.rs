@@ -15,6 +15,10 @@ pub struct Agent {
     pub child: Child,
 }
 
+const AGENT: &str = env!("CARGO_BIN_EXE_payload-agent");
+/// In `env`: a program and its arguments to run the agent under.
+pub const WRAP: &str = "PM_TEST_WRAP";
+
 /// The flags every test agent gets; `extra` may add or override.
 fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
     let log = std::fs::OpenOptions::new()
@@ -22,22 +26,34 @@ fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
         .append(true)
         .open(dirs.log())
         .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_payload-agent"));
-    cmd.arg("standalone")
-        .arg("--state-dir")
-        .arg(dirs.state.path())
-        .args([
-            "--listen",
-            "off",
-            "--ram-capacity",
-            "128MiB",
-            "--disk-capacity",
-            "512MiB",
-        ])
-        .arg("--ram-root")
-        .arg(dirs.ram.path())
-        .args(extra)
-        .envs(env.iter().copied())
+    let (program, wrapper) = match env.iter().find(|(k, _)| *k == WRAP) {
+        // A tracer in front of the agent: `strace -o FILE ...`.
+        Some((_, wrap)) => {
+            let mut words = wrap.split(' ');
+            (words.next().unwrap().to_string(), words.map(str::to_string).collect())
+        }
+        None => (AGENT.to_string(), Vec::new()),
+    };
+    let mut cmd = Command::new(program);
+    if !wrapper.is_empty() {
+        cmd.args(wrapper).arg(AGENT);
+    }
+    cmd.arg("standalone").args(extra);
+    let ram = dirs.ram.path().display().to_string();
+    let state = dirs.state.path().display().to_string();
+    let defaults = [
+        ("--state-dir", state.as_str()),
+        ("--listen", "off"),
+        ("--ram-capacity", "128MiB"),
+        ("--disk-capacity", "512MiB"),
+        ("--ram-root", ram.as_str()),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.envs(env.iter().filter(|(k, _)| *k != WRAP).copied())
         .stdout(Stdio::null())
         .stderr(log);
     cmd
@@ -75,6 +91,20 @@ impl Agent {
         }
         agent.kill9();
         Err(format!("did not come up: {}", dirs.read_log()))
+    }
+
+    /// Runs an agent that must refuse to start; returns what it printed.
+    pub fn refused(dirs: &Dirs, extra: &[&str]) -> String {
+        let out = command(dirs, extra, &[])
+            .stderr(Stdio::piped())
+            .output()
+            .expect("agent binary runs");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "the agent was expected to refuse to start: {text}"
+        );
+        text
     }
 
     pub fn kill9(self) {
