@@ -24,15 +24,19 @@ test: test-rust test-python
 # whole run; the parity suite runs every catalog test on it and on SQLite.
 WITH_POSTGRES = $(CARGO) run -q -p payload-catalog --features testing --bin with-postgres --
 
+# Tests build the agent with its fault points (they abort only when
+# PM_FAILPOINT names one); release builds never have them.
+TEST_FEATURES = --features payload-agent/failpoints
+
 test-rust:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(WITH_POSTGRES) $(CARGO) nextest run --workspace --no-fail-fast; \
+		$(WITH_POSTGRES) $(CARGO) nextest run --workspace $(TEST_FEATURES) --no-fail-fast; \
 	else \
-		$(WITH_POSTGRES) $(CARGO) test --workspace --no-fail-fast; \
+		$(WITH_POSTGRES) $(CARGO) test --workspace $(TEST_FEATURES) --no-fail-fast; \
 	fi
 
 test-python:
-	$(CARGO) build -p payload-agent --bin payload-agent
+	$(CARGO) build -p payload-agent $(TEST_FEATURES) --bin payload-agent
 	VENV="$(VENV)" PM_AGENT_BIN="$(CURDIR)/target/debug/payload-agent" bash e2e/python/run.sh
 
 lint:

@@ -265,6 +265,11 @@ async fn a_full_state_dir_refuses_new_payloads_and_keeps_the_acknowledged_ones()
         }
     }
     assert!(refused > 0, "a full state dir refuses new payloads");
+    // Each refused allocation gave back what it had taken.
+    let stats = client.stats().await.unwrap();
+    for tier in &stats.tiers {
+        assert_eq!(tier.reserved_bytes, tier.bytes, "tier {} leaked capacity", tier.tier);
+    }
     std::fs::remove_file(filler).unwrap();
     agent.kill9();
     let (agent, client) = Agent::start_with(&dirs, &flags).await;

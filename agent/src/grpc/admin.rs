@@ -31,6 +31,7 @@ impl Node {
             active_leases: self.lease_count() as u64,
             spill_queue_depth: usage.moving,
             node_name: self.config().node_name.clone(),
+            catalog_backlog: self.writer.backlog() as u64,
             ..Default::default()
         };
         for tier in usage.tiers {

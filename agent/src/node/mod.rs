@@ -235,6 +235,7 @@ impl Node {
             .map(|s| payload_proto::admin::TierUsage {
                 tier: s.tier() as u32,
                 capacity_bytes: s.capacity(),
+                reserved_bytes: s.used(),
                 ..Default::default()
             })
             .collect();

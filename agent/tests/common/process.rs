@@ -95,7 +95,15 @@ impl Agent {
 
     /// Runs an agent that must refuse to start; returns what it printed.
     pub fn refused(dirs: &Dirs, extra: &[&str]) -> String {
-        let out = command(dirs, extra, &[])
+        Self::refused_with(dirs, extra, &[])
+    }
+
+    pub fn refused_env(dirs: &Dirs, env: &[(&str, &str)]) -> String {
+        Self::refused_with(dirs, &[], env)
+    }
+
+    fn refused_with(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> String {
+        let out = command(dirs, extra, env)
             .stderr(Stdio::piped())
             .output()
             .expect("agent binary runs");
@@ -118,9 +126,18 @@ impl Agent {
         self.child.wait().unwrap()
     }
 
-    /// Waits for the process to end by itself (a fault point aborted it).
-    pub fn wait(mut self) -> std::process::ExitStatus {
-        self.child.wait().unwrap()
+    /// Waits for the process to end by itself (a fault point aborted it);
+    /// one still running after `limit` is killed and `None` comes back.
+    pub fn wait_exit(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
     }
 }
 

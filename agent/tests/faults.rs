@@ -1,0 +1,165 @@
+//! Fault points: the agent process aborts at a named step (feature
+//! `failpoints`, `PM_FAILPOINT=name`), is started again on the same state,
+//! and must serve every payload it acknowledged with its bytes, forget every
+//! delete it acknowledged, and leak nothing: no file without a row, no
+//! reserved capacity without a payload, no lease without a holder.
+
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::*;
+use common::*;
+use payload_client::{ClientError, LeaseOptions, Tier};
+use uuid::Uuid;
+
+/// What the workload was told happened.
+#[derive(Default)]
+struct Acked {
+    payloads: Vec<(Uuid, Vec<u8>)>,
+    deleted: Vec<Uuid>,
+}
+
+/// Puts, commits, spills, promotes, leases and deletes, stopping at the
+/// first failure (the agent aborted).
+async fn workload(client: &payload_client::Client, acked: &mut Acked) -> Result<(), ClientError> {
+    for i in 0..6u8 {
+        let tier = if i % 2 == 0 { Tier::Ram } else { Tier::Disk };
+        acked.payloads.push(put(client, &pattern(64 << 10, i), tier).await?);
+    }
+    // Let the writer apply a batch, so points after the apply are reached.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.spill(acked.payloads[0].0, Some(Tier::Disk), false).await?;
+    client.promote(acked.payloads[1].0, Tier::Ram).await?;
+    let lease = client.get_with(acked.payloads[2].0, LeaseOptions::default()).await?;
+    client.release(lease).await?;
+    // Until the answer, the delete may or may not have happened.
+    let (doomed, _) = acked.payloads.pop().unwrap();
+    client.delete(doomed, false).await?;
+    acked.deleted.push(doomed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    put(client, b"one more batch for the writer", Tier::Ram).await?;
+    Ok(())
+}
+
+/// Runs the workload on an agent set to abort at `point`, restarts it,
+/// and checks that nothing acknowledged is lost and nothing leaks.
+async fn abort_at(point: &str) {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start_env(&dirs, &[], &[("PM_FAILPOINT", point)])
+        .await
+        .unwrap_or_else(|log| panic!("agent did not start: {log}"));
+    let mut acked = Acked::default();
+    let finished = workload(&client, &mut acked).await;
+    drop(client);
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(
+        finished.is_err() && status.is_some_and(|s| !s.success()),
+        "the agent never reached fault point {point} (workload: {finished:?}, exit: {status:?})"
+    );
+    assert!(
+        dirs.read_log().contains(&format!("failpoint {point}")),
+        "{}",
+        dirs.read_log()
+    );
+
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &acked.payloads).await;
+    for id in &acked.deleted {
+        assert!(
+            matches!(client.stat(*id).await, Err(ClientError::NotFound(_))),
+            "{point}: deleted {id} came back"
+        );
+    }
+    let count = assert_no_orphans(&dirs, &client).await;
+    assert!(count >= acked.payloads.len());
+    assert_no_leaked_capacity(&client, point).await;
+    agent.kill9();
+}
+
+/// Reserved capacity is exactly the bytes of the payloads there, once no
+/// allocation or move is in flight.
+async fn assert_no_leaked_capacity(client: &payload_client::Client, point: &str) {
+    let stats = client.stats().await.unwrap();
+    for tier in &stats.tiers {
+        assert_eq!(
+            tier.reserved_bytes, tier.bytes,
+            "{point}: tier {} reserves more than its payloads hold",
+            tier.tier
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_region_create() {
+    abort_at("after-region-create").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_log_append() {
+    abort_at("after-log-append").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_before_the_catalog_apply() {
+    abort_at("writer-before-apply").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_the_catalog_apply() {
+    abort_at("writer-applied").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_the_commit_is_logged() {
+    abort_at("after-commit-log").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_copy() {
+    abort_at("after-copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_switch() {
+    abort_at("after-switch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_before_free() {
+    abort_at("before-free").await;
+}
+
+/// The lease journal is rewritten at start-up (and when compacted): an
+/// abort between writing the new file and renaming it keeps every lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_mid_journal_rewrite() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let kept = put(&client, &pattern(4096, 1), Tier::Ram).await.unwrap();
+    let lease = client
+        .get_with(
+            kept.0,
+            LeaseOptions {
+                duration_ms: 60_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .detach();
+    agent.kill9();
+    drop(client);
+    let status = Agent::refused_env(&dirs, &[("PM_FAILPOINT", "mid-rewrite")]);
+    assert!(status.contains("failpoint mid-rewrite"), "{status}");
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &[kept.clone()]).await;
+    let err = client.delete(kept.0, false).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Aborted(_)),
+        "lease {lease} still holds: {err:?}"
+    );
+    agent.kill9();
+}
