@@ -155,7 +155,7 @@ async fn abort_mid_journal_rewrite() {
     let status = Agent::refused_env(&dirs, &[("PM_FAILPOINT", "mid-rewrite")]);
     assert!(status.contains("failpoint mid-rewrite"), "{status}");
     let (agent, client) = Agent::start(&dirs).await;
-    assert_served(&client, &[kept.clone()]).await;
+    assert_served(&client, std::slice::from_ref(&kept)).await;
     let err = client.delete(kept.0, false).await.unwrap_err();
     assert!(
         matches!(err, ClientError::Aborted(_)),
