@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
 
+use crate::limits::Limits;
 use crate::node::{Node, NodeConfig};
 use crate::server;
 use crate::state::StateDir;
@@ -98,6 +99,8 @@ pub struct StandaloneArgs {
     /// unavailable; past it, Allocate, Commit and Pin answer UNAVAILABLE.
     #[arg(long, env = "PM_CATALOG_BACKLOG", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub catalog_backlog: u64,
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 /// Parses `4096`, `64KiB`, `512MiB`, `2GiB`, `1G`, `10TB`...
@@ -153,6 +156,7 @@ impl StandaloneArgs {
             max_payload_size,
             node_name,
             catalog_backlog,
+            limits,
         } = self;
         anyhow::ensure!(
             0.0 < ram_low_watermark && ram_low_watermark <= ram_high_watermark && ram_high_watermark <= 1.0,
@@ -197,6 +201,7 @@ impl StandaloneArgs {
             ram_high_watermark,
             ram_low_watermark,
             catalog_backlog: usize::try_from(catalog_backlog).unwrap_or(usize::MAX),
+            limits,
             clock: crate::clock::Clock::new(),
         };
         let (node, _) = Node::open(cfg, repo, ram, disk, state).await?;

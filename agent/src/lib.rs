@@ -5,11 +5,13 @@
 pub mod appender;
 pub mod cli;
 pub mod clock;
+pub mod deadline;
 pub mod durable;
 pub mod error;
 pub mod failpoint;
 pub mod grpc;
 pub mod journal;
+pub mod limits;
 pub mod node;
 pub mod server;
 pub mod state;

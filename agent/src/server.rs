@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
@@ -13,8 +14,12 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use crate::deadline::DeadlineLayer;
 use crate::grpc::routes;
 use crate::node::Node;
+
+/// How often an idle connection is probed, and how long a probe may wait.
+const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Binds the agent socket, owner-only. A stale socket file is replaced; a
 /// live one (another agent) is an error.
@@ -59,12 +64,24 @@ pub async fn serve(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let unix = Server::builder()
+    let limits = node.config().limits.clone();
+    let builder = move || {
+        Server::builder()
+            .max_concurrent_streams(Some(limits.calls_per_connection))
+            // Dead peers are found and their connections closed.
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE))
+            .tcp_keepalive(Some(KEEPALIVE))
+            .layer(DeadlineLayer {
+                limit: Duration::from_millis(limits.request_timeout_ms),
+            })
+    };
+    let unix = builder()
         .add_routes(routes(node.clone()))
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop.clone()));
     let tcp = async {
         match tcp {
-            Some(listener) => Server::builder()
+            Some(listener) => builder()
                 .add_routes(routes(node))
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped(stop))
                 .await

@@ -14,7 +14,7 @@ pub mod testing;
 
 pub use error::{CatalogError, Result};
 pub use model::*;
-pub use repo::{ListQuery, MetadataEvent, Page, PageToken, Repository, Write};
+pub use repo::{EventPage, ListQuery, MetadataEvent, Page, PageToken, Repository, Write};
 pub use sql::postgres::PgRepository;
 pub use sql::sqlite::SqliteRepository;
 pub use stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};

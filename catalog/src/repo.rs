@@ -35,6 +35,14 @@ pub enum Write {
     },
 }
 
+/// One page of [`Repository::metadata_history`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventPage {
+    pub events: Vec<MetadataEvent>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next: Option<u64>,
+}
+
 /// Filters and paging for [`Repository::list_payloads`]. Results are newest
 /// first; the page token is a keyset position, stable under inserts.
 #[derive(Clone, Debug, Default)]
@@ -160,8 +168,10 @@ pub trait Repository: Send + Sync + 'static {
     ) -> Result<Metadata>;
     async fn get_metadata(&self, id: PayloadId) -> Result<Option<Metadata>>;
     async fn append_metadata_event(&self, id: PayloadId, event: MetadataEvent) -> Result<()>;
-    /// A payload's metadata events, oldest first.
-    async fn metadata_history(&self, id: PayloadId) -> Result<Vec<MetadataEvent>>;
+    /// Up to `limit` of a payload's metadata events after position `after`
+    /// (0 = from the first), oldest first, with the position to continue
+    /// from when more follow.
+    async fn metadata_history(&self, id: PayloadId, after: u64, limit: u32) -> Result<EventPage>;
 
     async fn create_stream(&self, key: &StreamKey, retention: Retention, now_ms: u64) -> Result<()>;
     /// Removes a stream with its entries and offsets; a missing one is fine.

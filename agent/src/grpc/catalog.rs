@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary};
 use crate::clock::timestamp;
+use crate::limits::{known_enum, no_nul};
 use crate::node::{AllocateRequest, MoveOutcome, Node};
 
 pub struct CatalogService {
@@ -23,6 +24,8 @@ pub struct CatalogService {
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
+const DEFAULT_EVENT_PAGE: u32 = 100;
+const MAX_EVENT_PAGE: u32 = 1_000;
 
 #[tonic::async_trait]
 impl PayloadCatalogService for CatalogService {
@@ -33,8 +36,15 @@ impl PayloadCatalogService for CatalogService {
         let req = request.into_inner();
         let tier = required_tier(req.preferred_tier, "preferred_tier")?;
         let policy = req.eviction_policy.unwrap_or_default();
-        if req.labels.keys().any(|k| k.is_empty()) {
-            return Err(Status::invalid_argument("label keys must not be empty"));
+        let cfg = self.node.config();
+        cfg.limits.labels("label", &req.labels)?;
+        cfg.limits.duration("ttl_ms", req.ttl_ms)?;
+        known_enum("eviction_policy.priority", policy.priority, &[0, 1, 2, 3, 4])?;
+        if req.write_deadline_ms > cfg.write_deadline_ms {
+            return Err(Status::invalid_argument(format!(
+                "write_deadline_ms {} is longer than this agent allows ({} ms, --write-deadline-ms)",
+                req.write_deadline_ms, cfg.write_deadline_ms
+            )));
         }
         let alloc = AllocateRequest {
             size_bytes: req.size_bytes,
@@ -90,6 +100,7 @@ impl PayloadCatalogService for CatalogService {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         let target = required_tier(req.target_tier, "target_tier")?;
+        known_enum("policy", req.policy, &[0, 1, 2])?;
         let (rec, _) = self.node.get(id).map_err(status)?;
         if rec.tier.faster_than(target) {
             return Err(Status::failed_precondition(format!(
@@ -116,6 +127,8 @@ impl PayloadCatalogService for CatalogService {
     async fn spill(&self, request: Request<runtime::SpillRequest>) -> Result<Response<runtime::SpillResponse>, Status> {
         let req = request.into_inner();
         let target = optional_tier(req.target_tier, "target_tier")?;
+        known_enum("policy", req.policy, &[0, 1, 2])?;
+        self.node.config().limits.batch("ids", req.ids.len())?;
         let background = req.policy == SpillPolicy::BestEffort as i32;
         let mut results = Vec::with_capacity(req.ids.len());
         for raw in &req.ids {
@@ -158,6 +171,7 @@ impl PayloadCatalogService for CatalogService {
     async fn pin(&self, request: Request<runtime::PinRequest>) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
+        self.node.config().limits.duration("duration_ms", req.duration_ms)?;
         self.node.pin(id, req.duration_ms).await.map_err(status)?;
         Ok(Response::new(()))
     }
@@ -174,10 +188,21 @@ impl PayloadCatalogService for CatalogService {
         if req.parents.is_empty() {
             return Err(Status::invalid_argument("AddLineage needs at least one parent edge"));
         }
+        let limits = &self.node.config().limits;
+        if req.parents.len() > limits.lineage_parents {
+            return Err(Status::invalid_argument(format!(
+                "AddLineage has {} parents; the limit is {} (--max-lineage-parents)",
+                req.parents.len(),
+                limits.lineage_parents
+            )));
+        }
         let edges = req
             .parents
             .into_iter()
             .map(|e| {
+                limits.name("operation", &e.operation)?;
+                limits.name("role", &e.role)?;
+                limits.metadata("parameters", e.parameters.len())?;
                 Ok(LineageEdge {
                     child,
                     parent: payload_id(e.parent.as_ref())?,
@@ -197,10 +222,20 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<pbc::GetLineageResponse>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
+        let most = self.node.config().limits.lineage_depth;
+        let depth = match req.max_depth {
+            0 => most,
+            n if n > most => {
+                return Err(Status::invalid_argument(format!(
+                    "max_depth {n} is deeper than the limit of {most} (--max-lineage-depth); 0 walks that far"
+                )))
+            }
+            n => n,
+        };
         let edges = self
             .node
             .repo()
-            .get_lineage(id, req.upstream, req.max_depth)
+            .get_lineage(id, req.upstream, depth)
             .await
             .map_err(status)?;
         let edges = edges
@@ -222,12 +257,19 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<pbc::UpdatePayloadMetadataResponse>, Status> {
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
+        known_enum("mode", req.mode, &[0, 1, 2])?;
         let mode = if req.mode == MetadataUpdateMode::Replace as i32 {
             MetadataMode::Replace
         } else {
             MetadataMode::Merge
         };
         let md = req.metadata.unwrap_or_default();
+        let limits = &self.node.config().limits;
+        no_nul("metadata.schema", &md.schema)?;
+        limits.metadata("metadata", md.data.len() + md.schema.len())?;
+        limits.name("actor", &req.actor)?;
+        no_nul("reason", &req.reason)?;
+        limits.metadata("reason", req.reason.len())?;
         let now = self.node.now_ms();
         let update = Metadata {
             data: md.data,
@@ -254,6 +296,11 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<pbc::AppendPayloadMetadataEventResponse>, Status> {
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
+        let limits = &self.node.config().limits;
+        limits.name("source", &req.source)?;
+        limits.name("version", &req.version)?;
+        let md = req.metadata.as_ref();
+        limits.metadata("metadata", md.map_or(0, |m| m.data.len() + m.schema.len()))?;
         let now = self.node.now_ms();
         let event = MetadataEvent {
             data: req.metadata.map(|m| m.data).unwrap_or_default(),
@@ -285,9 +332,27 @@ impl PayloadCatalogService for CatalogService {
         &self,
         request: Request<pbc::ListPayloadMetadataEventsRequest>,
     ) -> Result<Response<pbc::ListPayloadMetadataEventsResponse>, Status> {
-        let id = payload_id(request.into_inner().id.as_ref())?;
-        let history = self.repo().await?.metadata_history(id).await.map_err(status)?;
-        let events = history
+        let req = request.into_inner();
+        let id = payload_id(req.id.as_ref())?;
+        let after = match req.page_token.as_str() {
+            "" => 0,
+            token => token.parse().map_err(|_| {
+                Status::invalid_argument("page_token is not one this agent gave out; start again without it")
+            })?,
+        };
+        let size = if req.page_size <= 0 {
+            DEFAULT_EVENT_PAGE
+        } else {
+            (req.page_size as u32).min(MAX_EVENT_PAGE)
+        };
+        let page = self
+            .repo()
+            .await?
+            .metadata_history(id, after, size)
+            .await
+            .map_err(status)?;
+        let events = page
+            .events
             .into_iter()
             .map(|e| pbc::PayloadMetadataEvent {
                 id: Some(pb_payload_id(id)),
@@ -297,7 +362,10 @@ impl PayloadCatalogService for CatalogService {
                 version: e.version,
             })
             .collect();
-        Ok(Response::new(pbc::ListPayloadMetadataEventsResponse { events }))
+        Ok(Response::new(pbc::ListPayloadMetadataEventsResponse {
+            events,
+            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn list_payloads(
@@ -305,6 +373,8 @@ impl PayloadCatalogService for CatalogService {
         request: Request<runtime::ListPayloadsRequest>,
     ) -> Result<Response<runtime::ListPayloadsResponse>, Status> {
         let req = request.into_inner();
+        self.node.config().limits.selector(&req.label_selector)?;
+        no_nul("page_token", &req.page_token)?;
         let state = match req.state_filter {
             0 => None,
             n => Some(

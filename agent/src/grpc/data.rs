@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{descriptor, lease_id, optional_tier, payload_id, status};
 use crate::clock::timestamp;
+use crate::limits::known_enum;
 use crate::node::{LeaseGrant, Node};
 
 pub struct DataService {
@@ -58,6 +59,7 @@ impl PayloadDataService for DataService {
         let id = payload_id(req.id.as_ref())?;
         check_mode(req.mode)?;
         let min_tier = optional_tier(req.min_tier, "min_tier")?;
+        known_enum("promotion_policy", req.promotion_policy, &[0, 1, 2])?;
         let blocking = req.promotion_policy != PromotionPolicy::BestEffort as i32;
         let grant = self
             .node
@@ -91,6 +93,7 @@ impl PayloadDataService for DataService {
         request: Request<runtime::BatchAcquireReadLeaseRequest>,
     ) -> Result<Response<runtime::BatchAcquireReadLeaseResponse>, Status> {
         let requests = request.into_inner().requests;
+        self.node.config().limits.batch("requests", requests.len())?;
         // Validate each item; invalid ones answer in place, valid ones go in one batch.
         let parsed: Vec<Result<_, Status>> = requests
             .iter()
@@ -129,8 +132,9 @@ impl PayloadDataService for DataService {
         &self,
         request: Request<runtime::BatchReleaseLeaseRequest>,
     ) -> Result<Response<runtime::BatchReleaseLeaseResponse>, Status> {
-        let leases = request
-            .get_ref()
+        let req = request.get_ref();
+        self.node.config().limits.batch("lease_ids", req.lease_ids.len())?;
+        let leases = req
             .lease_ids
             .iter()
             .map(|l| lease_id(Some(l)))

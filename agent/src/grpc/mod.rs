@@ -17,13 +17,16 @@ use tonic::service::Routes;
 use crate::node::Node;
 
 /// All four services, ready to serve on any listener.
+/// A request larger than `--max-message-size` is refused before it is decoded.
 pub fn routes(node: Arc<Node>) -> Routes {
-    Routes::new(PayloadDataServiceServer::new(data::DataService { node: node.clone() }))
-        .add_service(PayloadCatalogServiceServer::new(catalog::CatalogService {
-            node: node.clone(),
-        }))
-        .add_service(PayloadAdminServiceServer::new(admin::AdminService {
-            node: node.clone(),
-        }))
-        .add_service(PayloadStreamServiceServer::new(stream::StreamService::new(node)))
+    let max = usize::try_from(node.config().limits.message_bytes).unwrap_or(usize::MAX);
+    Routes::new(PayloadDataServiceServer::new(data::DataService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(
+            PayloadCatalogServiceServer::new(catalog::CatalogService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            PayloadAdminServiceServer::new(admin::AdminService { node: node.clone() }).max_decoding_message_size(max),
+        )
+        .add_service(PayloadStreamServiceServer::new(stream::StreamService::new(node)).max_decoding_message_size(max))
 }

@@ -2,7 +2,8 @@
 //! are pushed new entries as appends commit (through this agent or any other
 //! sharing the catalog), with per-subscriber flow control.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use payload_catalog::stream::MAX_READ;
 use payload_catalog::{AppendItem, CatalogError, ReadQuery, Repository, Retention, StreamEntry, StreamHead, StreamKey};
@@ -17,20 +18,72 @@ use tonic::{Request, Response, Status};
 use super::convert::{payload_id, pb_payload_id, status};
 use crate::appender::Appender;
 use crate::clock::{millis, timestamp};
+use crate::limits::Limits;
 use crate::node::Node;
 
 pub struct StreamService {
     node: Arc<Node>,
     appender: Appender,
+    subscribers: Arc<Subscribers>,
 }
 
 /// Entries queued per subscriber when the request names no `max_inflight`.
 const DEFAULT_INFLIGHT: u32 = 64;
 const MAX_INFLIGHT: u32 = 4_096;
 
-fn stream_key(stream: Option<&runtime::StreamId>) -> Result<StreamKey, Status> {
+fn stream_key(limits: &Limits, stream: Option<&runtime::StreamId>) -> Result<StreamKey, Status> {
     let stream = stream.ok_or_else(|| Status::invalid_argument("stream is missing; name the stream"))?;
+    limits.name("stream.namespace", &stream.namespace)?;
+    limits.name("stream.name", &stream.name)?;
     StreamKey::new(stream.namespace.as_str(), stream.name.as_str()).map_err(status)
+}
+
+/// Open subscriptions, in all and per stream, so that no client can hold
+/// an unbounded number of follower tasks.
+#[derive(Default)]
+struct Subscribers {
+    per_stream: Mutex<HashMap<StreamKey, usize>>,
+}
+
+/// One open subscription; counted until its follower task ends.
+struct Subscription {
+    subscribers: Arc<Subscribers>,
+    key: StreamKey,
+}
+
+impl Subscribers {
+    fn open(self: &Arc<Self>, key: &StreamKey, limits: &Limits) -> Result<Subscription, Status> {
+        let mut open = self.per_stream.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = open.values().sum();
+        if total >= limits.subscribers {
+            return Err(Status::resource_exhausted(format!(
+                "this agent serves {total} subscriptions, its limit (--max-subscribers); close one or retry later"
+            )));
+        }
+        let here = open.entry(key.clone()).or_default();
+        if *here >= limits.subscribers_per_stream {
+            return Err(Status::resource_exhausted(format!(
+                "stream {key} has {here} subscriptions, its limit (--max-subscribers-per-stream); close one or retry later"
+            )));
+        }
+        *here += 1;
+        Ok(Subscription {
+            subscribers: self.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut open = self.subscribers.per_stream.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn pb_entry(key: &StreamKey, entry: StreamEntry) -> runtime::StreamEntry {
@@ -51,11 +104,23 @@ fn pb_entry(key: &StreamKey, entry: StreamEntry) -> runtime::StreamEntry {
 impl StreamService {
     pub fn new(node: Arc<Node>) -> Self {
         let appender = Appender::new(node.repo().clone());
-        Self { node, appender }
+        Self {
+            node,
+            appender,
+            subscribers: Arc::default(),
+        }
     }
 
     fn repo(&self) -> Arc<dyn Repository> {
         self.node.repo().clone()
+    }
+
+    fn key(&self, stream: Option<&runtime::StreamId>) -> Result<StreamKey, Status> {
+        stream_key(&self.node.config().limits, stream)
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.node.config().limits
     }
 }
 
@@ -63,7 +128,7 @@ impl StreamService {
 impl PayloadStreamService for StreamService {
     async fn create_stream(&self, request: Request<runtime::CreateStreamRequest>) -> Result<Response<()>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
         let retention = Retention {
             max_entries: req.retention_max_entries,
             max_age_ms: req.retention_max_age_sec.saturating_mul(1_000),
@@ -76,7 +141,7 @@ impl PayloadStreamService for StreamService {
     }
 
     async fn delete_stream(&self, request: Request<runtime::DeleteStreamRequest>) -> Result<Response<()>, Status> {
-        let key = stream_key(request.into_inner().stream.as_ref())?;
+        let key = self.key(request.into_inner().stream.as_ref())?;
         self.repo().delete_stream(&key).await.map_err(status)?;
         Ok(Response::new(()))
     }
@@ -86,12 +151,14 @@ impl PayloadStreamService for StreamService {
         request: Request<runtime::AppendRequest>,
     ) -> Result<Response<runtime::AppendResponse>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
         let now = self.node.now_ms();
+        self.limits().batch("items", req.items.len())?;
         let items = req
             .items
             .into_iter()
             .map(|item| {
+                self.limits().labels("tag", &item.tags)?;
                 Ok(AppendItem {
                     payload_id: payload_id(item.payload_id.as_ref())?,
                     // An entry without an event time happened when appended.
@@ -113,7 +180,7 @@ impl PayloadStreamService for StreamService {
 
     async fn read(&self, request: Request<runtime::ReadRequest>) -> Result<Response<runtime::ReadResponse>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
         let query = ReadQuery {
             start: req.start_offset,
             end: None,
@@ -131,7 +198,7 @@ impl PayloadStreamService for StreamService {
         request: Request<runtime::SubscribeRequest>,
     ) -> Result<Response<BoxStream<runtime::SubscribeResponse>>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
         let repo = self.repo();
         let head = repo.stream_head(&key).await.map_err(status)?;
         let start = match req.start {
@@ -149,15 +216,20 @@ impl PayloadStreamService for StreamService {
             0 => DEFAULT_INFLIGHT,
             n => n.min(MAX_INFLIGHT),
         };
+        let subscription = self.subscribers.open(&key, self.limits())?;
         let (tx, rx) = mpsc::channel(inflight as usize);
         let woken = repo.watch_stream(head);
-        tokio::spawn(follow(repo, key, head, start, u64::from(inflight), woken, tx));
+        tokio::spawn(async move {
+            follow(repo, key, head, start, u64::from(inflight), woken, tx).await;
+            drop(subscription);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn commit(&self, request: Request<runtime::CommitRequest>) -> Result<Response<()>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
+        self.limits().name("consumer_group", &req.consumer_group)?;
         self.repo()
             .commit_offset(&key, &req.consumer_group, req.offset, self.node.now_ms())
             .await
@@ -170,7 +242,8 @@ impl PayloadStreamService for StreamService {
         request: Request<runtime::GetCommittedRequest>,
     ) -> Result<Response<runtime::GetCommittedResponse>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
+        self.limits().name("consumer_group", &req.consumer_group)?;
         let committed = self
             .repo()
             .get_committed(&key, &req.consumer_group)
@@ -187,7 +260,7 @@ impl PayloadStreamService for StreamService {
         request: Request<runtime::GetRangeRequest>,
     ) -> Result<Response<runtime::GetRangeResponse>, Status> {
         let req = request.into_inner();
-        let key = stream_key(req.stream.as_ref())?;
+        let key = self.key(req.stream.as_ref())?;
         let (start, end) = (req.start_offset, req.end_offset);
         if end < start {
             return Err(Status::invalid_argument(format!(

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub ram_low_watermark: f64,
     /// Catalog writes that may wait in the log before new payloads are refused.
     pub catalog_backlog: usize,
+    /// Bounds on requests, checked at the gRPC edge.
+    pub limits: crate::limits::Limits,
     /// The node's time source; tests pass one they can advance.
     pub clock: Clock,
 }
@@ -59,6 +61,7 @@ impl Default for NodeConfig {
             ram_high_watermark: 0.9,
             ram_low_watermark: 0.7,
             catalog_backlog: 100_000,
+            limits: crate::limits::Limits::default(),
             clock: Clock::new(),
         }
     }

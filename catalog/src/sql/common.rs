@@ -565,24 +565,33 @@ impl Repository for Repo {
         Ok(())
     }
 
-    async fn metadata_history(&self, id: PayloadId) -> Result<Vec<MetadataEvent>> {
+    async fn metadata_history(&self, id: PayloadId, after: u64, limit: u32) -> Result<EventPage> {
         let mut conn = self.pool.acquire().await?;
         require_payload(&mut conn, id, "payload").await?;
-        let rows =
-            sqlx::query("SELECT ts_ms, data, source, version FROM metadata_events WHERE payload_id = $1 ORDER BY seq")
-                .bind(id.as_bytes().as_slice())
-                .fetch_all(&mut *conn)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(MetadataEvent {
-                    ts_ms: to_u64(row.try_get("ts_ms")?),
-                    data: row.try_get("data")?,
-                    source: row.try_get("source")?,
-                    version: row.try_get("version")?,
-                })
-            })
-            .collect()
+        let limit = limit.max(1);
+        let rows = sqlx::query(
+            "SELECT seq, ts_ms, data, source, version FROM metadata_events WHERE payload_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(to_i64(after))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut page = EventPage::default();
+        for row in rows.iter().take(limit as usize) {
+            page.events.push(MetadataEvent {
+                ts_ms: to_u64(row.try_get("ts_ms")?),
+                data: row.try_get("data")?,
+                source: row.try_get("source")?,
+                version: row.try_get("version")?,
+            });
+            page.next = Some(to_u64(row.try_get("seq")?));
+        }
+        if rows.len() <= limit as usize {
+            page.next = None;
+        }
+        Ok(page)
     }
 
     async fn create_stream(&self, key: &StreamKey, retention: Retention, now_ms: u64) -> Result<()> {

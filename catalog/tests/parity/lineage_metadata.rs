@@ -212,13 +212,22 @@ async fn metadata_events_read_back_in_order(b: Backend) {
     for event in &events {
         repo.append_metadata_event(rec.id, event.clone()).await.unwrap();
     }
-    assert_eq!(repo.metadata_history(rec.id).await.unwrap(), events);
+    let all = repo.metadata_history(rec.id, 0, 100).await.unwrap();
+    assert_eq!((all.events, all.next), (events.clone(), None));
+    // Two pages of two and one.
+    let first = repo.metadata_history(rec.id, 0, 2).await.unwrap();
+    assert_eq!(first.events, events[..2]);
+    let rest = repo
+        .metadata_history(rec.id, first.next.expect("more"), 2)
+        .await
+        .unwrap();
+    assert_eq!((rest.events, rest.next), (events[2..].to_vec(), None));
     assert!(matches!(
         repo.append_metadata_event(PayloadId::random(), events[0].clone()).await,
         Err(CatalogError::NotFound(_))
     ));
     assert!(matches!(
-        repo.metadata_history(PayloadId::random()).await,
+        repo.metadata_history(PayloadId::random(), 0, 10).await,
         Err(CatalogError::NotFound(_))
     ));
 }
