@@ -79,7 +79,10 @@ async fn updates_carry_versions_and_a_stale_one_is_aborted() {
         catalog.append_payload_metadata_event(event).await.unwrap();
     }
     let history = catalog
-        .list_payload_metadata_events(pbc::ListPayloadMetadataEventsRequest { id: id.clone() })
+        .list_payload_metadata_events(pbc::ListPayloadMetadataEventsRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -90,7 +93,10 @@ async fn updates_carry_versions_and_a_stale_one_is_aborted() {
 
     let ghost = Some(pb::PayloadId { value: vec![1; 16] });
     let unknown = catalog
-        .list_payload_metadata_events(pbc::ListPayloadMetadataEventsRequest { id: ghost })
+        .list_payload_metadata_events(pbc::ListPayloadMetadataEventsRequest {
+            id: ghost,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
