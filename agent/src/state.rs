@@ -90,6 +90,26 @@ impl StateDir {
     pub fn node_id(&self) -> &str {
         &self.node_id
     }
+
+    /// Whether the machine has booted since this state dir was last used: a
+    /// power cut may have left files that were never synced full of zeros.
+    /// (`None` when unknown: a state dir that never recorded a boot.)
+    pub fn rebooted(&self) -> Option<bool> {
+        let recorded = fs::read_to_string(self.join("boot-id")).ok()?;
+        Some(recorded.trim() != current_boot()?.trim())
+    }
+
+    /// Records this boot, once start-up has checked what it must.
+    pub fn record_boot(&self) -> anyhow::Result<()> {
+        if let Some(boot) = current_boot() {
+            durable::replace_file(&self.join("boot-id"), boot.as_bytes()).context("recording the boot id")?;
+        }
+        Ok(())
+    }
+}
+
+fn current_boot() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()
 }
 
 fn node_id(dir: &Path) -> anyhow::Result<String> {

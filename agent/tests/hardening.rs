@@ -343,3 +343,27 @@ async fn an_orphan_that_cannot_be_removed_is_reported_and_start_up_goes_on() {
     agent.kill9();
     std::fs::remove_dir(odd).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reboot_a_disk_copy_that_lost_its_bytes_is_dropped_not_served() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let opts = PutOptions {
+        tier: Tier::Disk,
+        verify: true,
+        ..Default::default()
+    };
+    let intact = put_opts(&client, &pattern(8192, 1), &opts).await.unwrap();
+    let zeroed = put_opts(&client, &pattern(8192, 2), &opts).await.unwrap();
+    agent.kill9();
+    // What a power cut does to a file that was never synced: the length
+    // made it to disk, the bytes did not.
+    let path = dirs.disk().join(format!("{}-{}.bin", dirs.node_id(), zeroed.0));
+    std::fs::write(&path, vec![0u8; 8192]).unwrap();
+    std::fs::write(dirs.state.path().join("boot-id"), "an earlier boot\n").unwrap();
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &[intact]).await;
+    assert!(matches!(client.stat(zeroed.0).await, Err(ClientError::NotFound(_))));
+    assert!(!path.exists(), "the damaged copy is removed");
+    agent.kill9();
+}

@@ -26,6 +26,9 @@ pub struct Recovery {
     pub payloads: usize,
     pub dropped_allocations: usize,
     pub lost: usize,
+    /// Disk copies whose bytes no longer match their digest after a reboot
+    /// (never synced before a power cut): dropped, never served.
+    pub corrupt: usize,
     pub orphans_removed: usize,
     /// Moves a crash interrupted: the payload is back on its source copy.
     pub moves_undone: usize,
@@ -75,8 +78,10 @@ impl Node {
             digests,
         };
         let mut report = Recovery::default();
-        node.load(&mut report).await?;
+        let rebooted = node.state.rebooted() == Some(true);
+        node.load(&mut report, rebooted).await?;
         node.remove_orphans(&mut report);
+        node.state.record_boot()?;
         node.ram.check_capacity()?;
         node.disk.check_capacity()?;
         let now = node.now_ms();
@@ -117,7 +122,9 @@ impl Node {
         Ok((node, report))
     }
 
-    async fn load(&self, report: &mut Recovery) -> anyhow::Result<()> {
+    /// After a reboot every disk copy with a digest is read and checked
+    /// (once): a commit without `sync` survives SIGKILL, not power loss.
+    async fn load(&self, report: &mut Recovery, rebooted: bool) -> anyhow::Result<()> {
         let now = self.now_ms();
         for mut rec in self.repo.load_payloads().await? {
             let store = match self.store(rec.tier) {
@@ -143,6 +150,13 @@ impl Node {
                 report.lost += 1;
                 continue;
             }
+            if rebooted && rec.tier.is_durable() && !self.intact(store, &rec).await {
+                tracing::error!(id = %rec.id, "after a reboot the payload's bytes do not match its SHA-256; dropping it");
+                let _ = store.remove(rec.id);
+                self.writer.write(Write::Delete(rec.id))?;
+                report.corrupt += 1;
+                continue;
+            }
             if rec.state == PayloadState::Spilling {
                 // The row still names the source copy: the move never switched.
                 rec.state = transition(
@@ -161,6 +175,14 @@ impl Node {
             report.payloads += 1;
         }
         Ok(())
+    }
+
+    /// Whether the copy's bytes hash to its digest (true when it has none).
+    async fn intact(&self, store: &FileStore, rec: &payload_catalog::PayloadRecord) -> bool {
+        let Some(want) = rec.sha256 else { return true };
+        let path = store.path(rec.id);
+        let got = tokio::task::spawn_blocking(move || crate::store::digest_file(&path)).await;
+        matches!(got, Ok(Ok(digest)) if digest == want)
     }
 
     /// Removes this node's regions that no row names (a crash between
