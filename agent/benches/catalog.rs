@@ -97,7 +97,7 @@ where
 
 /// Commit RPCs against allocations made beforehand, 32 in flight: the
 /// agent's log append plus group commit into the catalog.
-async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>, floor: f64) {
+async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>, floor: f64, sync: bool) {
     const N: usize = COMMITS;
     let (agent, client) = Agent::start(catalog, "bench").await;
     let (_, catalog_rpc, _) = client.raw();
@@ -130,6 +130,7 @@ async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>, f
                 let t = Instant::now();
                 let request = runtime::CommitPayloadRequest {
                     id: Some(id),
+                    sync,
                     ..Default::default()
                 };
                 rpc.commit_payload(request).await.unwrap();
@@ -144,7 +145,8 @@ async fn commits(report: &mut Vec<String>, label: &str, catalog: Option<&str>, f
     let secs = start.elapsed().as_secs_f64();
     let latencies = sorted(latencies);
     report.push(format!(
-        "| commits through the agent ({label}), {IN_FLIGHT} in flight | {:.0} commits/s | p50 {:.0} µs, p99 {:.0} µs; floor (one INSERT per transaction) {floor:.0}/s: {:.1}× |",
+        "| commits through the agent ({label}{}), {IN_FLIGHT} in flight | {:.0} commits/s | p50 {:.0} µs, p99 {:.0} µs; floor (one INSERT per transaction) {floor:.0}/s: {:.1}× |",
+        if sync { ", sync=true" } else { "" },
         N as f64 / secs,
         us(percentile(&latencies, 0.5)),
         us(percentile(&latencies, 0.99)),
@@ -427,7 +429,8 @@ fn main() {
                 .filename(dir.path().join("floor.db"))
                 .create_if_missing(true)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                // As the agent runs its catalog: every transaction durable.
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(30));
             let pool = sqlx::sqlite::SqlitePoolOptions::new()
                 .max_connections(4)
@@ -435,7 +438,8 @@ fn main() {
                 .await
                 .unwrap();
             let floor = floor_commits(pool).await;
-            commits(&mut report, "SQLite", None, floor).await;
+            commits(&mut report, "SQLite", None, floor, false).await;
+            commits(&mut report, "SQLite", None, floor, true).await;
             let url = create_database(&cluster.url()).await.unwrap();
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(8)
@@ -444,7 +448,9 @@ fn main() {
                 .unwrap();
             let floor = floor_commits(pool).await;
             let url = create_database(&cluster.url()).await.unwrap();
-            commits(&mut report, "PostgreSQL", Some(&url), floor).await;
+            commits(&mut report, "PostgreSQL", Some(&url), floor, false).await;
+            let url = create_database(&cluster.url()).await.unwrap();
+            commits(&mut report, "PostgreSQL", Some(&url), floor, true).await;
         }
         if wanted("streams") {
             let (agent, client) = Agent::start(None, "a").await;

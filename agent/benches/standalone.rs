@@ -336,6 +336,9 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         .tempdir_in("/dev/shm")
         .unwrap();
     let repo = SqliteRepository::open(&state.path().join("catalog.db")).await.unwrap();
+    // The agent names its regions after the node id it keeps in its state dir.
+    let node_id = "0123456789abcdef";
+    std::fs::write(state.path().join("node-id"), node_id).unwrap();
     let seed_start = Instant::now();
     let one_byte_digest: [u8; 32] = sha2::Sha256::digest([1u8]).into();
     let now = 1_700_000_000_000u64;
@@ -343,7 +346,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
         let mut writes = Vec::new();
         for i in chunk * 10_000..((chunk + 1) * 10_000).min(n) {
             let id = PayloadId::random();
-            std::fs::write(ram.path().join(format!("pm-{id}")), [1u8]).unwrap();
+            std::fs::write(ram.path().join(format!("pm-{node_id}-{id}")), [1u8]).unwrap();
             writes.push(Write::Insert(PayloadRecord {
                 state: PayloadState::Active,
                 labels: [("shard".to_string(), (i % 100).to_string())].into(),

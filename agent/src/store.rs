@@ -219,9 +219,10 @@ impl FileStore {
     }
 
     /// Renames a region in the pre-node-id naming to this node's name. Only
-    /// for ids this node's catalog holds: that row proves the file is ours.
+    /// for ids this node's catalog holds and whose region is missing: that
+    /// row proves the file is ours.
     pub fn adopt_legacy(&self, id: PayloadId) -> bool {
-        !self.path(id).exists() && fs::rename(self.legacy_path(id), self.path(id)).is_ok()
+        fs::rename(self.legacy_path(id), self.path(id)).is_ok()
     }
 
     /// Sorts the files under the root into this node's regions, regions in

@@ -135,7 +135,7 @@ impl Node {
                 }
             };
             // This node's row proves an old-style name is this node's file.
-            if store.adopt_legacy(rec.id) {
+            if store.region_len(rec.id).is_none() && store.adopt_legacy(rec.id) {
                 report.legacy_adopted += 1;
             }
             if !rec.state.is_readable() {
