@@ -180,9 +180,18 @@ impl StandaloneArgs {
             ),
         };
         let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
-        let repo = payload_catalog::open_catalog(&catalog, &node_name)
-            .await
-            .with_context(|| format!("opening catalog {}", payload_catalog::redact_url(&catalog)))?;
+        anyhow::ensure!(
+            !node_name.is_empty() && node_name.len() <= 253 && !node_name.contains('\0'),
+            "--node-name must be 1 to 253 bytes without NUL (a host or Kubernetes node name)"
+        );
+        // Whatever the catalog creates (a SQLite file and its WAL) is private
+        // from the first byte; the umask only ever takes permissions away.
+        // SAFETY: umask has no preconditions.
+        let umask = unsafe { libc::umask(0o077) };
+        let repo = payload_catalog::open_catalog(&catalog, &node_name).await;
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        let repo = repo.with_context(|| format!("opening catalog {}", payload_catalog::redact_url(&catalog)))?;
         if let Some(path) = catalog.strip_prefix("sqlite://") {
             make_private(Path::new(path.split('?').next().unwrap_or(path)));
         }

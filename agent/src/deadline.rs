@@ -1,7 +1,10 @@
-//! A time limit on every call but those that wait on purpose: Subscribe
-//! (held open for as long as the subscriber likes), blocking promotions and
-//! spills, and lease acquisition (which may promote first). A call past the
-//! limit is answered DEADLINE_EXCEEDED and its work is dropped.
+//! A time limit on every call but those that wait on purpose or whose
+//! length is their own work: Subscribe (held open for as long as the
+//! subscriber likes), blocking promotions and spills, lease acquisition
+//! (which may promote first), and Allocate and Commit (which may reserve,
+//! hash or fsync gigabytes; cutting them off half way would leave a client
+//! unsure of a commit that happened). A call past the limit is answered
+//! DEADLINE_EXCEEDED and its work is dropped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +16,14 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 /// Methods that may take as long as their own policy says.
-const UNBOUNDED: [&str; 4] = ["/Subscribe", "/Promote", "/Spill", "/AcquireReadLease"];
+const UNBOUNDED: [&str; 6] = [
+    "/Subscribe",
+    "/Promote",
+    "/Spill",
+    "/AcquireReadLease",
+    "/AllocatePayload",
+    "/CommitPayload",
+];
 
 #[derive(Clone, Copy, Debug)]
 pub struct DeadlineLayer {

@@ -18,8 +18,10 @@ pub fn fsync_parent(path: &Path) -> io::Result<()> {
 }
 
 /// Replaces `path` with `bytes` atomically and durably: a temp file, fsynced,
-/// renamed over `path`, then the directory fsynced. The file is 0600.
-pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// renamed over `path`, then the directory fsynced. The file is 0600. Gives
+/// back the new file open for appending, opened before the rename, so a
+/// caller that keeps appending never holds the replaced file by mistake.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<File> {
     let tmp = path.with_extension("tmp");
     let mut file = OpenOptions::new()
         .write(true)
@@ -29,10 +31,16 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
+    let appender = OpenOptions::new().append(true).open(&tmp)?;
     drop(file);
     crate::failpoint!("mid-rewrite");
     fs::rename(&tmp, path)?;
-    fsync_parent(path)
+    if let Err(e) = fsync_parent(path) {
+        // The new file is in place for this process; only the rename's
+        // durability is in doubt, and the next rewrite tries again.
+        tracing::warn!(path = %path.display(), %e, "could not fsync the directory after a rename");
+    }
+    Ok(appender)
 }
 
 /// Opens `path` for appending, creating it 0600.

@@ -8,7 +8,7 @@
 //! start-up and whenever it grows far beyond the live set.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -160,8 +160,7 @@ impl Journal {
         for lease in leases {
             encode(&mut buf, GRANT, lease);
         }
-        durable::replace_file(path, &buf)?;
-        Ok((OpenOptions::new().append(true).open(path)?, buf.len() as u64))
+        Ok((durable::replace_file(path, &buf)?, buf.len() as u64))
     }
 
     pub fn grant(&self, leases: &[JournaledLease]) -> io::Result<()> {
@@ -214,6 +213,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     fn lease(expires_ms: u64) -> JournaledLease {
         JournaledLease {

@@ -26,11 +26,13 @@ pub struct Limits {
     /// Bytes in a label key (or tag key).
     #[arg(long = "max-label-key-bytes", env = "PM_MAX_LABEL_KEY_BYTES", default_value_t = 256)]
     pub label_key_bytes: usize,
-    /// Bytes in a label value (or tag value).
+    /// Bytes in a label value (or tag value). Labels are indexed in the
+    /// catalog: PostgreSQL's index rows hold about 2.7 KiB, key and value
+    /// together, so larger values would be refused there.
     #[arg(
         long = "max-label-value-bytes",
         env = "PM_MAX_LABEL_VALUE_BYTES",
-        default_value_t = 4096
+        default_value_t = 2048
     )]
     pub label_value_bytes: usize,
     /// Bytes of metadata in one update or event (data and schema), and of
@@ -69,6 +71,13 @@ pub struct Limits {
         default_value_t = 256
     )]
     pub calls_per_connection: u32,
+    /// Live read leases on one payload.
+    #[arg(
+        long = "max-leases-per-payload",
+        env = "PM_MAX_LEASES_PER_PAYLOAD",
+        default_value_t = 100_000
+    )]
+    pub leases_per_payload: usize,
     /// Stream subscriptions open on this agent at once.
     #[arg(long = "max-subscribers", env = "PM_MAX_SUBSCRIBERS", default_value_t = 1_024)]
     pub subscribers: usize,

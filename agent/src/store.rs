@@ -9,7 +9,7 @@
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,8 +44,10 @@ pub struct Scan {
     pub ours: Vec<PayloadId>,
     /// Regions in the pre-node-id naming: maybe ours, maybe another agent's.
     pub legacy: Vec<PayloadId>,
-    /// Payload regions of other nodes, left alone.
-    pub foreign: usize,
+    /// Payload regions of other nodes (by their uuid), left alone.
+    pub foreign: Vec<PayloadId>,
+    /// Files with this node's names that another user owns: never ours.
+    pub not_owned: usize,
 }
 
 impl FileStore {
@@ -177,21 +179,17 @@ impl FileStore {
     /// Creates the region, owner read-write only, with `size` bytes of the
     /// filesystem's space allocated to it; on failure nothing is left.
     pub fn create(&self, id: PayloadId, size: u64) -> io::Result<()> {
-        let path = self.path(id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        allocate(&file, size).inspect_err(|_| {
-            let _ = fs::remove_file(&path);
-        })
+        create_region(&self.path(id), size)
     }
 
     /// Drops write permission: after commit nobody opens the region for writing.
     pub fn seal(&self, id: PayloadId) -> io::Result<()> {
         fs::set_permissions(self.path(id), Permissions::from_mode(0o400))
+    }
+
+    /// Undoes [`FileStore::seal`] for a commit that did not happen.
+    pub fn unseal(&self, id: PayloadId) -> io::Result<()> {
+        fs::set_permissions(self.path(id), Permissions::from_mode(0o600))
     }
 
     /// Removes the region; a region already gone is not an error.
@@ -202,9 +200,13 @@ impl FileStore {
         }
     }
 
-    /// The size of the region on disk, if it exists.
+    /// The size of the region, if it exists and this user owns it (a file
+    /// of that name made by someone else is never taken for ours).
     pub fn region_len(&self, id: PayloadId) -> Option<u64> {
-        fs::metadata(self.path(id)).ok().map(|m| m.len())
+        fs::metadata(self.path(id))
+            .ok()
+            .filter(|m| m.uid() == euid())
+            .map(|m| m.len())
     }
 
     /// Makes the region and its name survive power loss.
@@ -222,7 +224,8 @@ impl FileStore {
     /// for ids this node's catalog holds and whose region is missing: that
     /// row proves the file is ours.
     pub fn adopt_legacy(&self, id: PayloadId) -> bool {
-        fs::rename(self.legacy_path(id), self.path(id)).is_ok()
+        let legacy = self.legacy_path(id);
+        fs::metadata(&legacy).is_ok_and(|m| m.uid() == euid()) && fs::rename(legacy, self.path(id)).is_ok()
     }
 
     /// Sorts the files under the root into this node's regions, regions in
@@ -230,23 +233,46 @@ impl FileStore {
     pub fn scan(&self) -> io::Result<Scan> {
         let mut scan = Scan::default();
         for entry in fs::read_dir(&self.root)? {
-            let name = entry?.file_name();
+            let entry = entry?;
+            let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             let Some(body) = name.strip_suffix(self.suffix) else {
                 continue;
             };
             if let Some(id) = body.strip_prefix(&self.prefix).and_then(|u| PayloadId::parse(u).ok()) {
-                scan.ours.push(id);
+                match entry.metadata() {
+                    Ok(meta) if meta.uid() == euid() => scan.ours.push(id),
+                    _ => scan.not_owned += 1,
+                }
             } else if let Some(rest) = body.strip_prefix(&self.legacy_prefix) {
                 if let Ok(id) = PayloadId::parse(rest) {
                     scan.legacy.push(id);
-                } else if rest.len() > 36 && rest.get(rest.len() - 36..).is_some_and(|u| PayloadId::parse(u).is_ok()) {
-                    scan.foreign += 1;
+                } else if let Some(id) = rest
+                    .len()
+                    .checked_sub(36)
+                    .and_then(|at| rest.get(at..))
+                    .and_then(|u| PayloadId::parse(u).ok())
+                {
+                    scan.foreign.push(id);
                 }
             }
         }
         Ok(scan)
     }
+}
+
+/// Creates a region file, owner read-write only, with `size` bytes of the
+/// filesystem's space allocated to it; on failure nothing is left.
+pub fn create_region(path: &Path, size: u64) -> io::Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    allocate(&file, size).inspect_err(|_| {
+        let _ = fs::remove_file(path);
+    })
 }
 
 /// Gives `file` `size` bytes of real space. Filesystems without
@@ -262,6 +288,11 @@ fn allocate(file: &File, size: u64) -> io::Result<()> {
         Some(libc::EOPNOTSUPP) => file.set_len(size),
         _ => Err(err),
     }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 /// Free and total bytes of the filesystem holding `path`.

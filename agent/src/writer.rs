@@ -29,8 +29,9 @@ const MAX_BATCH: usize = 4096;
 /// How long the writer lets a burst gather when nobody is waiting on it:
 /// fewer, larger transactions leave the CPU to the request path.
 const GATHER: Duration = Duration::from_millis(20);
-/// Rewrite the log with only pending writes once it is this large.
-const REWRITE_AT: u64 = 16 << 20;
+/// Rewrite the log with only pending writes once it is this large (small
+/// in unit tests, so that they reach it).
+const REWRITE_AT: u64 = if cfg!(test) { 4 << 10 } else { 16 << 20 };
 /// A catalog transaction that takes longer than this is abandoned and retried.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Retry delays grow from the first to the last, with jitter.
@@ -71,6 +72,9 @@ struct Shared {
     /// (or applied to the catalog, which is durable itself).
     synced: watch::Sender<u64>,
     syncing: Mutex<bool>,
+    /// A log fsync that failed: the kernel may have dropped the pages, so
+    /// no later fsync can vouch for them. Sticky until the agent restarts.
+    sync_failed: Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -114,14 +118,11 @@ fn read_log(path: &Path) -> io::Result<Vec<Write>> {
     Ok(writes)
 }
 
-/// One transaction, abandoned after [`STATEMENT_TIMEOUT`].
-async fn attempt(repo: &dyn Repository, writes: &[Write]) -> Result<(), CatalogError> {
-    match tokio::time::timeout(STATEMENT_TIMEOUT, repo.write_batch(writes)).await {
-        Ok(result) => result,
-        Err(_) => Err(CatalogError::Storage(format!(
-            "the catalog did not finish a write within {STATEMENT_TIMEOUT:?}"
-        ))),
-    }
+/// One transaction, abandoned after [`STATEMENT_TIMEOUT`] (`None`).
+async fn attempt(repo: &dyn Repository, writes: &[Write]) -> Option<Result<(), CatalogError>> {
+    tokio::time::timeout(STATEMENT_TIMEOUT, repo.write_batch(writes))
+        .await
+        .ok()
 }
 
 fn transient(err: &CatalogError) -> bool {
@@ -154,8 +155,9 @@ enum Patience {
 }
 
 /// Applies `writes`: as one batch, then, if the catalog refuses the batch
-/// for good, one by one, setting aside each write it refuses. A catalog
-/// that is unavailable is retried (or reported, with `Patience::Once`).
+/// for good, one by one, setting aside each write it refuses. A batch too
+/// slow for one transaction is split in halves; a catalog that is
+/// unavailable is retried (or reported, with `Patience::Once`).
 async fn apply(
     repo: &dyn Repository,
     writes: &[Write],
@@ -164,7 +166,18 @@ async fn apply(
 ) -> Result<(), CatalogError> {
     let mut backoff = Backoff::new();
     loop {
-        match attempt(repo, writes).await {
+        let result = match attempt(repo, writes).await {
+            None if writes.len() > 1 => {
+                let (first, rest) = writes.split_at(writes.len() / 2);
+                Box::pin(apply(repo, first, shared, patience)).await?;
+                return Box::pin(apply(repo, rest, shared, patience)).await;
+            }
+            None => Err(CatalogError::Storage(format!(
+                "the catalog did not finish a write within {STATEMENT_TIMEOUT:?}"
+            ))),
+            Some(result) => result,
+        };
+        match result {
             Ok(()) => return shared.healthy(),
             Err(err) if transient(&err) => {
                 shared.failing(&err);
@@ -192,6 +205,47 @@ async fn apply(
 }
 
 impl Shared {
+    /// One fsync of the log, covering every write appended before it.
+    async fn sync_now(self: Arc<Self>) {
+        let prepared = {
+            let log = lock(&self.log);
+            log.file.try_clone().map(|file| (file, log.next_seq))
+        };
+        let synced = match prepared {
+            Ok((file, upto)) => tokio::task::spawn_blocking(move || file.sync_data().map(|()| upto))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Err(e) => Err(e),
+        };
+        match synced {
+            Ok(upto) => {
+                self.synced.send_if_modified(|synced| {
+                    let advanced = upto > *synced;
+                    *synced = (*synced).max(upto);
+                    advanced
+                });
+            }
+            Err(e) => {
+                tracing::error!(%e, "fsync of the catalog log failed; synced commits are refused until a restart");
+                *lock(&self.sync_failed) = Some(e.to_string());
+            }
+        }
+        *lock(&self.syncing) = false;
+        // Wake every waiter, after the flag is down: one whose write is not
+        // covered yet starts the next fsync.
+        self.synced.send_modify(|_| {});
+    }
+
+    fn check_synced(&self) -> Result<(), AgentError> {
+        match &*lock(&self.sync_failed) {
+            None => Ok(()),
+            Some(e) => Err(AgentError::Unavailable(format!(
+                "an fsync of the node's catalog log failed ({e}), so durability cannot be promised; check the \
+                 state dir's disk and restart the agent"
+            ))),
+        }
+    }
+
     fn healthy(&self) -> Result<(), CatalogError> {
         let mut health = lock(&self.health);
         if let Some(since) = health.failing_since.take() {
@@ -254,10 +308,18 @@ impl Writer {
             rejected_path: path.with_extension("rejected"),
             synced: watch::channel(0).0,
             syncing: Mutex::new(false),
+            sync_failed: Mutex::new(None),
         });
         if !replay.is_empty() {
             tracing::info!(writes = replay.len(), "replaying the catalog log");
-            if let Err(err) = apply(repo.as_ref(), &replay, &shared, Patience::Once).await {
+            let mut replayed = Ok(());
+            for chunk in replay.chunks(MAX_BATCH) {
+                replayed = apply(repo.as_ref(), &coalesce(chunk.to_vec()), &shared, Patience::Once).await;
+                if replayed.is_err() {
+                    break;
+                }
+            }
+            if let Err(err) = replayed {
                 anyhow::bail!(
                     "the catalog cannot take the {} writes waiting in {} ({err}); they are kept there. Make the \
                      catalog writable (is another process holding the SQLite database? is PostgreSQL up? is its \
@@ -280,6 +342,7 @@ impl Writer {
     /// log would grow without bound, and a client would be told "stored"
     /// for a write the node may not be able to keep.
     pub fn admit(&self) -> Result<(), AgentError> {
+        self.shared.check_synced()?;
         let pending = lock(&self.shared.log).pending.len();
         if pending < self.shared.max_backlog {
             return Ok(());
@@ -317,51 +380,37 @@ impl Writer {
     }
 
     /// Waits until write `seq` survives power loss. Concurrent callers share
-    /// one fsync: whoever finds none running starts one that covers every
-    /// write appended so far; the rest wait for it.
+    /// one fsync: whoever finds none running starts one (as a task of its
+    /// own, so a caller that goes away cannot leave it half done) covering
+    /// every write appended so far; everyone waits for the one that covers
+    /// them.
     pub async fn sync(&self, seq: u64) -> Result<(), AgentError> {
         let mut synced = self.shared.synced.subscribe();
         loop {
+            self.shared.check_synced()?;
             if *synced.borrow_and_update() > seq {
                 return Ok(());
             }
-            let lead = !std::mem::replace(&mut *lock(&self.shared.syncing), true);
-            if lead {
-                let result = self.sync_now().await;
-                *lock(&self.shared.syncing) = false;
-                // Wake the followers either way: after a failure one retries.
-                self.shared.synced.send_modify(|_| {});
-                result?;
-            } else if synced.changed().await.is_err() {
+            if !std::mem::replace(&mut *lock(&self.shared.syncing), true) {
+                tokio::spawn(self.shared.clone().sync_now());
+            }
+            if synced.changed().await.is_err() {
                 return Err(stopped());
             }
         }
     }
 
-    async fn sync_now(&self) -> Result<(), AgentError> {
-        let (file, upto) = {
-            let log = lock(&self.shared.log);
-            let file = log
-                .file
-                .try_clone()
-                .map_err(|e| crate::store::io_error("syncing the catalog log", e))?;
-            (file, log.next_seq)
-        };
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(|e| crate::store::io_error("syncing the catalog log", std::io::Error::other(e)))?
-            .map_err(|e| crate::store::io_error("syncing the catalog log", e))?;
-        self.shared.synced.send_if_modified(|synced| {
-            let advanced = upto > *synced;
-            *synced = (*synced).max(upto);
-            advanced
-        });
-        Ok(())
-    }
-
     /// Waits until every write made before this call is in the catalog, or
     /// says why it is not.
     pub async fn flush(&self) -> Result<(), AgentError> {
+        // While the catalog is failing, readers are answered at once rather
+        // than queued behind a writer that is retrying.
+        let pending = lock(&self.shared.log).pending.len();
+        if let Some(why) = self.shared.outage(pending) {
+            return Err(AgentError::Unavailable(format!(
+                "{why}; retry once the catalog is back"
+            )));
+        }
         let (reply, done) = oneshot::channel();
         self.tx.send(Item::Flush(reply)).map_err(|_| stopped())?;
         match tokio::time::timeout(FLUSH_WAIT, done).await {
@@ -400,8 +449,7 @@ impl Log {
             for (_, framed) in &self.pending {
                 bytes.extend_from_slice(framed);
             }
-            durable::replace_file(&self.path, &bytes)?;
-            self.file = durable::open_append(&self.path)?;
+            self.file = durable::replace_file(&self.path, &bytes)?;
             self.len = bytes.len() as u64;
         }
         Ok(())

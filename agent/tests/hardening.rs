@@ -121,6 +121,14 @@ async fn a_locked_sqlite_catalog_loses_no_acknowledged_commit() {
     for i in 0..3u8 {
         acked.push(put(&client, &pattern(4096, i), Tier::Ram).await.unwrap());
     }
+    // Locked past every timeout (a 5 s transaction limit, SQLite's 10 s busy wait).
+    wait_for_log(&dirs, "catalog write failed").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    acked.push(
+        put(&client, b"while the catalog has been locked for 11 s", Tier::Ram)
+            .await
+            .unwrap(),
+    );
     agent.kill9();
     drop(client);
     // Still locked: start-up cannot replay its log, so it refuses and keeps it.
@@ -138,7 +146,40 @@ async fn a_locked_sqlite_catalog_loses_no_acknowledged_commit() {
     let (agent, client) = Agent::start(&dirs).await;
     assert_served(&client, &acked).await;
     assert_eq!(assert_no_orphans(&dirs, &client).await, acked.len());
+
+    // Locked again while the agent runs, then released: it drains by itself.
+    let mut locker = lock_sqlite(&dirs.state.path().join("catalog.db")).await;
+    acked.push(put(&client, b"logged while locked", Tier::Ram).await.unwrap());
+    wait_for_backlog(&client, |n| n > 0).await;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    drop(locker);
+    wait_for_backlog(&client, |n| n == 0).await;
     agent.kill9();
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &acked).await;
+    agent.kill9();
+}
+
+/// Waits (bounded) until the agent's log mentions `text`.
+async fn wait_for_log(dirs: &Dirs, text: &str) {
+    for _ in 0..1_500 {
+        if dirs.read_log().contains(text) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the agent never logged {text:?}: {}", dirs.read_log());
+}
+
+/// Waits (bounded) until the catalog backlog the agent reports passes `done`.
+async fn wait_for_backlog(client: &payload_client::Client, done: impl Fn(u64) -> bool) {
+    for _ in 0..1_500 {
+        if done(client.stats().await.unwrap().catalog_backlog) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the catalog backlog never reached the expected size");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,5 +406,58 @@ async fn after_a_reboot_a_disk_copy_that_lost_its_bytes_is_dropped_not_served() 
     assert_served(&client, &[intact]).await;
     assert!(matches!(client.stat(zeroed.0).await, Err(ClientError::NotFound(_))));
     assert!(!path.exists(), "the damaged copy is removed");
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_replaced_node_id_stops_start_up_instead_of_dropping_rows() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let kept = put(&client, &pattern(4096, 3), Tier::Disk).await.unwrap();
+    agent.kill9();
+    let id_file = dirs.state.path().join("node-id");
+    let original = std::fs::read(&id_file).unwrap();
+    std::fs::remove_file(&id_file).unwrap();
+    let refused = Agent::refused(&dirs, &[]);
+    assert!(refused.contains("under another node id"), "{refused}");
+    std::fs::write(&id_file, original).unwrap();
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &[kept]).await;
+    agent.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_catalog_refuses_is_set_aside_and_its_region_kept() {
+    let dirs = Dirs::new();
+    let (agent, _client) = Agent::start(&dirs).await;
+    agent.kill9();
+    // A catalog that refuses one kind of row for good (as PostgreSQL does a
+    // row too large for an index).
+    let db = dirs.state.path().join("catalog.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse BEFORE INSERT ON payloads WHEN NEW.size_bytes = 4097 \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let (agent, client) = Agent::start(&dirs).await;
+    let other = put(&client, &pattern(4096, 1), Tier::Disk).await.unwrap();
+    let (refused, _) = put(&client, &pattern(4097, 2), Tier::Disk).await.unwrap();
+    wait_for_log(&dirs, "it is set aside").await;
+    agent.kill9();
+    let rejected = std::fs::read_to_string(dirs.state.path().join("catalog.rejected")).unwrap();
+    assert!(rejected.contains(&refused.to_string()), "{rejected}");
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &[other]).await;
+    let region = dirs.disk().join(format!("{}-{refused}.bin", dirs.node_id()));
+    assert!(
+        region.exists(),
+        "the bytes of a refused write are kept for the operator"
+    );
     agent.kill9();
 }

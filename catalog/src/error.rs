@@ -31,17 +31,19 @@ impl From<sqlx::Error> for CatalogError {
     fn from(err: sqlx::Error) -> Self {
         match &err {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
-                CatalogError::AlreadyExists(format!("already exists: {}", db.message()))
+                tracing::debug!(message = db.message(), "unique key violation");
+                CatalogError::AlreadyExists("already exists (a unique key of the catalog)".to_string())
             }
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
                 CatalogError::NotFound("a referenced payload does not exist; create it first".to_string())
             }
             sqlx::Error::Database(db) if !transient_code(db.code().as_deref()) => {
-                // The database refused this statement: retrying it cannot help.
+                // The database refused this statement: retrying it cannot
+                // help. Its own text is for the log, not for clients.
+                let code = db.code().unwrap_or_default().into_owned();
+                tracing::warn!(%code, message = db.message(), "the catalog refused a statement");
                 CatalogError::InvalidArgument(format!(
-                    "the catalog refused the request (code {}): {}",
-                    db.code().unwrap_or_default(),
-                    db.message()
+                    "the catalog refused the request (code {code}; the agent's log has its reason)"
                 ))
             }
             _ => CatalogError::Storage(err.to_string()),
@@ -54,15 +56,44 @@ impl From<sqlx::Error> for CatalogError {
 /// PostgreSQL codes are SQLSTATEs; SQLite codes are (extended) result codes.
 fn transient_code(code: Option<&str>) -> bool {
     let Some(code) = code else { return true };
-    if let Ok(sqlite) = code.parse::<u32>() {
-        // BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL (primary code in the low byte).
-        return matches!(sqlite & 0xff, 5 | 6 | 7 | 10 | 13 | 14 | 15);
+    // A SQLSTATE is always five characters (and may be all digits, as
+    // 53100 is); SQLite's extended result codes have at most four digits.
+    if code.len() == 5 {
+        // Connection, resources, operator intervention, system errors,
+        // serialization failures, lock timeouts, internal errors.
+        return ["08", "53", "57", "58", "40", "55P03", "XX"]
+            .iter()
+            .any(|prefix| code.starts_with(prefix));
     }
-    // Connection, resources, operator intervention, system errors,
-    // serialization failures and lock timeouts.
-    ["08", "53", "57", "58", "40", "55P03", "XX"]
-        .iter()
-        .any(|prefix| code.starts_with(prefix))
+    match code.parse::<u32>() {
+        // BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL (the primary
+        // code is the low byte).
+        Ok(sqlite) => matches!(sqlite & 0xff, 5 | 6 | 7 | 10 | 13 | 14 | 15),
+        Err(_) => true,
+    }
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::transient_code;
+
+    #[test]
+    fn outages_are_transient_and_bad_statements_are_not_on_both_backends() {
+        // PostgreSQL: disk full, too many connections, connection failure,
+        // admin shutdown, serialization failure.
+        for code in ["53100", "53300", "08006", "57P01", "40001", "58030"] {
+            assert!(transient_code(Some(code)), "{code}");
+        }
+        // PostgreSQL: a NUL byte, a row too large for an index, a check violation.
+        for code in ["22021", "54000", "23514"] {
+            assert!(!transient_code(Some(code)), "{code}");
+        }
+        // SQLite: BUSY, BUSY_SNAPSHOT (517), FULL; a trigger's abort (1811) is not.
+        for code in ["5", "517", "13"] {
+            assert!(transient_code(Some(code)), "{code}");
+        }
+        assert!(!transient_code(Some("1811")));
+    }
+}

@@ -133,9 +133,18 @@ impl Node {
                 return Err(Grant::TooSlow(min));
             }
         }
+        if e.leases.len() >= e.prune_at {
+            e.leases.retain(|_, exp| *exp > now);
+            e.prune_at = (2 * e.leases.len()).max(64);
+        }
+        let cap = self.cfg.limits.leases_per_payload;
+        if e.leases.len() >= cap {
+            return Err(Grant::Failed(AgentError::ResourceExhausted(format!(
+                "payload {id} has {cap} live leases, the limit (--max-leases-per-payload); release some first"
+            ))));
+        }
         let lease = LeaseId::random();
         let expires_ms = now.saturating_add(self.lease_duration(duration_ms));
-        e.leases.retain(|_, exp| *exp > now);
         e.leases.insert(lease, expires_ms);
         e.last_access_ms = now;
         let rec = e.rec.clone();
@@ -203,18 +212,24 @@ impl Node {
         let Some(exp) = e.leases.get_mut(&lease) else {
             return Err(AgentError::NotFound(format!("lease {lease} is no longer live")));
         };
+        // The table first, then the journal: a compaction in between reads
+        // the new expiry, one before it is followed by this record.
+        let before = std::mem::replace(exp, expires_ms);
+        let set_slot = |expiry: u64| {
+            if let Some(LeaseSlot::Live { expires_ms: slot, .. }) = self.leases.shard(&lease).get_mut(&lease) {
+                *slot = expiry;
+            }
+        };
+        set_slot(expires_ms);
         let renewed = JournaledLease {
             lease,
             payload,
             expires_ms,
         };
-        self.journal
-            .grant(&[renewed])
-            .map_err(|e| io_error("writing the lease journal", e))?;
-        *exp = expires_ms;
-        let mut shard = self.leases.shard(&lease);
-        if let Some(LeaseSlot::Live { expires_ms: slot, .. }) = shard.get_mut(&lease) {
-            *slot = expires_ms;
+        if let Err(err) = self.journal.grant(&[renewed]) {
+            e.leases.insert(lease, before);
+            set_slot(before);
+            return Err(io_error("writing the lease journal", err));
         }
         Ok(expires_ms)
     }

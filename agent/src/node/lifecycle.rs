@@ -65,9 +65,9 @@ impl Node {
             store.reserve(req.size_bytes)?;
         }
         let id = PayloadId::random();
-        if let Err(e) = store.create(id, req.size_bytes) {
+        if let Err(e) = self.create_region(req.tier, id, req.size_bytes).await {
             store.unreserve(req.size_bytes);
-            return Err(io_error("creating the payload region", e));
+            return Err(e);
         }
         crate::failpoint!("after-region-create");
         let now = self.now_ms();
@@ -157,13 +157,22 @@ impl Node {
         };
         if sync {
             let path = store.path(id);
-            tokio::task::spawn_blocking(move || {
+            let synced = tokio::task::spawn_blocking(move || {
                 std::fs::File::open(&path)?.sync_all()?;
                 crate::durable::fsync_parent(&path)
             })
             .await
-            .map_err(|e| crate::error::task_failed("syncing the payload", e))?
-            .map_err(|e| io_error("syncing the payload", e))?;
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            if let Err(e) = synced {
+                // After a failed fsync the kernel may have dropped the pages,
+                // and a second fsync would say nothing about them: a retried
+                // commit must not succeed on these bytes.
+                let _ = self.abort(id).await;
+                return Err(io_error(
+                    "syncing the payload (the allocation is aborted: put the payload again)",
+                    e,
+                ));
+            }
         }
         store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
         let (rec, seq) = {
@@ -179,8 +188,15 @@ impl Node {
             rec.version += 1;
             rec.sha256 = digest;
             // Logged under the lock, before the node shows it: log order is
-            // the order of effect, and a failed write changes nothing.
-            let seq = self.writer.write(Write::Update(rec.clone()))?;
+            // the order of effect, and a failed write changes nothing (the
+            // writer may rewrite the region and commit again).
+            let seq = match self.writer.write(Write::Update(rec.clone())) {
+                Ok(seq) => seq,
+                Err(err) => {
+                    let _ = store.unseal(id);
+                    return Err(err);
+                }
+            };
             e.rec = rec.clone();
             e.last_access_ms = self.now_ms();
             (rec, seq)
@@ -193,6 +209,22 @@ impl Node {
             self.spawn_digest(id);
         }
         Ok(rec)
+    }
+
+    /// Creates the region; a large one off the async workers, since giving
+    /// it real space (zeroed pages on tmpfs) takes a while.
+    async fn create_region(&self, tier: Tier, id: PayloadId, size: u64) -> Result<(), AgentError> {
+        const INLINE: u64 = 1 << 20;
+        let store = self.store(tier)?;
+        let created = if size <= INLINE {
+            store.create(id, size)
+        } else {
+            let path = store.path(id);
+            tokio::task::spawn_blocking(move || crate::store::create_region(&path, size))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        created.map_err(|e| io_error("creating the payload region", e))
     }
 
     async fn hash_region(&self, tier: Tier, id: PayloadId) -> Result<[u8; 32], AgentError> {

@@ -73,6 +73,9 @@ pub(crate) struct Entry {
     pub rec: PayloadRecord,
     /// Live leases on the current copy: lease -> expiry (unix ms).
     pub leases: HashMap<LeaseId, u64>,
+    /// Expired leases are dropped from `leases` once it grows to this size
+    /// (then twice what is live), so granting stays O(1) amortised.
+    pub prune_at: usize,
     /// A move between tiers is under way.
     pub moving: bool,
     /// Set when the payload was deleted while a move was under way.
@@ -85,6 +88,7 @@ impl Entry {
         Self {
             rec,
             leases: HashMap::new(),
+            prune_at: 64,
             moving: false,
             gone: false,
             last_access_ms: now_ms,

@@ -13,12 +13,28 @@ use tokio::sync::{Notify, Semaphore};
 use super::{lock, Entry, LeaseSlot, Node, NodeConfig, Sharded};
 use crate::journal::Journal;
 use crate::state::StateDir;
-use crate::store::FileStore;
+use crate::store::{FileStore, Scan};
 use crate::writer::Writer;
 
 /// Committed payloads waiting for the hashing thread, at most; past it a
 /// digest waits for the next start-up.
 const DIGEST_QUEUE: usize = 65_536;
+
+/// Payload ids named by the writes in `catalog.rejected` (one JSON object a line).
+fn rejected_ids(path: &std::path::Path) -> HashSet<PayloadId> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return HashSet::new();
+    };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| serde_json::from_value::<Write>(line["write"].clone()).ok())
+        .filter_map(|write| match write {
+            Write::Insert(rec) | Write::Update(rec) => Some(rec.id),
+            Write::Delete(id) => Some(id),
+            Write::Lineage { .. } | Write::Metadata { .. } | Write::CommitOffset { .. } => None,
+        })
+        .collect()
+}
 
 /// What start-up found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,8 +95,15 @@ impl Node {
         };
         let mut report = Recovery::default();
         let rebooted = node.state.rebooted() == Some(true);
-        node.load(&mut report, rebooted).await?;
-        node.remove_orphans(&mut report);
+        let scans = [node.ram.scan(), node.disk.scan()].map(|scan| {
+            scan.unwrap_or_else(|err| {
+                tracing::warn!(%err, "could not scan a tier's root for orphan regions");
+                Scan::default()
+            })
+        });
+        let foreign: HashSet<PayloadId> = scans.iter().flat_map(|s| s.foreign.iter().copied()).collect();
+        node.load(&mut report, rebooted, &foreign).await?;
+        node.remove_orphans(&mut report, scans, &rejected_ids(&node.state.join("catalog.rejected")));
         node.state.record_boot()?;
         node.ram.check_capacity()?;
         node.disk.check_capacity()?;
@@ -124,7 +147,11 @@ impl Node {
 
     /// After a reboot every disk copy with a digest is read and checked
     /// (once): a commit without `sync` survives SIGKILL, not power loss.
-    async fn load(&self, report: &mut Recovery, rebooted: bool) -> anyhow::Result<()> {
+    /// `foreign`: uuids of regions named for other nodes. A row of ours
+    /// whose region is missing while one of those has its uuid means the
+    /// node id changed (a lost or replaced state dir): start-up stops
+    /// rather than drop the row.
+    async fn load(&self, report: &mut Recovery, rebooted: bool, foreign: &HashSet<PayloadId>) -> anyhow::Result<()> {
         let now = self.now_ms();
         for mut rec in self.repo.load_payloads().await? {
             let store = match self.store(rec.tier) {
@@ -143,6 +170,16 @@ impl Node {
                 self.writer.write(Write::Delete(rec.id))?;
                 report.dropped_allocations += 1;
                 continue;
+            }
+            if store.region_len(rec.id).is_none() && foreign.contains(&rec.id) {
+                anyhow::bail!(
+                    "payload {} of this node's catalog has its region under another node id in {} (node-id here: {}): \
+                     was {} replaced or lost? Restore it, or move the files aside, before starting again",
+                    rec.id,
+                    store.root().display(),
+                    self.state.node_id(),
+                    self.state.join("node-id").display()
+                );
             }
             if store.region_len(rec.id) != Some(rec.size_bytes) {
                 tracing::error!(id = %rec.id, tier = rec.tier.name(), "committed payload has no intact region; dropping its row");
@@ -187,40 +224,46 @@ impl Node {
 
     /// Removes this node's regions that no row names (a crash between
     /// creating and logging, or between copying and switching). Anything
-    /// the node cannot prove it created is counted and left alone, and a
-    /// region that cannot be removed is reported, never fatal.
-    fn remove_orphans(&self, report: &mut Recovery) {
-        for store in [&self.ram, &self.disk] {
+    /// the node cannot prove it created is counted and left alone, and so
+    /// is a region whose write the catalog refused (`catalog.rejected`:
+    /// the operator decides); a region that cannot be removed is reported,
+    /// never fatal.
+    fn remove_orphans(&self, report: &mut Recovery, scans: [Scan; 2], rejected: &HashSet<PayloadId>) {
+        for (store, scan) in [&self.ram, &self.disk].into_iter().zip(scans) {
             let mut owned = HashSet::new();
             self.payloads.for_each(|id, e| {
                 if lock(e).rec.tier == store.tier() {
                     owned.insert(*id);
                 }
             });
-            let scan = match store.scan() {
-                Ok(scan) => scan,
-                Err(err) => {
-                    tracing::warn!(root = %store.root().display(), %err, "could not scan for orphan regions");
+            // (Regions load dropped are gone already.)
+            let orphans = scan
+                .ours
+                .into_iter()
+                .filter(|id| !owned.contains(id) && store.path(*id).exists());
+            for id in orphans {
+                if rejected.contains(&id) {
+                    report.foreign_skipped += 1;
+                    tracing::warn!(%id, "kept a region whose catalog write was refused (see catalog.rejected)");
                     continue;
                 }
-            };
-            for id in scan.ours.into_iter().filter(|id| !owned.contains(id)) {
                 match store.remove(id) {
                     Ok(()) => report.orphans_removed += 1,
                     Err(err) => tracing::warn!(%id, %err, "could not remove an orphan region"),
                 }
             }
-            let skipped = scan.foreign + scan.legacy.len();
+            let skipped = scan.foreign.len() + scan.legacy.len() + scan.not_owned;
             if skipped > 0 {
                 tracing::info!(
                     root = %store.root().display(),
                     skipped,
-                    "left alone regions this node did not create (other agents', or older names with no row here)"
+                    "left alone regions this node did not create (other agents', other users', or older names with no row here)"
                 );
             }
             report.foreign_skipped += skipped;
         }
     }
+
     /// Payload ids held on `tier`, for tests and tools.
     pub fn ids_on(&self, tier: Tier) -> Vec<PayloadId> {
         let mut ids = Vec::new();

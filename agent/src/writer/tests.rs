@@ -137,7 +137,9 @@ async fn a_locked_catalog_keeps_writes_in_the_log_until_it_takes_them() {
     assert_eq!(std::fs::read(&log_path).unwrap(), before);
 
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
-    writer.flush().await.unwrap();
+    // Readers are refused at once while the catalog fails; the writer's
+    // next retry lands everything.
+    wait_for_catch_up(&writer).await;
     for id in &ids {
         assert!(repo.get_payload(*id).await.unwrap().is_some(), "{id} landed");
     }
@@ -168,4 +170,68 @@ async fn concurrent_synced_writes_all_wait_for_an_fsync_that_covers_them() {
             "write {seq} returned before its fsync"
         );
     }
+}
+
+/// Waits (bounded) until the writer has applied everything.
+async fn wait_for_catch_up(writer: &Writer) {
+    for _ in 0..1_000 {
+        if writer.flush().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the writer never caught up");
+}
+
+#[test]
+fn a_rewrite_keeps_exactly_the_pending_writes_and_later_appends_land_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.log");
+    let mut log = Log {
+        file: durable::open_append(&path).unwrap(),
+        path: path.clone(),
+        len: 0,
+        next_seq: 0,
+        pending: VecDeque::new(),
+    };
+    let ids: Vec<PayloadId> = (0..100).map(|_| PayloadId::random()).collect();
+    for (seq, id) in ids.iter().enumerate() {
+        let framed = frame(&Write::Delete(*id)).unwrap();
+        log.file.write_all(&framed).unwrap();
+        log.len += framed.len() as u64;
+        log.pending.push_back((seq as u64, framed));
+    }
+    assert!(log.len > REWRITE_AT, "the test must reach the rewrite");
+    log.applied(49).unwrap();
+    let kept = |path: &Path| -> Vec<PayloadId> {
+        read_log(path)
+            .unwrap()
+            .into_iter()
+            .map(|w| match w {
+                Write::Delete(id) => id,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(kept(&path), ids[50..], "only what the catalog does not have yet");
+    let extra = PayloadId::random();
+    log.file.write_all(&frame(&Write::Delete(extra)).unwrap()).unwrap();
+    assert_eq!(kept(&path).last(), Some(&extra), "appends go to the new file");
+}
+
+#[tokio::test]
+async fn a_synced_commit_that_is_cancelled_does_not_wedge_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = sqlite(dir.path()).await;
+    let writer = Writer::open(repo, &dir.path().join("catalog.log"), 100).await.unwrap();
+    let write = || Write::Insert(record(PayloadId::random(), PayloadState::Active));
+    let first = writer.write(write()).unwrap();
+    // Cut off at once, as a client that goes away would.
+    let _ = tokio::time::timeout(Duration::ZERO, writer.sync(first)).await;
+    let second = writer.write(write()).unwrap();
+    let synced = tokio::time::timeout(Duration::from_secs(30), writer.sync(second)).await;
+    assert!(
+        matches!(synced, Ok(Ok(()))),
+        "the second synced write hung or failed: {synced:?}"
+    );
 }

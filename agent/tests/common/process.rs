@@ -141,6 +141,16 @@ impl Agent {
     }
 }
 
+/// A test that fails before it stops its agent must not leave it running.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Dirs {
     pub fn log(&self) -> std::path::PathBuf {
         self.state.path().join("agent.log")

@@ -167,7 +167,33 @@ async fn deleting_a_payload_removes_its_lineage_metadata_and_labels(b: Backend) 
     assert_eq!(repo.list_payloads(&labelled).await.unwrap().total, 1);
 }
 
+/// The agent accepts labels up to 256-byte keys and 2 KiB values (its
+/// defaults); every such label must fit the catalog's label index
+/// (PostgreSQL's B-tree rows stop at about 2.7 KiB).
+async fn the_largest_labels_the_agent_accepts_fit_the_label_index(b: Backend) {
+    let repo = &*b.repo;
+    // Incompressible text, so no index compression helps.
+    let noise = |n: usize| -> String {
+        let mut out = String::new();
+        while out.len() < n {
+            out.push_str(&uuid::Uuid::new_v4().simple().to_string());
+        }
+        out.truncate(n);
+        out
+    };
+    let (key, value) = (noise(256), noise(2048));
+    let rec = record(1, Tier::Ram, &[(key.as_str(), value.as_str())]);
+    repo.write_batch(&[Write::Insert(rec.clone())]).await.unwrap();
+    let found = ListQuery {
+        labels: vec![(key, value)],
+        page_size: 10,
+        ..Default::default()
+    };
+    assert_eq!(repo.list_payloads(&found).await.unwrap().items.len(), 1);
+}
+
 parity!(
+    the_largest_labels_the_agent_accepts_fit_the_label_index,
     rows_round_trip_and_updates_of_missing_rows_fail,
     listing_filters_and_pages_stay_stable_while_rows_are_inserted,
     each_node_loads_and_lists_only_its_own_rows,
