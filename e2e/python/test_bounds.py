@@ -98,3 +98,25 @@ def test_a_message_over_the_size_limit_is_refused_before_decoding(pb, client):
         client.catalog.AllocatePayload(request, timeout=CALL_TIMEOUT)
     assert ei.value.code() in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED), ei.value
     client.admin.Stats(pb.stats.StatsRequest(), timeout=5)
+
+
+def test_durations_and_the_write_deadline_are_bounded(pb, client, kept):
+    century = 100 * 365 * 86_400_000
+    ttl = pb.lifecycle.AllocatePayloadRequest(size_bytes=16, preferred_tier=pb.types.TIER_RAM, ttl_ms=century)
+    refused(client, pb, client.catalog.AllocatePayload, ttl, INVALID, "--max-duration-ms")
+    deadline = pb.lifecycle.AllocatePayloadRequest(
+        size_bytes=16, preferred_tier=pb.types.TIER_RAM, write_deadline_ms=2**63
+    )
+    refused(client, pb, client.catalog.AllocatePayload, deadline, INVALID, "--write-deadline-ms")
+    pin = pb.tiering.PinRequest(id=kept, duration_ms=century)
+    refused(client, pb, client.catalog.Pin, pin, INVALID, "--max-duration-ms")
+
+
+def test_consumer_groups_and_stream_batches_are_bounded(pb, client, kept):
+    sid = pb.stream.StreamID(name="bounded")
+    client.streams.CreateStream(pb.stream.CreateStreamRequest(stream=sid), timeout=CALL_TIMEOUT)
+    group = pb.stream.CommitRequest(stream=sid, consumer_group="g" * 257, offset=0)
+    refused(client, pb, client.streams.Commit, group, INVALID, "--max-name-bytes")
+    items = [pb.stream.AppendItem(payload_id=kept)] * 10_001
+    append = pb.stream.AppendRequest(stream=sid, items=items)
+    refused(client, pb, client.streams.Append, append, INVALID, "--max-batch-items")
