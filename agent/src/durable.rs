@@ -17,11 +17,19 @@ pub fn fsync_parent(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Replaces `path` with `bytes` atomically and durably: a temp file, fsynced,
-/// renamed over `path`, then the directory fsynced. The file is 0600. Gives
-/// back the new file open for appending, opened before the rename, so a
-/// caller that keeps appending never holds the replaced file by mistake.
-pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<File> {
+/// A file put in place by [`replace_file`].
+pub struct Replaced {
+    /// The new file, open for appending (opened before the rename, so a
+    /// caller that keeps appending never holds the replaced file).
+    pub file: File,
+    /// Whether the rename itself is durable (the directory fsync); the new
+    /// file is in place either way.
+    pub dir_synced: io::Result<()>,
+}
+
+/// Replaces `path` with `bytes` atomically: a temp file, fsynced, renamed
+/// over `path`, then the directory fsynced. The file is 0600.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<Replaced> {
     let tmp = path.with_extension("tmp");
     let mut file = OpenOptions::new()
         .write(true)
@@ -35,12 +43,15 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<File> {
     drop(file);
     crate::failpoint!("mid-rewrite");
     fs::rename(&tmp, path)?;
-    if let Err(e) = fsync_parent(path) {
-        // The new file is in place for this process; only the rename's
-        // durability is in doubt, and the next rewrite tries again.
-        tracing::warn!(path = %path.display(), %e, "could not fsync the directory after a rename");
-    }
-    Ok(appender)
+    Ok(Replaced {
+        file: appender,
+        dir_synced: fsync_parent(path),
+    })
+}
+
+/// [`replace_file`] for files that must be durable before going on.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes)?.dir_synced
 }
 
 /// Opens `path` for appending, creating it 0600.

@@ -160,7 +160,12 @@ impl Journal {
         for lease in leases {
             encode(&mut buf, GRANT, lease);
         }
-        Ok((durable::replace_file(path, &buf)?, buf.len() as u64))
+        let replaced = durable::replace_file(path, &buf)?;
+        if let Err(e) = replaced.dir_synced {
+            // Leases need to survive SIGKILL only, which the rename does.
+            tracing::warn!(%e, "could not fsync the state dir after rewriting the lease journal");
+        }
+        Ok((replaced.file, buf.len() as u64))
     }
 
     pub fn grant(&self, leases: &[JournaledLease]) -> io::Result<()> {

@@ -102,7 +102,7 @@ impl StateDir {
     /// Records this boot, once start-up has checked what it must.
     pub fn record_boot(&self) -> anyhow::Result<()> {
         if let Some(boot) = current_boot() {
-            durable::replace_file(&self.join("boot-id"), boot.as_bytes()).context("recording the boot id")?;
+            durable::write_durably(&self.join("boot-id"), boot.as_bytes()).context("recording the boot id")?;
         }
         Ok(())
     }
@@ -127,7 +127,7 @@ fn node_id(dir: &Path) -> anyhow::Result<String> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let id = format!("{:016x}", uuid::Uuid::new_v4().as_u128() as u64);
-            durable::replace_file(&path, format!("{id}\n").as_bytes())
+            durable::write_durably(&path, format!("{id}\n").as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             Ok(id)
         }

@@ -32,8 +32,14 @@ const GATHER: Duration = Duration::from_millis(20);
 /// Rewrite the log with only pending writes once it is this large (small
 /// in unit tests, so that they reach it).
 const REWRITE_AT: u64 = if cfg!(test) { 4 << 10 } else { 16 << 20 };
-/// A catalog transaction that takes longer than this is abandoned and retried.
+/// A catalog transaction that takes longer than this is abandoned and its
+/// batch split; a single write gets twice as long at each retry, up to
+/// the last.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+const STATEMENT_TIMEOUT_MAX: Duration = Duration::from_secs(80);
+/// A batch that fails this many times running is split, in case its size
+/// is the trouble (a server-side statement or lock timeout, say).
+const SPLIT_AFTER: u32 = 3;
 /// Retry delays grow from the first to the last, with jitter.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -59,7 +65,6 @@ struct Log {
 #[derive(Default)]
 struct Health {
     failing_since: Option<Instant>,
-    last_error: String,
     rejected: u64,
 }
 
@@ -118,11 +123,9 @@ fn read_log(path: &Path) -> io::Result<Vec<Write>> {
     Ok(writes)
 }
 
-/// One transaction, abandoned after [`STATEMENT_TIMEOUT`] (`None`).
-async fn attempt(repo: &dyn Repository, writes: &[Write]) -> Option<Result<(), CatalogError>> {
-    tokio::time::timeout(STATEMENT_TIMEOUT, repo.write_batch(writes))
-        .await
-        .ok()
+/// One transaction, abandoned after `limit` (`None`).
+async fn attempt(repo: &dyn Repository, writes: &[Write], limit: Duration) -> Option<Result<(), CatalogError>> {
+    tokio::time::timeout(limit, repo.write_batch(writes)).await.ok()
 }
 
 fn transient(err: &CatalogError) -> bool {
@@ -165,29 +168,33 @@ async fn apply(
     patience: Patience,
 ) -> Result<(), CatalogError> {
     let mut backoff = Backoff::new();
+    let mut limit = STATEMENT_TIMEOUT;
+    let mut failures = 0;
     loop {
-        let result = match attempt(repo, writes).await {
-            None if writes.len() > 1 => {
-                let (first, rest) = writes.split_at(writes.len() / 2);
-                Box::pin(apply(repo, first, shared, patience)).await?;
-                return Box::pin(apply(repo, rest, shared, patience)).await;
-            }
-            None => Err(CatalogError::Storage(format!(
-                "the catalog did not finish a write within {STATEMENT_TIMEOUT:?}"
-            ))),
-            Some(result) => result,
-        };
+        let result = attempt(repo, writes, limit).await.unwrap_or_else(|| {
+            Err(CatalogError::Storage(format!(
+                "the catalog did not finish a write within {limit:?}"
+            )))
+        });
         match result {
             Ok(()) => return shared.healthy(),
             Err(err) if transient(&err) => {
                 shared.failing(&err);
+                failures += 1;
+                if writes.len() > 1 && (failures >= SPLIT_AFTER || err.to_string().contains("did not finish")) {
+                    let (first, rest) = writes.split_at(writes.len() / 2);
+                    Box::pin(apply(repo, first, shared, patience)).await?;
+                    return Box::pin(apply(repo, rest, shared, patience)).await;
+                }
                 if patience == Patience::Once {
                     return Err(err);
                 }
+                limit = (limit * 2).min(STATEMENT_TIMEOUT_MAX);
                 backoff.wait().await;
             }
             Err(err) if writes.len() == 1 => match shared.reject(&writes[0], &err) {
-                Ok(()) => return Ok(()),
+                // Set aside: the log moves on, so the catalog is taking writes.
+                Ok(()) => return shared.healthy(),
                 Err(full) if patience == Patience::Once => return Err(full),
                 // The state dir is full or read-only: keep the write until it is not.
                 Err(full) => {
@@ -225,10 +232,7 @@ impl Shared {
                     advanced
                 });
             }
-            Err(e) => {
-                tracing::error!(%e, "fsync of the catalog log failed; synced commits are refused until a restart");
-                *lock(&self.sync_failed) = Some(e.to_string());
-            }
+            Err(e) => self.poison(format!("fsync of the catalog log: {e}")),
         }
         *lock(&self.syncing) = false;
         // Wake every waiter, after the flag is down: one whose write is not
@@ -236,12 +240,19 @@ impl Shared {
         self.synced.send_modify(|_| {});
     }
 
+    /// Makes every later synced commit (and new payload) fail: an fsync on
+    /// this node failed, so no later fsync can vouch for what it covered.
+    fn poison(&self, why: String) {
+        tracing::error!(%why, "durability can no longer be promised; synced commits are refused until a restart");
+        *lock(&self.sync_failed) = Some(why);
+    }
+
     fn check_synced(&self) -> Result<(), AgentError> {
         match &*lock(&self.sync_failed) {
             None => Ok(()),
             Some(e) => Err(AgentError::Unavailable(format!(
-                "an fsync of the node's catalog log failed ({e}), so durability cannot be promised; check the \
-                 state dir's disk and restart the agent"
+                "an fsync on this node failed ({e}), so durability cannot be promised; check the disk and restart \
+                 the agent"
             ))),
         }
     }
@@ -259,8 +270,9 @@ impl Shared {
         if health.failing_since.is_none() {
             tracing::error!(%err, "catalog write failed; the write stays in catalog.log and is retried");
             health.failing_since = Some(Instant::now());
+        } else {
+            tracing::debug!(%err, "catalog write failed again");
         }
-        health.last_error = err.to_string();
     }
 
     /// Sets aside a write the catalog refuses for good: kept, with the
@@ -276,13 +288,15 @@ impl Shared {
             .map_err(|e| CatalogError::Storage(format!("setting aside a refused catalog write: {e}")))
     }
 
+    /// Why the catalog is not taking writes, for clients: how long and how
+    /// many writes wait (the catalog's own words go to the log only).
     fn outage(&self, pending: usize) -> Option<String> {
         let health = lock(&self.health);
         let since = health.failing_since?;
         Some(format!(
-            "the catalog has refused writes for {}s ({}); {pending} writes wait in catalog.log",
-            since.elapsed().as_secs(),
-            health.last_error
+            "the node's catalog has not taken writes for {}s (the agent's log says why); {pending} writes wait in \
+             catalog.log",
+            since.elapsed().as_secs()
         ))
     }
 }
@@ -387,10 +401,10 @@ impl Writer {
     pub async fn sync(&self, seq: u64) -> Result<(), AgentError> {
         let mut synced = self.shared.synced.subscribe();
         loop {
-            self.shared.check_synced()?;
             if *synced.borrow_and_update() > seq {
                 return Ok(());
             }
+            self.shared.check_synced()?;
             if !std::mem::replace(&mut *lock(&self.shared.syncing), true) {
                 tokio::spawn(self.shared.clone().sync_now());
             }
@@ -429,6 +443,11 @@ impl Writer {
         }
     }
 
+    /// Records a failed fsync of payload data: see `Shared::poison`.
+    pub fn poison(&self, why: String) {
+        self.shared.poison(why);
+    }
+
     /// Writes waiting for the catalog (for tests and stats).
     pub fn backlog(&self) -> usize {
         lock(&self.shared.log).pending.len()
@@ -442,15 +461,20 @@ impl Log {
             self.pending.pop_front();
         }
         if self.pending.is_empty() {
-            self.file.set_len(0)?;
-            self.len = 0;
+            // A log left long only replays writes the catalog already has.
+            match self.file.set_len(0) {
+                Ok(()) => self.len = 0,
+                Err(e) => tracing::warn!(%e, "could not empty the catalog log"),
+            }
         } else if self.len > REWRITE_AT {
             let mut bytes = Vec::new();
             for (_, framed) in &self.pending {
                 bytes.extend_from_slice(framed);
             }
-            self.file = durable::replace_file(&self.path, &bytes)?;
+            let replaced = durable::replace_file(&self.path, &bytes)?;
+            self.file = replaced.file;
             self.len = bytes.len() as u64;
+            replaced.dir_synced?;
         }
         Ok(())
     }
@@ -524,8 +548,11 @@ async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, s
                 return;
             }
             crate::failpoint!("writer-applied");
-            if let Err(e) = lock(&shared.log).applied(seq) {
-                tracing::warn!(%e, "could not trim the catalog log");
+            let trimmed = lock(&shared.log).applied(seq);
+            if let Err(e) = trimmed {
+                // A log rewrite that may not survive power loss: synced
+                // commits can no longer be promised.
+                shared.poison(format!("rewriting the catalog log: {e}"));
             }
         }
         for reply in flushes {

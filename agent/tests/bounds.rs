@@ -517,3 +517,39 @@ async fn a_call_stuck_on_the_catalog_ends_at_the_request_deadline() {
     assert!(caught_up, "the writer catches up once the catalog is unlocked");
     served.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocations_whose_callers_give_up_still_account_for_every_reserved_byte() {
+    let dirs = Dirs::new();
+    let cap = Capacity {
+        ram: 512 * MIB,
+        disk: 64 * MIB,
+    };
+    let served = Served::start(&dirs, NodeConfig::default(), &cap).await;
+    let (_, mut catalog, _) = served.client.raw();
+    for _ in 0..12 {
+        let mut request = tonic::Request::new(runtime::AllocatePayloadRequest {
+            size_bytes: 32 * MIB,
+            preferred_tier: PbTier::Ram as i32,
+            ..Default::default()
+        });
+        // Gone before the region is made, most of the time.
+        request.set_timeout(std::time::Duration::from_millis(1));
+        let _ = catalog.allocate_payload(request).await;
+    }
+    // Each allocation either did not happen or is a payload (reclaimed at
+    // its write deadline): nothing is reserved for a region nobody owns.
+    let mut settled = false;
+    for _ in 0..500 {
+        let stats = served.client.stats().await.unwrap();
+        let ram = stats.tiers.iter().find(|t| t.tier == PbTier::Ram as u32).unwrap();
+        let files = Dirs::files_in(dirs.ram.path()).len() as u64;
+        if ram.reserved_bytes == ram.bytes && files == ram.payloads {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(settled, "reserved capacity and regions match the payloads");
+    served.stop().await;
+}

@@ -51,24 +51,25 @@ impl From<sqlx::Error> for CatalogError {
     }
 }
 
-/// Whether a database error code means "try again later" (a lock, a lost
-/// connection, a full disk, a shutdown) rather than "this statement is bad".
-/// PostgreSQL codes are SQLSTATEs; SQLite codes are (extended) result codes.
+/// Whether a database error code means "try again later" rather than "this
+/// statement can never succeed". Only errors about the data itself are
+/// permanent; anything else (a lock, a lost connection, a full disk, a
+/// failover, a revoked grant, a rotated password) is an outage an operator
+/// can end, so the write waits for it. PostgreSQL codes are SQLSTATEs;
+/// SQLite codes are (extended) result codes.
 fn transient_code(code: Option<&str>) -> bool {
     let Some(code) = code else { return true };
     // A SQLSTATE is always five characters (and may be all digits, as
     // 53100 is); SQLite's extended result codes have at most four digits.
     if code.len() == 5 {
-        // Connection, resources, operator intervention, system errors,
-        // serialization failures, lock timeouts, internal errors.
-        return ["08", "53", "57", "58", "40", "55P03", "XX"]
-            .iter()
-            .any(|prefix| code.starts_with(prefix));
+        // Data exceptions, integrity violations, program limits (a row too
+        // large for an index).
+        return !["22", "23", "54"].iter().any(|class| code.starts_with(class));
     }
     match code.parse::<u32>() {
-        // BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL (the primary
-        // code is the low byte).
-        Ok(sqlite) => matches!(sqlite & 0xff, 5 | 6 | 7 | 10 | 13 | 14 | 15),
+        // TOOBIG, CONSTRAINT (a trigger's abort too), MISMATCH, RANGE
+        // (the primary code is the low byte).
+        Ok(sqlite) => !matches!(sqlite & 0xff, 18 | 19 | 20 | 25),
         Err(_) => true,
     }
 }
@@ -82,8 +83,11 @@ mod tests {
     #[test]
     fn outages_are_transient_and_bad_statements_are_not_on_both_backends() {
         // PostgreSQL: disk full, too many connections, connection failure,
-        // admin shutdown, serialization failure.
-        for code in ["53100", "53300", "08006", "57P01", "40001", "58030"] {
+        // admin shutdown, serialization failure, a failover to a read-only
+        // standby, a rotated password, a revoked grant, a statement timeout.
+        for code in [
+            "53100", "53300", "08006", "57P01", "40001", "58030", "25006", "28P01", "42501", "57014",
+        ] {
             assert!(transient_code(Some(code)), "{code}");
         }
         // PostgreSQL: a NUL byte, a row too large for an index, a check violation.

@@ -133,11 +133,11 @@ impl Node {
                 return Err(Grant::TooSlow(min));
             }
         }
-        if e.leases.len() >= e.prune_at {
+        let cap = self.cfg.limits.leases_per_payload;
+        if e.leases.len() >= e.prune_at.min(cap) {
             e.leases.retain(|_, exp| *exp > now);
             e.prune_at = (2 * e.leases.len()).max(64);
         }
-        let cap = self.cfg.limits.leases_per_payload;
         if e.leases.len() >= cap {
             return Err(Grant::Failed(AgentError::ResourceExhausted(format!(
                 "payload {id} has {cap} live leases, the limit (--max-leases-per-payload); release some first"

@@ -44,8 +44,17 @@ impl AllocateRequest {
 
 impl Node {
     /// Reserves capacity and creates the region; the caller writes, then
-    /// commits. Every step taken is undone if a later one fails.
+    /// commits. Every step taken is undone if a later one fails, and the
+    /// work runs as a task of its own: a caller that goes away (a client
+    /// deadline) cannot leave capacity reserved for a region nobody owns.
     pub async fn allocate(self: &Arc<Self>, req: AllocateRequest) -> Result<PayloadRecord, AgentError> {
+        let node = self.clone();
+        tokio::spawn(async move { node.allocate_now(req).await })
+            .await
+            .map_err(|e| crate::error::task_failed("allocating", e))?
+    }
+
+    async fn allocate_now(self: &Arc<Self>, req: AllocateRequest) -> Result<PayloadRecord, AgentError> {
         if req.size_bytes == 0 {
             return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
         }
@@ -108,7 +117,21 @@ impl Node {
     /// bytes are hashed now and must match; otherwise the digest is computed
     /// in the background. With `sync` the bytes, their name and the catalog
     /// record survive power loss before this returns.
+    /// Runs as a task of its own, so a client that goes away mid-commit
+    /// cannot cut it off between the log write and the fsync it asked for.
     pub async fn commit(
+        self: &Arc<Self>,
+        id: PayloadId,
+        expected: Option<[u8; 32]>,
+        sync: bool,
+    ) -> Result<PayloadRecord, AgentError> {
+        let node = self.clone();
+        tokio::spawn(async move { node.commit_now(id, expected, sync).await })
+            .await
+            .map_err(|e| crate::error::task_failed("committing", e))?
+    }
+
+    async fn commit_now(
         &self,
         id: PayloadId,
         expected: Option<[u8; 32]>,
@@ -165,9 +188,12 @@ impl Node {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
             if let Err(e) = synced {
                 // After a failed fsync the kernel may have dropped the pages,
-                // and a second fsync would say nothing about them: a retried
-                // commit must not succeed on these bytes.
-                let _ = self.abort(id).await;
+                // and a second fsync would say nothing about them: no later
+                // synced commit on this node can be promised.
+                self.writer.poison(format!("fsync of payload {id}: {e}"));
+                if let Err(err) = self.abort(id).await {
+                    tracing::warn!(%id, %err, "could not abort a payload whose fsync failed");
+                }
                 return Err(io_error(
                     "syncing the payload (the allocation is aborted: put the payload again)",
                     e,

@@ -15,6 +15,7 @@ use crate::journal::Journal;
 use crate::state::StateDir;
 use crate::store::{FileStore, Scan};
 use crate::writer::Writer;
+use anyhow::Context as _;
 
 /// Committed payloads waiting for the hashing thread, at most; past it a
 /// digest waits for the next start-up.
@@ -95,15 +96,18 @@ impl Node {
         };
         let mut report = Recovery::default();
         let rebooted = node.state.rebooted() == Some(true);
-        let scans = [node.ram.scan(), node.disk.scan()].map(|scan| {
-            scan.unwrap_or_else(|err| {
-                tracing::warn!(%err, "could not scan a tier's root for orphan regions");
-                Scan::default()
-            })
-        });
+        // An unreadable root is a tier that cannot work; a scan is also what
+        // tells a replaced node id apart from lost regions.
+        let scan = |store: &FileStore| {
+            store
+                .scan()
+                .with_context(|| format!("reading the {} root {}", store.tier().name(), store.root().display()))
+        };
+        let scans = [scan(&node.ram)?, scan(&node.disk)?];
         let foreign: HashSet<PayloadId> = scans.iter().flat_map(|s| s.foreign.iter().copied()).collect();
-        node.load(&mut report, rebooted, &foreign).await?;
-        node.remove_orphans(&mut report, scans, &rejected_ids(&node.state.join("catalog.rejected")));
+        let rejected = rejected_ids(&node.state.join("catalog.rejected"));
+        node.load(&mut report, rebooted, &foreign, &rejected).await?;
+        node.remove_orphans(&mut report, scans, &rejected);
         node.state.record_boot()?;
         node.ram.check_capacity()?;
         node.disk.check_capacity()?;
@@ -151,7 +155,15 @@ impl Node {
     /// whose region is missing while one of those has its uuid means the
     /// node id changed (a lost or replaced state dir): start-up stops
     /// rather than drop the row.
-    async fn load(&self, report: &mut Recovery, rebooted: bool, foreign: &HashSet<PayloadId>) -> anyhow::Result<()> {
+    /// `rejected`: payloads with a write in `catalog.rejected`, whose row
+    /// may be behind what the client was told: their regions are kept.
+    async fn load(
+        &self,
+        report: &mut Recovery,
+        rebooted: bool,
+        foreign: &HashSet<PayloadId>,
+        rejected: &HashSet<PayloadId>,
+    ) -> anyhow::Result<()> {
         let now = self.now_ms();
         for mut rec in self.repo.load_payloads().await? {
             let store = match self.store(rec.tier) {
@@ -164,6 +176,11 @@ impl Node {
             // This node's row proves an old-style name is this node's file.
             if store.region_len(rec.id).is_none() && store.adopt_legacy(rec.id) {
                 report.legacy_adopted += 1;
+            }
+            if !rec.state.is_readable() && rejected.contains(&rec.id) {
+                tracing::warn!(id = %rec.id, "kept a region whose catalog write was refused (see catalog.rejected)");
+                report.foreign_skipped += 1;
+                continue;
             }
             if !rec.state.is_readable() {
                 let _ = store.remove(rec.id);

@@ -108,19 +108,24 @@ async fn a_locked_catalog_keeps_writes_in_the_log_until_it_takes_them() {
     let dir = tempfile::tempdir().unwrap();
     let repo = sqlite(dir.path()).await;
     let log_path = dir.path().join("catalog.log");
-    let writer = Writer::open(repo.clone(), &log_path, 2).await.unwrap();
+    let writer = Writer::open(repo.clone(), &log_path, 3).await.unwrap();
     let mut locker = hold_write_lock(&dir.path().join("c.db")).await;
 
     let ids: Vec<_> = (0..2).map(|_| PayloadId::random()).collect();
     for id in &ids {
         writer.write(Write::Insert(record(*id, PayloadState::Active))).unwrap();
     }
+    // Refused for good once the catalog is back: set aside last.
+    let ghost = PayloadId::random();
+    writer
+        .write(Write::Update(record(ghost, PayloadState::Active)))
+        .unwrap();
     while lock(&writer.shared.health).failing_since.is_none() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
         writer.backlog(),
-        2,
+        3,
         "nothing leaves the log while the catalog is locked"
     );
     assert!(std::fs::metadata(&log_path).unwrap().len() > 0);
@@ -132,7 +137,7 @@ async fn a_locked_catalog_keeps_writes_in_the_log_until_it_takes_them() {
 
     // A restart now (a second writer on the same log) refuses to start and keeps the log.
     let before = std::fs::read(&log_path).unwrap();
-    let err = Writer::open(repo.clone(), &log_path, 2).await.err().expect("refused");
+    let err = Writer::open(repo.clone(), &log_path, 3).await.err().expect("refused");
     assert!(err.to_string().contains("they are kept there"), "{err}");
     assert_eq!(std::fs::read(&log_path).unwrap(), before);
 
@@ -144,6 +149,10 @@ async fn a_locked_catalog_keeps_writes_in_the_log_until_it_takes_them() {
         assert!(repo.get_payload(*id).await.unwrap().is_some(), "{id} landed");
     }
     assert_eq!(writer.backlog(), 0);
+    // The last thing the writer did was set a write aside: it is healthy.
+    writer.flush().await.unwrap();
+    let rejected = std::fs::read_to_string(dir.path().join("catalog.rejected")).unwrap();
+    assert!(rejected.contains(&ghost.to_string()), "{rejected}");
     writer.admit().unwrap();
 }
 
