@@ -89,7 +89,8 @@ pub struct Limits {
     )]
     pub subscribers_per_stream: usize,
     /// A call that takes longer is answered DEADLINE_EXCEEDED (milliseconds;
-    /// not Subscribe, blocking promotions and spills, nor lease waits).
+    /// not Subscribe, blocking Promote and Spill, AcquireReadLease, Allocate
+    /// and Commit, whose length is their own work).
     #[arg(long = "request-timeout-ms", env = "PM_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
     pub request_timeout_ms: u64,
 }
