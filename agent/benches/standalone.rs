@@ -371,7 +371,7 @@ async fn at_scale(report: &mut Vec<String>, n: usize) {
     kill(&mut empty);
 
     let start = Instant::now();
-    let mut child = spawn(state.path(), ram.path(), "64GiB", &[]);
+    let mut child = spawn(state.path(), ram.path(), "8GiB", &[]);
     let client = connect(&state.path().join("agent.sock")).await;
     let startup_s = start.elapsed().as_secs_f64();
     let loaded_rss = rss_kib(child.id());

@@ -10,16 +10,6 @@ use payload_agent::node::{AllocateRequest, MoveOutcome, Node, NodeConfig};
 use payload_catalog::{PayloadId, Tier};
 use std::sync::Arc;
 
-async fn put(node: &Arc<Node>, tier: Tier, bytes: &[u8]) -> PayloadId {
-    let rec = node
-        .allocate(AllocateRequest::new(bytes.len() as u64, tier))
-        .await
-        .unwrap();
-    std::fs::write(node.store(tier).unwrap().path(rec.id), bytes).unwrap();
-    node.commit(rec.id, None, false).await.unwrap();
-    rec.id
-}
-
 fn cfg() -> NodeConfig {
     NodeConfig {
         lease_default_ms: 1_000,
@@ -32,7 +22,7 @@ fn cfg() -> NodeConfig {
 async fn a_live_lease_blocks_spill_and_an_expired_one_lets_it_move() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let id = put(&node, Tier::Ram, &pattern(8192, 1)).await;
+    let id = put_on(&node, Tier::Ram, &pattern(8192, 1)).await;
     let grant = node.acquire(id, None, true, 0).await.unwrap();
     assert!(
         grant.expires_ms - node.now_ms() <= 1_000,
@@ -49,7 +39,7 @@ async fn a_live_lease_blocks_spill_and_an_expired_one_lets_it_move() {
 async fn lease_duration_is_capped_at_the_maximum() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let id = put(&node, Tier::Ram, b"capped").await;
+    let id = put_on(&node, Tier::Ram, b"capped").await;
     let now = node.now_ms();
     let grant = node.acquire(id, None, true, 3_600_000).await.unwrap();
     assert!(grant.expires_ms <= now + 5_000 + 50, "capped at lease_max_ms");
@@ -59,7 +49,7 @@ async fn lease_duration_is_capped_at_the_maximum() {
 async fn renew_extends_a_lease_past_its_first_expiry() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let id = put(&node, Tier::Ram, b"renew me").await;
+    let id = put_on(&node, Tier::Ram, b"renew me").await;
     let grant = node.acquire(id, None, true, 0).await.unwrap();
     node.clock().advance(800);
     node.renew(grant.lease, 2_000).unwrap();
@@ -80,7 +70,7 @@ async fn renew_extends_a_lease_past_its_first_expiry() {
 async fn force_delete_revokes_leases_and_renew_says_so() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let id = put(&node, Tier::Ram, b"doomed").await;
+    let id = put_on(&node, Tier::Ram, b"doomed").await;
     let grant = node.acquire(id, None, true, 0).await.unwrap();
     let err = node.delete(id, false).await.unwrap_err();
     assert!(matches!(err, AgentError::Conflict(_)), "{err:?}");
@@ -103,11 +93,11 @@ async fn leased_payloads_stay_put_under_spill_pressure() {
         disk: 64 * MIB,
     };
     let (node, _) = open_node(&dirs, cfg(), &cap).await;
-    let leased = put(&node, Tier::Ram, &pattern(MIB as usize, 9)).await;
+    let leased = put_on(&node, Tier::Ram, &pattern(MIB as usize, 9)).await;
     let grant = node.acquire(leased, None, true, 5_000).await.unwrap();
     // Fill RAM well past the high watermark: the spiller must skip the leased one.
     for i in 0..12 {
-        put(&node, Tier::Ram, &pattern(MIB as usize, i)).await;
+        put_on(&node, Tier::Ram, &pattern(MIB as usize, i)).await;
     }
     node.spill_to_low_watermark().await;
     let (rec, leases) = node.get(leased).unwrap();
@@ -126,7 +116,7 @@ async fn live_leases_survive_a_restart_and_expired_ones_do_not() {
     let (long_lease, short_lease, id);
     {
         let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-        id = put(&node, Tier::Ram, b"survivor").await;
+        id = put_on(&node, Tier::Ram, b"survivor").await;
         long_lease = node.acquire(id, None, true, 5_000).await.unwrap().lease;
         short_lease = node.acquire(id, None, true, 100).await.unwrap().lease;
         node.flush().await.unwrap();
@@ -148,9 +138,9 @@ async fn live_leases_survive_a_restart_and_expired_ones_do_not() {
 async fn batch_acquire_answers_each_item_in_order() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let a = put(&node, Tier::Ram, b"a").await;
+    let a = put_on(&node, Tier::Ram, b"a").await;
     let uncommitted = node.allocate(AllocateRequest::new(1, Tier::Ram)).await.unwrap().id;
-    let b = put(&node, Tier::Disk, b"b").await;
+    let b = put_on(&node, Tier::Disk, b"b").await;
     let results = node.acquire_many(&[
         (a, None, 0),
         (uncommitted, None, 0),
@@ -177,7 +167,7 @@ async fn batch_acquire_answers_each_item_in_order() {
 async fn blocking_lease_promotes_and_best_effort_fails_fast() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let id = put(&node, Tier::Disk, &pattern(4096, 5)).await;
+    let id = put_on(&node, Tier::Disk, &pattern(4096, 5)).await;
     let err = node.acquire(id, Some(Tier::Ram), false, 0).await.unwrap_err();
     assert!(matches!(err, AgentError::InvalidState(_)), "{err:?}");
     let grant = node.acquire(id, Some(Tier::Ram), true, 0).await.unwrap();
@@ -190,7 +180,7 @@ async fn blocking_lease_promotes_and_best_effort_fails_fast() {
 async fn a_timed_pin_blocks_spill_until_it_lapses() {
     let dirs = Dirs::new();
     let (node, _) = open_node(&dirs, cfg(), &Capacity::default()).await;
-    let id = put(&node, Tier::Ram, b"pinned").await;
+    let id = put_on(&node, Tier::Ram, b"pinned").await;
     node.pin(id, 1_000).await.unwrap();
     let err = node.relocate(id, Tier::Disk, false, false).await.unwrap_err();
     assert!(

@@ -11,16 +11,6 @@ use common::*;
 use payload_agent::node::{AllocateRequest, Node, NodeConfig};
 use payload_catalog::{PayloadId, PayloadState, Tier};
 
-async fn put(node: &Arc<Node>, tier: Tier, bytes: &[u8]) -> PayloadId {
-    let rec = node
-        .allocate(AllocateRequest::new(bytes.len() as u64, tier))
-        .await
-        .unwrap();
-    std::fs::write(node.store(tier).unwrap().path(rec.id), bytes).unwrap();
-    node.commit(rec.id, None, false).await.unwrap();
-    rec.id
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_racing_deletes_on_small_tiers_leak_nothing_and_end_settled() {
     let dirs = Dirs::new();
@@ -37,7 +27,7 @@ async fn moves_racing_deletes_on_small_tiers_leak_nothing_and_end_settled() {
     let (node, _) = open_node(&dirs, cfg, &cap).await;
     let mut ids = Vec::new();
     for i in 0..12u8 {
-        ids.push(put(&node, Tier::Ram, &pattern(MIB as usize, i)).await);
+        ids.push(put_on(&node, Tier::Ram, &pattern(MIB as usize, i)).await);
     }
     let mut tasks = Vec::new();
     for round in 0..4 {

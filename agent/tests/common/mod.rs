@@ -143,3 +143,14 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
+
+/// Allocates, writes and commits `bytes` on a node, in process.
+pub async fn put_on(node: &Arc<Node>, tier: payload_catalog::Tier, bytes: &[u8]) -> payload_catalog::PayloadId {
+    let rec = node
+        .allocate(payload_agent::node::AllocateRequest::new(bytes.len() as u64, tier))
+        .await
+        .unwrap();
+    std::fs::write(node.store(tier).unwrap().path(rec.id), bytes).unwrap();
+    node.commit(rec.id, None, false).await.unwrap();
+    rec.id
+}
