@@ -6,9 +6,8 @@ mod common;
 
 use common::*;
 use payload_agent::error::AgentError;
-use payload_agent::node::{AllocateRequest, MoveOutcome, Node, NodeConfig};
+use payload_agent::node::{AllocateRequest, MoveOutcome, NodeConfig};
 use payload_catalog::{PayloadId, Tier};
-use std::sync::Arc;
 
 fn cfg() -> NodeConfig {
     NodeConfig {

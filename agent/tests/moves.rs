@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
-use payload_agent::node::{AllocateRequest, Node, NodeConfig};
-use payload_catalog::{PayloadId, PayloadState, Tier};
+use payload_agent::node::NodeConfig;
+use payload_catalog::{PayloadState, Tier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_racing_deletes_on_small_tiers_leak_nothing_and_end_settled() {
