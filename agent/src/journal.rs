@@ -8,8 +8,9 @@
 //! start-up and whenever it grows far beyond the live set.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -196,20 +197,48 @@ impl Journal {
     }
 
     /// Rewrites the file with only `live` if it has grown well past it.
-    /// `live` must be read while no grant is in flight, so callers pass a
-    /// closure evaluated under the journal lock. Blocking: call it off the
-    /// async workers.
+    /// The live set is read and the new file written and fsynced without
+    /// the journal lock, so grants go on meanwhile: every change reaches the
+    /// lease table before the journal, so whatever was appended after the
+    /// point the compaction started from is copied over at the swap, and
+    /// nothing is missed. Blocking; one compaction at a time (the sweeper's).
     pub fn maybe_compact(&self, live: impl FnOnce() -> Vec<JournaledLease>) -> io::Result<()> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.records < COMPACT_SLACK.max(2 * inner.live) {
-            return Ok(());
-        }
+        let from = {
+            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if inner.records < COMPACT_SLACK.max(2 * inner.live) {
+                return Ok(());
+            }
+            inner.len
+        };
         let leases = live();
+        let mut buf = Vec::with_capacity(MAGIC.len() + leases.len() * RECORD);
+        buf.extend_from_slice(MAGIC);
+        for lease in &leases {
+            encode(&mut buf, GRANT, lease);
+        }
+        let tmp = self.path.with_extension("compact");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&buf)?;
+        file.sync_data()?;
         crate::failpoint!("mid-compaction");
-        let (file, len) = Self::rewrite(&self.path, &leases)?;
-        inner.file = file;
-        inner.len = len;
-        inner.records = leases.len() as u64;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tail = vec![0; (inner.len - from) as usize];
+        File::open(&self.path)?.read_exact_at(&mut tail, from)?;
+        file.write_all(&tail)?;
+        file.sync_data()?;
+        let appender = OpenOptions::new().append(true).open(&tmp)?;
+        fs::rename(&tmp, &self.path)?;
+        if let Err(e) = durable::fsync_parent(&self.path) {
+            tracing::warn!(%e, "could not fsync the state dir after compacting the lease journal");
+        }
+        inner.file = appender;
+        inner.len = (buf.len() + tail.len()) as u64;
+        inner.records = (leases.len() + tail.len() / RECORD) as u64;
         inner.live = leases.len() as u64;
         Ok(())
     }
@@ -218,7 +247,6 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::OpenOptions;
 
     fn lease(expires_ms: u64) -> JournaledLease {
         JournaledLease {
@@ -300,5 +328,33 @@ mod tests {
     #[test]
     fn crc32_matches_the_ieee_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn a_compaction_keeps_what_was_appended_while_it_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases.journal");
+        let (journal, _) = Journal::open(&path).unwrap();
+        let kept = lease(10);
+        journal.grant(&[kept]).unwrap();
+        let churn: Vec<_> = (0..COMPACT_SLACK).map(|_| lease(1)).collect();
+        journal.grant(&churn).unwrap();
+        journal.release(&churn).unwrap();
+        let during = lease(20);
+        journal
+            .maybe_compact(|| {
+                // A grant lands while the live set is read.
+                journal.grant(&[during]).unwrap();
+                vec![kept]
+            })
+            .unwrap();
+        assert!(
+            std::fs::metadata(&path).unwrap().len() < 10 * RECORD as u64,
+            "compacted"
+        );
+        drop(journal);
+        let (_journal, mut live) = Journal::open(&path).unwrap();
+        live.sort_by_key(|l| l.expires_ms);
+        assert_eq!(live, vec![kept, during]);
     }
 }

@@ -232,7 +232,7 @@ impl Node {
             self.writer.sync(seq).await?;
         }
         if digest.is_none() {
-            self.spawn_digest(id);
+            self.queue_digest(id).await;
         }
         Ok(rec)
     }
@@ -263,13 +263,11 @@ impl Node {
             .map_err(|e| io_error("hashing the payload", e))
     }
 
-    /// Queues the digest for the hashing thread, off the request path. A
-    /// full queue leaves it for the next start-up, which hashes every
-    /// payload without a digest.
-    pub(crate) fn spawn_digest(&self, id: PayloadId) {
-        if let Err(std::sync::mpsc::TrySendError::Full(_)) = self.digests.try_send(id) {
-            tracing::debug!(%id, "the digest queue is full; the digest waits for the next start");
-        }
+    /// Queues the digest for the hashing thread, off the request path; a
+    /// full queue makes the commit wait for room.
+    pub(crate) async fn queue_digest(&self, id: PayloadId) {
+        // Closed only when the node is going away.
+        let _ = self.digests.send(id).await;
     }
 
     /// Hashes a committed payload and records its digest (hashing thread).

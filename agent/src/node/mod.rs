@@ -169,7 +169,7 @@ pub struct Node {
     /// Bounds hashing on the request path (verified commits) to one core.
     pub(crate) hashing: tokio::sync::Semaphore,
     /// Committed payloads waiting for the hashing thread (bounded).
-    pub(crate) digests: std::sync::mpsc::SyncSender<PayloadId>,
+    pub(crate) digests: tokio::sync::mpsc::Sender<PayloadId>,
 }
 
 impl Node {

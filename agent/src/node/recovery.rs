@@ -17,8 +17,8 @@ use crate::store::{FileStore, Scan};
 use crate::writer::Writer;
 use anyhow::Context as _;
 
-/// Committed payloads waiting for the hashing thread, at most; past it a
-/// digest waits for the next start-up.
+/// Committed payloads waiting for the hashing thread, at most; past it
+/// commits wait for room (backpressure).
 const DIGEST_QUEUE: usize = 65_536;
 
 /// Payload ids named by the writes in `catalog.rejected` (one JSON object a line).
@@ -79,7 +79,7 @@ impl Node {
         let journal_path = state.join("leases.journal");
         let (journal, journaled) = Journal::open(&journal_path)
             .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
-        let (digests, pending_digests) = std::sync::mpsc::sync_channel(DIGEST_QUEUE);
+        let (digests, mut pending_digests) = tokio::sync::mpsc::channel(DIGEST_QUEUE);
         let node = Node {
             cfg,
             state,
@@ -133,19 +133,27 @@ impl Node {
             .name("payload-digest".into())
             .spawn(move || {
                 // Ends when the node is gone.
-                while let Ok(id) = pending_digests.recv() {
+                while let Some(id) = pending_digests.blocking_recv() {
                     match weak.upgrade() {
                         Some(node) => node.record_digest(id),
                         None => return,
                     }
                 }
             })?;
-        // Digests a crash interrupted are computed again.
+        // Digests a crash interrupted are computed again, fed as the
+        // hashing thread takes them (the queue is bounded).
+        let mut missing = Vec::new();
         node.payloads.for_each(|id, e| {
             if lock(e).rec.sha256.is_none() {
-                node.spawn_digest(*id);
+                missing.push(*id);
             }
         });
+        if !missing.is_empty() {
+            let queue = node.digests.clone();
+            std::thread::Builder::new()
+                .name("payload-digest-feed".into())
+                .spawn(move || missing.into_iter().try_for_each(|id| queue.blocking_send(id)))?;
+        }
         Ok((node, report))
     }
 
