@@ -40,14 +40,13 @@ pub struct FileStore {
 /// What a scan of a tier's root found.
 #[derive(Debug, Default)]
 pub struct Scan {
-    /// Regions this node created.
+    /// Regions with this node's names (whose owner is checked before one
+    /// is used or removed: see [`FileStore::owns`]).
     pub ours: Vec<PayloadId>,
     /// Regions in the pre-node-id naming: maybe ours, maybe another agent's.
     pub legacy: Vec<PayloadId>,
     /// Payload regions of other nodes (by their uuid), left alone.
     pub foreign: Vec<PayloadId>,
-    /// Files with this node's names that another user owns: never ours.
-    pub not_owned: usize,
 }
 
 impl FileStore {
@@ -200,6 +199,12 @@ impl FileStore {
         }
     }
 
+    /// Whether the region exists and this user owns it: a file of this
+    /// node's name made by someone else is never taken for ours.
+    pub fn owns(&self, id: PayloadId) -> bool {
+        fs::metadata(self.path(id)).is_ok_and(|m| m.uid() == euid())
+    }
+
     /// The size of the region, if it exists and this user owns it (a file
     /// of that name made by someone else is never taken for ours).
     pub fn region_len(&self, id: PayloadId) -> Option<u64> {
@@ -240,10 +245,7 @@ impl FileStore {
                 continue;
             };
             if let Some(id) = body.strip_prefix(&self.prefix).and_then(|u| PayloadId::parse(u).ok()) {
-                match entry.metadata() {
-                    Ok(meta) if meta.uid() == euid() => scan.ours.push(id),
-                    _ => scan.not_owned += 1,
-                }
+                scan.ours.push(id);
             } else if let Some(rest) = body.strip_prefix(&self.legacy_prefix) {
                 if let Ok(id) = PayloadId::parse(rest) {
                     scan.legacy.push(id);

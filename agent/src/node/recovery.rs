@@ -181,9 +181,11 @@ impl Node {
                     continue;
                 }
             };
+            let mut len = store.region_len(rec.id);
             // This node's row proves an old-style name is this node's file.
-            if store.region_len(rec.id).is_none() && store.adopt_legacy(rec.id) {
+            if len.is_none() && store.adopt_legacy(rec.id) {
                 report.legacy_adopted += 1;
+                len = store.region_len(rec.id);
             }
             if !rec.state.is_readable() && rejected.contains(&rec.id) {
                 tracing::warn!(id = %rec.id, "kept a region whose catalog write was refused (see catalog.rejected)");
@@ -191,12 +193,14 @@ impl Node {
                 continue;
             }
             if !rec.state.is_readable() {
-                let _ = store.remove(rec.id);
+                if len.is_some() {
+                    let _ = store.remove(rec.id);
+                }
                 self.writer.write(Write::Delete(rec.id))?;
                 report.dropped_allocations += 1;
                 continue;
             }
-            if store.region_len(rec.id).is_none() && foreign.contains(&rec.id) {
+            if len.is_none() && foreign.contains(&rec.id) {
                 anyhow::bail!(
                     "payload {} of this node's catalog has its region under another node id in {} (node-id here: {}): \
                      was {} replaced or lost? Restore it, or move the files aside, before starting again",
@@ -206,7 +210,7 @@ impl Node {
                     self.state.join("node-id").display()
                 );
             }
-            if store.region_len(rec.id) != Some(rec.size_bytes) {
+            if len != Some(rec.size_bytes) {
                 tracing::error!(id = %rec.id, tier = rec.tier.name(), "committed payload has no intact region; dropping its row");
                 self.writer.write(Write::Delete(rec.id))?;
                 report.lost += 1;
@@ -261,12 +265,18 @@ impl Node {
                     owned.insert(*id);
                 }
             });
-            // (Regions load dropped are gone already.)
+            // (Regions load dropped are gone already; another user's file
+            // with this node's name is not ours to remove.)
+            let mut not_owned = 0;
             let orphans = scan
                 .ours
                 .into_iter()
                 .filter(|id| !owned.contains(id) && store.path(*id).exists());
             for id in orphans {
+                if !store.owns(id) {
+                    not_owned += 1;
+                    continue;
+                }
                 if rejected.contains(&id) {
                     report.foreign_skipped += 1;
                     tracing::warn!(%id, "kept a region whose catalog write was refused (see catalog.rejected)");
@@ -277,7 +287,7 @@ impl Node {
                     Err(err) => tracing::warn!(%id, %err, "could not remove an orphan region"),
                 }
             }
-            let skipped = scan.foreign.len() + scan.legacy.len() + scan.not_owned;
+            let skipped = scan.foreign.len() + scan.legacy.len() + not_owned;
             if skipped > 0 {
                 tracing::info!(
                     root = %store.root().display(),
