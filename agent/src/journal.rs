@@ -227,19 +227,24 @@ impl Journal {
         file.sync_data()?;
         crate::failpoint!("mid-compaction");
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tail = vec![0; (inner.len - from) as usize];
-        File::open(&self.path)?.read_exact_at(&mut tail, from)?;
+        // Everything appended since, to the end of the file (a torn record
+        // there is skipped by its checksum when read). No fsync under the
+        // lock: leases need to survive SIGKILL only.
+        let current = File::open(&self.path)?;
+        let end = current.metadata()?.len().max(from);
+        let mut tail = vec![0; (end - from) as usize];
+        current.read_exact_at(&mut tail, from)?;
         file.write_all(&tail)?;
-        file.sync_data()?;
         let appender = OpenOptions::new().append(true).open(&tmp)?;
         fs::rename(&tmp, &self.path)?;
-        if let Err(e) = durable::fsync_parent(&self.path) {
-            tracing::warn!(%e, "could not fsync the state dir after compacting the lease journal");
-        }
         inner.file = appender;
         inner.len = (buf.len() + tail.len()) as u64;
         inner.records = (leases.len() + tail.len() / RECORD) as u64;
         inner.live = leases.len() as u64;
+        drop(inner);
+        if let Err(e) = durable::fsync_parent(&self.path) {
+            tracing::warn!(%e, "could not fsync the state dir after compacting the lease journal");
+        }
         Ok(())
     }
 }
@@ -340,12 +345,15 @@ mod tests {
         let churn: Vec<_> = (0..COMPACT_SLACK).map(|_| lease(1)).collect();
         journal.grant(&churn).unwrap();
         journal.release(&churn).unwrap();
-        let during = lease(20);
+        let (during, gone) = (lease(20), lease(30));
+        journal.grant(&[gone]).unwrap();
         journal
             .maybe_compact(|| {
-                // A grant lands while the live set is read.
+                // A grant and a release land while the live set is read
+                // (which already missed the release).
                 journal.grant(&[during]).unwrap();
-                vec![kept]
+                journal.release(&[gone]).unwrap();
+                vec![kept, gone]
             })
             .unwrap();
         assert!(

@@ -240,8 +240,9 @@ impl Shared {
         self.synced.send_modify(|_| {});
     }
 
-    /// Makes every later synced commit (and new payload) fail: an fsync on
-    /// this node failed, so no later fsync can vouch for what it covered.
+    /// Makes every later synced commit fail: an fsync on this node failed,
+    /// so no later fsync can vouch for what it covered. Commits that do not
+    /// ask for power-loss safety go on.
     fn poison(&self, why: String) {
         tracing::error!(%why, "durability can no longer be promised; synced commits are refused until a restart");
         *lock(&self.sync_failed) = Some(why);
@@ -356,7 +357,6 @@ impl Writer {
     /// log would grow without bound, and a client would be told "stored"
     /// for a write the node may not be able to keep.
     pub fn admit(&self) -> Result<(), AgentError> {
-        self.shared.check_synced()?;
         let pending = lock(&self.shared.log).pending.len();
         if pending < self.shared.max_backlog {
             return Ok(());
@@ -471,10 +471,16 @@ impl Log {
             for (_, framed) in &self.pending {
                 bytes.extend_from_slice(framed);
             }
-            let replaced = durable::replace_file(&self.path, &bytes)?;
-            self.file = replaced.file;
-            self.len = bytes.len() as u64;
-            replaced.dir_synced?;
+            match durable::replace_file(&self.path, &bytes) {
+                // Before the rename: the old log is whole, try again at the next trim.
+                Err(e) => tracing::warn!(%e, "could not rewrite the catalog log; it stays as it is"),
+                Ok(replaced) => {
+                    self.file = replaced.file;
+                    self.len = bytes.len() as u64;
+                    // The new log may not survive power loss under its name.
+                    replaced.dir_synced?;
+                }
+            }
         }
         Ok(())
     }

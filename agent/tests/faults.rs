@@ -119,8 +119,8 @@ async fn abort_before_free() {
     abort_at("before-free").await;
 }
 
-/// The lease journal is rewritten at start-up (and when compacted): an
-/// abort between writing the new file and renaming it keeps every lease.
+/// The lease journal is rewritten at start-up: an abort between writing
+/// the new file and renaming it keeps every lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_mid_journal_rewrite() {
     let dirs = Dirs::new();
@@ -147,6 +147,73 @@ async fn abort_mid_journal_rewrite() {
     assert!(
         matches!(err, ClientError::Aborted(_)),
         "lease {lease} still holds: {err:?}"
+    );
+    agent.kill9();
+}
+
+/// The journal is compacted by the sweeper once it holds 100,000 records
+/// more than are live: an abort mid-compaction keeps every live lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_mid_compaction() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start_env(&dirs, &[], &[("PM_FAILPOINT", "mid-compaction")])
+        .await
+        .unwrap_or_else(|log| panic!("agent did not start: {log}"));
+    let kept = put(&client, &pattern(4096, 1), Tier::Ram).await.unwrap();
+    let held = client
+        .get_with(
+            kept.0,
+            LeaseOptions {
+                duration_ms: 60_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .detach();
+    let churn = put(&client, &pattern(4096, 2), Tier::Ram).await.unwrap();
+    let (mut data, _, _) = client.raw();
+    let item = payload_proto::runtime::AcquireReadLeaseRequest {
+        id: Some(payload_proto::core::PayloadId {
+            value: churn.0.as_bytes().to_vec(),
+        }),
+        ..Default::default()
+    };
+    // 60,000 grants and as many releases: the next sweep compacts.
+    for _ in 0..6 {
+        let granted = data
+            .batch_acquire_read_lease(payload_proto::runtime::BatchAcquireReadLeaseRequest {
+                requests: vec![item.clone(); 10_000],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let lease_ids = granted
+            .results
+            .into_iter()
+            .filter_map(|r| r.lease.and_then(|l| l.lease_id))
+            .collect();
+        data.batch_release_lease(payload_proto::runtime::BatchReleaseLeaseRequest { lease_ids })
+            .await
+            .unwrap();
+    }
+    drop((data, client));
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the sweeper never compacted: {status:?}"
+    );
+    assert!(
+        dirs.read_log().contains("failpoint mid-compaction"),
+        "{}",
+        dirs.read_log()
+    );
+    let (agent, client) = Agent::start(&dirs).await;
+    assert_served(&client, &[kept.clone(), churn]).await;
+    let err = client.delete(kept.0, false).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Aborted(_)),
+        "lease {held} still holds: {err:?}"
     );
     agent.kill9();
 }

@@ -193,3 +193,23 @@ async fn a_timed_pin_blocks_spill_until_it_lapses() {
     ));
     node.unpin(PayloadId::random()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_payload_at_its_lease_cap_refuses_more_until_one_is_released() {
+    let dirs = Dirs::new();
+    let mut config = cfg();
+    config.limits.leases_per_payload = 3;
+    let (node, _) = open_node(&dirs, config, &Capacity::default()).await;
+    let id = put_on(&node, Tier::Ram, b"popular").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(node.acquire(id, None, true, 0).await.unwrap().lease);
+    }
+    let err = node.acquire(id, None, true, 0).await.unwrap_err();
+    assert!(
+        matches!(err, AgentError::ResourceExhausted(ref m) if m.contains("--max-leases-per-payload")),
+        "{err:?}"
+    );
+    node.release(held.pop().unwrap());
+    node.acquire(id, None, true, 0).await.unwrap();
+}

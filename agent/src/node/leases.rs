@@ -134,9 +134,13 @@ impl Node {
             }
         }
         let cap = self.cfg.limits.leases_per_payload;
-        if e.leases.len() >= e.prune_at.min(cap) {
+        // At the cap, prune at most every PRUNE_AT_CAP_MS: a client that
+        // keeps asking must not buy a scan of every lease with each attempt.
+        let at_cap = e.leases.len() >= cap && now >= e.pruned_ms.saturating_add(PRUNE_AT_CAP_MS);
+        if e.leases.len() >= e.prune_at || at_cap {
             e.leases.retain(|_, exp| *exp > now);
             e.prune_at = (2 * e.leases.len()).max(64);
+            e.pruned_ms = now;
         }
         if e.leases.len() >= cap {
             return Err(Grant::Failed(AgentError::ResourceExhausted(format!(
@@ -306,6 +310,9 @@ impl Node {
         count
     }
 }
+
+/// How often a payload at its lease cap may be pruned.
+const PRUNE_AT_CAP_MS: u64 = 100;
 
 enum Grant {
     TooSlow(Tier),

@@ -228,11 +228,12 @@ impl Node {
             (rec, seq)
         };
         crate::failpoint!("after-commit-log");
-        if sync {
-            self.writer.sync(seq).await?;
-        }
+        // Queued first: the payload is committed whether or not the sync holds.
         if digest.is_none() {
             self.queue_digest(id).await;
+        }
+        if sync {
+            self.writer.sync(seq).await?;
         }
         Ok(rec)
     }

@@ -76,6 +76,8 @@ pub(crate) struct Entry {
     /// Expired leases are dropped from `leases` once it grows to this size
     /// (then twice what is live), so granting stays O(1) amortised.
     pub prune_at: usize,
+    /// When `leases` was last pruned (unix ms).
+    pub pruned_ms: u64,
     /// A move between tiers is under way.
     pub moving: bool,
     /// Set when the payload was deleted while a move was under way.
@@ -89,6 +91,7 @@ impl Entry {
             rec,
             leases: HashMap::new(),
             prune_at: 64,
+            pruned_ms: 0,
             moving: false,
             gone: false,
             last_access_ms: now_ms,

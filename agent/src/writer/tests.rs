@@ -244,3 +244,28 @@ async fn a_synced_commit_that_is_cancelled_does_not_wedge_the_next() {
         "the second synced write hung or failed: {synced:?}"
     );
 }
+
+#[tokio::test]
+async fn the_writer_is_healthy_again_once_it_has_set_a_refused_write_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = sqlite(dir.path()).await;
+    let writer = Writer::open(repo, &dir.path().join("catalog.log"), 10).await.unwrap();
+    let mut locker = hold_write_lock(&dir.path().join("c.db")).await;
+    // Only a write the catalog will refuse is pending: first it fails as an
+    // outage (locked), then for good (no such row).
+    writer
+        .write(Write::Update(record(PayloadId::random(), PayloadState::Active)))
+        .unwrap();
+    while lock(&writer.shared.health).failing_since.is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    for _ in 0..1_000 {
+        if writer.backlog() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(writer.backlog(), 0, "the refused write was set aside");
+    writer.flush().await.expect("readers are served again");
+}
