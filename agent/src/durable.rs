@@ -31,12 +31,7 @@ pub struct Replaced {
 /// over `path`, then the directory fsynced. The file is 0600.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<Replaced> {
     let tmp = path.with_extension("tmp");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut file = create_private(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     let appender = OpenOptions::new().append(true).open(&tmp)?;
@@ -52,6 +47,16 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<Replaced> {
 /// [`replace_file`] for files that must be durable before going on.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace_file(path, bytes)?.dir_synced
+}
+
+/// Creates (or empties) `path` for writing, 0600.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Opens `path` for appending, creating it 0600.

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -217,12 +217,7 @@ impl Journal {
             encode(&mut buf, GRANT, lease);
         }
         let tmp = self.path.with_extension("compact");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file = durable::create_private(&tmp)?;
         file.write_all(&buf)?;
         file.sync_data()?;
         crate::failpoint!("mid-compaction");

@@ -45,6 +45,15 @@ async fn workload(client: &payload_client::Client, acked: &mut Acked) -> Result<
     Ok(())
 }
 
+/// Takes a minute-long lease and keeps it past the client's life.
+async fn hold_lease(client: &payload_client::Client, id: Uuid) -> Uuid {
+    let opts = LeaseOptions {
+        duration_ms: 60_000,
+        ..Default::default()
+    };
+    client.get_with(id, opts).await.unwrap().detach()
+}
+
 /// Runs the workload on an agent set to abort at `point`, restarts it,
 /// and checks that nothing acknowledged is lost and nothing leaks.
 async fn abort_at(point: &str) {
@@ -126,17 +135,7 @@ async fn abort_mid_journal_rewrite() {
     let dirs = Dirs::new();
     let (agent, client) = Agent::start(&dirs).await;
     let kept = put(&client, &pattern(4096, 1), Tier::Ram).await.unwrap();
-    let lease = client
-        .get_with(
-            kept.0,
-            LeaseOptions {
-                duration_ms: 60_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .detach();
+    let lease = hold_lease(&client, kept.0).await;
     agent.kill9();
     drop(client);
     let status = Agent::refused_env(&dirs, &[("PM_FAILPOINT", "mid-rewrite")]);
@@ -160,17 +159,7 @@ async fn abort_mid_compaction() {
         .await
         .unwrap_or_else(|log| panic!("agent did not start: {log}"));
     let kept = put(&client, &pattern(4096, 1), Tier::Ram).await.unwrap();
-    let held = client
-        .get_with(
-            kept.0,
-            LeaseOptions {
-                duration_ms: 60_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .detach();
+    let held = hold_lease(&client, kept.0).await;
     let churn = put(&client, &pattern(4096, 2), Tier::Ram).await.unwrap();
     let (mut data, _, _) = client.raw();
     let item = payload_proto::runtime::AcquireReadLeaseRequest {
