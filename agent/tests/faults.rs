@@ -168,23 +168,26 @@ async fn abort_mid_compaction() {
         }),
         ..Default::default()
     };
-    // 60,000 grants and as many releases: the next sweep compacts.
+    // 60,000 grants and as many releases: a sweep compacts once there are
+    // 100,000 records, maybe while this loop still runs (then a call fails
+    // and the loop stops: the agent is gone).
     for _ in 0..6 {
-        let granted = data
-            .batch_acquire_read_lease(payload_proto::runtime::BatchAcquireReadLeaseRequest {
-                requests: vec![item.clone(); 10_000],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let batch = payload_proto::runtime::BatchAcquireReadLeaseRequest {
+            requests: vec![item.clone(); 10_000],
+        };
+        let Ok(granted) = data.batch_acquire_read_lease(batch).await else {
+            break;
+        };
         let lease_ids = granted
+            .into_inner()
             .results
             .into_iter()
             .filter_map(|r| r.lease.and_then(|l| l.lease_id))
             .collect();
-        data.batch_release_lease(payload_proto::runtime::BatchReleaseLeaseRequest { lease_ids })
-            .await
-            .unwrap();
+        let release = payload_proto::runtime::BatchReleaseLeaseRequest { lease_ids };
+        if data.batch_release_lease(release).await.is_err() {
+            break;
+        }
     }
     drop((data, client));
     let status = agent.wait_exit(Duration::from_secs(30));
