@@ -78,10 +78,6 @@ impl StateDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }

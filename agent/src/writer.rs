@@ -65,7 +65,6 @@ struct Log {
 #[derive(Default)]
 struct Health {
     failing_since: Option<Instant>,
-    rejected: u64,
 }
 
 struct Shared {
@@ -280,7 +279,6 @@ impl Shared {
     /// reason, for an operator to look at; never silently dropped.
     fn reject(&self, write: &Write, err: &CatalogError) -> Result<(), CatalogError> {
         tracing::error!(?write, %err, path = %self.rejected_path.display(), "the catalog refused a write; it is set aside");
-        lock(&self.health).rejected += 1;
         let line = serde_json::json!({ "error": err.to_string(), "write": write });
         let mut text = line.to_string();
         text.push('\n');

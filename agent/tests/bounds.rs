@@ -483,16 +483,11 @@ async fn subscriptions_are_capped_per_stream_and_a_closed_one_frees_its_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_stuck_on_the_catalog_ends_at_the_request_deadline() {
-    use sqlx::Connection as _;
     let dirs = Dirs::new();
     let mut cfg = NodeConfig::default();
     cfg.limits.request_timeout_ms = 300;
     let served = Served::start(&dirs, cfg, &Capacity::default()).await;
-    let db = dirs.state.path().join("catalog.db");
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut locker).await.unwrap();
+    let mut locker = lock_sqlite(&dirs.state.path().join("catalog.db")).await;
     // Acknowledged (it is in the node's log) while the catalog is locked...
     served.client.put(b"waits in the log").await.unwrap();
     // ...so a listing, which reads the catalog after the log drains, waits.
@@ -506,15 +501,10 @@ async fn a_call_stuck_on_the_catalog_ends_at_the_request_deadline() {
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     drop(locker);
     // The writer's next retry lands the write; then the node stops cleanly.
-    let mut caught_up = false;
-    for _ in 0..1_000 {
-        if served.node.flush().await.is_ok() {
-            caught_up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(caught_up, "the writer catches up once the catalog is unlocked");
+    eventually("the writer catches up once the catalog is unlocked", || async {
+        served.node.flush().await.is_ok()
+    })
+    .await;
     served.stop().await;
 }
 
@@ -539,17 +529,12 @@ async fn allocations_whose_callers_give_up_still_account_for_every_reserved_byte
     }
     // Each allocation either did not happen or is a payload (reclaimed at
     // its write deadline): nothing is reserved for a region nobody owns.
-    let mut settled = false;
-    for _ in 0..500 {
+    eventually("reserved capacity and regions match the payloads", || async {
         let stats = served.client.stats().await.unwrap();
         let ram = stats.tiers.iter().find(|t| t.tier == PbTier::Ram as u32).unwrap();
         let files = Dirs::files_in(dirs.ram.path()).len() as u64;
-        if ram.reserved_bytes == ram.bytes && files == ram.payloads {
-            settled = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(settled, "reserved capacity and regions match the payloads");
+        ram.reserved_bytes == ram.bytes && files == ram.payloads
+    })
+    .await;
     served.stop().await;
 }

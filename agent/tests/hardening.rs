@@ -103,15 +103,6 @@ async fn state_files_and_the_socket_are_private() {
     agent.kill9();
 }
 
-/// Holds SQLite's write lock, as another process running `BEGIN IMMEDIATE` would.
-async fn lock_sqlite(db: &std::path::Path) -> sqlx::SqliteConnection {
-    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
-    conn
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_sqlite_catalog_loses_no_acknowledged_commit() {
     let dirs = Dirs::new();
@@ -160,26 +151,18 @@ async fn a_locked_sqlite_catalog_loses_no_acknowledged_commit() {
     agent.kill9();
 }
 
-/// Waits (bounded) until the agent's log mentions `text`.
 async fn wait_for_log(dirs: &Dirs, text: &str) {
-    for _ in 0..1_500 {
-        if dirs.read_log().contains(text) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the agent never logged {text:?}: {}", dirs.read_log());
+    eventually(&format!("the agent logs {text:?}"), || async {
+        dirs.read_log().contains(text)
+    })
+    .await;
 }
 
-/// Waits (bounded) until the catalog backlog the agent reports passes `done`.
 async fn wait_for_backlog(client: &payload_client::Client, done: impl Fn(u64) -> bool) {
-    for _ in 0..1_500 {
-        if done(client.stats().await.unwrap().catalog_backlog) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the catalog backlog never reached the expected size");
+    eventually("the catalog backlog reaches the expected size", || async {
+        done(client.stats().await.unwrap().catalog_backlog)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,3 +154,30 @@ pub async fn put_on(node: &Arc<Node>, tier: payload_catalog::Tier, bytes: &[u8])
     node.commit(rec.id, None, false).await.unwrap();
     rec.id
 }
+
+/// Waits until `check` holds, polling every 20 ms for at most 30 s, then
+/// fails the test naming `what` (a wait that never ends must fail, not hang).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1_500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// Holds SQLite's write lock on `db`, as another process running
+/// `BEGIN IMMEDIATE` would, until `ROLLBACK` or drop.
+pub async fn lock_sqlite(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+    conn
+}
