@@ -495,7 +495,10 @@ fn coalesce(writes: Vec<Write>) -> Vec<Write> {
         match w {
             Write::Insert(r) | Write::Update(r) => Some(r.id),
             Write::Delete(id) => Some(*id),
-            Write::Lineage { .. } | Write::Metadata { .. } | Write::CommitOffset { .. } => None,
+            Write::Lineage { .. }
+            | Write::Metadata { .. }
+            | Write::ReleaseManifest { .. }
+            | Write::CommitOffset { .. } => None,
         }
     };
     let mut slot: HashMap<PayloadId, usize> = HashMap::with_capacity(writes.len());

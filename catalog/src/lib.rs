@@ -6,6 +6,7 @@
 pub mod error;
 pub mod lifecycle;
 pub mod model;
+pub mod objects;
 pub mod repo;
 pub mod sql;
 pub mod stream;
@@ -14,6 +15,7 @@ pub mod testing;
 
 pub use error::{CatalogError, Result};
 pub use model::*;
+pub use objects::{BlockHash, BlockState, BlockStats, CopyRecord, Manifest, BLOCK_SIZE};
 pub use repo::{EventPage, ListQuery, MetadataEvent, Page, PageToken, Repository, Write};
 pub use sql::postgres::PgRepository;
 pub use sql::sqlite::SqliteRepository;

@@ -223,6 +223,10 @@ pub struct PayloadRecord {
     pub version: u64,
     /// 0 = not pinned, `u64::MAX` = until Unpin.
     pub pinned_until_ms: u64,
+    /// Copies besides the authoritative one on `tier` (absent in logs
+    /// written before copies existed).
+    #[serde(default)]
+    pub copies: Vec<crate::objects::CopyRecord>,
 }
 
 impl PayloadRecord {
@@ -245,7 +249,18 @@ impl PayloadRecord {
             sha256: None,
             version: 1,
             pinned_until_ms: 0,
+            copies: Vec::new(),
         }
+    }
+
+    /// Whether a copy on `tier` exists besides the authoritative one.
+    pub fn has_copy(&self, tier: Tier) -> bool {
+        self.copies.iter().any(|c| c.tier == tier)
+    }
+
+    /// Whether the payload has a copy in the object store.
+    pub fn in_object_store(&self) -> bool {
+        self.tier == Tier::Object || self.has_copy(Tier::Object)
     }
 
     pub fn is_pinned(&self, now_ms: u64) -> bool {

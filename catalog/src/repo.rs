@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 
 use crate::error::{CatalogError, Result};
+use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
 use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
 
@@ -26,6 +27,9 @@ pub enum Write {
         update: Metadata,
         expected_version: Option<u64>,
     },
+    /// Drops a payload's manifest and its block references (a missing
+    /// manifest is fine: replays change nothing).
+    ReleaseManifest { id: PayloadId, now_ms: u64 },
     /// As [`Repository::commit_offset`].
     CommitOffset {
         stream: StreamKey,
@@ -189,6 +193,28 @@ pub trait Repository: Send + Sync + 'static {
     async fn commit_offset(&self, key: &StreamKey, group: &str, offset: u64, now_ms: u64) -> Result<()>;
     /// `None` when the group never committed.
     async fn get_committed(&self, key: &StreamKey, group: &str) -> Result<Option<u64>>;
+    /// Records a pending manifest for this node and takes a reference on
+    /// each of its distinct blocks, in one transaction; says which blocks
+    /// the store holds already. Claiming an identical manifest again takes
+    /// nothing more; a different one for the same payload is a `Conflict`.
+    async fn claim_manifest(&self, manifest: &Manifest, now_ms: u64) -> Result<Vec<BlockState>>;
+    /// Notes that these blocks' objects are in the store.
+    async fn mark_blocks_stored(&self, hashes: &[BlockHash]) -> Result<()>;
+    /// Marks a manifest complete: its blocks and manifest object are stored.
+    async fn complete_manifest(&self, id: PayloadId) -> Result<()>;
+    /// A payload's manifest and whether it is complete.
+    async fn get_manifest(&self, id: PayloadId) -> Result<Option<(Manifest, bool)>>;
+    /// This node's manifests that never completed (an upload cut short).
+    async fn pending_manifests(&self) -> Result<Vec<PayloadId>>;
+    /// Marks up to `limit` blocks unreferenced since `cutoff_ms` or before
+    /// as being deleted and returns them (with any a collection left
+    /// marked); delete their objects, then call [`Repository::gc_finish`].
+    async fn gc_begin(&self, cutoff_ms: u64, limit: u32) -> Result<Vec<BlockHash>>;
+    /// Drops the rows of collected blocks; a block claimed meanwhile stays,
+    /// to be uploaded again.
+    async fn gc_finish(&self, hashes: &[BlockHash]) -> Result<()>;
+    async fn block_stats(&self) -> Result<BlockStats>;
+
     /// Wakes with a stream's next offset whenever entries are appended to it
     /// through any repository sharing this catalog.
     fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64>;

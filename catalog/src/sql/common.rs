@@ -4,7 +4,7 @@
 // `begin_write`, `lock_lineage` and `announce_append`. See `sql/mod.rs` for why.
 
 const COLUMNS: &str = "id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
-     priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms";
+     priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, copies";
 
 /// [`COLUMNS`] of the payloads table aliased `p`.
 fn qualified_columns() -> String {
@@ -25,6 +25,7 @@ fn record_from_row(row: &DbRow) -> Result<PayloadRecord> {
     let min_residency: Option<i32> = row.try_get("min_residency_tier")?;
     let labels: String = row.try_get("labels")?;
     let sha256: Option<Vec<u8>> = row.try_get("sha256")?;
+    let copies: String = row.try_get("copies")?;
     Ok(PayloadRecord {
         id: PayloadId::from_slice(&id).map_err(|_| corrupt("id"))?,
         tier,
@@ -44,6 +45,7 @@ fn record_from_row(row: &DbRow) -> Result<PayloadRecord> {
         },
         version: to_u64(row.try_get("version")?),
         pinned_until_ms: to_u64(row.try_get("pinned_until_ms")?),
+        copies: serde_json::from_str(&copies).map_err(|_| corrupt("copies"))?,
     })
 }
 
@@ -62,22 +64,23 @@ fn entry_from_row(row: &DbRow) -> Result<StreamEntry> {
 
 async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) -> Result<()> {
     let labels = serde_json::to_string(&rec.labels).map_err(|e| CatalogError::Storage(e.to_string()))?;
+    let copies = serde_json::to_string(&rec.copies).map_err(|e| CatalogError::Storage(e.to_string()))?;
     let sql = if insert {
         "INSERT INTO payloads (id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
-         priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, node) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, node, copies) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
          ON CONFLICT (id) DO UPDATE SET tier = excluded.tier, state = excluded.state, \
          size_bytes = excluded.size_bytes, created_at_ms = excluded.created_at_ms, \
          expires_at_ms = excluded.expires_at_ms, write_deadline_ms = excluded.write_deadline_ms, \
          priority = excluded.priority, spill_target = excluded.spill_target, \
          min_residency_tier = excluded.min_residency_tier, require_durable = excluded.require_durable, \
          labels = excluded.labels, sha256 = excluded.sha256, version = excluded.version, \
-         pinned_until_ms = excluded.pinned_until_ms, node = excluded.node"
+         pinned_until_ms = excluded.pinned_until_ms, node = excluded.node, copies = excluded.copies"
     } else {
         "UPDATE payloads SET tier = $2, state = $3, size_bytes = $4, created_at_ms = $5, expires_at_ms = $6, \
          write_deadline_ms = $7, priority = $8, spill_target = $9, min_residency_tier = $10, \
-         require_durable = $11, labels = $12, sha256 = $13, version = $14, pinned_until_ms = $15, node = $16 \
-         WHERE id = $1"
+         require_durable = $11, labels = $12, sha256 = $13, version = $14, pinned_until_ms = $15, node = $16, \
+         copies = $17 WHERE id = $1"
     };
     let done = sqlx::query(sql)
         .bind(rec.id.as_bytes().as_slice())
@@ -96,6 +99,7 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
         .bind(to_i64(rec.version))
         .bind(to_i64(rec.pinned_until_ms))
         .bind(node)
+        .bind(copies)
         .execute(&mut *conn)
         .await?;
     if done.rows_affected() == 0 {
@@ -422,6 +426,7 @@ async fn apply(conn: &mut Conn, node: &str, write: &Write) -> Result<()> {
             Ok(())
         }
         Write::Lineage { child, edges } => add_lineage(conn, *child, edges).await,
+        Write::ReleaseManifest { id, now_ms } => release_manifest(conn, *id, *now_ms).await,
         Write::Metadata {
             id,
             mode,
@@ -757,7 +762,41 @@ impl Repository for Repo {
         row.map(|row| Ok(to_u64(row.try_get("entry_offset")?))).transpose()
     }
 
+    async fn claim_manifest(&self, manifest: &Manifest, now_ms: u64) -> Result<Vec<BlockState>> {
+        self.objects_claim(manifest, now_ms).await
+    }
+
+    async fn mark_blocks_stored(&self, hashes: &[BlockHash]) -> Result<()> {
+        self.objects_mark_stored(hashes).await
+    }
+
+    async fn complete_manifest(&self, id: PayloadId) -> Result<()> {
+        self.objects_complete(id).await
+    }
+
+    async fn get_manifest(&self, id: PayloadId) -> Result<Option<(Manifest, bool)>> {
+        self.objects_manifest(id).await
+    }
+
+    async fn pending_manifests(&self) -> Result<Vec<PayloadId>> {
+        self.objects_pending().await
+    }
+
+    async fn gc_begin(&self, cutoff_ms: u64, limit: u32) -> Result<Vec<BlockHash>> {
+        self.objects_gc_begin(cutoff_ms, limit).await
+    }
+
+    async fn gc_finish(&self, hashes: &[BlockHash]) -> Result<()> {
+        self.objects_gc_finish(hashes).await
+    }
+
+    async fn block_stats(&self) -> Result<BlockStats> {
+        self.objects_stats().await
+    }
+
     fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64> {
         self.hub.watch(head.id, head.next_offset)
     }
 }
+
+include!("objects.rs");

@@ -4,6 +4,7 @@
 //! the backends fails here.
 
 mod lineage_metadata;
+mod objects;
 mod payloads;
 mod streams;
 mod transactions;
