@@ -3,6 +3,7 @@
 //! and TCP. `payload-agent standalone` runs it with an embedded SQLite catalog.
 
 pub mod appender;
+pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod deadline;
@@ -13,6 +14,7 @@ pub mod grpc;
 pub mod journal;
 pub mod limits;
 pub mod node;
+pub mod object;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use payload_catalog::{CatalogError, Repository, Write};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::backoff::Backoff;
 use crate::durable;
 use crate::error::AgentError;
 use crate::node::lock;
@@ -131,22 +132,6 @@ fn transient(err: &CatalogError) -> bool {
     matches!(err, CatalogError::Storage(_))
 }
 
-/// Exponential backoff with jitter (so agents sharing a catalog that comes
-/// back do not retry in step).
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(BACKOFF_FIRST)
-    }
-
-    async fn wait(&mut self) {
-        let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (self.0.as_millis() as u64 / 2 + 1);
-        tokio::time::sleep(self.0 + Duration::from_millis(jitter)).await;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
-    }
-}
-
 /// How long to keep trying while the catalog is unavailable.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Patience {
@@ -166,7 +151,7 @@ async fn apply(
     shared: &Shared,
     patience: Patience,
 ) -> Result<(), CatalogError> {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
     let mut limit = STATEMENT_TIMEOUT;
     let mut failures = 0;
     loop {

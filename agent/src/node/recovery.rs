@@ -32,7 +32,10 @@ fn rejected_ids(path: &std::path::Path) -> HashSet<PayloadId> {
         .filter_map(|write| match write {
             Write::Insert(rec) | Write::Update(rec) => Some(rec.id),
             Write::Delete(id) => Some(id),
-            Write::Lineage { .. } | Write::Metadata { .. } | Write::CommitOffset { .. } => None,
+            Write::Lineage { .. }
+            | Write::Metadata { .. }
+            | Write::ReleaseManifest { .. }
+            | Write::CommitOffset { .. } => None,
         })
         .collect()
 }

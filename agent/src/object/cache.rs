@@ -1,0 +1,343 @@
+//! The block cache: object-tier payloads read on this node, one sparse file
+//! per payload (`<id>.cache`, so a lease hands out one path holding the
+//! whole payload) with the blocks present recorded in `<id>.idx`. Blocks
+//! are fetched only when missing and evicted coldest block first, by
+//! punching holes, from payloads nobody holds a lease on. The index is
+//! written (durably) only after the blocks it lists are synced, so after a
+//! crash it never claims a block that is not there.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use payload_catalog::{Manifest, PayloadId};
+
+use super::ObjectTier;
+use crate::error::{task_failed, AgentError};
+use crate::node::lock;
+use crate::store::io_error;
+
+pub struct BlockCache {
+    dir: PathBuf,
+    capacity: u64,
+    inner: Mutex<Inner>,
+    /// One fill at a time per payload; eviction skips payloads being filled.
+    filling: Mutex<HashMap<PayloadId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<PayloadId, Cached>,
+    /// Bytes of blocks present.
+    used: u64,
+    /// A logical clock for recency.
+    tick: u64,
+}
+
+struct Cached {
+    size: u64,
+    block_size: u64,
+    /// Per block: when it was last read (0 = not present).
+    used_at: Vec<u64>,
+}
+
+impl Cached {
+    fn len_of(&self, i: usize) -> u64 {
+        let start = i as u64 * self.block_size;
+        (start + self.block_size).min(self.size) - start
+    }
+
+    fn present(&self) -> impl Iterator<Item = usize> + '_ {
+        self.used_at.iter().enumerate().filter(|(_, t)| **t > 0).map(|(i, _)| i)
+    }
+
+    fn index_text(&self) -> String {
+        let bits: String = self.used_at.iter().map(|t| if *t > 0 { '1' } else { '0' }).collect();
+        format!("{} {} {bits}\n", self.size, self.block_size)
+    }
+}
+
+impl BlockCache {
+    /// Opens the cache under `dir`, keeping what a valid index vouches for
+    /// and removing the rest.
+    pub fn open(dir: &Path, capacity: u64) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating the object cache {}: {e}", dir.display()))?;
+        fs::set_permissions(dir, Permissions::from_mode(0o700))?;
+        let dir = dir.canonicalize()?;
+        let mut inner = Inner::default();
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let Some(id) = name.strip_suffix(".cache").and_then(|u| PayloadId::parse(u).ok()) else {
+                continue;
+            };
+            let index = fs::read_to_string(path.with_extension("idx")).ok();
+            match index.as_deref().and_then(parse_index) {
+                Some(cached) if fs::metadata(&path).is_ok_and(|m| m.len() == cached.size) => {
+                    inner.used += cached.present().map(|i| cached.len_of(i)).sum::<u64>();
+                    inner.entries.insert(id, cached);
+                }
+                _ => {
+                    let _ = fs::remove_file(&path);
+                    let _ = fs::remove_file(path.with_extension("idx"));
+                }
+            }
+        }
+        Ok(Self {
+            dir,
+            capacity,
+            inner: Mutex::new(inner),
+            filling: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self, id: PayloadId) -> PathBuf {
+        self.dir.join(format!("{id}.cache"))
+    }
+
+    /// (bytes of blocks present, capacity).
+    pub fn usage(&self) -> (u64, u64) {
+        (lock(&self.inner).used, self.capacity)
+    }
+
+    /// Whether every block of payload `id` is present.
+    pub fn is_complete(&self, id: PayloadId) -> bool {
+        lock(&self.inner).entries.get(&id).is_some_and(|c| c.used_at.iter().all(|t| *t > 0))
+    }
+
+    /// Makes the cache file of `manifest`'s payload whole, fetching only
+    /// missing blocks, and returns its path. `leased` tells which payloads'
+    /// files must not lose blocks to make room.
+    pub async fn fill(
+        &self,
+        tier: &ObjectTier,
+        manifest: &Manifest,
+        leased: &(dyn Fn(PayloadId) -> bool + Sync),
+    ) -> Result<PathBuf, AgentError> {
+        let id = manifest.payload;
+        let gate = lock(&self.filling).entry(id).or_default().clone();
+        let _filling = gate.lock().await;
+        let path = self.path(id);
+        let missing = self.missing(manifest);
+        if missing.is_empty() {
+            self.touch(id);
+            return Ok(path);
+        }
+        let need: u64 = missing.iter().map(|i| manifest.range(*i).end - manifest.range(*i).start).sum();
+        self.make_room(need, manifest, leased)?;
+        let file = Arc::new(open_for_fill(&path, manifest.size_bytes).map_err(|e| io_error("opening the cache file", e))?);
+        let fetched = tier.download(manifest, file.clone(), missing.clone()).await;
+        let synced = match fetched {
+            Ok(()) => sync(file).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            // Space was counted for blocks that did not land.
+            lock(&self.inner).used -= need;
+            return Err(e);
+        }
+        let text = {
+            let mut inner = lock(&self.inner);
+            inner.tick += 1;
+            let tick = inner.tick;
+            let cached = inner.entries.get_mut(&id).expect("make_room created the entry");
+            for i in &missing {
+                cached.used_at[*i] = tick;
+            }
+            cached.index_text()
+        };
+        let index = path.with_extension("idx");
+        tokio::task::spawn_blocking(move || {
+            crate::durable::write_durably(&index, text.as_bytes())?;
+            fs::set_permissions(&path, Permissions::from_mode(0o400))?;
+            Ok::<_, std::io::Error>(path)
+        })
+        .await
+        .map_err(|e| task_failed("recording the cache index", e))?
+        .map_err(|e| io_error("recording the cache index", e))
+    }
+
+    /// Adopts a file already holding the whole payload (an import staged
+    /// it here).
+    pub fn adopt(&self, manifest: &Manifest) -> Result<(), AgentError> {
+        let path = self.path(manifest.payload);
+        let text = {
+            let mut inner = lock(&self.inner);
+            inner.tick += 1;
+            let tick = inner.tick;
+            let cached = Cached {
+                size: manifest.size_bytes,
+                block_size: manifest.block_size,
+                used_at: vec![tick; manifest.blocks.len()],
+            };
+            inner.used += manifest.size_bytes;
+            let text = cached.index_text();
+            if let Some(old) = inner.entries.insert(manifest.payload, cached) {
+                inner.used -= old.present().map(|i| old.len_of(i)).sum::<u64>();
+            }
+            text
+        };
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .and_then(|_| crate::durable::write_durably(&path.with_extension("idx"), text.as_bytes()))
+            .and_then(|_| fs::set_permissions(&path, Permissions::from_mode(0o400)))
+            .map_err(|e| io_error("adopting the staged payload into the cache", e))
+    }
+
+    /// Drops a payload's cached blocks (it was deleted, or promoted).
+    pub fn remove(&self, id: PayloadId) {
+        if let Some(old) = lock(&self.inner).entries.remove(&id) {
+            lock(&self.inner).used -= old.present().map(|i| old.len_of(i)).sum::<u64>();
+        }
+        let path = self.path(id);
+        let _ = fs::remove_file(path.with_extension("idx"));
+        let _ = fs::remove_file(path);
+    }
+
+    fn missing(&self, manifest: &Manifest) -> Vec<usize> {
+        let inner = lock(&self.inner);
+        match inner.entries.get(&manifest.payload) {
+            Some(c) => c.used_at.iter().enumerate().filter(|(_, t)| **t == 0).map(|(i, _)| i).collect(),
+            None => (0..manifest.blocks.len()).collect(),
+        }
+    }
+
+    fn touch(&self, id: PayloadId) {
+        let mut inner = lock(&self.inner);
+        inner.tick += 1;
+        let tick = inner.tick;
+        if let Some(c) = inner.entries.get_mut(&id) {
+            c.used_at.iter_mut().for_each(|t| *t = tick);
+        }
+    }
+
+    /// Counts `need` bytes for payload `id`, punching the coldest blocks
+    /// of unleased payloads out first when the cache would pass capacity.
+    fn make_room(
+        &self,
+        need: u64,
+        manifest: &Manifest,
+        leased: &(dyn Fn(PayloadId) -> bool + Sync),
+    ) -> Result<(), AgentError> {
+        let id = manifest.payload;
+        let busy: Vec<PayloadId> = lock(&self.filling)
+            .iter()
+            .filter(|(other, gate)| **other != id && gate.try_lock().is_err())
+            .map(|(other, _)| *other)
+            .collect();
+        let mut inner = lock(&self.inner);
+        let mut victims: Vec<(u64, PayloadId, usize)> = Vec::new();
+        if inner.used + need > self.capacity {
+            for (other, c) in &inner.entries {
+                if *other == id || busy.contains(other) || leased(*other) {
+                    continue;
+                }
+                victims.extend(c.present().map(|i| (c.used_at[i], *other, i)));
+            }
+            victims.sort();
+        }
+        let mut punched: HashMap<PayloadId, Vec<usize>> = HashMap::new();
+        for (_, other, i) in victims {
+            if inner.used + need <= self.capacity {
+                break;
+            }
+            let c = inner.entries.get_mut(&other).expect("victims come from entries");
+            c.used_at[i] = 0;
+            let len = c.len_of(i);
+            inner.used -= len;
+            punched.entry(other).or_default().push(i);
+        }
+        if inner.used + need > self.capacity {
+            for (other, blocks) in &punched {
+                let c = inner.entries.get_mut(other).expect("punched come from entries");
+                blocks.iter().for_each(|i| c.used_at[*i] = 1);
+                inner.used += blocks.iter().map(|i| c.len_of(*i)).sum::<u64>();
+            }
+            return Err(AgentError::ResourceExhausted(format!(
+                "the object cache ({} bytes, --object-cache-capacity) cannot hold {need} more bytes: the rest is \
+                 leased; release leases or raise the capacity",
+                self.capacity
+            )));
+        }
+        for (other, blocks) in punched {
+            let c = &inner.entries[&other];
+            // The index first: a crash between the two leaves a block that
+            // is there but not listed, never the other way round.
+            let path = self.path(other);
+            let written = crate::durable::write_durably(&path.with_extension("idx"), c.index_text().as_bytes());
+            let holes = blocks.iter().map(|i| (*i as u64 * c.block_size, c.len_of(*i))).collect::<Vec<_>>();
+            if written.is_err() || punch(&path, &holes).is_err() {
+                tracing::warn!(id = %other, "could not evict cached blocks; dropping the cached payload");
+                let _ = fs::remove_file(path.with_extension("idx"));
+                let _ = fs::remove_file(&path);
+                let c = inner.entries.remove(&other).expect("present");
+                inner.used -= c.present().map(|i| c.len_of(i)).sum::<u64>();
+            }
+        }
+        inner.used += need;
+        inner.entries.entry(id).or_insert_with(|| Cached {
+            size: manifest.size_bytes,
+            block_size: manifest.block_size,
+            used_at: vec![0; manifest.blocks.len()],
+        });
+        Ok(())
+    }
+}
+
+fn parse_index(text: &str) -> Option<Cached> {
+    let mut parts = text.split_whitespace();
+    let size = parts.next()?.parse().ok()?;
+    let block_size: u64 = parts.next()?.parse().ok().filter(|b| *b > 0)?;
+    let bits = parts.next().unwrap_or("");
+    let blocks = u64::div_ceil(size, block_size) as usize;
+    if bits.len() != blocks || !bits.chars().all(|c| c == '0' || c == '1') {
+        return None;
+    }
+    Some(Cached {
+        size,
+        block_size,
+        used_at: bits.chars().map(|c| u64::from(c == '1')).collect(),
+    })
+}
+
+fn open_for_fill(path: &Path, size: u64) -> std::io::Result<File> {
+    if path.exists() {
+        fs::set_permissions(path, Permissions::from_mode(0o600))?;
+    }
+    let file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    file.set_len(size)?;
+    Ok(file)
+}
+
+async fn sync(file: Arc<File>) -> Result<(), AgentError> {
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await
+        .map_err(|e| task_failed("syncing the cache file", e))?
+        .map_err(|e| io_error("syncing the cache file", e))
+}
+
+/// Gives back the space of `(offset, len)` ranges of a file, keeping its size.
+fn punch(path: &Path, holes: &[(u64, u64)]) -> std::io::Result<()> {
+    let file = OpenOptions::new().write(true).open(path).or_else(|_| {
+        fs::set_permissions(path, Permissions::from_mode(0o600))?;
+        OpenOptions::new().write(true).open(path)
+    })?;
+    for (offset, len) in holes {
+        // SAFETY: fallocate on a descriptor we own.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                *offset as libc::off_t,
+                *len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

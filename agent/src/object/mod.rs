@@ -1,0 +1,161 @@
+//! The object tier: payloads cut into content-addressed 4 MiB blocks in an
+//! S3 bucket, a manifest per payload, reference counts in the catalog, and
+//! an on-disk block cache that object-tier leases read from.
+//!
+//! Layout under the bucket's prefix: `blocks/<sha256 hex>` (one object per
+//! distinct block, shared by every payload that has it), `manifests/<payload
+//! id>.json` (the block list, so the bucket describes itself) and
+//! `uploads/<payload id>` (where clients put objects for `ImportPayload`).
+
+pub mod bucket;
+pub mod cache;
+#[cfg(feature = "failpoints")]
+pub mod faults;
+mod transfer;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use payload_catalog::{BlockHash, PayloadId, Repository};
+
+use crate::backoff::Backoff;
+use crate::error::AgentError;
+use bucket::{Bucket, StoreError};
+pub use cache::BlockCache;
+
+/// Attempts per object store call before a transient failure is given up.
+const ATTEMPTS: u32 = 8;
+/// Blocks a collection takes per round.
+const GC_BATCH: u32 = 1000;
+
+pub struct ObjectTier {
+    bucket: Box<dyn Bucket>,
+    repo: Arc<dyn Repository>,
+    /// Transfers in flight per upload or download (each holds one block).
+    concurrency: usize,
+    pub cache: BlockCache,
+}
+
+/// What one garbage collection removed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GcReport {
+    pub blocks: u64,
+}
+
+pub fn block_key(hash: &BlockHash) -> String {
+    format!("blocks/{}", hex::encode(hash))
+}
+
+pub fn manifest_key(id: PayloadId) -> String {
+    format!("manifests/{id}.json")
+}
+
+pub fn upload_key(id: PayloadId) -> String {
+    format!("uploads/{id}")
+}
+
+impl ObjectTier {
+    pub fn new(bucket: Box<dyn Bucket>, repo: Arc<dyn Repository>, concurrency: usize, cache: BlockCache) -> Self {
+        #[cfg(feature = "failpoints")]
+        let bucket = faults::Faulty::from_env(bucket);
+        Self {
+            bucket,
+            repo,
+            concurrency: concurrency.max(1),
+            cache,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.bucket.url()
+    }
+
+    pub fn bucket_name(&self) -> &str {
+        self.bucket.bucket()
+    }
+
+    /// A key as the bucket holds it (with the prefix).
+    pub fn full_key(&self, key: &str) -> String {
+        match self.bucket.prefix() {
+            "" => key.to_string(),
+            prefix => format!("{prefix}/{key}"),
+        }
+    }
+
+    /// Where a client uploads the object of an OBJECT allocation.
+    pub fn upload_url(&self, id: PayloadId) -> String {
+        format!("s3://{}/{}", self.bucket.bucket(), self.full_key(&upload_key(id)))
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or has failed
+    /// transiently [`ATTEMPTS`] times, backing off with jitter in between.
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(StoreError::Transient(e)) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, %e, "object store call failed; retrying");
+                    attempt += 1;
+                    backoff.wait().await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Removes blocks no manifest has named for `grace_ms`: their objects
+    /// first, then their rows (see the catalog's `gc_begin`).
+    pub async fn collect_garbage(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
+        let mut report = GcReport::default();
+        loop {
+            let doomed = self.repo.gc_begin(now_ms.saturating_sub(grace_ms), GC_BATCH).await?;
+            if doomed.is_empty() {
+                return Ok(report);
+            }
+            use futures_util::{StreamExt, TryStreamExt};
+            futures_util::stream::iter(doomed.iter())
+                .map(|hash| async move {
+                    let key = block_key(hash);
+                    self.retry(|| self.bucket.delete(&key)).await
+                })
+                .buffer_unordered(self.concurrency)
+                .try_collect::<Vec<()>>()
+                .await
+                .map_err(|e| store_error("collecting unreferenced blocks", e))?;
+            crate::failpoint!("gc-after-delete");
+            self.repo.gc_finish(&doomed).await?;
+            report.blocks += doomed.len() as u64;
+            if (doomed.len() as u32) < GC_BATCH {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Deletes a payload's manifest object (its blocks are collected once
+    /// no manifest names them).
+    pub async fn delete_manifest_object(&self, id: PayloadId) -> Result<(), AgentError> {
+        let key = manifest_key(id);
+        self.retry(|| self.bucket.delete(&key))
+            .await
+            .map_err(|e| store_error("deleting the manifest", e))
+    }
+}
+
+/// Maps an object store failure to the agent's vocabulary.
+pub(crate) fn store_error(what: &str, err: StoreError) -> AgentError {
+    match err {
+        StoreError::Transient(e) => AgentError::Unavailable(format!(
+            "{what}: the object store keeps failing ({e}); retry later"
+        )),
+        StoreError::NotFound(e) => AgentError::NotFound(format!("{what}: {e}")),
+        StoreError::Permanent(e) => AgentError::InvalidState(format!(
+            "{what}: the object store refused ({e}); check the bucket and the agent's credentials"
+        )),
+    }
+}
