@@ -100,6 +100,8 @@ pub struct StandaloneArgs {
     #[arg(long, env = "PM_CATALOG_BACKLOG", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub catalog_backlog: u64,
     #[command(flatten)]
+    pub object: crate::object::args::ObjectArgs,
+    #[command(flatten)]
     pub limits: Limits,
 }
 
@@ -156,6 +158,7 @@ impl StandaloneArgs {
             max_payload_size,
             node_name,
             catalog_backlog,
+            object,
             limits,
         } = self;
         anyhow::ensure!(
@@ -209,11 +212,16 @@ impl StandaloneArgs {
             max_payload_bytes: max_payload_size,
             ram_high_watermark,
             ram_low_watermark,
+            disk_high_watermark: object.disk_high_watermark,
+            disk_low_watermark: object.disk_low_watermark,
+            object_gc_grace_ms: object.object_gc_grace_ms,
+            object_gc_interval_ms: object.object_gc_interval_ms,
             catalog_backlog: usize::try_from(catalog_backlog).unwrap_or(usize::MAX),
             limits,
             clock: crate::clock::Clock::new(),
         };
-        let (node, _) = Node::open(cfg, repo, ram, disk, state).await?;
+        let object = object.open(repo.clone(), &state_dir).await?;
+        let (node, _) = Node::open(cfg, repo, ram, disk, object, state).await?;
 
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {
@@ -223,6 +231,9 @@ impl StandaloneArgs {
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(node.clone().run_spiller(stop.clone()));
         tokio::spawn(node.clone().run_sweeper(stop.clone()));
+        if node.object().is_ok() {
+            tokio::spawn(node.clone().run_collector(stop.clone()));
+        }
         tokio::spawn(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: draining in-flight calls");

@@ -120,6 +120,7 @@ async fn each_bad_request_gets_a_precise_status_and_stored_bytes_stay_intact() {
                     id: pending_id.clone(),
                     expected_sha256: vec![1, 2, 3],
                     sync: false,
+                    ..Default::default()
                 })
                 .await
                 .map(drop),
@@ -132,6 +133,7 @@ async fn each_bad_request_gets_a_precise_status_and_stored_bytes_stay_intact() {
                     id: pending_id.clone(),
                     expected_sha256: vec![0; 32],
                     sync: false,
+                    ..Default::default()
                 })
                 .await
                 .map(drop),
@@ -277,7 +279,7 @@ async fn a_write_past_the_region_is_refused_at_commit() {
     let (node, _) = open_node(&dirs, NodeConfig::default(), &Capacity::default()).await;
     let rec = node.allocate(AllocateRequest::new(100, Tier::Ram)).await.unwrap();
     std::fs::write(node.store(Tier::Ram).unwrap().path(rec.id), vec![1u8; 150]).unwrap();
-    let err = node.commit(rec.id, None, false).await.unwrap_err();
+    let err = node.commit(rec.id, None, false, false).await.unwrap_err();
     assert!(
         matches!(err, AgentError::InvalidArgument(ref m) if m.contains("past the region")),
         "{err:?}"
@@ -311,7 +313,7 @@ async fn ttl_expiry_removes_unleased_payloads_only() {
     let a = node.allocate(req.clone()).await.unwrap().id;
     let b = node.allocate(req).await.unwrap().id;
     for id in [a, b] {
-        node.commit(id, None, false).await.unwrap();
+        node.commit(id, None, false, false).await.unwrap();
     }
     let lease = node.acquire(b, None, true, 60_000).await.unwrap();
     node.clock().advance(600);

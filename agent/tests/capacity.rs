@@ -30,7 +30,7 @@ async fn full_ram_spills_to_disk_then_both_full_is_resource_exhausted() {
             }
         };
         std::fs::write(node.store(Tier::Ram).unwrap().path(rec.id), pattern(MIB as usize, i)).unwrap();
-        node.commit(rec.id, None, false).await.unwrap();
+        node.commit(rec.id, None, false, false).await.unwrap();
         ids.push((rec.id, i));
     }
     assert_eq!(ids.len(), 10, "4 MiB RAM + 6 MiB disk hold ten 1 MiB payloads");
@@ -69,11 +69,11 @@ async fn watermark_spill_stops_at_the_low_watermark_and_skips_pinned() {
     let mut ids = Vec::new();
     for _ in 0..9u8 {
         let rec = node.allocate(AllocateRequest::new(MIB, Tier::Ram)).await.unwrap();
-        node.commit(rec.id, None, false).await.unwrap();
+        node.commit(rec.id, None, false, false).await.unwrap();
         ids.push(rec.id);
     }
     node.pin(ids[0], 0).await.unwrap();
-    let moved = node.spill_to_low_watermark().await;
+    let moved = node.spill_to_low_watermark(Tier::Ram).await;
     assert_eq!(moved, 4, "9 MiB down to 5 MiB");
     assert_eq!(node.store(Tier::Ram).unwrap().used(), 5 * MIB);
     assert_eq!(node.get(ids[0]).unwrap().0.tier, Tier::Ram, "pinned payloads stay");

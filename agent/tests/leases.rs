@@ -98,7 +98,7 @@ async fn leased_payloads_stay_put_under_spill_pressure() {
     for i in 0..12 {
         put_on(&node, Tier::Ram, &pattern(MIB as usize, i)).await;
     }
-    node.spill_to_low_watermark().await;
+    node.spill_to_low_watermark(Tier::Ram).await;
     let (rec, leases) = node.get(leased).unwrap();
     assert_eq!(rec.tier, Tier::Ram, "a leased copy is never moved");
     assert_eq!(leases, 1);

@@ -3,8 +3,8 @@
 use async_trait::async_trait;
 
 use crate::error::{CatalogError, Result};
-use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
+use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
 use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
 
 /// One step of a multi-step update; [`Repository::write_batch`] applies a
@@ -29,7 +29,10 @@ pub enum Write {
     },
     /// Drops a payload's manifest and its block references (a missing
     /// manifest is fine: replays change nothing).
-    ReleaseManifest { id: PayloadId, now_ms: u64 },
+    ReleaseManifest {
+        id: PayloadId,
+        now_ms: u64,
+    },
     /// As [`Repository::commit_offset`].
     CommitOffset {
         stream: StreamKey,

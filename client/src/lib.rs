@@ -46,6 +46,9 @@ pub struct PutOptions {
     pub verify: bool,
     /// fsync before the commit returns (disk tier).
     pub sync: bool,
+    /// Commit returns once the payload is in the object store (the agent
+    /// needs --object-store).
+    pub object_durable: bool,
 }
 
 impl Default for PutOptions {
@@ -56,6 +59,7 @@ impl Default for PutOptions {
             ttl_ms: 0,
             verify: false,
             sync: false,
+            object_durable: false,
         }
     }
 }
@@ -210,6 +214,7 @@ impl Client {
                 map,
                 verify: opts.verify,
                 sync: opts.sync,
+                object_durable: opts.object_durable,
             }),
             Err(err) => {
                 let _ = self.abort(id).await;
@@ -221,7 +226,12 @@ impl Client {
     /// Commits a written region: its bytes never change afterwards.
     pub async fn commit(&self, region: WritableRegion) -> Result<PayloadDescriptor> {
         let WritableRegion {
-            id, map, verify, sync, ..
+            id,
+            map,
+            verify,
+            sync,
+            object_durable,
+            ..
         } = region;
         let expected_sha256 = if verify {
             use sha2::Digest;
@@ -237,6 +247,7 @@ impl Client {
                 id: Some(pb_id(id)),
                 expected_sha256,
                 sync,
+                object_durable,
             })
             .await?
             .into_inner();
@@ -425,6 +436,19 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("promote returned no descriptor".into()))
     }
 
+    /// Deletes object-store blocks no manifest has named for `grace_ms`
+    /// (0 = the agent's grace period); returns how many went.
+    pub async fn collect_garbage(&self, grace_ms: u64) -> Result<u64> {
+        let request = payload_proto::admin::CollectGarbageRequest { grace_ms };
+        Ok(self
+            .admin
+            .clone()
+            .collect_garbage(request)
+            .await?
+            .into_inner()
+            .blocks_deleted)
+    }
+
     pub async fn stats(&self) -> Result<StatsResponse> {
         Ok(self.admin.clone().stats(StatsRequest {}).await?.into_inner())
     }
@@ -479,6 +503,7 @@ pub struct WritableRegion {
     map: MmapMut,
     verify: bool,
     sync: bool,
+    object_durable: bool,
 }
 
 impl WritableRegion {

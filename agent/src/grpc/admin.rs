@@ -6,6 +6,7 @@ use payload_proto::admin;
 use payload_proto::services::payload_admin_service_server::PayloadAdminService;
 use tonic::{Request, Response, Status};
 
+use super::convert::status;
 use crate::node::Node;
 
 pub struct AdminService {
@@ -17,10 +18,30 @@ impl PayloadAdminService for AdminService {
     async fn stats(&self, _request: Request<admin::StatsRequest>) -> Result<Response<admin::StatsResponse>, Status> {
         let node = self.node.clone();
         // A scan of every entry: keep it off the async workers.
-        let stats = tokio::task::spawn_blocking(move || node.stats())
+        let mut stats = tokio::task::spawn_blocking(move || node.stats())
             .await
             .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
+        if self.node.object().is_ok() {
+            let blocks = self.node.repo().block_stats().await.map_err(status)?;
+            stats.object_blocks = blocks.blocks;
+            stats.object_block_bytes = blocks.bytes;
+            stats.object_unreferenced_blocks = blocks.unreferenced;
+        }
         Ok(Response::new(stats))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<admin::CollectGarbageRequest>,
+    ) -> Result<Response<admin::CollectGarbageResponse>, Status> {
+        let report = self
+            .node
+            .collect_garbage(request.get_ref().grace_ms)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(admin::CollectGarbageResponse {
+            blocks_deleted: report.blocks,
+        }))
     }
 }
 
@@ -38,6 +59,7 @@ impl Node {
             match tier.tier {
                 2 => (out.payloads_ram, out.bytes_ram) = (tier.payloads, tier.bytes),
                 3 => (out.payloads_disk, out.bytes_disk) = (tier.payloads, tier.bytes),
+                4 => (out.payloads_object, out.bytes_object) = (tier.payloads, tier.bytes),
                 _ => {}
             }
             out.tiers.push(tier);

@@ -13,7 +13,9 @@ use payload_proto::runtime;
 use payload_proto::services::payload_catalog_service_server::PayloadCatalogService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{descriptor, optional_tier, payload_id, pb_payload_id, required_tier, status, summary};
+use super::convert::{
+    descriptor, descriptor_with_object, optional_tier, payload_id, pb_payload_id, required_tier, status, summary,
+};
 use crate::clock::timestamp;
 use crate::limits::{known_enum, no_nul};
 use crate::node::{AllocateRequest, MoveOutcome, Node};
@@ -59,9 +61,13 @@ impl PayloadCatalogService for CatalogService {
             write_deadline_ms: req.write_deadline_ms,
         };
         let rec = self.node.allocate(alloc).await.map_err(status)?;
+        let object_upload_path = match (tier, self.node.object()) {
+            (payload_catalog::Tier::Object, Ok(object)) => object.upload_url(rec.id),
+            _ => String::new(),
+        };
         Ok(Response::new(runtime::AllocatePayloadResponse {
             payload_descriptor: Some(descriptor(&self.node, &rec)),
-            object_upload_path: String::new(),
+            object_upload_path,
         }))
     }
 
@@ -80,9 +86,13 @@ impl PayloadCatalogService for CatalogService {
                 )))
             }
         };
-        let rec = self.node.commit(id, expected, req.sync).await.map_err(status)?;
+        let rec = self
+            .node
+            .commit(id, expected, req.sync, req.object_durable)
+            .await
+            .map_err(status)?;
         Ok(Response::new(runtime::CommitPayloadResponse {
-            payload_descriptor: Some(descriptor(&self.node, &rec)),
+            payload_descriptor: Some(descriptor_with_object(&self.node, &rec).await),
         }))
     }
 
@@ -109,7 +119,7 @@ impl PayloadCatalogService for CatalogService {
                 target.name()
             )));
         }
-        self.node.store(target).map_err(status)?;
+        self.node.check_tier(target).map_err(status)?;
         let rec = if req.policy == PromotionPolicy::BestEffort as i32 {
             self.node.spawn_relocate(id, target);
             rec
@@ -159,7 +169,7 @@ impl PayloadCatalogService for CatalogService {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         let target = required_tier(req.target_tier, "target_tier")?;
-        self.node.store(target).map_err(status)?;
+        self.node.check_tier(target).map_err(status)?;
         let (rec, _) = self.node.get(id).map_err(status)?;
         // A hint: start the promotion and return.
         if target.faster_than(rec.tier) {
@@ -420,12 +430,10 @@ impl PayloadCatalogService for CatalogService {
         &self,
         request: Request<runtime::ImportPayloadRequest>,
     ) -> Result<Response<runtime::ImportPayloadResponse>, Status> {
-        let id = payload_id(request.get_ref().id.as_ref())?;
-        self.node.get(id).map_err(status)?;
-        Err(Status::failed_precondition(format!(
-            "ImportPayload needs an ALLOCATED payload on the object tier, and node {} has no object tier",
-            self.node.config().node_name
-        )))
+        let req = request.get_ref();
+        let id = payload_id(req.id.as_ref())?;
+        self.node.import(id, req.size_bytes).await.map_err(status)?;
+        Ok(Response::new(runtime::ImportPayloadResponse {}))
     }
 
     async fn abort_payload(&self, request: Request<runtime::AbortPayloadRequest>) -> Result<Response<()>, Status> {
@@ -442,7 +450,7 @@ impl PayloadCatalogService for CatalogService {
         let (rec, leases) = self.node.get(id).map_err(status)?;
         Ok(Response::new(runtime::GetPayloadResponse {
             payload: Some(summary(&rec, leases, self.node.now_ms())),
-            payload_descriptor: Some(descriptor(&self.node, &rec)),
+            payload_descriptor: Some(descriptor_with_object(&self.node, &rec).await),
         }))
     }
 }

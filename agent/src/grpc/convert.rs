@@ -54,19 +54,37 @@ pub fn optional_tier(value: i32, what: &str) -> Result<Option<Tier>, Status> {
 /// The descriptor for a record: the location where its bytes live now.
 pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
     use pb::payload_descriptor::Location;
-    let location = node.store(rec.tier).ok().map(|store| match rec.tier {
-        Tier::Ram => Location::Ram(pb::RamLocation {
-            shm_name: store.shm_name(rec.id),
-            slab_id: 0,
-            block_index: 0,
-            length_bytes: rec.size_bytes,
-        }),
-        _ => Location::Disk(pb::DiskLocation {
-            path: store.path(rec.id).display().to_string(),
+    let disk = |path: std::path::PathBuf| {
+        Location::Disk(pb::DiskLocation {
+            path: path.display().to_string(),
             offset_bytes: 0,
             length_bytes: rec.size_bytes,
+        })
+    };
+    let location = match rec.tier {
+        // The object tier is read through this node's block cache.
+        Tier::Object => node.object().ok().map(|o| disk(o.cache.path(rec.id))),
+        Tier::Ram => node.store(rec.tier).ok().map(|store| {
+            Location::Ram(pb::RamLocation {
+                shm_name: store.shm_name(rec.id),
+                slab_id: 0,
+                block_index: 0,
+                length_bytes: rec.size_bytes,
+            })
         }),
-    });
+        tier => node.store(tier).ok().map(|store| disk(store.path(rec.id))),
+    };
+    let copies = std::iter::once(pb::PayloadCopy {
+        tier: rec.tier as i32,
+        authoritative: true,
+        verified: rec.sha256.is_some(),
+    })
+    .chain(rec.copies.iter().map(|c| pb::PayloadCopy {
+        tier: c.tier as i32,
+        authoritative: false,
+        verified: c.verified,
+    }))
+    .collect();
     pb::PayloadDescriptor {
         payload_id: Some(pb_payload_id(rec.id)),
         tier: rec.tier as i32,
@@ -78,7 +96,32 @@ pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
         eviction_policy: None,
         size_bytes: rec.size_bytes,
         sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
+        object: None,
+        copies,
     }
+}
+
+/// The descriptor with the object copy's bucket, manifest and block keys
+/// filled in (one catalog read; for calls that report a single payload).
+pub async fn descriptor_with_object(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
+    let mut d = descriptor(node, rec);
+    let Ok(object) = node.object() else { return d };
+    if !rec.in_object_store() {
+        return d;
+    }
+    if let Ok(Some((manifest, true))) = node.repo().get_manifest(rec.id).await {
+        d.object = Some(pb::ObjectLocation {
+            bucket: object.bucket_name().to_string(),
+            manifest_key: object.full_key(&crate::object::manifest_key(rec.id)),
+            block_keys: manifest
+                .blocks
+                .iter()
+                .map(|b| object.full_key(&crate::object::block_key(b)))
+                .collect(),
+            block_size_bytes: manifest.block_size,
+        });
+    }
+    d
 }
 
 pub fn summary(rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtime::PayloadSummary {

@@ -68,6 +68,14 @@ impl Node {
                 }
                 Err(Grant::Failed(err)) => return Err(err),
                 Ok(grant) => {
+                    if grant.rec.tier == Tier::Object {
+                        // The lease is held while the cache fills, so no
+                        // eviction takes the blocks it is waiting for.
+                        if let Err(err) = self.object_read_path(id).await {
+                            self.release(grant.lease);
+                            return Err(err);
+                        }
+                    }
                     let journaled = self.journal.grant(&[JournaledLease {
                         lease: grant.lease,
                         payload: id,
@@ -89,13 +97,22 @@ impl Node {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, duration)| {
-                self.try_grant(*id, *min_tier, *duration).map_err(|e| match e {
+                let grant = self.try_grant(*id, *min_tier, *duration).map_err(|e| match e {
                     Grant::Failed(err) => err,
                     Grant::TooSlow(target) => AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
                         target.name()
                     )),
-                })
+                })?;
+                let cached = self.object.as_ref().is_some_and(|o| o.cache.is_complete(*id));
+                if grant.rec.tier == Tier::Object && !cached {
+                    self.release(grant.lease);
+                    return Err(AgentError::InvalidState(format!(
+                        "payload {id} is on the object tier and not cached on this node; batch leases never \
+                         download, use AcquireReadLease"
+                    )));
+                }
+                Ok(grant)
             })
             .collect();
         let journaled: Vec<_> = results

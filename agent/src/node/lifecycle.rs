@@ -65,18 +65,12 @@ impl Node {
             )));
         }
         self.writer.admit()?;
-        let store = self.store(req.tier)?;
-        if let Err(full) = store.reserve(req.size_bytes) {
-            if req.tier != Tier::Ram {
-                return Err(full);
-            }
-            self.make_room(req.size_bytes).await;
-            store.reserve(req.size_bytes)?;
-        }
         let id = PayloadId::random();
-        if let Err(e) = self.create_region(req.tier, id, req.size_bytes).await {
-            store.unreserve(req.size_bytes);
-            return Err(e);
+        if req.tier == Tier::Object {
+            // The client uploads the bytes itself; ImportPayload adopts them.
+            self.object()?;
+        } else {
+            self.reserve_region(req.tier, id, req.size_bytes).await?;
         }
         crate::failpoint!("after-region-create");
         let now = self.now_ms();
@@ -101,8 +95,9 @@ impl Node {
             ..PayloadRecord::allocated(id, req.tier, req.size_bytes, now)
         };
         if let Err(err) = self.writer.write(Write::Insert(rec.clone())) {
-            let _ = store.remove(id);
-            store.unreserve(req.size_bytes);
+            if req.tier != Tier::Object {
+                self.free_copy(req.tier, id, req.size_bytes);
+            }
             return Err(err);
         }
         crate::failpoint!("after-log-append");
@@ -116,7 +111,8 @@ impl Node {
     /// Seals the region and makes the payload readable. With `expected` the
     /// bytes are hashed now and must match; otherwise the digest is computed
     /// in the background. With `sync` the bytes, their name and the catalog
-    /// record survive power loss before this returns.
+    /// record survive power loss before this returns. With `object` every
+    /// block and the manifest are in the object store before it returns.
     /// Runs as a task of its own, so a client that goes away mid-commit
     /// cannot cut it off between the log write and the fsync it asked for.
     pub async fn commit(
@@ -124,9 +120,10 @@ impl Node {
         id: PayloadId,
         expected: Option<[u8; 32]>,
         sync: bool,
+        object: bool,
     ) -> Result<PayloadRecord, AgentError> {
         let node = self.clone();
-        tokio::spawn(async move { node.commit_now(id, expected, sync).await })
+        tokio::spawn(async move { node.commit_now(id, expected, sync, object).await })
             .await
             .map_err(|e| crate::error::task_failed("committing", e))?
     }
@@ -136,6 +133,7 @@ impl Node {
         id: PayloadId,
         expected: Option<[u8; 32]>,
         sync: bool,
+        object: bool,
     ) -> Result<PayloadRecord, AgentError> {
         let entry = self.entry(id)?;
         let (tier, size) = {
@@ -148,6 +146,13 @@ impl Node {
             )?;
             (e.rec.tier, e.rec.size_bytes)
         };
+        if tier == Tier::Object {
+            return Err(AgentError::InvalidState(format!(
+                "payload {id} was allocated on the object tier: upload its bytes to the object_upload_path the \
+                 allocation returned, then call ImportPayload (Commit is for RAM and DISK allocations)"
+            )));
+        }
+        let object = if object { Some(self.object()?.clone()) } else { None };
         self.writer.admit()?;
         let store = self.store(tier)?;
         match store.region_len(id) {
@@ -200,6 +205,12 @@ impl Node {
                 ));
             }
         }
+        let digest = match &object {
+            // Uploaded before the commit shows, so a failure leaves the
+            // allocation to retry or abort; the upload checks `digest`.
+            Some(object) => Some(object.upload(id, &store.path(id), digest, self.now_ms()).await?.sha256),
+            None => digest,
+        };
         store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
         let (rec, seq) = {
             let mut e = lock(&entry);
@@ -208,11 +219,17 @@ impl Node {
             rec.state = transition(
                 rec.state,
                 Event::Commit {
-                    durable: tier.is_durable(),
+                    durable: tier.is_durable() || object.is_some(),
                 },
             )?;
             rec.version += 1;
             rec.sha256 = digest;
+            if object.is_some() {
+                rec.copies = vec![payload_catalog::CopyRecord {
+                    tier: Tier::Object,
+                    verified: true,
+                }];
+            }
             // Logged under the lock, before the node shows it: log order is
             // the order of effect, and a failed write changes nothing (the
             // writer may rewrite the region and commit again).
@@ -238,9 +255,24 @@ impl Node {
         Ok(rec)
     }
 
+    /// Reserves capacity on a local tier (RAM makes room by spilling) and
+    /// creates the region; on failure nothing is left taken.
+    async fn reserve_region(self: &Arc<Self>, tier: Tier, id: PayloadId, size: u64) -> Result<(), AgentError> {
+        let store = self.store(tier)?;
+        if store.reserve(size).is_err() {
+            self.make_room(tier, size).await;
+            store.reserve(size)?;
+        }
+        if let Err(e) = self.create_region(tier, id, size).await {
+            store.unreserve(size);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Creates the region; a large one off the async workers, since giving
     /// it real space (zeroed pages on tmpfs) takes a while.
-    async fn create_region(&self, tier: Tier, id: PayloadId, size: u64) -> Result<(), AgentError> {
+    pub(crate) async fn create_region(&self, tier: Tier, id: PayloadId, size: u64) -> Result<(), AgentError> {
         const INLINE: u64 = 1 << 20;
         let store = self.store(tier)?;
         let created = if size <= INLINE {
@@ -302,7 +334,7 @@ impl Node {
             self.end(&mut e, Event::Abort)?;
             e.rec.clone()
         };
-        self.free(&rec);
+        self.free_all(&rec);
         Ok(())
     }
 
@@ -328,7 +360,7 @@ impl Node {
             // The mover sees `gone` and frees both copies itself.
             self.payloads.shard(&id).remove(&id);
         } else {
-            self.free(&rec);
+            self.free_all(&rec);
         }
         Ok(())
     }
@@ -338,20 +370,30 @@ impl Node {
     pub(crate) fn end(&self, e: &mut Entry, event: Event) -> Result<(), AgentError> {
         let next = transition(e.rec.state, event)?;
         self.writer.write(Write::Delete(e.rec.id))?;
+        if self.object.is_some() {
+            // Logged even without an object copy on record: an upload whose
+            // switch a crash cut off may have left a manifest (a replayed or
+            // needless release changes nothing).
+            let release = Write::ReleaseManifest {
+                id: e.rec.id,
+                now_ms: self.now_ms(),
+            };
+            if let Err(err) = self.writer.write(release) {
+                tracing::warn!(id = %e.rec.id, %err, "could not log the manifest release; its blocks stay referenced");
+            }
+        }
         e.rec.state = next;
         e.gone = true;
         Ok(())
     }
 
-    /// Frees what an ended payload held: entry, region, capacity.
-    pub(crate) fn free(&self, rec: &PayloadRecord) {
+    /// Frees what an ended payload held: entry, every copy, capacity.
+    pub(crate) fn free_all(&self, rec: &PayloadRecord) {
         self.payloads.shard(&rec.id).remove(&rec.id);
         crate::failpoint!("before-free");
-        if let Ok(store) = self.store(rec.tier) {
-            if let Err(e) = store.remove(rec.id) {
-                tracing::warn!(id = %rec.id, %e, "could not remove the payload region");
-            }
-            store.unreserve(rec.size_bytes);
+        self.free_copy(rec.tier, rec.id, rec.size_bytes);
+        for copy in &rec.copies {
+            self.free_copy(copy.tier, rec.id, rec.size_bytes);
         }
     }
 

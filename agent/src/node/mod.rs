@@ -5,6 +5,7 @@
 
 mod leases;
 mod lifecycle;
+mod objects;
 mod recovery;
 mod sweep;
 mod tiering;
@@ -18,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::journal::Journal;
+use crate::object::ObjectTier;
 use crate::state::StateDir;
 use crate::store::FileStore;
 use crate::writer::Writer;
@@ -42,6 +44,13 @@ pub struct NodeConfig {
     pub ram_high_watermark: f64,
     /// ...and stops below this one.
     pub ram_low_watermark: f64,
+    /// The disk tier's watermarks (spilling to the object tier).
+    pub disk_high_watermark: f64,
+    pub disk_low_watermark: f64,
+    /// Unreferenced object-store blocks are deleted after this long...
+    pub object_gc_grace_ms: u64,
+    /// ...by a collection that runs this often.
+    pub object_gc_interval_ms: u64,
     /// Catalog writes that may wait in the log before new payloads are refused.
     pub catalog_backlog: usize,
     /// Bounds on requests, checked at the gRPC edge.
@@ -60,6 +69,10 @@ impl Default for NodeConfig {
             max_payload_bytes: 128 << 30,
             ram_high_watermark: 0.9,
             ram_low_watermark: 0.7,
+            disk_high_watermark: 0.9,
+            disk_low_watermark: 0.7,
+            object_gc_grace_ms: 3_600_000,
+            object_gc_interval_ms: 600_000,
             catalog_backlog: 100_000,
             limits: crate::limits::Limits::default(),
             clock: Clock::new(),
@@ -164,6 +177,8 @@ pub struct Node {
     pub(crate) writer: Writer,
     pub(crate) ram: FileStore,
     pub(crate) disk: FileStore,
+    /// The object tier, when `--object-store` names one.
+    pub(crate) object: Option<Arc<ObjectTier>>,
     pub(crate) payloads: Sharded<PayloadId, EntryRef>,
     pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,
     pub(crate) journal: Journal,
@@ -180,15 +195,43 @@ impl Node {
         match tier {
             Tier::Ram => Ok(&self.ram),
             Tier::Disk => Ok(&self.disk),
-            Tier::Gpu | Tier::Object => Err(AgentError::InvalidState(format!(
-                "the {} tier is not configured on node {}",
-                tier.name(),
-                self.cfg.node_name
-            ))),
+            Tier::Gpu | Tier::Object => Err(self.not_configured(tier)),
             Tier::Void => Err(AgentError::InvalidArgument(
                 "TIER_VOID is not a place to store bytes; spill to VOID deletes a payload".into(),
             )),
         }
+    }
+
+    fn not_configured(&self, tier: Tier) -> AgentError {
+        let hint = if tier == Tier::Object {
+            " (start the agent with --object-store s3://BUCKET/PREFIX)"
+        } else {
+            ""
+        };
+        AgentError::InvalidState(format!(
+            "the {} tier is not configured on node {}{hint}",
+            tier.name(),
+            self.cfg.node_name
+        ))
+    }
+
+    /// The object tier, or an error saying it is not configured.
+    pub fn object(&self) -> Result<&Arc<ObjectTier>, AgentError> {
+        self.object.as_ref().ok_or_else(|| self.not_configured(Tier::Object))
+    }
+
+    /// Whether payloads can be placed on `tier` here.
+    pub fn check_tier(&self, tier: Tier) -> Result<(), AgentError> {
+        match tier {
+            Tier::Object => self.object().map(drop),
+            tier => self.store(tier).map(drop),
+        }
+    }
+
+    /// Whether anyone holds a live lease on the payload.
+    pub(crate) fn is_leased(&self, id: PayloadId) -> bool {
+        let now = self.now_ms();
+        self.entry(id).is_ok_and(|e| lock(&e).live_leases(now) > 0)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -249,6 +292,15 @@ impl Node {
                 ..Default::default()
             })
             .collect();
+        if let Some(object) = &self.object {
+            let (cached, cache_capacity) = object.cache.usage();
+            tiers.push(payload_proto::admin::TierUsage {
+                tier: Tier::Object as u32,
+                cache_bytes: cached,
+                cache_capacity_bytes: cache_capacity,
+                ..Default::default()
+            });
+        }
         let mut moving = 0;
         self.payloads.for_each(|_, entry| {
             let e = lock(entry);

@@ -12,6 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::{lock, Entry, LeaseSlot, Node, NodeConfig, Sharded};
 use crate::journal::Journal;
+use crate::object::ObjectTier;
 use crate::state::StateDir;
 use crate::store::{FileStore, Scan};
 use crate::writer::Writer;
@@ -58,6 +59,8 @@ pub struct Recovery {
     /// names without a catalog row): reported, never touched.
     pub foreign_skipped: usize,
     pub leases_restored: usize,
+    /// Manifests of uploads a crash cut short, released.
+    pub uploads_released: usize,
 }
 
 impl Node {
@@ -68,6 +71,7 @@ impl Node {
         repo: Arc<dyn Repository>,
         ram: FileStore,
         disk: FileStore,
+        object: Option<ObjectTier>,
         state: StateDir,
     ) -> anyhow::Result<(Arc<Node>, Recovery)> {
         // The catalog scopes payload rows by node: a mismatch would load (and
@@ -90,6 +94,7 @@ impl Node {
             writer,
             ram,
             disk,
+            object: object.map(Arc::new),
             payloads: Sharded::new(),
             leases: Sharded::new(),
             journal,
@@ -111,6 +116,9 @@ impl Node {
         let rejected = rejected_ids(&node.state.join("catalog.rejected"));
         node.load(&mut report, rebooted, &foreign, &rejected).await?;
         node.remove_orphans(&mut report, scans, &rejected);
+        if node.object.is_some() {
+            report.uploads_released = node.release_pending_manifests().await?;
+        }
         node.state.record_boot()?;
         node.ram.check_capacity()?;
         node.disk.check_capacity()?;
@@ -177,6 +185,25 @@ impl Node {
     ) -> anyhow::Result<()> {
         let now = self.now_ms();
         for mut rec in self.repo.load_payloads().await? {
+            if rec.tier == Tier::Object {
+                if let Err(err) = self.object() {
+                    tracing::warn!(id = %rec.id, %err, "skipping a payload on an unconfigured tier");
+                    continue;
+                }
+                if rec.state == PayloadState::Spilling {
+                    rec.state = transition(rec.state, Event::CancelMove { durable: true })?;
+                    self.writer.write(Write::Update(rec.clone()))?;
+                    report.moves_undone += 1;
+                }
+                // Its bytes are in the object store; an ALLOCATED one waits
+                // for its client's upload (or its write deadline).
+                self.check_copies(&mut rec)?;
+                self.payloads
+                    .shard(&rec.id)
+                    .insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec, now))));
+                report.payloads += 1;
+                continue;
+            }
             let store = match self.store(rec.tier) {
                 Ok(store) => store,
                 Err(err) => {
@@ -237,11 +264,32 @@ impl Node {
                 self.writer.write(Write::Update(rec.clone()))?;
                 report.moves_undone += 1;
             }
+            self.check_copies(&mut rec)?;
             store.add_used(rec.size_bytes);
             self.payloads
                 .shard(&rec.id)
                 .insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec, now))));
             report.payloads += 1;
+        }
+        Ok(())
+    }
+
+    /// Keeps the copies besides the authoritative one that are really here
+    /// (counting their capacity) and drops the rest from the row.
+    fn check_copies(&self, rec: &mut payload_catalog::PayloadRecord) -> anyhow::Result<()> {
+        let before = rec.copies.len();
+        rec.copies.retain(|copy| match copy.tier {
+            Tier::Object => self.object.is_some(),
+            tier => match self.store(tier) {
+                Ok(store) if store.region_len(rec.id) == Some(rec.size_bytes) => {
+                    store.add_used(rec.size_bytes);
+                    true
+                }
+                _ => false,
+            },
+        });
+        if rec.copies.len() != before {
+            self.writer.write(Write::Update(rec.clone()))?;
         }
         Ok(())
     }
@@ -264,7 +312,8 @@ impl Node {
         for (store, scan) in [&self.ram, &self.disk].into_iter().zip(scans) {
             let mut owned = HashSet::new();
             self.payloads.for_each(|id, e| {
-                if lock(e).rec.tier == store.tier() {
+                let e = lock(e);
+                if e.rec.tier == store.tier() || e.rec.has_copy(store.tier()) {
                     owned.insert(*id);
                 }
             });

@@ -17,6 +17,7 @@ impl Node {
         let mut doomed = Vec::new();
         for entry in self.entries() {
             let mut e = lock(&entry);
+            self.drop_idle_copies(&mut e, now);
             let event = match e.rec.state {
                 PayloadState::Allocated if e.rec.write_deadline_ms <= now => Event::Abort,
                 _ if e.rec.expires_at_ms != 0
@@ -37,7 +38,7 @@ impl Node {
         }
         for rec in doomed {
             tracing::info!(id = %rec.id, state = rec.state.name(), "removed payload");
-            self.free(&rec);
+            self.free_all(&rec);
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::error::AgentError;
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{PayloadId, PayloadRecord, Priority, Tier, Write};
+use payload_catalog::{CopyRecord, PayloadId, PayloadRecord, Priority, Tier, Write};
 
 use super::{lock, Node};
 use crate::store::{digest_file, io_error, FileStore};
@@ -69,7 +69,7 @@ impl Node {
             self.delete(id, false).await?;
             return Ok(MoveOutcome::Deleted);
         }
-        let to = self.store(target)?;
+        self.check_tier(target)?;
         let deadline = self.now_ms() + if wait_for_leases { self.cfg.lease_max_ms } else { 0 };
         let entry = self.entry(id)?;
         let source = loop {
@@ -81,9 +81,12 @@ impl Node {
                 }
                 check_move(&e.rec, target, now)?;
                 let live = e.live_leases(now);
+                // A lease pins the copy it was granted on: an upward move
+                // copies past it and keeps that copy while it is leased.
+                let upward = target.faster_than(e.rec.tier);
                 if e.moving {
                     // Another move is under way (moves always end): see where it lands.
-                } else if live == 0 {
+                } else if live == 0 || upward {
                     // Not logged: the row keeps naming the source until the switch.
                     e.rec.state = transition(e.rec.state, Event::BeginMove)?;
                     e.rec.version += 1;
@@ -98,35 +101,111 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        let from = self.store(source.tier)?;
         // From here every exit either switches or undoes what was taken.
-        let reserved = self.reserve_for_move(to, source.size_bytes).await;
+        let size = source.size_bytes;
+        let fresh = !source.has_copy(target);
+        let reserved = if fresh {
+            self.reserve_copy(target, size).await
+        } else {
+            Ok(())
+        };
         let copied = match &reserved {
-            Ok(()) => copy_verified(from, to, &source, sync).await,
+            Ok(()) if fresh => self.copy_to(&source, target, sync).await,
+            Ok(()) => Ok(()),
             Err(err) => Err(err.clone()),
         };
         match copied.and_then(|()| self.switch(&entry, target)) {
-            Ok(rec) => {
+            Ok((rec, kept)) => {
                 crate::failpoint!("after-switch");
-                if let Err(e) = from.remove(id) {
-                    tracing::warn!(%id, %e, "could not remove the source copy after a move");
+                if !kept {
+                    self.free_copy(source.tier, id, size);
                 }
-                from.unreserve(source.size_bytes);
                 Ok(MoveOutcome::Moved(rec))
             }
             Err(err) => {
-                if reserved.is_ok() {
-                    let _ = to.remove(id);
-                    to.unreserve(source.size_bytes);
+                if reserved.is_ok() && fresh {
+                    self.free_copy(target, id, size);
                 }
-                Err(self.undo_move(&entry, from, err))
+                Err(self.undo_move(&entry, err))
+            }
+        }
+    }
+
+    /// Copies the payload from its authoritative copy to `target`, checked
+    /// against its digest before it counts. The one place that knows how
+    /// bytes travel between tiers.
+    async fn copy_to(&self, source: &PayloadRecord, target: Tier, sync: bool) -> Result<(), AgentError> {
+        let id = source.id;
+        match (source.tier, target) {
+            (from, Tier::Object) => {
+                let object = self.object()?;
+                let path = self.store(from)?.path(id);
+                object.upload(id, &path, source.sha256, self.now_ms()).await?;
+                Ok(())
+            }
+            (Tier::Object, to) => {
+                let store = self.store(to)?;
+                self.create_region(to, id, source.size_bytes).await?;
+                let fetched = self.fetch_object(source, &store.path(id)).await;
+                let sealed = fetched.and_then(|()| {
+                    let synced = if sync { store.sync(id) } else { Ok(()) };
+                    synced
+                        .and_then(|()| store.seal(id))
+                        .map_err(|e| io_error("sealing the promoted copy", e))
+                });
+                if sealed.is_err() {
+                    let _ = store.remove(id);
+                }
+                sealed
+            }
+            (from, to) => copy_verified(self.store(from)?, self.store(to)?, source, sync).await,
+        }
+    }
+
+    /// Capacity for a new copy on `target`; RAM makes room by spilling.
+    async fn reserve_copy(self: &Arc<Self>, target: Tier, bytes: u64) -> Result<(), AgentError> {
+        if target == Tier::Object {
+            return Ok(());
+        }
+        let to = self.store(target)?;
+        if to.reserve(bytes).is_ok() {
+            return Ok(());
+        }
+        self.make_room(target, bytes).await;
+        to.reserve(bytes)
+    }
+
+    /// Frees one copy: a local region and its capacity, or the object copy
+    /// (whose manifest release the caller has logged).
+    pub(crate) fn free_copy(&self, tier: Tier, id: PayloadId, size: u64) {
+        match tier {
+            Tier::Object => {
+                if let Some(object) = &self.object {
+                    object.cache.remove(id);
+                    let object = object.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = object.delete_manifest_object(id).await {
+                            tracing::warn!(%id, %err, "could not delete a manifest object; its blocks are collected anyway");
+                        }
+                    });
+                }
+            }
+            tier => {
+                if let Ok(store) = self.store(tier) {
+                    if let Err(e) = store.remove(id) {
+                        tracing::warn!(%id, %e, "could not remove a payload region");
+                    }
+                    store.unreserve(size);
+                }
             }
         }
     }
 
     /// Makes the new copy authoritative: logged under the payload's lock,
-    /// unless the payload was deleted or leased meanwhile.
-    fn switch(&self, entry: &super::EntryRef, target: Tier) -> Result<PayloadRecord, AgentError> {
+    /// unless the payload was deleted, or leased meanwhile on a downward
+    /// move. Says whether the source copy stays, as a copy under the new
+    /// one: the object copy always, a local copy while it is leased.
+    fn switch(&self, entry: &super::EntryRef, target: Tier) -> Result<(PayloadRecord, bool), AgentError> {
         let mut e = lock(entry);
         let id = e.rec.id;
         if e.gone {
@@ -134,17 +213,27 @@ impl Node {
                 "payload {id} was deleted during the move"
             )));
         }
-        if e.live_leases(self.now_ms()) > 0 {
+        let leased = e.live_leases(self.now_ms()) > 0;
+        let upward = target.faster_than(e.rec.tier);
+        if leased && !upward {
             return Err(AgentError::Conflict(format!(
                 "payload {id} was leased during the move; it stays where it was"
             )));
         }
         let mut rec = e.rec.clone();
+        let keep = rec.tier == Tier::Object || (upward && leased);
+        rec.copies.retain(|c| c.tier != target);
+        if keep {
+            rec.copies.push(CopyRecord {
+                tier: rec.tier,
+                verified: true,
+            });
+        }
         rec.tier = target;
         rec.state = transition(
             rec.state,
             Event::FinishMove {
-                durable: target.is_durable(),
+                durable: target.is_durable() || rec.in_object_store(),
             },
         )?;
         rec.version += 1;
@@ -152,38 +241,27 @@ impl Node {
         self.writer.write(Write::Update(rec.clone()))?;
         e.rec = rec.clone();
         e.moving = false;
-        Ok(rec)
+        Ok((rec, keep))
     }
 
     /// Ends a move that did not switch: the payload stays on its source
-    /// copy, or, if it was deleted meanwhile, the source is freed here (the
-    /// delete left it to the mover).
-    fn undo_move(&self, entry: &super::EntryRef, from: &FileStore, err: AgentError) -> AgentError {
+    /// copy, or, if it was deleted meanwhile, its copies are freed here (the
+    /// delete left them to the mover).
+    fn undo_move(&self, entry: &super::EntryRef, err: AgentError) -> AgentError {
         let mut e = lock(entry);
         e.moving = false;
         if e.gone {
-            let (id, size) = (e.rec.id, e.rec.size_bytes);
+            let rec = e.rec.clone();
             drop(e);
-            let _ = from.remove(id);
-            from.unreserve(size);
-            return AgentError::NotFound(format!("payload {id} was deleted during the move"));
+            self.free_all(&rec);
+            return AgentError::NotFound(format!("payload {} was deleted during the move", rec.id));
         }
-        let durable = e.rec.tier.is_durable();
+        let durable = e.rec.tier.is_durable() || e.rec.in_object_store();
         if let Ok(state) = transition(e.rec.state, Event::CancelMove { durable }) {
             e.rec.state = state;
             e.rec.version += 1;
         }
         err
-    }
-
-    async fn reserve_for_move(self: &Arc<Self>, to: &FileStore, bytes: u64) -> Result<(), AgentError> {
-        if to.reserve(bytes).is_ok() {
-            return Ok(());
-        }
-        if to.tier() == Tier::Ram {
-            self.make_room(bytes).await;
-        }
-        to.reserve(bytes)
     }
 
     /// Starts a move in the background (BEST_EFFORT policies).
@@ -208,57 +286,92 @@ impl Node {
         }
     }
 
+    /// Where the scheduler sends a payload from its tier: its spill target
+    /// when that is below it and configured here, else the next configured
+    /// tier down (none below the lowest).
+    fn scheduled_target(&self, rec: &PayloadRecord) -> Option<Tier> {
+        let configured = |tier: Tier| tier == Tier::Void || self.check_tier(tier).is_ok();
+        if rec.tier.faster_than(rec.spill_target) && configured(rec.spill_target) {
+            return Some(rec.spill_target);
+        }
+        [Tier::Disk, Tier::Object]
+            .into_iter()
+            .find(|t| rec.tier.faster_than(*t) && self.check_tier(*t).is_ok())
+    }
+
+    /// The local tier's store and watermarks, for the scheduler.
+    fn watermarks(&self, tier: Tier) -> Option<(&FileStore, f64, f64)> {
+        match tier {
+            Tier::Ram => Some((&self.ram, self.cfg.ram_high_watermark, self.cfg.ram_low_watermark)),
+            Tier::Disk => Some((&self.disk, self.cfg.disk_high_watermark, self.cfg.disk_low_watermark)),
+            _ => None,
+        }
+    }
+
     pub(crate) fn kick_spill_if_needed(&self) {
-        if self.ram.used() as f64 > self.ram.capacity() as f64 * self.cfg.ram_high_watermark {
+        let above = |tier| {
+            self.watermarks(tier)
+                .is_some_and(|(store, high, _)| store.used() as f64 > store.capacity() as f64 * high)
+        };
+        if above(Tier::Ram) || above(Tier::Disk) {
             self.spill_wanted.notify_one();
         }
     }
 
-    /// Committed RAM payloads that may be spilled, coldest and least
-    /// important first.
-    fn spill_candidates(&self) -> Vec<(PayloadId, u64)> {
+    /// Committed payloads on `tier` that may be spilled, with where each
+    /// goes: unleased, unpinned, allowed by policy; lowest priority first,
+    /// then least recently leased.
+    fn spill_candidates(&self, tier: Tier) -> Vec<(PayloadId, Tier)> {
         let now = self.now_ms();
         let mut candidates = Vec::new();
         for entry in self.entries() {
             let e = lock(&entry);
             let rec = &e.rec;
-            if rec.tier == Tier::Ram
-                && rec.state.is_readable()
-                && !e.moving
-                && !rec.is_pinned(now)
-                && e.live_leases(now) == 0
-                && check_move(rec, Tier::Disk, now).is_ok()
+            if rec.tier != tier || !rec.state.is_readable() || e.moving || rec.is_pinned(now) || e.live_leases(now) > 0
             {
-                candidates.push((rec.priority, e.last_access_ms, rec.id, rec.size_bytes));
+                continue;
+            }
+            let Some(target) = self.scheduled_target(rec) else {
+                continue;
+            };
+            if check_move(rec, target, now).is_ok() {
+                candidates.push((rec.priority, e.last_access_ms, rec.id, target));
             }
         }
         candidates.sort();
-        candidates.into_iter().map(|(_, _, id, size)| (id, size)).collect()
+        candidates.into_iter().map(|(_, _, id, target)| (id, target)).collect()
     }
 
-    /// Spills until `free` bytes of RAM are available, or nothing more can go.
-    pub(crate) async fn make_room(self: &Arc<Self>, free: u64) {
-        for (id, _) in self.spill_candidates() {
-            if self.ram.capacity().saturating_sub(self.ram.used()) >= free {
+    /// Spills from `tier` until `free` bytes are available there, or
+    /// nothing more can go.
+    pub(crate) async fn make_room(self: &Arc<Self>, tier: Tier, free: u64) {
+        let Some((store, _, _)) = self.watermarks(tier) else {
+            return;
+        };
+        for (id, target) in self.spill_candidates(tier) {
+            if store.capacity().saturating_sub(store.used()) >= free {
                 return;
             }
             // A promotion into RAM can land here and move others down.
-            if let Err(err) = self.relocate(id, Tier::Disk, false, false).await {
+            if let Err(err) = self.relocate(id, target, false, false).await {
                 tracing::debug!(%id, %err, "could not spill to make room");
             }
         }
     }
 
-    /// Spills down to the low watermark.
-    pub async fn spill_to_low_watermark(self: &Arc<Self>) -> usize {
-        let low = (self.ram.capacity() as f64 * self.cfg.ram_low_watermark) as u64;
+    /// Spills `tier` down to its low watermark; returns how many moved.
+    pub async fn spill_to_low_watermark(self: &Arc<Self>, tier: Tier) -> usize {
+        let Some((store, _, low)) = self.watermarks(tier) else {
+            return 0;
+        };
+        let low = (store.capacity() as f64 * low) as u64;
         let mut moved = 0;
-        for (id, _) in self.spill_candidates() {
-            if self.ram.used() <= low {
+        for (id, target) in self.spill_candidates(tier) {
+            if store.used() <= low {
                 break;
             }
-            match self.relocate(id, Tier::Disk, false, false).await {
-                Ok(MoveOutcome::Moved(_)) => moved += 1,
+            match self.relocate(id, target, false, false).await {
+                Ok(MoveOutcome::Moved(_) | MoveOutcome::Deleted) => moved += 1,
                 Ok(_) => {}
                 Err(err) => tracing::debug!(%id, %err, "watermark spill skipped a payload"),
             }
@@ -266,7 +379,9 @@ impl Node {
         moved
     }
 
-    /// The spill scheduler: wakes on allocation pressure or every second.
+    /// The spill scheduler: wakes on allocation pressure or every second,
+    /// and spills each local tier above its high watermark, RAM first (a
+    /// spill from RAM may push the disk over).
     pub async fn run_spiller(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             tokio::select! {
@@ -274,10 +389,19 @@ impl Node {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = super::stopped(&mut stop) => return,
             }
-            let high = (self.ram.capacity() as f64 * self.cfg.ram_high_watermark) as u64;
-            if self.ram.used() > high {
-                let moved = self.spill_to_low_watermark().await;
-                tracing::info!(moved, used = self.ram.used(), "spilled RAM down to the low watermark");
+            for tier in [Tier::Ram, Tier::Disk] {
+                let Some((store, high, _)) = self.watermarks(tier) else {
+                    continue;
+                };
+                if store.used() as f64 > store.capacity() as f64 * high {
+                    let moved = self.spill_to_low_watermark(tier).await;
+                    tracing::info!(
+                        tier = tier.name(),
+                        moved,
+                        used = store.used(),
+                        "spilled down to the low watermark"
+                    );
+                }
             }
         }
     }

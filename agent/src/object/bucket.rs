@@ -206,7 +206,10 @@ impl Bucket for S3Bucket {
             }
             get = get.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
-        let out = get.send().await.map_err(|e| classify(&format!("downloading {key}"), e))?;
+        let out = get
+            .send()
+            .await
+            .map_err(|e| classify(&format!("downloading {key}"), e))?;
         let body = out
             .body
             .collect()
@@ -226,7 +229,14 @@ impl Bucket for S3Bucket {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match self.client.head_object().bucket(&self.bucket).key(self.key(key)).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
             Err(e) => match classify(&format!("looking up {key}"), e) {
                 StoreError::NotFound(_) => Ok(None),
@@ -236,7 +246,14 @@ impl Bucket for S3Bucket {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match self.client.delete_object().bucket(&self.bucket).key(self.key(key)).send().await {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => match classify(&format!("deleting {key}"), e) {
                 StoreError::NotFound(_) => Ok(()),

@@ -105,7 +105,10 @@ impl BlockCache {
 
     /// Whether every block of payload `id` is present.
     pub fn is_complete(&self, id: PayloadId) -> bool {
-        lock(&self.inner).entries.get(&id).is_some_and(|c| c.used_at.iter().all(|t| *t > 0))
+        lock(&self.inner)
+            .entries
+            .get(&id)
+            .is_some_and(|c| c.used_at.iter().all(|t| *t > 0))
     }
 
     /// Makes the cache file of `manifest`'s payload whole, fetching only
@@ -126,9 +129,13 @@ impl BlockCache {
             self.touch(id);
             return Ok(path);
         }
-        let need: u64 = missing.iter().map(|i| manifest.range(*i).end - manifest.range(*i).start).sum();
+        let need: u64 = missing
+            .iter()
+            .map(|i| manifest.range(*i).end - manifest.range(*i).start)
+            .sum();
         self.make_room(need, manifest, leased)?;
-        let file = Arc::new(open_for_fill(&path, manifest.size_bytes).map_err(|e| io_error("opening the cache file", e))?);
+        let file =
+            Arc::new(open_for_fill(&path, manifest.size_bytes).map_err(|e| io_error("opening the cache file", e))?);
         let fetched = tier.download(manifest, file.clone(), missing.clone()).await;
         let synced = match fetched {
             Ok(()) => sync(file).await,
@@ -200,7 +207,13 @@ impl BlockCache {
     fn missing(&self, manifest: &Manifest) -> Vec<usize> {
         let inner = lock(&self.inner);
         match inner.entries.get(&manifest.payload) {
-            Some(c) => c.used_at.iter().enumerate().filter(|(_, t)| **t == 0).map(|(i, _)| i).collect(),
+            Some(c) => c
+                .used_at
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| **t == 0)
+                .map(|(i, _)| i)
+                .collect(),
             None => (0..manifest.blocks.len()).collect(),
         }
     }
@@ -268,7 +281,10 @@ impl BlockCache {
             // is there but not listed, never the other way round.
             let path = self.path(other);
             let written = crate::durable::write_durably(&path.with_extension("idx"), c.index_text().as_bytes());
-            let holes = blocks.iter().map(|i| (*i as u64 * c.block_size, c.len_of(*i))).collect::<Vec<_>>();
+            let holes = blocks
+                .iter()
+                .map(|i| (*i as u64 * c.block_size, c.len_of(*i)))
+                .collect::<Vec<_>>();
             if written.is_err() || punch(&path, &holes).is_err() {
                 tracing::warn!(id = %other, "could not evict cached blocks; dropping the cached payload");
                 let _ = fs::remove_file(path.with_extension("idx"));
@@ -307,7 +323,12 @@ fn open_for_fill(path: &Path, size: u64) -> std::io::Result<File> {
     if path.exists() {
         fs::set_permissions(path, Permissions::from_mode(0o600))?;
     }
-    let file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
     file.set_len(size)?;
     Ok(file)
 }

@@ -31,7 +31,10 @@ enum Fault {
 impl Faulty {
     /// Wraps `inner` when `PM_OBJECT_FAULTS` asks for faults.
     pub fn from_env(inner: Box<dyn Bucket>) -> Box<dyn Bucket> {
-        match std::env::var("PM_OBJECT_FAULTS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        match std::env::var("PM_OBJECT_FAULTS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
             Some(every) if every > 0 => {
                 tracing::warn!(every, "PM_OBJECT_FAULTS: the object store fails on purpose");
                 Box::new(Faulty {

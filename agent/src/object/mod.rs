@@ -7,6 +7,7 @@
 //! id>.json` (the block list, so the bucket describes itself) and
 //! `uploads/<payload id>` (where clients put objects for `ImportPayload`).
 
+pub mod args;
 pub mod bucket;
 pub mod cache;
 #[cfg(feature = "failpoints")]
@@ -119,9 +120,9 @@ impl ObjectTier {
                 return Ok(report);
             }
             use futures_util::{StreamExt, TryStreamExt};
-            futures_util::stream::iter(doomed.iter())
+            futures_util::stream::iter(doomed.iter().copied())
                 .map(|hash| async move {
-                    let key = block_key(hash);
+                    let key = block_key(&hash);
                     self.retry(|| self.bucket.delete(&key)).await
                 })
                 .buffer_unordered(self.concurrency)
@@ -150,9 +151,9 @@ impl ObjectTier {
 /// Maps an object store failure to the agent's vocabulary.
 pub(crate) fn store_error(what: &str, err: StoreError) -> AgentError {
     match err {
-        StoreError::Transient(e) => AgentError::Unavailable(format!(
-            "{what}: the object store keeps failing ({e}); retry later"
-        )),
+        StoreError::Transient(e) => {
+            AgentError::Unavailable(format!("{what}: the object store keeps failing ({e}); retry later"))
+        }
         StoreError::NotFound(e) => AgentError::NotFound(format!("{what}: {e}")),
         StoreError::Permanent(e) => AgentError::InvalidState(format!(
             "{what}: the object store refused ({e}); check the bucket and the agent's credentials"

@@ -105,9 +105,9 @@ impl ObjectTier {
             blocks,
         };
         let states = self.claim(&manifest, now_ms).await?;
-        let missing: Vec<&BlockState> = states.iter().filter(|s| !s.stored).collect();
+        let missing: Vec<BlockState> = states.into_iter().filter(|s| !s.stored).collect();
         let first_index = |hash: &BlockHash| manifest.blocks.iter().position(|b| b == hash).unwrap_or(0);
-        futures_util::stream::iter(missing.iter())
+        futures_util::stream::iter(missing)
             .map(|state| {
                 let start = first_index(&state.hash) * BLOCK_SIZE as usize;
                 let body = Bytes::from_owner(Slice(mapped.clone(), start..start + state.size_bytes as usize));

@@ -87,10 +87,23 @@ pub async fn open_node_on(
     cap: &Capacity,
     repo: Arc<dyn Repository>,
 ) -> (Arc<Node>, Recovery) {
+    open_node_with(dirs, cfg, cap, repo, None).await
+}
+
+/// A node with an object tier, if one is given.
+pub async fn open_node_with(
+    dirs: &Dirs,
+    cfg: NodeConfig,
+    cap: &Capacity,
+    repo: Arc<dyn Repository>,
+    object: Option<payload_agent::object::ObjectTier>,
+) -> (Arc<Node>, Recovery) {
     let state = StateDir::open(dirs.state.path()).expect("state dir");
     let ram = FileStore::ram(dirs.ram.path(), "pm", state.node_id(), cap.ram).expect("ram store");
     let disk = FileStore::disk(&dirs.disk(), state.node_id(), cap.disk).expect("disk store");
-    Node::open(cfg, repo, ram, disk, state).await.expect("node opens")
+    Node::open(cfg, repo, ram, disk, object, state)
+        .await
+        .expect("node opens")
 }
 
 /// A node serving on its socket until dropped.
@@ -151,7 +164,7 @@ pub async fn put_on(node: &Arc<Node>, tier: payload_catalog::Tier, bytes: &[u8])
         .await
         .unwrap();
     std::fs::write(node.store(tier).unwrap().path(rec.id), bytes).unwrap();
-    node.commit(rec.id, None, false).await.unwrap();
+    node.commit(rec.id, None, false, false).await.unwrap();
     rec.id
 }
 

@@ -55,17 +55,30 @@ async fn shared_blocks_are_counted_once_per_manifest_and_collected_at_zero(b: Ba
     let (got, complete) = repo.get_manifest(first.payload).await.unwrap().unwrap();
     assert_eq!((got, complete), (first.clone(), true));
     assert!(matches!(
-        repo.claim_manifest(&Manifest { blocks: vec![[7; 32]], ..first.clone() }, 13).await,
+        repo.claim_manifest(
+            &Manifest {
+                blocks: vec![[7; 32]],
+                ..first.clone()
+            },
+            13
+        )
+        .await,
         Err(CatalogError::Conflict(_))
     ));
 
     // Dropping the first manifest frees block 1 only; a replay is harmless.
-    let release = Write::ReleaseManifest { id: first.payload, now_ms: 100 };
+    let release = Write::ReleaseManifest {
+        id: first.payload,
+        now_ms: 100,
+    };
     repo.write_batch(&[release.clone()]).await.unwrap();
     repo.write_batch(&[release]).await.unwrap();
     let stats = repo.block_stats().await.unwrap();
     assert_eq!((stats.blocks, stats.unreferenced), (3, 1));
-    assert!(repo.gc_begin(99, 10).await.unwrap().is_empty(), "inside the grace period");
+    assert!(
+        repo.gc_begin(99, 10).await.unwrap().is_empty(),
+        "inside the grace period"
+    );
     let doomed = repo.gc_begin(100, 10).await.unwrap();
     assert_eq!(doomed, vec![[1; 32]]);
     repo.gc_finish(&doomed).await.unwrap();
@@ -78,9 +91,12 @@ async fn a_block_claimed_during_a_collection_is_uploaded_again(b: Backend) {
     let first = manifest(&[5]);
     repo.claim_manifest(&first, 1).await.unwrap();
     repo.mark_blocks_stored(&[[5; 32]]).await.unwrap();
-    repo.write_batch(&[Write::ReleaseManifest { id: first.payload, now_ms: 2 }])
-        .await
-        .unwrap();
+    repo.write_batch(&[Write::ReleaseManifest {
+        id: first.payload,
+        now_ms: 2,
+    }])
+    .await
+    .unwrap();
     let doomed = repo.gc_begin(2, 10).await.unwrap();
     assert_eq!(doomed, vec![[5; 32]]);
     // Another payload with the same bytes claims the block mid-collection.

@@ -1,0 +1,223 @@
+//! The node's side of the object tier: reading object-tier payloads
+//! through the block cache, adopting client uploads (ImportPayload),
+//! dropping local copies nobody reads any more, collecting unreferenced
+//! blocks, and cleaning up uploads a crash cut short.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use payload_catalog::lifecycle::{transition, Event};
+use payload_catalog::{Manifest, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
+
+use super::{lock, Entry, Node};
+use crate::error::AgentError;
+use crate::object::GcReport;
+use crate::store::io_error;
+
+impl Node {
+    /// The complete manifest of a payload in the object store.
+    async fn manifest(&self, id: PayloadId) -> Result<Manifest, AgentError> {
+        match self.repo.get_manifest(id).await? {
+            Some((manifest, true)) => Ok(manifest),
+            _ => Err(AgentError::Integrity(format!(
+                "payload {id} is recorded on the object tier but its manifest is missing or incomplete"
+            ))),
+        }
+    }
+
+    /// Downloads the object copy of `rec` into the region at `path`.
+    pub(crate) async fn fetch_object(&self, rec: &PayloadRecord, path: &Path) -> Result<(), AgentError> {
+        let manifest = self.manifest(rec.id).await?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error("opening the region to download into", e))?;
+        let all = (0..manifest.blocks.len()).collect();
+        self.object()?.download(&manifest, Arc::new(file), all).await
+    }
+
+    /// Makes the cache file of an object-tier payload whole and returns its
+    /// path; the caller holds a lease on it, so its blocks stay.
+    pub(crate) async fn object_read_path(&self, id: PayloadId) -> Result<PathBuf, AgentError> {
+        let object = self.object()?;
+        let manifest = self.manifest(id).await?;
+        object
+            .cache
+            .fill(object, &manifest, &|other| self.is_leased(other))
+            .await
+    }
+
+    /// Adopts the object a client uploaded for payload `id` (allocated on
+    /// TIER_OBJECT, or not known here at all): its bytes are cut into
+    /// blocks, hashed and stored like any spilled payload, and the upload
+    /// is removed. `size` 0 keeps the recorded size.
+    pub async fn import(self: &Arc<Self>, id: PayloadId, size: u64) -> Result<PayloadRecord, AgentError> {
+        let node = self.clone();
+        tokio::spawn(async move { node.import_now(id, size).await })
+            .await
+            .map_err(|e| crate::error::task_failed("importing", e))?
+    }
+
+    async fn import_now(self: &Arc<Self>, id: PayloadId, size: u64) -> Result<PayloadRecord, AgentError> {
+        let object = self.object()?.clone();
+        self.writer.admit()?;
+        let known = self.entry(id).ok();
+        if let Some(entry) = &known {
+            let e = lock(entry);
+            if e.rec.tier != Tier::Object || e.rec.state != PayloadState::Allocated {
+                return Err(AgentError::InvalidState(format!(
+                    "payload {id} is {} on the {} tier; ImportPayload adopts ALLOCATED payloads of the object tier",
+                    e.rec.state.name(),
+                    e.rec.tier.name()
+                )));
+            }
+        }
+        let uploaded = object.uploaded_size(id).await?.ok_or_else(|| {
+            AgentError::InvalidState(format!(
+                "nothing was uploaded for payload {id}: put the object at {} first",
+                object.upload_url(id)
+            ))
+        })?;
+        let recorded = known.as_ref().map(|e| lock(e).rec.size_bytes);
+        let want = match (size, recorded) {
+            (0, Some(recorded)) => recorded,
+            (0, None) => uploaded,
+            (size, _) => size,
+        };
+        if uploaded != want {
+            return Err(AgentError::InvalidArgument(format!(
+                "the object uploaded for payload {id} is {uploaded} bytes, but {want} were expected; upload it again \
+                 or pass its real size_bytes"
+            )));
+        }
+        // Staged in the block cache: the staged file is then the cached copy.
+        let path = object.cache.path(id);
+        let file = stage(&path, uploaded).map_err(|e| io_error("staging the uploaded object", e))?;
+        let adopted = async {
+            object.fetch_upload(id, uploaded, Arc::new(file)).await?;
+            let manifest = object.upload(id, &path, None, self.now_ms()).await?;
+            object.cache.adopt(&manifest)?;
+            Ok::<_, AgentError>(manifest)
+        }
+        .await;
+        let manifest = match adopted {
+            Ok(manifest) => manifest,
+            Err(err) => {
+                object.cache.remove(id);
+                return Err(err);
+            }
+        };
+        let now = self.now_ms();
+        let rec = match &known {
+            Some(entry) => {
+                let mut e = lock(entry);
+                let mut rec = e.rec.clone();
+                rec.state = transition(rec.state, Event::Commit { durable: true })?;
+                rec.size_bytes = uploaded;
+                rec.sha256 = Some(manifest.sha256);
+                rec.version += 1;
+                self.writer.write(Write::Update(rec.clone()))?;
+                e.rec = rec.clone();
+                rec
+            }
+            None => {
+                let rec = PayloadRecord {
+                    state: PayloadState::Durable,
+                    sha256: Some(manifest.sha256),
+                    priority: Priority::Normal,
+                    ..PayloadRecord::allocated(id, Tier::Object, uploaded, now)
+                };
+                self.writer.write(Write::Insert(rec.clone()))?;
+                self.payloads
+                    .shard(&id)
+                    .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
+                rec
+            }
+        };
+        if let Err(err) = object.delete_upload(id).await {
+            tracing::warn!(%id, %err, "could not delete the adopted upload; delete it by hand");
+        }
+        Ok(rec)
+    }
+
+    /// Frees local copies kept under a promoted payload once nobody holds a
+    /// lease (sweeper). Caller holds the entry's lock.
+    pub(crate) fn drop_idle_copies(&self, e: &mut Entry, now: u64) {
+        let local = |tier: Tier| matches!(tier, Tier::Ram | Tier::Disk);
+        if e.moving || e.gone || !e.rec.copies.iter().any(|c| local(c.tier)) || e.live_leases(now) > 0 {
+            return;
+        }
+        let mut rec = e.rec.clone();
+        let (dropped, kept): (Vec<_>, Vec<_>) = rec.copies.iter().partition(|c| local(c.tier));
+        rec.copies = kept;
+        if let Err(err) = self.writer.write(Write::Update(super::lifecycle::logged(&rec))) {
+            tracing::debug!(id = %rec.id, %err, "could not drop idle copies yet");
+            return;
+        }
+        e.rec = rec;
+        for copy in dropped {
+            self.free_copy(copy.tier, e.rec.id, e.rec.size_bytes);
+        }
+    }
+
+    /// Deletes blocks no manifest has named for `grace_ms` (0 = the
+    /// configured grace).
+    pub async fn collect_garbage(&self, grace_ms: u64) -> Result<GcReport, AgentError> {
+        let grace = if grace_ms == 0 {
+            self.cfg.object_gc_grace_ms
+        } else {
+            grace_ms
+        };
+        // Releases still in the log must reach the catalog first.
+        self.flush().await?;
+        self.object()?.collect_garbage(self.now_ms(), grace).await
+    }
+
+    /// Collects garbage every `--object-gc-interval-ms`.
+    pub async fn run_collector(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.cfg.object_gc_interval_ms.max(1000));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {
+                    match self.collect_garbage(0).await {
+                        Ok(report) if report.blocks > 0 => tracing::info!(blocks = report.blocks, "collected unreferenced blocks"),
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(%err, "garbage collection failed; it runs again later"),
+                    }
+                }
+                _ = super::stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    /// Start-up: manifests of uploads a crash cut short, for payloads that
+    /// do not count on them, are released (their stored blocks stay until
+    /// collected, so a retried upload sends only what is missing).
+    pub(crate) async fn release_pending_manifests(&self) -> anyhow::Result<usize> {
+        let mut released = 0;
+        for id in self.repo.pending_manifests().await? {
+            let relied_on = self.entry(id).is_ok_and(|e| lock(&e).rec.in_object_store());
+            if !relied_on {
+                let now = self.now_ms();
+                self.writer.write(Write::ReleaseManifest { id, now_ms: now })?;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// A fresh, private staging file of `size` bytes.
+fn stage(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_len(size)?;
+    Ok(file)
+}
