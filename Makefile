@@ -6,7 +6,7 @@ VENV ?= $(CURDIR)/.venv
 # Where `make run` keeps its state; override to start afresh.
 STATE_DIR ?= $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/payload-manager
 
-.PHONY: build run test test-rust test-python lint bench clean
+.PHONY: build run test test-rust test-python lint bench clean venv
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -28,7 +28,14 @@ WITH_POSTGRES = $(CARGO) run -q -p payload-catalog --features testing --bin with
 # PM_FAILPOINT names one); release builds never have them.
 TEST_FEATURES = --features payload-agent/failpoints
 
-test-rust:
+# The Python tools the tests use: grpcio for the compatibility suite and
+# moto_server, the S3-compatible server the object-tier tests start.
+venv:
+	@[ -x "$(VENV)/bin/python" ] || python3 -m venv "$(VENV)"
+	@"$(VENV)/bin/python" -c 'import grpc_tools, pytest, moto' 2>/dev/null || \
+		"$(VENV)/bin/pip" install --quiet --disable-pip-version-check -r e2e/python/requirements.txt
+
+test-rust: venv
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(WITH_POSTGRES) $(CARGO) nextest run --workspace $(TEST_FEATURES) --no-fail-fast; \
 	else \

@@ -196,8 +196,11 @@ impl BlockCache {
 
     /// Drops a payload's cached blocks (it was deleted, or promoted).
     pub fn remove(&self, id: PayloadId) {
-        if let Some(old) = lock(&self.inner).entries.remove(&id) {
-            lock(&self.inner).used -= old.present().map(|i| old.len_of(i)).sum::<u64>();
+        {
+            let mut inner = lock(&self.inner);
+            if let Some(old) = inner.entries.remove(&id) {
+                inner.used -= old.present().map(|i| old.len_of(i)).sum::<u64>();
+            }
         }
         let path = self.path(id);
         let _ = fs::remove_file(path.with_extension("idx"));
