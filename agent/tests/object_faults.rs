@@ -63,6 +63,11 @@ async fn an_agent_aborted_mid_upload_keeps_the_payload_and_the_retried_spill_sen
         Tier::Ram as i32,
         "the payload never left RAM"
     );
+    // The client releases the check's lease in the background.
+    eventually("the read lease is released", || async {
+        client.stats().await.unwrap().active_leases == 0
+    })
+    .await;
     let desc = client.spill(id, Some(Tier::Object), false).await.unwrap();
     assert_eq!(desc.tier, Tier::Object as i32);
     assert_eq!(s3.keys(&bucket, "crash/blocks/").await.len(), 6);
