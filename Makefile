@@ -53,9 +53,10 @@ lint:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
 ## Benchmarks: figures and ratios against the floor, measured in one run.
-bench:
+bench: venv
 	$(CARGO) bench -p payload-agent --bench standalone
 	$(CARGO) bench -p payload-agent --bench catalog
+	$(CARGO) bench -p payload-agent --bench objects
 
 clean:
 	$(CARGO) clean

@@ -76,3 +76,122 @@ async fn an_agent_aborted_mid_upload_keeps_the_payload_and_the_retried_spill_sen
     assert_no_orphans(&dirs, &client).await;
     agent.kill9();
 }
+
+/// An agent on the object store `s3://<bucket>/<prefix>`, aborting at
+/// `point` when one is given.
+async fn object_agent(dirs: &Dirs, url: &str, point: Option<&str>) -> (Agent, payload_client::Client) {
+    let flags = ["--object-store", url, "--object-gc-grace-ms", "1"];
+    let env: Vec<(&str, &str)> = point.map(|p| ("PM_FAILPOINT", p)).into_iter().collect();
+    Agent::start_env(dirs, &flags, &env)
+        .await
+        .unwrap_or_else(|log| panic!("agent did not start: {log}"))
+}
+
+async fn aborted(agent: Agent, dirs: &Dirs, point: &str) {
+    assert!(agent.wait_exit(Duration::from_secs(30)).is_some_and(|s| !s.success()));
+    assert!(
+        dirs.read_log().contains(&format!("failpoint {point}")),
+        "never reached {point}"
+    );
+}
+
+async fn no_leases(client: &payload_client::Client) {
+    eventually("read leases are released", || async {
+        client.stats().await.unwrap().active_leases == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_aborted_after_the_manifest_put_keeps_the_payload_and_spills_again_without_uploading() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/m"));
+    let (agent, client) = object_agent(&dirs, &url, Some("after-manifest-put")).await;
+    let acked = put(&client, &noise(9 * MIB as usize, 1), Tier::Ram).await.unwrap();
+    assert!(client.spill(acked.0, Some(Tier::Object), false).await.is_err());
+    drop(client);
+    aborted(agent, &dirs, "after-manifest-put").await;
+
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    assert_served(&client, std::slice::from_ref(&acked)).await;
+    assert_eq!(
+        client.stat(acked.0).await.unwrap().payload.unwrap().tier,
+        Tier::Ram as i32
+    );
+    no_leases(&client).await;
+    client.spill(acked.0, Some(Tier::Object), false).await.unwrap();
+    assert_eq!(s3.keys(&bucket, "m/blocks/").await.len(), 3);
+    assert_served(&client, &[acked]).await;
+    assert_no_orphans(&dirs, &client).await;
+    agent.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_aborted_mid_collection_loses_no_block_a_manifest_names_and_finishes_it_later() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/gc"));
+    let (agent, client) = object_agent(&dirs, &url, Some("gc-after-delete")).await;
+    // Two payloads sharing their first 8 MiB (two blocks).
+    let shared = noise(8 * MIB as usize, 2);
+    let kept = put(&client, &[shared.clone(), noise(MIB as usize, 3)].concat(), Tier::Ram)
+        .await
+        .unwrap();
+    let gone = put(&client, &[shared, noise(MIB as usize, 4)].concat(), Tier::Ram)
+        .await
+        .unwrap();
+    for id in [kept.0, gone.0] {
+        client.spill(id, Some(Tier::Object), false).await.unwrap();
+    }
+    assert_eq!(s3.keys(&bucket, "gc/blocks/").await.len(), 4);
+    client.delete(gone.0, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        client.collect_garbage(0).await.is_err(),
+        "the agent aborts mid-collection"
+    );
+    drop(client);
+    aborted(agent, &dirs, "gc-after-delete").await;
+
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    assert_eq!(
+        s3.keys(&bucket, "gc/blocks/").await.len(),
+        3,
+        "only the deleted payload's own block went"
+    );
+    assert_served(&client, &[kept]).await;
+    client.collect_garbage(0).await.unwrap();
+    assert_eq!(
+        client.stats().await.unwrap().object_unreferenced_blocks,
+        0,
+        "the collection finished"
+    );
+    assert_eq!(s3.keys(&bucket, "gc/blocks/").await.len(), 3);
+    agent.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_aborted_mid_promote_keeps_the_object_copy_and_leaves_no_region() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/p"));
+    let (agent, client) = object_agent(&dirs, &url, Some("after-download")).await;
+    let acked = put(&client, &noise(6 * MIB as usize, 5), Tier::Ram).await.unwrap();
+    client.spill(acked.0, Some(Tier::Object), false).await.unwrap();
+    assert!(client.promote(acked.0, Tier::Disk).await.is_err());
+    drop(client);
+    aborted(agent, &dirs, "after-download").await;
+
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    assert_eq!(
+        client.stat(acked.0).await.unwrap().payload.unwrap().tier,
+        Tier::Object as i32
+    );
+    assert_no_orphans(&dirs, &client).await;
+    assert_served(&client, std::slice::from_ref(&acked)).await;
+    client.promote(acked.0, Tier::Disk).await.unwrap();
+    assert_served(&client, &[acked]).await;
+    assert_no_orphans(&dirs, &client).await;
+    agent.kill9();
+}

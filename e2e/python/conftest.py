@@ -3,6 +3,7 @@ a real payload-agent on TCP and its Unix socket, and a client on one channel.
 The agent binary comes from $PM_AGENT_BIN (default: target/debug/payload-agent).
 """
 
+import contextlib
 import importlib
 import importlib.resources
 import os
@@ -95,13 +96,13 @@ def _port_open(port):
         return False
 
 
-@pytest.fixture(scope="session")
-def agent(tmp_path_factory):
+@contextlib.contextmanager
+def running_agent(state_dir, extra_args=(), env=None):
+    """A payload-agent on a spare TCP port and its socket, until the block ends."""
     binary = os.environ.get("PM_AGENT_BIN") or str(REPO / "target" / "debug" / "payload-agent")
     if not os.access(binary, os.X_OK):
         pytest.fail(f"agent binary not found or not executable: {binary} (set PM_AGENT_BIN)")
 
-    state_dir = tmp_path_factory.mktemp("agent")
     ram_root = Path(tempfile.mkdtemp(prefix="e2e-", dir=SHM_ROOT))
     port = _free_port()
     log_path = state_dir / "agent.log"
@@ -114,10 +115,11 @@ def agent(tmp_path_factory):
             "--listen", f"127.0.0.1:{port}",
             "--ram-root", str(ram_root),
             "--shm-prefix", "pm",
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
+        env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info"), **(env or {})},
     )
 
     def log_tail():
@@ -150,6 +152,12 @@ def agent(tmp_path_factory):
                 proc.wait(timeout=10)
         log.close()
         shutil.rmtree(ram_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory):
+    with running_agent(tmp_path_factory.mktemp("agent")) as running:
+        yield running
 
 
 class Client:

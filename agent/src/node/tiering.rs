@@ -123,7 +123,10 @@ impl Node {
                 Ok(MoveOutcome::Moved(rec))
             }
             Err(err) => {
-                if reserved.is_ok() && fresh {
+                // A manifest an upload left behind is kept: a retried spill
+                // reuses it, a delete releases it, a restart releases it if
+                // it never completed.
+                if reserved.is_ok() && fresh && target != Tier::Object {
                     self.free_copy(target, id, size);
                 }
                 Err(self.undo_move(&entry, err))
@@ -147,6 +150,7 @@ impl Node {
                 let store = self.store(to)?;
                 self.create_region(to, id, source.size_bytes).await?;
                 let fetched = self.fetch_object(source, &store.path(id)).await;
+                crate::failpoint!("after-download");
                 let sealed = fetched.and_then(|()| {
                     let synced = if sync { store.sync(id) } else { Ok(()) };
                     synced
@@ -186,6 +190,11 @@ impl Node {
                     tokio::spawn(async move {
                         if let Err(err) = object.delete_manifest_object(id).await {
                             tracing::warn!(%id, %err, "could not delete a manifest object; its blocks are collected anyway");
+                        }
+                        // An allocation on the object tier that never got
+                        // imported may have left its client's upload.
+                        if let Err(err) = object.delete_upload(id).await {
+                            tracing::warn!(%id, %err, "could not delete an upload that was never imported");
                         }
                     });
                 }

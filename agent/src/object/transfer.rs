@@ -20,6 +20,8 @@ use super::{block_key, manifest_key, store_error, upload_key, ObjectTier};
 use crate::error::{task_failed, AgentError};
 use crate::store::io_error;
 
+/// Landed blocks recorded per catalog transaction, at most.
+const MARK_BATCH: usize = 16;
 /// How long an upload waits for a collection deleting one of its blocks.
 const DELETING_WAIT: Duration = Duration::from_secs(60);
 
@@ -106,26 +108,35 @@ impl ObjectTier {
         };
         let states = self.claim(&manifest, now_ms).await?;
         let missing: Vec<BlockState> = states.into_iter().filter(|s| !s.stored).collect();
-        let first_index = |hash: &BlockHash| manifest.blocks.iter().position(|b| b == hash).unwrap_or(0);
-        futures_util::stream::iter(missing)
+        let mut first = std::collections::HashMap::with_capacity(manifest.blocks.len());
+        for (i, hash) in manifest.blocks.iter().enumerate() {
+            first.entry(*hash).or_insert(i);
+        }
+        let mut landed = futures_util::stream::iter(missing)
             .map(|state| {
-                let start = first_index(&state.hash) * BLOCK_SIZE as usize;
+                let start = first[&state.hash] * BLOCK_SIZE as usize;
                 let body = Bytes::from_owner(Slice(mapped.clone(), start..start + state.size_bytes as usize));
                 let key = block_key(&state.hash);
                 async move {
-                    self.retry(|| self.bucket.put(&key, body.clone())).await?;
-                    crate::failpoint!("after-block-upload");
-                    // Marked one by one, so a resumed upload skips what landed.
-                    self.repo
-                        .mark_blocks_stored(&[state.hash])
+                    self.retry(|| self.bucket.put(&key, body.clone()))
                         .await
-                        .map_err(|e| StoreError::Transient(e.to_string()))
+                        .map_err(|e| store_error("uploading the payload's blocks", e))?;
+                    crate::failpoint!("after-block-upload");
+                    Ok::<_, AgentError>(state.hash)
                 }
             })
             .buffer_unordered(self.concurrency)
-            .try_collect::<Vec<()>>()
-            .await
-            .map_err(|e| store_error("uploading the payload's blocks", e))?;
+            .ready_chunks(MARK_BATCH);
+        // Marked as they land (a few at a time: each mark is a catalog
+        // transaction), so a resumed upload skips what made it.
+        while let Some(chunk) = landed.next().await {
+            let (stored, failed): (Vec<_>, Vec<_>) = chunk.into_iter().partition(Result::is_ok);
+            let stored: Vec<BlockHash> = stored.into_iter().flatten().collect();
+            self.repo.mark_blocks_stored(&stored).await?;
+            if let Some(Err(err)) = failed.into_iter().next() {
+                return Err(err);
+            }
+        }
         self.put_manifest(&manifest).await?;
         crate::failpoint!("after-manifest-put");
         self.repo.complete_manifest(id).await?;

@@ -84,6 +84,8 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Show usage per tier and the number of live leases.
     Stats,
+    /// Delete object-store blocks no payload has named for the grace period.
+    Gc(GcArgs),
     /// Streams: ordered, append-only sequences of payload ids with
     /// consumer-group offsets.
     #[command(subcommand)]
@@ -269,12 +271,21 @@ pub struct SpillArgs {
     /// Payload id, a dashed UUID.
     #[arg(value_parser = parse_id)]
     pub id: PayloadId,
-    /// Tier to move to. Default: the payload's spill target (disk).
+    /// Tier to move to (ram, disk or object). Default: the payload's spill
+    /// target (disk unless it was allocated with another).
     #[arg(long, value_enum)]
     pub to: Option<TierArg>,
     /// Make the new copy durable (fsync) before the old one is dropped.
     #[arg(long)]
     pub fsync: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Collect blocks unreferenced for at least this long (500ms, 30s, 5m,
+    /// 1h, or milliseconds). Default: the agent's --object-gc-grace-ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub grace: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -306,6 +317,8 @@ pub struct LeaseArgs {
 pub enum TierArg {
     Ram,
     Disk,
+    /// The object store (the agent needs --object-store).
+    Object,
 }
 
 impl From<TierArg> for Tier {
@@ -313,6 +326,7 @@ impl From<TierArg> for Tier {
         match tier {
             TierArg::Ram => Tier::Ram,
             TierArg::Disk => Tier::Disk,
+            TierArg::Object => Tier::Object,
         }
     }
 }

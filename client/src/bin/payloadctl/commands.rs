@@ -5,11 +5,11 @@ use anyhow::Context;
 use payload_client::{Client, LeaseOptions, PayloadId};
 use payload_proto::admin::StatsResponse;
 use payload_proto::core::payload_descriptor::Location;
-use payload_proto::core::{PayloadDescriptor, PayloadState};
+use payload_proto::core::{PayloadDescriptor, PayloadState, Tier};
 use payload_proto::runtime::ListPayloadsRequest;
 use serde_json::{json, Value};
 
-use crate::cli::{Format, IdArg, LeaseArgs, LsArgs, PinArgs, PromoteArgs, RmArgs, SpillArgs};
+use crate::cli::{Format, GcArgs, IdArg, LeaseArgs, LsArgs, PinArgs, PromoteArgs, RmArgs, SpillArgs};
 use crate::render::{
     descriptor_json, human_duration, human_size, id_text, key_values, labels_text, location_json, location_text,
     now_ms, print, print_json, rfc3339, state_name, summary_json, tier_name, time_or, Table,
@@ -80,6 +80,15 @@ pub async fn stat(client: &Client, args: IdArg, format: Format) -> anyhow::Resul
         let mut value = summary_json(&summary);
         value["version"] = json!(desc.version);
         value["location"] = location_json(&desc);
+        value["copies"] = copies_json(&desc);
+        if let Some(object) = &desc.object {
+            value["object"] = json!({
+                "bucket": object.bucket,
+                "manifest_key": object.manifest_key,
+                "block_size_bytes": object.block_size_bytes,
+                "block_keys": object.block_keys,
+            });
+        }
         return print_json(&value);
     }
     let mut pairs = vec![
@@ -105,7 +114,74 @@ pub async fn stat(client: &Client, args: IdArg, format: Format) -> anyhow::Resul
         None => {}
     }
     pairs.push(("path", location_text(&desc)));
-    print(&key_values(&pairs))
+    pairs.push(("copies", copies_text(&desc)));
+    if let Some(object) = &desc.object {
+        pairs.push(("bucket", object.bucket.clone()));
+        pairs.push(("manifest", object.manifest_key.clone()));
+        let distinct: std::collections::HashSet<_> = object.block_keys.iter().collect();
+        pairs.push((
+            "blocks",
+            format!(
+                "{} of {} ({} distinct)",
+                object.block_keys.len(),
+                human_size(object.block_size_bytes),
+                distinct.len()
+            ),
+        ));
+    }
+    let mut text = key_values(&pairs);
+    if let Some(object) = &desc.object {
+        for key in &object.block_keys {
+            text.push_str(&format!("  {key}\n"));
+        }
+    }
+    print(&text)
+}
+
+/// Every copy: `ram (authoritative, verified), object (verified)`.
+fn copies_text(desc: &PayloadDescriptor) -> String {
+    let copies: Vec<String> = desc
+        .copies
+        .iter()
+        .map(|c| {
+            let mut notes = Vec::new();
+            if c.authoritative {
+                notes.push("authoritative");
+            }
+            if c.verified {
+                notes.push("verified");
+            }
+            match notes.is_empty() {
+                true => tier_name(c.tier).to_string(),
+                false => format!("{} ({})", tier_name(c.tier), notes.join(", ")),
+            }
+        })
+        .collect();
+    if copies.is_empty() {
+        "-".into()
+    } else {
+        copies.join(", ")
+    }
+}
+
+fn copies_json(desc: &PayloadDescriptor) -> Value {
+    desc.copies
+        .iter()
+        .map(|c| json!({ "tier": tier_name(c.tier), "authoritative": c.authoritative, "verified": c.verified }))
+        .collect()
+}
+
+pub async fn gc(client: &Client, args: GcArgs, format: Format) -> anyhow::Result<()> {
+    let deleted = client
+        .collect_garbage(args.grace.unwrap_or(0))
+        .await
+        .context("collecting unreferenced object-store blocks")?;
+    match format {
+        Format::Json => print_json(&json!({ "blocks_deleted": deleted })),
+        Format::Table => print(&format!(
+            "deleted {deleted} unreferenced block(s) from the object store\n"
+        )),
+    }
 }
 
 pub async fn rm(client: &Client, args: RmArgs, format: Format) -> anyhow::Result<()> {
@@ -139,19 +215,19 @@ pub async fn unpin(client: &Client, args: IdArg, format: Format) -> anyhow::Resu
 
 pub async fn spill(client: &Client, args: SpillArgs, format: Format) -> anyhow::Result<()> {
     let SpillArgs { id, to, fsync } = args;
-    let desc = client
-        .spill(id, to.map(Into::into), fsync)
-        .await
-        .with_context(|| format!("spilling {id}"))?;
+    let working = crate::transfer::spinner(format!("spilling {id}"));
+    let desc = client.spill(id, to.map(Into::into), fsync).await;
+    working.finish_and_clear();
+    let desc = desc.with_context(|| format!("spilling {id}"))?;
     moved(format, &desc, "spilled")
 }
 
 pub async fn promote(client: &Client, args: PromoteArgs, format: Format) -> anyhow::Result<()> {
     let PromoteArgs { id, to } = args;
-    let desc = client
-        .promote(id, to.into())
-        .await
-        .with_context(|| format!("promoting {id}"))?;
+    let working = crate::transfer::spinner(format!("promoting {id}"));
+    let desc = client.promote(id, to.into()).await;
+    working.finish_and_clear();
+    let desc = desc.with_context(|| format!("promoting {id}"))?;
     moved(format, &desc, "promoted")
 }
 
@@ -221,6 +297,27 @@ pub async fn stats(client: &Client, format: Format) -> anyhow::Result<()> {
         ("queued spills", stats.spill_queue_depth.to_string()),
         ("node", stats.node_name.clone()),
     ]));
+    if let Some(object) = stats.tiers.iter().find(|t| t.tier == Tier::Object as u32) {
+        text.push_str(&key_values(&[
+            (
+                "object blocks",
+                format!(
+                    "{} ({}), {} unreferenced",
+                    stats.object_blocks,
+                    human_size(stats.object_block_bytes),
+                    stats.object_unreferenced_blocks
+                ),
+            ),
+            (
+                "block cache",
+                format!(
+                    "{} of {}",
+                    human_size(object.cache_bytes),
+                    human_size(object.cache_capacity_bytes)
+                ),
+            ),
+        ]));
+    }
     print(&text)
 }
 
@@ -236,6 +333,8 @@ fn stats_json(s: &StatsResponse) -> Value {
                 "capacity_bytes": t.capacity_bytes,
                 "pinned_bytes": t.pinned_bytes,
                 "leased_bytes": t.leased_bytes,
+                "cache_bytes": t.cache_bytes,
+                "cache_capacity_bytes": t.cache_capacity_bytes,
             })
         })
         .collect();

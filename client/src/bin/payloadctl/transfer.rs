@@ -33,6 +33,17 @@ fn progress(len: u64, verb: &'static str) -> ProgressBar {
     bar
 }
 
+/// A spinner on a terminal while the agent works (a spill to the object
+/// store of a large payload takes a while); hidden otherwise.
+pub fn spinner(message: String) -> ProgressBar {
+    if !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner().with_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 fn refuse_empty(len: u64, what: &str) -> anyhow::Result<()> {
     if len == 0 {
         return Err(UsageError(format!("{what} is empty; payloads must hold at least one byte")).into());
