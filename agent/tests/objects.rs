@@ -296,3 +296,41 @@ async fn the_disk_watermark_spills_unleased_unpinned_payloads_lowest_priority_fi
         assert_eq!(tier(id), Tier::Disk, "leased, pinned and never-evict payloads stay");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_no_longer_matches_its_digest_is_never_made_authoritative() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(s) = setup(Capacity::default(), NodeConfig::default()).await else {
+        return;
+    };
+    let bytes = noise(5 * MIB as usize, 11);
+    let rec = s
+        .node
+        .allocate(AllocateRequest::new(bytes.len() as u64, Tier::Disk))
+        .await
+        .unwrap();
+    let path = s.node.store(Tier::Disk).unwrap().path(rec.id);
+    std::fs::write(&path, &bytes).unwrap();
+    let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &bytes)).into();
+    s.node.commit(rec.id, Some(digest), false, false).await.unwrap();
+    // Bit rot on the disk copy.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut rotten = bytes.clone();
+    rotten[MIB as usize] ^= 1;
+    std::fs::write(&path, &rotten).unwrap();
+    let err = s.node.relocate(rec.id, Tier::Object, false, false).await.unwrap_err();
+    assert!(matches!(err, payload_agent::error::AgentError::Integrity(_)), "{err}");
+    assert_eq!(
+        s.node.get(rec.id).unwrap().0.tier,
+        Tier::Disk,
+        "the payload stays where it was"
+    );
+    assert!(
+        s.keys("manifests/").await.is_empty(),
+        "no manifest names the rotten blocks"
+    );
+    assert!(
+        s.node.repo().pending_manifests().await.unwrap().is_empty(),
+        "the claim was released"
+    );
+}

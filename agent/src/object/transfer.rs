@@ -53,18 +53,19 @@ fn map(path: &Path) -> std::io::Result<Mapped> {
     Ok(Mapped(Some(unsafe { memmap2::Mmap::map(&file)? })))
 }
 
-/// SHA-256 of the whole and of every block, on two threads.
-fn hash_blocks(bytes: &[u8]) -> ([u8; 32], Vec<BlockHash>) {
+/// SHA-256 of every block on two threads, and of the whole (on a third)
+/// when `whole` asks for it.
+fn hash_blocks(bytes: &[u8], whole: bool) -> (Option<[u8; 32]>, Vec<BlockHash>) {
     let chunks: Vec<&[u8]> = bytes.chunks(BLOCK_SIZE as usize).collect();
     std::thread::scope(|s| {
-        let whole = s.spawn(move || <[u8; 32]>::from(Sha256::digest(bytes)));
+        let whole = whole.then(|| s.spawn(move || <[u8; 32]>::from(Sha256::digest(bytes))));
         let half = chunks.len().div_ceil(2);
         let digest = |c: &&[u8]| -> BlockHash { Sha256::digest(c).into() };
         let (first, rest) = chunks.split_at(half);
         let second = s.spawn(move || rest.iter().map(digest).collect::<Vec<_>>());
         let mut blocks: Vec<BlockHash> = first.iter().map(digest).collect();
         blocks.extend(second.join().unwrap_or_default());
-        (whole.join().unwrap_or_default(), blocks)
+        (whole.map(|w| w.join().unwrap_or_default()), blocks)
     })
 }
 
@@ -87,22 +88,23 @@ impl ObjectTier {
         let path = path.to_path_buf();
         let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let mapped = Arc::new(map(&path)?);
-            let (whole, blocks) = hash_blocks(mapped.as_ref().as_ref());
+            let (whole, blocks) = hash_blocks(mapped.as_ref().as_ref(), expected.is_none());
             Ok((mapped, whole, blocks))
         });
         let (mapped, whole, blocks) = hashed
             .await
             .map_err(|e| task_failed("hashing the payload's blocks", e))?
             .map_err(|e| io_error("reading the payload for upload", e))?;
-        if expected.is_some_and(|want| want != whole) {
-            return Err(AgentError::Integrity(format!(
-                "payload {id} no longer matches its SHA-256 on this node; it was not uploaded"
-            )));
-        }
+        // A known digest is checked while the blocks upload, before the
+        // manifest is written: a copy counts only once it matches.
+        let check = expected.map(|want| {
+            let mapped = mapped.clone();
+            tokio::task::spawn_blocking(move || <[u8; 32]>::from(Sha256::digest(mapped.as_ref().as_ref())) == want)
+        });
         let manifest = Manifest {
             payload: id,
             size_bytes: mapped.as_ref().as_ref().len() as u64,
-            sha256: whole,
+            sha256: whole.or(expected).unwrap_or_default(),
             block_size: BLOCK_SIZE,
             blocks,
         };
@@ -135,6 +137,18 @@ impl ObjectTier {
             self.repo.mark_blocks_stored(&stored).await?;
             if let Some(Err(err)) = failed.into_iter().next() {
                 return Err(err);
+            }
+        }
+        if let Some(check) = check {
+            if !check
+                .await
+                .map_err(|e| task_failed("checking the payload's SHA-256", e))?
+            {
+                let release = payload_catalog::Write::ReleaseManifest { id, now_ms };
+                self.repo.write_batch(&[release]).await?;
+                return Err(AgentError::Integrity(format!(
+                    "payload {id} no longer matches its SHA-256 on this node; it was not uploaded"
+                )));
             }
         }
         self.put_manifest(&manifest).await?;
