@@ -237,8 +237,10 @@ async fn run() {
     let mut manifests = Vec::new();
     let mut ours_up = Duration::MAX;
     for path in [&source, &fresh] {
+        // As a spill does: the payload's digest is known and checked.
+        let digest = sha2::Sha256::digest(std::fs::read(path).unwrap()).into();
         let start = Instant::now();
-        manifests.push(tier.upload(PayloadId::random(), path, None, 0).await.unwrap());
+        manifests.push(tier.upload(PayloadId::random(), path, Some(digest), 0).await.unwrap());
         ours_up = ours_up.min(start.elapsed());
     }
     println!(
@@ -258,9 +260,10 @@ async fn run() {
         let mut half = bytes[..len / 2].to_vec();
         half.extend_from_slice(&noise(len - len / 2, 3));
         let path = work.path().join("half");
+        let digest = sha2::Sha256::digest(&half).into();
         std::fs::write(&path, half).unwrap();
         let start = Instant::now();
-        tier.upload(PayloadId::random(), &path, None, 0).await.unwrap();
+        tier.upload(PayloadId::random(), &path, Some(digest), 0).await.unwrap();
         start.elapsed()
     };
     println!(

@@ -50,7 +50,7 @@ impl Faulty {
 
     async fn fault(&self, what: &str) -> Result<Option<Fault>, StoreError> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % self.every != 0 {
+        if !n.is_multiple_of(self.every) {
             return Ok(None);
         }
         self.injected.fetch_add(1, Ordering::Relaxed);

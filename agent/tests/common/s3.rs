@@ -47,7 +47,7 @@ fn start() -> Option<S3> {
             Ok(())
         });
     }
-    let server = command.spawn().expect("starting moto_server");
+    let mut server = command.spawn().expect("starting moto_server");
     let endpoint = format!("http://127.0.0.1:{port}");
     for _ in 0..600 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -63,6 +63,8 @@ fn start() -> Option<S3> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = server.kill();
+    let _ = server.wait();
     panic!("moto_server did not listen on port {port} within 30 s");
 }
 

@@ -71,7 +71,7 @@ async fn shared_blocks_are_counted_once_per_manifest_and_collected_at_zero(b: Ba
         id: first.payload,
         now_ms: 100,
     };
-    repo.write_batch(&[release.clone()]).await.unwrap();
+    repo.write_batch(std::slice::from_ref(&release)).await.unwrap();
     repo.write_batch(&[release]).await.unwrap();
     let stats = repo.block_stats().await.unwrap();
     assert_eq!((stats.blocks, stats.unreferenced), (3, 1));

@@ -211,6 +211,10 @@ pub struct PutArgs {
     /// Make the bytes durable (fsync) before the commit returns.
     #[arg(long)]
     pub fsync: bool,
+    /// Return only once the payload is also in the object store (the agent
+    /// needs --object-store); it stays readable on --tier meanwhile.
+    #[arg(long)]
+    pub object: bool,
 }
 
 #[derive(Args, Debug)]

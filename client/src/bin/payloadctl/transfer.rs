@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use payload_client::{Client, Lease, LeaseOptions, PutOptions};
 use serde_json::json;
 
-use crate::cli::{Format, GetArgs, PutArgs};
+use crate::cli::{Format, GetArgs, PutArgs, TierArg};
 use crate::render::{descriptor_json, id_text, print, print_json, stdout_error};
 use crate::UsageError;
 
@@ -59,13 +59,21 @@ pub async fn put(client: &Client, args: PutArgs, format: Format) -> anyhow::Resu
         ttl,
         verify,
         fsync,
+        object,
     } = args;
+    if tier == TierArg::Object {
+        return Err(UsageError(
+            "payloadctl writes to ram or disk; add --object to also put the payload in the object store".into(),
+        )
+        .into());
+    }
     let opts = PutOptions {
         tier: tier.into(),
         labels: labels.into_iter().collect(),
         ttl_ms: ttl.unwrap_or(0),
         verify,
         sync: fsync,
+        object_durable: object,
     };
     let desc = if input == Path::new("-") {
         let bytes = read_all(io::stdin().lock()).context("reading stdin")?;
