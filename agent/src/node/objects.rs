@@ -41,6 +41,10 @@ impl Node {
     /// path; the caller holds a lease on it, so its blocks stay.
     pub(crate) async fn object_read_path(&self, id: PayloadId) -> Result<PathBuf, AgentError> {
         let object = self.object()?;
+        // A hit needs no catalog read: the lease held keeps the blocks.
+        if let Some(path) = object.cache.hit(id) {
+            return Ok(path);
+        }
         let manifest = self.manifest(id).await?;
         object
             .cache

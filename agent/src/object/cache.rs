@@ -103,6 +103,15 @@ impl BlockCache {
         (lock(&self.inner).used, self.capacity)
     }
 
+    /// The cache file of payload `id` when every block is present (and
+    /// marks it used); `None` when a fill is needed.
+    pub fn hit(&self, id: PayloadId) -> Option<PathBuf> {
+        self.is_complete(id).then(|| {
+            self.touch(id);
+            self.path(id)
+        })
+    }
+
     /// Whether every block of payload `id` is present.
     pub fn is_complete(&self, id: PayloadId) -> bool {
         lock(&self.inner)
@@ -134,11 +143,16 @@ impl BlockCache {
             .map(|i| manifest.range(*i).end - manifest.range(*i).start)
             .sum();
         self.make_room(need, manifest, leased)?;
-        let file =
-            Arc::new(open_for_fill(&path, manifest.size_bytes).map_err(|e| io_error("opening the cache file", e))?);
-        let fetched = tier.download(manifest, file.clone(), missing.clone()).await;
+        let fetched = match open_for_fill(&path, manifest.size_bytes) {
+            Ok(file) => {
+                let file = Arc::new(file);
+                let fetched = tier.download(manifest, file.clone(), missing.clone()).await;
+                fetched.map(|()| file)
+            }
+            Err(e) => Err(io_error("opening the cache file", e)),
+        };
         let synced = match fetched {
-            Ok(()) => sync(file).await,
+            Ok(file) => sync(file).await,
             Err(e) => Err(e),
         };
         if let Err(e) = synced {
