@@ -7,6 +7,8 @@
 //! Markdown (copy it into docs/benchmarks.md). PM_BENCH_OBJECT_MIB sets the
 //! payload size (default 1024).
 
+#[path = "../tests/common/noise.rs"]
+mod noise;
 #[path = "../tests/common/s3.rs"]
 #[allow(dead_code)]
 mod s3;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures_util::{StreamExt, TryStreamExt};
+use noise::noise;
 use payload_agent::object::bucket::S3Bucket;
 use payload_agent::object::{BlockCache, ObjectTier};
 use payload_catalog::{PayloadId, SqliteRepository};
@@ -36,19 +39,6 @@ fn size() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(1024)
         * MIB
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn gbps(bytes: usize, d: Duration) -> f64 {

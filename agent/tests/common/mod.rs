@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod noise;
 pub mod process;
 pub mod s3;
 pub mod tmpfs;
@@ -19,6 +20,10 @@ use payload_catalog::{Repository, SqliteRepository};
 use payload_client::Client;
 use tempfile::TempDir;
 use tokio::sync::watch;
+
+// Not every test binary uses it.
+#[allow(unused_imports)]
+pub use noise::noise;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -156,21 +161,6 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
-}
-
-/// Bytes with no repeats at block scale (unlike [`pattern`], whose 4 MiB
-/// blocks are all alike), from a xorshift generator seeded by `seed`.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Allocates, writes and commits `bytes` on a node, in process.
