@@ -31,6 +31,13 @@ async fn spill_read_and_promote_succeed_through_timeouts_503s_resets_and_short_r
     assert_served(&client, std::slice::from_ref(&acked)).await;
     client.promote(id, Tier::Ram).await.unwrap();
     assert_served(&client, &[acked]).await;
+    let log = dirs.read_log();
+    for kind in ["timeout", "503", "reset"] {
+        assert!(
+            log.contains(&format!("injected a fault: {kind}")),
+            "no {kind} was injected"
+        );
+    }
     agent.kill9();
 }
 
@@ -191,6 +198,30 @@ async fn an_agent_aborted_mid_promote_keeps_the_object_copy_and_leaves_no_region
     assert_no_orphans(&dirs, &client).await;
     assert_served(&client, std::slice::from_ref(&acked)).await;
     client.promote(acked.0, Tier::Disk).await.unwrap();
+    assert_served(&client, &[acked]).await;
+    assert_no_orphans(&dirs, &client).await;
+    agent.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ram_payload_with_an_object_copy_survives_losing_its_ram_copy() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/reboot"));
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    let opts = payload_client::PutOptions {
+        object_durable: true,
+        ..Default::default()
+    };
+    let acked = put_opts(&client, &noise(5 * MIB as usize, 6), &opts).await.unwrap();
+    agent.kill9();
+    // What a reboot does to /dev/shm.
+    for name in Dirs::files_in(dirs.ram.path()) {
+        std::fs::remove_file(dirs.ram.path().join(name)).unwrap();
+    }
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    let stat = client.stat(acked.0).await.unwrap().payload.unwrap();
+    assert_eq!(stat.tier, Tier::Object as i32, "read from its object copy now");
     assert_served(&client, &[acked]).await;
     assert_no_orphans(&dirs, &client).await;
     agent.kill9();

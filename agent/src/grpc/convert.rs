@@ -36,7 +36,7 @@ pub fn required_tier(value: i32, what: &str) -> Result<Tier, Status> {
     match Tier::from_i32(value) {
         Some(tier) => Ok(tier),
         None if value == 0 => Err(Status::invalid_argument(format!(
-            "{what} is TIER_UNSPECIFIED; name a tier (TIER_RAM or TIER_DISK on this node)"
+            "{what} is TIER_UNSPECIFIED; name a tier (TIER_RAM, TIER_DISK, or TIER_OBJECT with --object-store)"
         ))),
         None => Err(Status::invalid_argument(format!("{what} {value} is not a known tier"))),
     }

@@ -7,7 +7,7 @@ use payload_proto::runtime::{self, LeaseMode};
 use payload_proto::services::payload_data_service_server::PayloadDataService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{descriptor, lease_id, optional_tier, payload_id, status};
+use super::convert::{descriptor, descriptor_with_object, lease_id, optional_tier, payload_id, status};
 use crate::clock::timestamp;
 use crate::limits::known_enum;
 use crate::node::{LeaseGrant, Node};
@@ -66,7 +66,12 @@ impl PayloadDataService for DataService {
             .acquire(id, min_tier, blocking, req.min_lease_duration_ms)
             .await
             .map_err(status)?;
-        Ok(Response::new(self.lease_response(&grant)))
+        let mut response = self.lease_response(&grant);
+        if grant.rec.tier == payload_catalog::Tier::Object {
+            // Bucket, manifest and blocks, for readers that want them.
+            response.payload_descriptor = Some(descriptor_with_object(&self.node, &grant.rec).await);
+        }
+        Ok(Response::new(response))
     }
 
     async fn release_lease(&self, request: Request<runtime::ReleaseLeaseRequest>) -> Result<Response<()>, Status> {

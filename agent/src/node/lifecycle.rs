@@ -205,13 +205,19 @@ impl Node {
                 ));
             }
         }
+        store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
         let digest = match &object {
-            // Uploaded before the commit shows, so a failure leaves the
+            // Uploaded sealed, before the commit shows: a failure leaves the
             // allocation to retry or abort; the upload checks `digest`.
-            Some(object) => Some(object.upload(id, &store.path(id), digest, self.now_ms()).await?.sha256),
+            Some(object) => match object.upload(id, &store.path(id), digest, self.now_ms()).await {
+                Ok(manifest) => Some(manifest.sha256),
+                Err(err) => {
+                    let _ = store.unseal(id);
+                    return Err(err);
+                }
+            },
             None => digest,
         };
-        store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
         let (rec, seq) = {
             let mut e = lock(&entry);
             // Re-check under the lock: a concurrent commit or abort may have won.

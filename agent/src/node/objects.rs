@@ -64,19 +64,48 @@ impl Node {
     }
 
     async fn import_now(self: &Arc<Self>, id: PayloadId, size: u64) -> Result<PayloadRecord, AgentError> {
-        let object = self.object()?.clone();
+        self.object()?;
         self.writer.admit()?;
         let known = self.entry(id).ok();
-        if let Some(entry) = &known {
-            let e = lock(entry);
-            if e.rec.tier != Tier::Object || e.rec.state != PayloadState::Allocated {
-                return Err(AgentError::InvalidState(format!(
-                    "payload {id} is {} on the {} tier; ImportPayload adopts ALLOCATED payloads of the object tier",
-                    e.rec.state.name(),
-                    e.rec.tier.name()
+        match &known {
+            Some(entry) => {
+                let mut e = lock(entry);
+                if e.rec.tier != Tier::Object || e.rec.state != PayloadState::Allocated {
+                    return Err(AgentError::InvalidState(format!(
+                        "payload {id} is {} on the {} tier; ImportPayload adopts ALLOCATED payloads of the object tier",
+                        e.rec.state.name(),
+                        e.rec.tier.name()
+                    )));
+                }
+                if e.moving {
+                    return Err(AgentError::Conflict(format!(
+                        "an import of payload {id} is under way; wait for it"
+                    )));
+                }
+                // Held for the import: the write-deadline sweep leaves it be.
+                e.moving = true;
+            }
+            None if self.repo.get_payload(id).await?.is_some() => {
+                return Err(AgentError::AlreadyExists(format!(
+                    "payload {id} belongs to another node of this catalog; import it there"
                 )));
             }
+            None => {}
         }
+        let imported = self.import_work(id, size, known.as_ref()).await;
+        if let Some(entry) = &known {
+            lock(entry).moving = false;
+        }
+        imported
+    }
+
+    async fn import_work(
+        &self,
+        id: PayloadId,
+        size: u64,
+        known: Option<&super::EntryRef>,
+    ) -> Result<PayloadRecord, AgentError> {
+        let object = self.object()?.clone();
         let uploaded = object.uploaded_size(id).await?.ok_or_else(|| {
             AgentError::InvalidState(format!(
                 "nothing was uploaded for payload {id}: put the object at {} first",
@@ -113,9 +142,15 @@ impl Node {
             }
         };
         let now = self.now_ms();
-        let rec = match &known {
+        let rec = match known {
             Some(entry) => {
                 let mut e = lock(entry);
+                if e.gone {
+                    object.cache.remove(id);
+                    return Err(AgentError::NotFound(format!(
+                        "payload {id} was deleted during the import"
+                    )));
+                }
                 let mut rec = e.rec.clone();
                 rec.state = transition(rec.state, Event::Commit { durable: true })?;
                 rec.size_bytes = uploaded;
@@ -203,8 +238,12 @@ impl Node {
         for id in self.repo.pending_manifests().await? {
             let relied_on = self.entry(id).is_ok_and(|e| lock(&e).rec.in_object_store());
             if !relied_on {
+                // Applied now, not through the log: a spill that reuses the
+                // manifest once serving starts must not be overtaken by it.
                 let now = self.now_ms();
-                self.writer.write(Write::ReleaseManifest { id, now_ms: now })?;
+                self.repo
+                    .write_batch(&[Write::ReleaseManifest { id, now_ms: now }])
+                    .await?;
                 released += 1;
             }
         }

@@ -61,6 +61,8 @@ pub struct Recovery {
     pub leases_restored: usize,
     /// Manifests of uploads a crash cut short, released.
     pub uploads_released: usize,
+    /// Payloads whose local copy was gone, now read from their object copy.
+    pub fell_back_to_object: usize,
 }
 
 impl Node {
@@ -190,11 +192,6 @@ impl Node {
                     tracing::warn!(id = %rec.id, %err, "skipping a payload on an unconfigured tier");
                     continue;
                 }
-                if rec.state == PayloadState::Spilling {
-                    rec.state = transition(rec.state, Event::CancelMove { durable: true })?;
-                    self.writer.write(Write::Update(rec.clone()))?;
-                    report.moves_undone += 1;
-                }
                 // Its bytes are in the object store; an ALLOCATED one waits
                 // for its client's upload (or its write deadline).
                 self.check_copies(&mut rec)?;
@@ -240,6 +237,9 @@ impl Node {
                     self.state.join("node-id").display()
                 );
             }
+            if len != Some(rec.size_bytes) && self.fall_back_to_object(&mut rec, now, report)? {
+                continue;
+            }
             if len != Some(rec.size_bytes) {
                 tracing::error!(id = %rec.id, tier = rec.tier.name(), "committed payload has no intact region; dropping its row");
                 self.writer.write(Write::Delete(rec.id))?;
@@ -247,6 +247,10 @@ impl Node {
                 continue;
             }
             if rebooted && rec.tier.is_durable() && !self.intact(store, &rec).await {
+                let _ = store.remove(rec.id);
+                if self.fall_back_to_object(&mut rec, now, report)? {
+                    continue;
+                }
                 tracing::error!(id = %rec.id, "after a reboot the payload's bytes do not match its SHA-256; dropping it");
                 let _ = store.remove(rec.id);
                 self.writer.write(Write::Delete(rec.id))?;
@@ -258,7 +262,7 @@ impl Node {
                 rec.state = transition(
                     rec.state,
                     Event::CancelMove {
-                        durable: rec.tier.is_durable(),
+                        durable: rec.tier.is_durable() || rec.in_object_store(),
                     },
                 )?;
                 self.writer.write(Write::Update(rec.clone()))?;
@@ -274,12 +278,40 @@ impl Node {
         Ok(())
     }
 
+    /// A payload whose local copy is gone (a reboot emptied /dev/shm, say)
+    /// but that has an object copy is read from the object tier from now
+    /// on. Returns whether it did that.
+    fn fall_back_to_object(
+        &self,
+        rec: &mut payload_catalog::PayloadRecord,
+        now: u64,
+        report: &mut Recovery,
+    ) -> anyhow::Result<bool> {
+        if self.object.is_none() || !rec.has_copy(Tier::Object) {
+            return Ok(false);
+        }
+        tracing::warn!(id = %rec.id, tier = rec.tier.name(), "the local copy is gone; reading the payload from the object tier");
+        rec.tier = Tier::Object;
+        rec.copies.retain(|c| c.tier != Tier::Object);
+        rec.state = PayloadState::Durable;
+        rec.version += 1;
+        self.check_copies(rec)?;
+        self.writer.write(Write::Update(rec.clone()))?;
+        self.payloads
+            .shard(&rec.id)
+            .insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
+        report.payloads += 1;
+        report.fell_back_to_object += 1;
+        Ok(true)
+    }
+
     /// Keeps the copies besides the authoritative one that are really here
     /// (counting their capacity) and drops the rest from the row.
     fn check_copies(&self, rec: &mut payload_catalog::PayloadRecord) -> anyhow::Result<()> {
         let before = rec.copies.len();
         rec.copies.retain(|copy| match copy.tier {
-            Tier::Object => self.object.is_some(),
+            // Kept even while no object tier is configured: the bytes are there.
+            Tier::Object => true,
             tier => match self.store(tier) {
                 Ok(store) if store.region_len(rec.id) == Some(rec.size_bytes) => {
                     store.add_used(rec.size_bytes);

@@ -19,7 +19,7 @@ impl Node {
             let mut e = lock(&entry);
             self.drop_idle_copies(&mut e, now);
             let event = match e.rec.state {
-                PayloadState::Allocated if e.rec.write_deadline_ms <= now => Event::Abort,
+                PayloadState::Allocated if e.rec.write_deadline_ms <= now && !e.moving => Event::Abort,
                 _ if e.rec.expires_at_ms != 0
                     && e.rec.expires_at_ms <= now
                     && !e.moving

@@ -404,12 +404,15 @@ impl Node {
                 };
                 if store.used() as f64 > store.capacity() as f64 * high {
                     let moved = self.spill_to_low_watermark(tier).await;
-                    tracing::info!(
-                        tier = tier.name(),
-                        moved,
-                        used = store.used(),
-                        "spilled down to the low watermark"
-                    );
+                    // Nothing movable (no tier below, all leased) is not news every second.
+                    if moved > 0 {
+                        tracing::info!(
+                            tier = tier.name(),
+                            moved,
+                            used = store.used(),
+                            "spilled down to the low watermark"
+                        );
+                    }
                 }
             }
         }

@@ -25,7 +25,9 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Bucket: Send + Sync + 'static {
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError>;
+    /// With `sha256` the store checks the bytes against it and refuses a
+    /// mismatch (so a block never lands under a name its bytes do not have).
+    async fn put(&self, key: &str, body: Bytes, sha256: Option<[u8; 32]>) -> Result<(), StoreError>;
     /// The whole object, or the bytes of `range` of it.
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError>;
     /// The object's size, `None` when there is no such object.
@@ -73,6 +75,13 @@ impl S3Bucket {
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(region)
             .retry_config(aws_config::retry::RetryConfig::disabled())
+            // A stalled connection is a transient failure, retried, never a hang.
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(10))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(120))
+                    .build(),
+            )
             .load()
             .await;
         let endpoint = shared.endpoint_url().map(str::to_string);
@@ -121,7 +130,7 @@ impl S3Bucket {
             });
         }
         let probe = ".payload-manager-probe";
-        let written = self.put(probe, Bytes::from_static(b"probe")).await;
+        let written = self.put(probe, Bytes::from_static(b"probe"), None).await;
         let deleted = match written {
             Ok(()) => self.delete(probe).await,
             Err(e) => Err(e),
@@ -185,12 +194,13 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
 
 #[async_trait]
 impl Bucket for S3Bucket {
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+    async fn put(&self, key: &str, body: Bytes, sha256: Option<[u8; 32]>) -> Result<(), StoreError> {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(self.key(key))
             .content_length(body.len() as i64)
+            .set_checksum_sha256(sha256.map(|d| aws_smithy_types::base64::encode(d)))
             .body(ByteStream::from(body))
             .send()
             .await

@@ -134,6 +134,12 @@ impl BlockCache {
         let _filling = gate.lock().await;
         let path = self.path(id);
         let missing = self.missing(manifest);
+        // An empty payload has no blocks, but its file must exist.
+        if missing.is_empty() && !path.exists() {
+            open_for_fill(&path, 0)
+                .and_then(|_| fs::set_permissions(&path, Permissions::from_mode(0o400)))
+                .map_err(|e| io_error("creating the cache file", e))?;
+        }
         if missing.is_empty() {
             self.touch(id);
             return Ok(path);
@@ -164,7 +170,12 @@ impl BlockCache {
             let mut inner = lock(&self.inner);
             inner.tick += 1;
             let tick = inner.tick;
-            let cached = inner.entries.get_mut(&id).expect("make_room created the entry");
+            // A delete may have dropped the entry meanwhile (its file too).
+            let Some(cached) = inner.entries.get_mut(&id) else {
+                return Err(AgentError::NotFound(format!(
+                    "payload {id} was deleted while it was fetched"
+                )));
+            };
             for i in &missing {
                 cached.used_at[*i] = tick;
             }

@@ -17,8 +17,8 @@ pub struct Faulty {
     inner: Box<dyn Bucket>,
     every: u64,
     calls: AtomicU64,
-    /// Faults injected so far.
-    pub injected: AtomicU64,
+    /// Faults injected so far (each is logged with the count).
+    injected: AtomicU64,
 }
 
 enum Fault {
@@ -53,13 +53,14 @@ impl Faulty {
         if !n.is_multiple_of(self.every) {
             return Ok(None);
         }
-        self.injected.fetch_add(1, Ordering::Relaxed);
-        let fault = match (n / self.every) % 4 {
-            0 => Fault::Timeout,
-            1 => Fault::Unavailable,
-            2 => Fault::Reset,
-            _ => Fault::ShortRead,
+        let count = self.injected.fetch_add(1, Ordering::Relaxed) + 1;
+        let (fault, kind) = match (n / self.every) % 4 {
+            0 => (Fault::Timeout, "timeout"),
+            1 => (Fault::Unavailable, "503"),
+            2 => (Fault::Reset, "reset"),
+            _ => (Fault::ShortRead, "short read"),
         };
+        tracing::warn!(count, what, "PM_OBJECT_FAULTS: injected a fault: {kind}");
         match fault {
             Fault::Timeout => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -74,9 +75,9 @@ impl Faulty {
 
 #[async_trait]
 impl Bucket for Faulty {
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+    async fn put(&self, key: &str, body: Bytes, sha256: Option<[u8; 32]>) -> Result<(), StoreError> {
         self.fault("put").await?;
-        self.inner.put(key, body).await
+        self.inner.put(key, body, sha256).await
     }
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {

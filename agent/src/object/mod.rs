@@ -36,6 +36,9 @@ pub struct ObjectTier {
     /// Transfers in flight per upload or download (each holds one block).
     concurrency: usize,
     pub cache: BlockCache,
+    /// One collection at a time on this node: two would share the blocks
+    /// marked deleting, and the slower could delete one re-uploaded since.
+    collecting: tokio::sync::Mutex<()>,
 }
 
 /// What one garbage collection removed.
@@ -65,6 +68,7 @@ impl ObjectTier {
             repo,
             concurrency: concurrency.max(1),
             cache,
+            collecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -113,6 +117,7 @@ impl ObjectTier {
     /// Removes blocks no manifest has named for `grace_ms`: their objects
     /// first, then their rows (see the catalog's `gc_begin`).
     pub async fn collect_garbage(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
+        let _one = self.collecting.lock().await;
         let mut report = GcReport::default();
         loop {
             let doomed = self.repo.gc_begin(now_ms.saturating_sub(grace_ms), GC_BATCH).await?;
@@ -154,7 +159,9 @@ pub(crate) fn store_error(what: &str, err: StoreError) -> AgentError {
         StoreError::Transient(e) => {
             AgentError::Unavailable(format!("{what}: the object store keeps failing ({e}); retry later"))
         }
-        StoreError::NotFound(e) => AgentError::NotFound(format!("{what}: {e}")),
+        // Keys the agent asks for are named by a manifest or an upload it
+        // checked: gone means lost.
+        StoreError::NotFound(e) => AgentError::Integrity(format!("{what}: the object is missing ({e})")),
         StoreError::Permanent(e) => AgentError::InvalidState(format!(
             "{what}: the object store refused ({e}); check the bucket and the agent's credentials"
         )),

@@ -55,7 +55,7 @@ fn map(path: &Path) -> std::io::Result<Mapped> {
 
 /// SHA-256 of every block on two threads, and of the whole (on a third)
 /// when `whole` asks for it.
-fn hash_blocks(bytes: &[u8], whole: bool) -> (Option<[u8; 32]>, Vec<BlockHash>) {
+fn hash_blocks(bytes: &[u8], whole: bool) -> std::io::Result<(Option<[u8; 32]>, Vec<BlockHash>)> {
     let chunks: Vec<&[u8]> = bytes.chunks(BLOCK_SIZE as usize).collect();
     std::thread::scope(|s| {
         let whole = whole.then(|| s.spawn(move || <[u8; 32]>::from(Sha256::digest(bytes))));
@@ -64,8 +64,11 @@ fn hash_blocks(bytes: &[u8], whole: bool) -> (Option<[u8; 32]>, Vec<BlockHash>) 
         let (first, rest) = chunks.split_at(half);
         let second = s.spawn(move || rest.iter().map(digest).collect::<Vec<_>>());
         let mut blocks: Vec<BlockHash> = first.iter().map(digest).collect();
-        blocks.extend(second.join().unwrap_or_default());
-        (whole.map(|w| w.join().unwrap_or_default()), blocks)
+        // A hashing thread that died must not leave a short block list.
+        let died = || std::io::Error::other("a hashing thread panicked");
+        blocks.extend(second.join().map_err(|_| died())?);
+        let whole = whole.map(|w| w.join().map_err(|_| died())).transpose()?;
+        Ok((whole, blocks))
     })
 }
 
@@ -88,7 +91,7 @@ impl ObjectTier {
         let path = path.to_path_buf();
         let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let mapped = Arc::new(map(&path)?);
-            let (whole, blocks) = hash_blocks(mapped.as_ref().as_ref(), expected.is_none());
+            let (whole, blocks) = hash_blocks(mapped.as_ref().as_ref(), expected.is_none())?;
             Ok((mapped, whole, blocks))
         });
         let (mapped, whole, blocks) = hashed
@@ -120,7 +123,7 @@ impl ObjectTier {
                 let body = Bytes::from_owner(Slice(mapped.clone(), start..start + state.size_bytes as usize));
                 let key = block_key(&state.hash);
                 async move {
-                    self.retry(|| self.bucket.put(&key, body.clone()))
+                    self.retry(|| self.bucket.put(&key, body.clone(), Some(state.hash)))
                         .await
                         .map_err(|e| store_error("uploading the payload's blocks", e))?;
                     crate::failpoint!("after-block-upload");
@@ -187,7 +190,7 @@ impl ObjectTier {
         });
         let body = Bytes::from(doc.to_string());
         let key = manifest_key(manifest.payload);
-        self.retry(|| self.bucket.put(&key, body.clone()))
+        self.retry(|| self.bucket.put(&key, body.clone(), None))
             .await
             .map_err(|e| store_error("writing the manifest", e))
     }
@@ -238,7 +241,13 @@ impl ObjectTier {
                 let (key, file) = (&key, file.clone());
                 async move {
                     let bytes = self
-                        .retry(|| self.bucket.get(key, Some(range.clone())))
+                        .retry(|| async {
+                            let bytes = self.bucket.get(key, Some(range.clone())).await?;
+                            match bytes.len() as u64 == range.end - range.start {
+                                true => Ok(bytes),
+                                false => Err(StoreError::Transient(format!("{key}: a short read"))),
+                            }
+                        })
                         .await
                         .map_err(|e| store_error("downloading the uploaded object", e))?;
                     write_at(file, bytes, range.start).await

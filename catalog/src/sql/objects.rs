@@ -177,8 +177,11 @@ impl Repo {
     async fn objects_gc_begin(&self, cutoff_ms: u64, limit: u32) -> Result<Vec<BlockHash>> {
         let mut tx = begin_write(&self.pool).await?;
         sqlx::query(
+            // The outer conditions are checked again on the row as it is
+            // when updated: a block claimed meanwhile is not marked.
             "UPDATE object_blocks SET deleting = TRUE WHERE hash IN (SELECT hash FROM object_blocks \
-             WHERE refs = 0 AND NOT deleting AND zero_since_ms <= $1 LIMIT $2)",
+             WHERE refs = 0 AND NOT deleting AND zero_since_ms <= $1 LIMIT $2) \
+             AND refs = 0 AND NOT deleting AND zero_since_ms <= $1",
         )
         .bind(to_i64(cutoff_ms))
         .bind(i64::from(limit))
@@ -206,7 +209,7 @@ impl Repo {
                 .execute(&mut *tx)
                 .await?;
             // Claimed during the collection: its object is gone, upload it again.
-            sqlx::query("UPDATE object_blocks SET deleting = FALSE, stored = FALSE WHERE hash = $1")
+            sqlx::query("UPDATE object_blocks SET deleting = FALSE, stored = FALSE WHERE hash = $1 AND deleting")
                 .bind(hash.as_slice())
                 .execute(&mut *tx)
                 .await?;
