@@ -226,3 +226,17 @@ async fn a_ram_payload_with_an_object_copy_survives_losing_its_ram_copy() {
     assert_no_orphans(&dirs, &client).await;
     agent.kill9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_to_start_on_another_object_store_than_its_catalog_knows() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let (agent, _client) = object_agent(&dirs, &format!("s3://{bucket}/one"), None).await;
+    agent.kill9();
+    let other = format!("s3://{bucket}/two");
+    let refused = Agent::refused(&dirs, &["--object-store", &other]);
+    assert!(refused.contains(&format!("start with --object-store s3://{bucket}/one")), "{refused}");
+    let missing = Agent::refused(&Dirs::new(), &["--object-store", "s3://no-such-bucket-pm/x"]);
+    assert!(missing.contains("does not exist"), "a missing bucket is named: {missing}");
+}

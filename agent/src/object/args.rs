@@ -58,6 +58,7 @@ impl ObjectArgs {
         let Some(url) = &self.object_store else {
             return Ok(None);
         };
+        pin_store(state_dir, url)?;
         let bucket = S3Bucket::connect(url).await?;
         bucket.check().await?;
         let dir = self
@@ -72,5 +73,27 @@ impl ObjectArgs {
             usize::from(self.object_concurrency),
             cache,
         )))
+    }
+}
+
+/// The catalog's block rows say which blocks the store holds, so one node
+/// keeps one store: the first URL used is recorded in the state dir and
+/// another one is refused (it would skip uploading blocks only the old
+/// store has).
+fn pin_store(state_dir: &Path, url: &str) -> anyhow::Result<()> {
+    let (bucket, prefix) = super::bucket::parse_url(url)?;
+    let url = format!("s3://{bucket}/{prefix}");
+    let path = state_dir.join("object-store");
+    match std::fs::read_to_string(&path) {
+        Ok(pinned) if pinned.trim() == url => Ok(()),
+        Ok(pinned) => anyhow::bail!(
+            "this node's catalog records blocks stored in {}, not {url}: start with --object-store {} (or a fresh \
+             state dir and catalog for the new store)",
+            pinned.trim(),
+            pinned.trim()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::durable::write_durably(&path, url.as_bytes())
+            .map_err(|e| anyhow::anyhow!("recording the object store in {}: {e}", path.display())),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
     }
 }
