@@ -236,7 +236,13 @@ async fn a_node_refuses_to_start_on_another_object_store_than_its_catalog_knows(
     agent.kill9();
     let other = format!("s3://{bucket}/two");
     let refused = Agent::refused(&dirs, &["--object-store", &other]);
-    assert!(refused.contains(&format!("start with --object-store s3://{bucket}/one")), "{refused}");
+    assert!(
+        refused.contains(&format!("start with --object-store s3://{bucket}/one")),
+        "{refused}"
+    );
     let missing = Agent::refused(&Dirs::new(), &["--object-store", "s3://no-such-bucket-pm/x"]);
-    assert!(missing.contains("does not exist"), "a missing bucket is named: {missing}");
+    assert!(
+        missing.contains("does not exist"),
+        "a missing bucket is named: {missing}"
+    );
 }

@@ -71,7 +71,13 @@ impl Node {
                     if grant.rec.tier == Tier::Object {
                         // The lease is held while the cache fills, so no
                         // eviction takes the blocks it is waiting for.
-                        if let Err(err) = self.object_read_path(id).await {
+                        // A task of its own: a caller that goes away must
+                        // not cut a fill off with its bytes counted.
+                        let node = self.clone();
+                        let filled = tokio::spawn(async move { node.object_read_path(id).await })
+                            .await
+                            .unwrap_or_else(|e| Err(crate::error::task_failed("filling the block cache", e)));
+                        if let Err(err) = filled {
                             self.release(grant.lease);
                             return Err(err);
                         }

@@ -111,10 +111,10 @@ impl Node {
         };
         let copied = match &reserved {
             Ok(()) if fresh => self.copy_to(&source, target, sync).await,
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(None),
             Err(err) => Err(err.clone()),
         };
-        match copied.and_then(|()| self.switch(&entry, target)) {
+        match copied.and_then(|digest| self.switch(&entry, target, digest)) {
             Ok((rec, kept)) => {
                 crate::failpoint!("after-switch");
                 if !kept {
@@ -136,15 +136,16 @@ impl Node {
 
     /// Copies the payload from its authoritative copy to `target`, checked
     /// against its digest before it counts. The one place that knows how
-    /// bytes travel between tiers.
-    async fn copy_to(&self, source: &PayloadRecord, target: Tier, sync: bool) -> Result<(), AgentError> {
+    /// bytes travel between tiers. Gives back the payload's digest when the
+    /// copy computed it (an upload hashes the whole payload).
+    async fn copy_to(&self, source: &PayloadRecord, target: Tier, sync: bool) -> Result<Option<[u8; 32]>, AgentError> {
         let id = source.id;
         match (source.tier, target) {
             (from, Tier::Object) => {
                 let object = self.object()?;
                 let path = self.store(from)?.path(id);
-                object.upload(id, &path, source.sha256, self.now_ms()).await?;
-                Ok(())
+                let manifest = object.upload(id, &path, source.sha256, self.now_ms()).await?;
+                Ok(Some(manifest.sha256))
             }
             (Tier::Object, to) => {
                 let store = self.store(to)?;
@@ -160,9 +161,11 @@ impl Node {
                 if sealed.is_err() {
                     let _ = store.remove(id);
                 }
-                sealed
+                sealed.map(|()| None)
             }
-            (from, to) => copy_verified(self.store(from)?, self.store(to)?, source, sync).await,
+            (from, to) => copy_verified(self.store(from)?, self.store(to)?, source, sync)
+                .await
+                .map(|()| None),
         }
     }
 
@@ -214,7 +217,12 @@ impl Node {
     /// unless the payload was deleted, or leased meanwhile on a downward
     /// move. Says whether the source copy stays, as a copy under the new
     /// one: the object copy always, a local copy while it is leased.
-    fn switch(&self, entry: &super::EntryRef, target: Tier) -> Result<(PayloadRecord, bool), AgentError> {
+    fn switch(
+        &self,
+        entry: &super::EntryRef,
+        target: Tier,
+        digest: Option<[u8; 32]>,
+    ) -> Result<(PayloadRecord, bool), AgentError> {
         let mut e = lock(entry);
         let id = e.rec.id;
         if e.gone {
@@ -239,6 +247,9 @@ impl Node {
             });
         }
         rec.tier = target;
+        // A payload spilled before the hashing thread reached it learns
+        // its digest from the upload (nothing can hash it once it is gone).
+        rec.sha256 = rec.sha256.or(digest);
         rec.state = transition(
             rec.state,
             Event::FinishMove {
@@ -262,6 +273,17 @@ impl Node {
         if e.gone {
             let rec = e.rec.clone();
             drop(e);
+            if self.object.is_some() {
+                // The delete logged its release before this move's upload
+                // may have claimed a manifest: release it again.
+                let release = Write::ReleaseManifest {
+                    id: rec.id,
+                    now_ms: self.now_ms(),
+                };
+                if let Err(err) = self.writer.write(release) {
+                    tracing::warn!(id = %rec.id, %err, "could not log a manifest release; its blocks stay referenced");
+                }
+            }
             self.free_all(&rec);
             return AgentError::NotFound(format!("payload {} was deleted during the move", rec.id));
         }

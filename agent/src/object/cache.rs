@@ -221,6 +221,7 @@ impl BlockCache {
 
     /// Drops a payload's cached blocks (it was deleted, or promoted).
     pub fn remove(&self, id: PayloadId) {
+        lock(&self.filling).remove(&id);
         {
             let mut inner = lock(&self.inner);
             if let Some(old) = inner.entries.remove(&id) {
