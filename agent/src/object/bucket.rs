@@ -200,7 +200,7 @@ impl Bucket for S3Bucket {
             .bucket(&self.bucket)
             .key(self.key(key))
             .content_length(body.len() as i64)
-            .set_checksum_sha256(sha256.map(|d| aws_smithy_types::base64::encode(d)))
+            .set_checksum_sha256(sha256.map(aws_smithy_types::base64::encode))
             .body(ByteStream::from(body))
             .send()
             .await
