@@ -216,6 +216,11 @@ async fn import_adopts_a_client_upload_and_an_object_already_under_the_prefix() 
     assert_eq!((imported.tier, imported.state), (Tier::Object, PayloadState::Durable));
     assert_eq!(s.read(rec.id).await, (Tier::Object, bytes));
     assert!(s.keys("uploads/").await.is_empty(), "the adopted upload is removed");
+    let again = s.node.import(rec.id, 0).await.unwrap();
+    assert_eq!(
+        again.sha256, imported.sha256,
+        "a retried import answers as the first did"
+    );
 
     // An object put under the prefix by hand, never allocated: 0 bytes.
     let stray = PayloadId::random();

@@ -70,6 +70,13 @@ impl Node {
         match &known {
             Some(entry) => {
                 let mut e = lock(entry);
+                // A retry after a lost reply: the import happened.
+                if e.rec.tier == Tier::Object
+                    && e.rec.state == PayloadState::Durable
+                    && (size == 0 || size == e.rec.size_bytes)
+                {
+                    return Ok(e.rec.clone());
+                }
                 if e.rec.tier != Tier::Object || e.rec.state != PayloadState::Allocated {
                     return Err(AgentError::InvalidState(format!(
                         "payload {id} is {} on the {} tier; ImportPayload adopts ALLOCATED payloads of the object tier",
