@@ -228,6 +228,10 @@ async fn import_adopts_a_client_upload_and_an_object_already_under_the_prefix() 
     let adopted = s.node.import(stray, 0).await.unwrap();
     assert_eq!(adopted.size_bytes, 0);
     assert_eq!(s.read(stray).await, (Tier::Object, Vec::new()));
+    // Dropped from the cache, an empty payload still leases a real file.
+    s.node.object().unwrap().cache.remove(stray);
+    assert_eq!(s.read(stray).await, (Tier::Object, Vec::new()));
+    assert!(s.node.object().unwrap().cache.is_complete(stray));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,8 +62,13 @@ pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
         })
     };
     let location = match rec.tier {
-        // The object tier is read through this node's block cache.
-        Tier::Object => node.object().ok().map(|o| disk(o.cache.path(rec.id))),
+        // The object tier is read through this node's block cache; a path
+        // is given only once the cache file is whole (a lease makes it so).
+        Tier::Object => node
+            .object()
+            .ok()
+            .filter(|o| o.cache.is_complete(rec.id))
+            .map(|o| disk(o.cache.path(rec.id))),
         Tier::Ram => node.store(rec.tier).ok().map(|store| {
             Location::Ram(pb::RamLocation {
                 shm_name: store.shm_name(rec.id),

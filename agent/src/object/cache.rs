@@ -135,10 +135,9 @@ impl BlockCache {
         let path = self.path(id);
         let missing = self.missing(manifest);
         // An empty payload has no blocks, but its file must exist.
-        if missing.is_empty() && !path.exists() {
-            open_for_fill(&path, 0)
-                .and_then(|_| fs::set_permissions(&path, Permissions::from_mode(0o400)))
-                .map_err(|e| io_error("creating the cache file", e))?;
+        if missing.is_empty() && !self.is_complete(id) {
+            open_for_fill(&path, 0).map_err(|e| io_error("creating the cache file", e))?;
+            self.adopt(manifest)?;
         }
         if missing.is_empty() {
             self.touch(id);
