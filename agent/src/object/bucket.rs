@@ -34,8 +34,6 @@ pub trait Bucket: Send + Sync + 'static {
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Deleting a missing object is fine.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
-    /// `s3://bucket/prefix`, for messages.
-    fn url(&self) -> String;
     fn bucket(&self) -> &str;
     /// Keys given to the calls above are relative to this prefix.
     fn prefix(&self) -> &str;
@@ -270,10 +268,6 @@ impl Bucket for S3Bucket {
                 other => Err(other),
             },
         }
-    }
-
-    fn url(&self) -> String {
-        format!("s3://{}/{}", self.bucket, self.prefix)
     }
 
     fn bucket(&self) -> &str {

@@ -96,10 +96,6 @@ impl Bucket for Faulty {
         self.inner.delete(key).await
     }
 
-    fn url(&self) -> String {
-        self.inner.url()
-    }
-
     fn bucket(&self) -> &str {
         self.inner.bucket()
     }

@@ -72,10 +72,6 @@ impl ObjectTier {
         }
     }
 
-    pub fn url(&self) -> String {
-        self.bucket.url()
-    }
-
     pub fn bucket_name(&self) -> &str {
         self.bucket.bucket()
     }

@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub struct S3 {
-    pub endpoint: String,
     _server: Child,
 }
 
@@ -56,10 +55,7 @@ fn start() -> Option<S3> {
             std::env::set_var("AWS_ACCESS_KEY_ID", "test");
             std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
             std::env::set_var("AWS_REGION", "us-east-1");
-            return Some(S3 {
-                endpoint,
-                _server: server,
-            });
+            return Some(S3 { _server: server });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
