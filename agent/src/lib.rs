@@ -18,4 +18,5 @@ pub mod object;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tiers;
 pub mod writer;

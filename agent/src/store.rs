@@ -181,6 +181,21 @@ impl FileStore {
         create_region(&self.path(id), size)
     }
 
+    /// [`FileStore::create`], a large region off the async workers: giving
+    /// it real space (zeroed pages on tmpfs) takes a while.
+    pub async fn create_async(&self, id: PayloadId, size: u64) -> Result<(), AgentError> {
+        const INLINE: u64 = 1 << 20;
+        let created = if size <= INLINE {
+            self.create(id, size)
+        } else {
+            let path = self.path(id);
+            tokio::task::spawn_blocking(move || create_region(&path, size))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+        };
+        created.map_err(|e| io_error("creating the payload region", e))
+    }
+
     /// Drops write permission: after commit nobody opens the region for writing.
     pub fn seal(&self, id: PayloadId) -> io::Result<()> {
         fs::set_permissions(self.path(id), Permissions::from_mode(0o400))

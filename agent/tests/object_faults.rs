@@ -228,6 +228,40 @@ async fn a_ram_payload_with_an_object_copy_survives_losing_its_ram_copy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_aborted_between_an_object_durable_upload_and_its_commit_leaks_no_manifest() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/d"));
+    let (agent, client) = object_agent(&dirs, &url, Some("after-upload")).await;
+    let kept = put(&client, &noise(5 * MIB as usize, 3), Tier::Disk).await.unwrap();
+    let opts = payload_client::PutOptions {
+        object_durable: true,
+        ..Default::default()
+    };
+    assert!(put_opts(&client, &noise(9 * MIB as usize, 2), &opts).await.is_err());
+    drop(client);
+    aborted(agent, &dirs, "after-upload").await;
+    assert_eq!(s3.keys(&bucket, "d/manifests/").await.len(), 1, "the upload finished");
+
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    let stats = client.stats().await.unwrap();
+    assert_eq!(
+        (stats.object_blocks, stats.object_unreferenced_blocks),
+        (3, 3),
+        "the commit that was never acknowledged holds no block"
+    );
+    assert!(s3.keys(&bucket, "d/manifests/").await.is_empty());
+    eventually("the released blocks are collected", || async {
+        client.collect_garbage(1).await.unwrap();
+        s3.keys(&bucket, "d/blocks/").await.is_empty()
+    })
+    .await;
+    assert_served(&client, &[kept]).await;
+    assert_no_orphans(&dirs, &client).await;
+    agent.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refuses_to_start_on_another_object_store_than_its_catalog_knows() {
     let Some(s3) = server() else { return };
     let bucket = s3.bucket().await;

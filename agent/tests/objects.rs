@@ -339,7 +339,7 @@ async fn a_copy_that_no_longer_matches_its_digest_is_never_made_authoritative() 
         "no manifest names the rotten blocks"
     );
     assert!(
-        s.node.repo().pending_manifests().await.unwrap().is_empty(),
+        s.node.repo().node_manifests().await.unwrap().is_empty(),
         "the claim was released"
     );
 }

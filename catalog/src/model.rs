@@ -102,6 +102,13 @@ impl Tier {
         matches!(self, Tier::Disk | Tier::Object)
     }
 
+    /// Whether copies on the tier live off the node and cost it nothing
+    /// (the object store): such a copy stays under faster copies, and a
+    /// half-made one is kept for a retry to reuse.
+    pub fn off_node(self) -> bool {
+        self == Tier::Object
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Tier::Gpu => "gpu",

@@ -107,6 +107,17 @@ impl PageToken {
     }
 }
 
+/// Held for the whole of a garbage collection; see [`Repository::gc_lock`].
+pub struct GcLock {
+    _held: Box<dyn Send>,
+}
+
+impl GcLock {
+    pub fn new(held: impl Send + 'static) -> Self {
+        Self { _held: Box::new(held) }
+    }
+}
+
 /// Parses a label selector `k=v,k2=v2` (empty = match everything).
 pub fn parse_label_selector(selector: &str) -> Result<Vec<(String, String)>> {
     selector
@@ -207,8 +218,14 @@ pub trait Repository: Send + Sync + 'static {
     async fn complete_manifest(&self, id: PayloadId) -> Result<()>;
     /// A payload's manifest and whether it is complete.
     async fn get_manifest(&self, id: PayloadId) -> Result<Option<(Manifest, bool)>>;
-    /// This node's manifests that never completed (an upload cut short).
-    async fn pending_manifests(&self) -> Result<Vec<PayloadId>>;
+    /// This node's manifests, each with whether it is complete (a pending
+    /// one is an upload that has not finished, or was cut short).
+    async fn node_manifests(&self) -> Result<Vec<(PayloadId, bool)>>;
+    /// Waits until no other collection runs on this catalog, then holds it
+    /// off until the lock is dropped: a collection spans two transactions
+    /// and the store's deletes between them, and a second collector could
+    /// delete a block a third party re-uploaded after the first finished.
+    async fn gc_lock(&self) -> Result<GcLock>;
     /// Marks up to `limit` blocks unreferenced since `cutoff_ms` or before
     /// as being deleted and returns them (with any a collection left
     /// marked); delete their objects, then call [`Repository::gc_finish`].

@@ -9,6 +9,7 @@ use tonic::Status;
 use crate::clock::timestamp;
 use crate::error::AgentError;
 use crate::node::Node;
+use crate::tiers::Place;
 
 /// Domain and agent errors as gRPC statuses; the mapping lives in [`AgentError::status`].
 pub fn status(err: impl Into<AgentError>) -> Status {
@@ -61,24 +62,19 @@ pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
             length_bytes: rec.size_bytes,
         })
     };
-    let location = match rec.tier {
-        // The object tier is read through this node's block cache; a path
-        // is given only once the cache file is whole (a lease makes it so).
-        Tier::Object => node
-            .object()
-            .ok()
-            .filter(|o| o.cache.is_complete(rec.id))
-            .map(|o| disk(o.cache.path(rec.id))),
-        Tier::Ram => node.store(rec.tier).ok().map(|store| {
-            Location::Ram(pb::RamLocation {
-                shm_name: store.shm_name(rec.id),
+    let location = node
+        .tier(rec.tier)
+        .ok()
+        .and_then(|t| t.place(rec.id))
+        .map(|place| match place {
+            Place::Shm(shm_name) => Location::Ram(pb::RamLocation {
+                shm_name,
                 slab_id: 0,
                 block_index: 0,
                 length_bytes: rec.size_bytes,
-            })
-        }),
-        tier => node.store(tier).ok().map(|store| disk(store.path(rec.id))),
-    };
+            }),
+            Place::File(path) => disk(path),
+        });
     let copies = std::iter::once(pb::PayloadCopy {
         tier: rec.tier as i32,
         authoritative: true,

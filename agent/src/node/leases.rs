@@ -68,15 +68,18 @@ impl Node {
                 }
                 Err(Grant::Failed(err)) => return Err(err),
                 Ok(grant) => {
-                    if grant.rec.tier == Tier::Object {
-                        // The lease is held while the cache fills, so no
-                        // eviction takes the blocks it is waiting for.
-                        // A task of its own: a caller that goes away must
-                        // not cut a fill off with its bytes counted.
-                        let node = self.clone();
-                        let filled = tokio::spawn(async move { node.object_read_path(id).await })
-                            .await
-                            .unwrap_or_else(|e| Err(crate::error::task_failed("filling the block cache", e)));
+                    if !self.tier(grant.rec.tier).is_ok_and(|t| t.readable(id)) {
+                        // The lease is held while the copy is made readable
+                        // (the block cache fills), so no eviction takes the
+                        // blocks it is waiting for. A task of its own: a
+                        // caller that goes away must not cut a fill off
+                        // with its bytes counted.
+                        let (node, tier) = (self.clone(), grant.rec.tier);
+                        let filled = tokio::spawn(async move {
+                            node.tier(tier)?.open_for_read(id, &|other| node.is_leased(other)).await
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(crate::error::task_failed("filling the block cache", e)));
                         if let Err(err) = filled {
                             self.release(grant.lease);
                             return Err(err);
@@ -110,12 +113,13 @@ impl Node {
                         target.name()
                     )),
                 })?;
-                let cached = self.object.as_ref().is_some_and(|o| o.cache.is_complete(*id));
-                if grant.rec.tier == Tier::Object && !cached {
+                let readable = self.tier(grant.rec.tier).is_ok_and(|t| t.readable(*id));
+                if !readable {
                     self.release(grant.lease);
                     return Err(AgentError::InvalidState(format!(
-                        "payload {id} is on the object tier and not cached on this node; batch leases never \
-                         download, use AcquireReadLease"
+                        "payload {id} is on the {} tier and not cached on this node; batch leases never \
+                         download, use AcquireReadLease",
+                        grant.rec.tier.name()
                     )));
                 }
                 Ok(grant)

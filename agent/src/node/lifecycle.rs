@@ -222,12 +222,18 @@ impl Node {
             let mut e = lock(&entry);
             // Re-check under the lock: a concurrent commit or abort may have won.
             let mut rec = e.rec.clone();
-            rec.state = transition(
+            let next = transition(
                 rec.state,
                 Event::Commit {
                     durable: tier.is_durable() || object.is_some(),
                 },
-            )?;
+            );
+            if next.is_err() && object.is_some() && e.gone {
+                // Ended during the upload: its release may have landed
+                // before the upload claimed the manifest.
+                self.log_release(id);
+            }
+            rec.state = next?;
             rec.version += 1;
             rec.sha256 = digest;
             if object.is_some() {
@@ -269,27 +275,11 @@ impl Node {
             self.make_room(tier, size).await;
             store.reserve(size)?;
         }
-        if let Err(e) = self.create_region(tier, id, size).await {
+        if let Err(e) = store.create_async(id, size).await {
             store.unreserve(size);
             return Err(e);
         }
         Ok(())
-    }
-
-    /// Creates the region; a large one off the async workers, since giving
-    /// it real space (zeroed pages on tmpfs) takes a while.
-    pub(crate) async fn create_region(&self, tier: Tier, id: PayloadId, size: u64) -> Result<(), AgentError> {
-        const INLINE: u64 = 1 << 20;
-        let store = self.store(tier)?;
-        let created = if size <= INLINE {
-            store.create(id, size)
-        } else {
-            let path = store.path(id);
-            tokio::task::spawn_blocking(move || crate::store::create_region(&path, size))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        };
-        created.map_err(|e| io_error("creating the payload region", e))
     }
 
     async fn hash_region(&self, tier: Tier, id: PayloadId) -> Result<[u8; 32], AgentError> {
@@ -380,13 +370,7 @@ impl Node {
             // Logged even without an object copy on record: an upload whose
             // switch a crash cut off may have left a manifest (a replayed or
             // needless release changes nothing).
-            let release = Write::ReleaseManifest {
-                id: e.rec.id,
-                now_ms: self.now_ms(),
-            };
-            if let Err(err) = self.writer.write(release) {
-                tracing::warn!(id = %e.rec.id, %err, "could not log the manifest release; its blocks stay referenced");
-            }
+            self.log_release(e.rec.id);
         }
         e.rec.state = next;
         e.gone = true;

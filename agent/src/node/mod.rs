@@ -22,6 +22,7 @@ use crate::journal::Journal;
 use crate::object::ObjectTier;
 use crate::state::StateDir;
 use crate::store::FileStore;
+use crate::tiers::{TierStore, Tiers};
 use crate::writer::Writer;
 
 pub use leases::LeaseGrant;
@@ -175,9 +176,10 @@ pub struct Node {
     pub(crate) state: StateDir,
     pub(crate) repo: Arc<dyn Repository>,
     pub(crate) writer: Writer,
-    pub(crate) ram: FileStore,
-    pub(crate) disk: FileStore,
-    /// The object tier, when `--object-store` names one.
+    /// Every configured tier, fastest first.
+    pub(crate) tiers: Tiers,
+    /// The object tier again, for what only it does (imports, collection,
+    /// its block cache), when `--object-store` names one.
     pub(crate) object: Option<Arc<ObjectTier>>,
     pub(crate) payloads: Sharded<PayloadId, EntryRef>,
     pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,
@@ -191,15 +193,24 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn store(&self, tier: Tier) -> Result<&FileStore, AgentError> {
-        match tier {
-            Tier::Ram => Ok(&self.ram),
-            Tier::Disk => Ok(&self.disk),
-            Tier::Gpu | Tier::Object => Err(self.not_configured(tier)),
-            Tier::Void => Err(AgentError::InvalidArgument(
+    /// The tier's store, or an error saying it is not configured here.
+    pub fn tier(&self, tier: Tier) -> Result<&dyn TierStore, AgentError> {
+        if tier == Tier::Void {
+            return Err(AgentError::InvalidArgument(
                 "TIER_VOID is not a place to store bytes; spill to VOID deletes a payload".into(),
-            )),
+            ));
         }
+        self.tiers.get(tier).ok_or_else(|| self.not_configured(tier))
+    }
+
+    /// The regions of a file tier: where clients write allocations.
+    pub fn store(&self, tier: Tier) -> Result<&FileStore, AgentError> {
+        self.tier(tier)?.regions().ok_or_else(|| {
+            AgentError::InvalidState(format!(
+                "the {} tier has no regions to write into; allocate on RAM or DISK",
+                tier.name()
+            ))
+        })
     }
 
     fn not_configured(&self, tier: Tier) -> AgentError {
@@ -222,10 +233,7 @@ impl Node {
 
     /// Whether payloads can be placed on `tier` here.
     pub fn check_tier(&self, tier: Tier) -> Result<(), AgentError> {
-        match tier {
-            Tier::Object => self.object().map(drop),
-            tier => self.store(tier).map(drop),
-        }
+        self.tier(tier).map(drop)
     }
 
     /// Whether anyone holds a live lease on the payload.
@@ -283,24 +291,22 @@ pub struct Usage {
 impl Node {
     pub fn usage(&self) -> Usage {
         let now = self.now_ms();
-        let mut tiers: Vec<_> = [&self.ram, &self.disk]
-            .iter()
-            .map(|s| payload_proto::admin::TierUsage {
-                tier: s.tier() as u32,
-                capacity_bytes: s.capacity(),
-                reserved_bytes: s.used(),
-                ..Default::default()
+        let mut tiers: Vec<_> = self
+            .tiers
+            .all()
+            .map(|s| {
+                let c = s.capacity();
+                let (cache_bytes, cache_capacity_bytes) = c.cache.unwrap_or_default();
+                payload_proto::admin::TierUsage {
+                    tier: s.tier() as u32,
+                    capacity_bytes: c.capacity,
+                    reserved_bytes: c.reserved,
+                    cache_bytes,
+                    cache_capacity_bytes,
+                    ..Default::default()
+                }
             })
             .collect();
-        if let Some(object) = &self.object {
-            let (cached, cache_capacity) = object.cache.usage();
-            tiers.push(payload_proto::admin::TierUsage {
-                tier: Tier::Object as u32,
-                cache_bytes: cached,
-                cache_capacity_bytes: cache_capacity,
-                ..Default::default()
-            });
-        }
         let mut moving = 0;
         self.payloads.for_each(|_, entry| {
             let e = lock(entry);

@@ -3,12 +3,12 @@
 //! dropping local copies nobody reads any more, collecting unreferenced
 //! blocks, and cleaning up uploads a crash cut short.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use payload_catalog::lifecycle::{transition, Event};
-use payload_catalog::{Manifest, PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
+use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Tier, Write};
 
 use super::{lock, Entry, Node};
 use crate::error::AgentError;
@@ -16,42 +16,6 @@ use crate::object::GcReport;
 use crate::store::io_error;
 
 impl Node {
-    /// The complete manifest of a payload in the object store.
-    async fn manifest(&self, id: PayloadId) -> Result<Manifest, AgentError> {
-        match self.repo.get_manifest(id).await? {
-            Some((manifest, true)) => Ok(manifest),
-            _ => Err(AgentError::Integrity(format!(
-                "payload {id} is recorded on the object tier but its manifest is missing or incomplete"
-            ))),
-        }
-    }
-
-    /// Downloads the object copy of `rec` into the region at `path`.
-    pub(crate) async fn fetch_object(&self, rec: &PayloadRecord, path: &Path) -> Result<(), AgentError> {
-        let manifest = self.manifest(rec.id).await?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_error("opening the region to download into", e))?;
-        let all = (0..manifest.blocks.len()).collect();
-        self.object()?.download(&manifest, Arc::new(file), all).await
-    }
-
-    /// Makes the cache file of an object-tier payload whole and returns its
-    /// path; the caller holds a lease on it, so its blocks stay.
-    pub(crate) async fn object_read_path(&self, id: PayloadId) -> Result<PathBuf, AgentError> {
-        let object = self.object()?;
-        // A hit needs no catalog read: the lease held keeps the blocks.
-        if let Some(path) = object.cache.hit(id) {
-            return Ok(path);
-        }
-        let manifest = self.manifest(id).await?;
-        object
-            .cache
-            .fill(object, &manifest, &|other| self.is_leased(other))
-            .await
-    }
-
     /// Adopts the object a client uploaded for payload `id` (allocated on
     /// TIER_OBJECT, or not known here at all): its bytes are cut into
     /// blocks, hashed and stored like any spilled payload, and the upload
@@ -154,6 +118,9 @@ impl Node {
                 let mut e = lock(entry);
                 if e.gone {
                     object.cache.remove(id);
+                    // The delete's release may have landed before this
+                    // import claimed the manifest.
+                    self.log_release(id);
                     return Err(AgentError::NotFound(format!(
                         "payload {id} was deleted during the import"
                     )));
@@ -187,10 +154,21 @@ impl Node {
         Ok(rec)
     }
 
+    /// Logs the release of the payload's manifest (a missing one is fine).
+    pub(crate) fn log_release(&self, id: PayloadId) {
+        let release = Write::ReleaseManifest {
+            id,
+            now_ms: self.now_ms(),
+        };
+        if let Err(err) = self.writer.write(release) {
+            tracing::warn!(%id, %err, "could not log a manifest release; its blocks stay referenced until restart");
+        }
+    }
+
     /// Frees local copies kept under a promoted payload once nobody holds a
     /// lease (sweeper). Caller holds the entry's lock.
     pub(crate) fn drop_idle_copies(&self, e: &mut Entry, now: u64) {
-        let local = |tier: Tier| matches!(tier, Tier::Ram | Tier::Disk);
+        let local = |tier: Tier| !tier.off_node();
         if e.moving || e.gone || !e.rec.copies.iter().any(|c| local(c.tier)) || e.live_leases(now) > 0 {
             return;
         }
@@ -237,13 +215,22 @@ impl Node {
         }
     }
 
-    /// Start-up: manifests of uploads a crash cut short, for payloads that
-    /// do not count on them, are released (their stored blocks stay until
-    /// collected, so a retried upload sends only what is missing).
-    pub(crate) async fn release_pending_manifests(&self) -> anyhow::Result<usize> {
+    /// Start-up: this node's manifests that no payload counts on (uploads a
+    /// crash cut short, or finished just before a crash kept their switch,
+    /// commit or import from being logged) are released. Their stored
+    /// blocks stay until collected, so a retried upload sends only what is
+    /// missing.
+    pub(crate) async fn release_unused_manifests(&self) -> anyhow::Result<usize> {
+        // The rows start-up dropped must be gone from the catalog first.
+        self.flush().await?;
         let mut released = 0;
-        for id in self.repo.pending_manifests().await? {
-            let relied_on = self.entry(id).is_ok_and(|e| lock(&e).rec.in_object_store());
+        for (id, _complete) in self.repo.node_manifests().await? {
+            let relied_on = match self.entry(id) {
+                Ok(e) => lock(&e).rec.in_object_store(),
+                // A row start-up left unloaded (its tier is not configured
+                // now) may still count on it.
+                Err(_) => self.repo.get_payload(id).await?.is_some_and(|r| r.in_object_store()),
+            };
             if !relied_on {
                 // Applied now, not through the log: a spill that reuses the
                 // manifest once serving starts must not be overtaken by it.
@@ -251,6 +238,9 @@ impl Node {
                 self.repo
                     .write_batch(&[Write::ReleaseManifest { id, now_ms: now }])
                     .await?;
+                if let Err(err) = self.object()?.delete_manifest_object(id).await {
+                    tracing::warn!(%id, %err, "could not delete a released manifest object; delete it by hand");
+                }
                 released += 1;
             }
         }

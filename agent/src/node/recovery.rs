@@ -15,12 +15,35 @@ use crate::journal::Journal;
 use crate::object::ObjectTier;
 use crate::state::StateDir;
 use crate::store::{FileStore, Scan};
+use crate::tiers::{LocalTier, ObjectStore, TierStore, Tiers};
 use crate::writer::Writer;
 use anyhow::Context as _;
 
 /// Committed payloads waiting for the hashing thread, at most; past it
 /// commits wait for room (backpressure).
 const DIGEST_QUEUE: usize = 65_536;
+
+/// The node's tiers, fastest first, each with its spill watermarks.
+fn tiers(cfg: &NodeConfig, ram: FileStore, disk: FileStore, object: Option<Arc<ObjectTier>>) -> Tiers {
+    let local = |files, high_watermark, low_watermark| -> Arc<dyn TierStore> {
+        Arc::new(LocalTier {
+            files,
+            high_watermark,
+            low_watermark,
+        })
+    };
+    let mut stores = vec![
+        local(ram, cfg.ram_high_watermark, cfg.ram_low_watermark),
+        local(disk, cfg.disk_high_watermark, cfg.disk_low_watermark),
+    ];
+    if let Some(object) = object {
+        stores.push(Arc::new(ObjectStore {
+            object,
+            clock: cfg.clock.clone(),
+        }));
+    }
+    Tiers::new(stores)
+}
 
 /// Payload ids named by the writes in `catalog.rejected` (one JSON object a line).
 fn rejected_ids(path: &std::path::Path) -> HashSet<PayloadId> {
@@ -59,7 +82,7 @@ pub struct Recovery {
     /// names without a catalog row): reported, never touched.
     pub foreign_skipped: usize,
     pub leases_restored: usize,
-    /// Manifests of uploads a crash cut short, released.
+    /// Manifests no payload counts on (uploads a crash cut short), released.
     pub uploads_released: usize,
     /// Payloads whose local copy was gone, now read from their object copy.
     pub fell_back_to_object: usize,
@@ -89,14 +112,15 @@ impl Node {
         let (journal, journaled) = Journal::open(&journal_path)
             .map_err(|e| anyhow::anyhow!("opening the lease journal {}: {e}", journal_path.display()))?;
         let (digests, mut pending_digests) = tokio::sync::mpsc::channel(DIGEST_QUEUE);
+        let object = object.map(Arc::new);
+        let tiers = tiers(&cfg, ram, disk, object.clone());
         let node = Node {
             cfg,
             state,
             repo,
             writer,
-            ram,
-            disk,
-            object: object.map(Arc::new),
+            tiers,
+            object,
             payloads: Sharded::new(),
             leases: Sharded::new(),
             journal,
@@ -113,17 +137,18 @@ impl Node {
                 .scan()
                 .with_context(|| format!("reading the {} root {}", store.tier().name(), store.root().display()))
         };
-        let scans = [scan(&node.ram)?, scan(&node.disk)?];
+        let scans = node.tiers.regions().map(scan).collect::<anyhow::Result<Vec<_>>>()?;
         let foreign: HashSet<PayloadId> = scans.iter().flat_map(|s| s.foreign.iter().copied()).collect();
         let rejected = rejected_ids(&node.state.join("catalog.rejected"));
         node.load(&mut report, rebooted, &foreign, &rejected).await?;
         node.remove_orphans(&mut report, scans, &rejected);
         if node.object.is_some() {
-            report.uploads_released = node.release_pending_manifests().await?;
+            report.uploads_released = node.release_unused_manifests().await?;
         }
         node.state.record_boot()?;
-        node.ram.check_capacity()?;
-        node.disk.check_capacity()?;
+        for store in node.tiers.regions() {
+            store.check_capacity()?;
+        }
         let now = node.now_ms();
         for lease in journaled.into_iter().filter(|l| l.expires_ms > now) {
             let Ok(entry) = node.entry(lease.payload) else {
@@ -187,26 +212,22 @@ impl Node {
     ) -> anyhow::Result<()> {
         let now = self.now_ms();
         for mut rec in self.repo.load_payloads().await? {
-            if rec.tier == Tier::Object {
-                if let Err(err) = self.object() {
+            let tier = match self.tier(rec.tier) {
+                Ok(tier) => tier,
+                Err(err) => {
                     tracing::warn!(id = %rec.id, %err, "skipping a payload on an unconfigured tier");
                     continue;
                 }
-                // Its bytes are in the object store; an ALLOCATED one waits
-                // for its client's upload (or its write deadline).
+            };
+            let Some(store) = tier.regions() else {
+                // Its bytes are elsewhere (the object store); an ALLOCATED
+                // one waits for its client's upload (or its write deadline).
                 self.check_copies(&mut rec)?;
                 self.payloads
                     .shard(&rec.id)
                     .insert(rec.id, Arc::new(std::sync::Mutex::new(Entry::new(rec, now))));
                 report.payloads += 1;
                 continue;
-            }
-            let store = match self.store(rec.tier) {
-                Ok(store) => store,
-                Err(err) => {
-                    tracing::warn!(id = %rec.id, %err, "skipping a payload on an unconfigured tier");
-                    continue;
-                }
             };
             let mut len = store.region_len(rec.id);
             // This node's row proves an old-style name is this node's file.
@@ -309,16 +330,16 @@ impl Node {
     /// (counting their capacity) and drops the rest from the row.
     fn check_copies(&self, rec: &mut payload_catalog::PayloadRecord) -> anyhow::Result<()> {
         let before = rec.copies.len();
-        rec.copies.retain(|copy| match copy.tier {
-            // Kept even while no object tier is configured: the bytes are there.
-            Tier::Object => true,
-            tier => match self.store(tier) {
-                Ok(store) if store.region_len(rec.id) == Some(rec.size_bytes) => {
-                    store.add_used(rec.size_bytes);
-                    true
-                }
-                _ => false,
-            },
+        let probe = rec.clone();
+        rec.copies.retain(|copy| match self.tier(copy.tier) {
+            Ok(store) if store.holds(&probe) => {
+                store.add_used(probe.size_bytes);
+                true
+            }
+            Ok(_) => false,
+            // Kept while its tier is not configured here (an object store
+            // left out of this start): the bytes are still there.
+            Err(_) => copy.tier.off_node(),
         });
         if rec.copies.len() != before {
             self.writer.write(Write::Update(rec.clone()))?;
@@ -340,8 +361,8 @@ impl Node {
     /// is a region whose write the catalog refused (`catalog.rejected`:
     /// the operator decides); a region that cannot be removed is reported,
     /// never fatal.
-    fn remove_orphans(&self, report: &mut Recovery, scans: [Scan; 2], rejected: &HashSet<PayloadId>) {
-        for (store, scan) in [&self.ram, &self.disk].into_iter().zip(scans) {
+    fn remove_orphans(&self, report: &mut Recovery, scans: Vec<Scan>, rejected: &HashSet<PayloadId>) {
+        for (store, scan) in self.tiers.regions().zip(scans) {
             let mut owned = HashSet::new();
             self.payloads.for_each(|id, e| {
                 let e = lock(e);

@@ -14,7 +14,7 @@ use payload_catalog::lifecycle::{transition, Event};
 use payload_catalog::{CopyRecord, PayloadId, PayloadRecord, Priority, Tier, Write};
 
 use super::{lock, Node};
-use crate::store::{digest_file, io_error, FileStore};
+use crate::tiers::TierStore;
 
 /// What a move did.
 #[derive(Clone, Debug)]
@@ -123,10 +123,10 @@ impl Node {
                 Ok(MoveOutcome::Moved(rec))
             }
             Err(err) => {
-                // A manifest an upload left behind is kept: a retried spill
-                // reuses it, a delete releases it, a restart releases it if
-                // it never completed.
-                if reserved.is_ok() && fresh && target != Tier::Object {
+                // What an upload left behind (a manifest) is kept: a retried
+                // spill reuses it, a delete releases it, a restart releases
+                // it if it never completed.
+                if reserved.is_ok() && fresh && !target.off_node() {
                     self.free_copy(target, id, size);
                 }
                 Err(self.undo_move(&entry, err))
@@ -135,46 +135,18 @@ impl Node {
     }
 
     /// Copies the payload from its authoritative copy to `target`, checked
-    /// against its digest before it counts. The one place that knows how
-    /// bytes travel between tiers. Gives back the payload's digest when the
+    /// against its digest before it counts; how the bytes travel is the
+    /// target store's business. Gives back the payload's digest when the
     /// copy computed it (an upload hashes the whole payload).
     async fn copy_to(&self, source: &PayloadRecord, target: Tier, sync: bool) -> Result<Option<[u8; 32]>, AgentError> {
-        let id = source.id;
-        match (source.tier, target) {
-            (from, Tier::Object) => {
-                let object = self.object()?;
-                let path = self.store(from)?.path(id);
-                let manifest = object.upload(id, &path, source.sha256, self.now_ms()).await?;
-                Ok(Some(manifest.sha256))
-            }
-            (Tier::Object, to) => {
-                let store = self.store(to)?;
-                self.create_region(to, id, source.size_bytes).await?;
-                let fetched = self.fetch_object(source, &store.path(id)).await;
-                crate::failpoint!("after-download");
-                let sealed = fetched.and_then(|()| {
-                    let synced = if sync { store.sync(id) } else { Ok(()) };
-                    synced
-                        .and_then(|()| store.seal(id))
-                        .map_err(|e| io_error("sealing the promoted copy", e))
-                });
-                if sealed.is_err() {
-                    let _ = store.remove(id);
-                }
-                sealed.map(|()| None)
-            }
-            (from, to) => copy_verified(self.store(from)?, self.store(to)?, source, sync)
-                .await
-                .map(|()| None),
-        }
+        let from = self.tier(source.tier)?;
+        self.tier(target)?.copy_in(source, from, sync).await
     }
 
-    /// Capacity for a new copy on `target`; RAM makes room by spilling.
+    /// Capacity for a new copy on `target`; a full tier makes room by
+    /// spilling.
     async fn reserve_copy(self: &Arc<Self>, target: Tier, bytes: u64) -> Result<(), AgentError> {
-        if target == Tier::Object {
-            return Ok(());
-        }
-        let to = self.store(target)?;
+        let to = self.tier(target)?;
         if to.reserve(bytes).is_ok() {
             return Ok(());
         }
@@ -182,34 +154,11 @@ impl Node {
         to.reserve(bytes)
     }
 
-    /// Frees one copy: a local region and its capacity, or the object copy
-    /// (whose manifest release the caller has logged).
+    /// Frees one copy and its capacity (an object copy's manifest release
+    /// is the caller's to log).
     pub(crate) fn free_copy(&self, tier: Tier, id: PayloadId, size: u64) {
-        match tier {
-            Tier::Object => {
-                if let Some(object) = &self.object {
-                    object.cache.remove(id);
-                    let object = object.clone();
-                    tokio::spawn(async move {
-                        if let Err(err) = object.delete_manifest_object(id).await {
-                            tracing::warn!(%id, %err, "could not delete a manifest object; its blocks are collected anyway");
-                        }
-                        // An allocation on the object tier that never got
-                        // imported may have left its client's upload.
-                        if let Err(err) = object.delete_upload(id).await {
-                            tracing::warn!(%id, %err, "could not delete an upload that was never imported");
-                        }
-                    });
-                }
-            }
-            tier => {
-                if let Ok(store) = self.store(tier) {
-                    if let Err(e) = store.remove(id) {
-                        tracing::warn!(%id, %e, "could not remove a payload region");
-                    }
-                    store.unreserve(size);
-                }
-            }
+        if let Ok(store) = self.tier(tier) {
+            store.free(id, size);
         }
     }
 
@@ -238,7 +187,7 @@ impl Node {
             )));
         }
         let mut rec = e.rec.clone();
-        let keep = rec.tier == Tier::Object || (upward && leased);
+        let keep = rec.tier.off_node() || (upward && leased);
         rec.copies.retain(|c| c.tier != target);
         if keep {
             rec.copies.push(CopyRecord {
@@ -276,13 +225,7 @@ impl Node {
             if self.object.is_some() {
                 // The delete logged its release before this move's upload
                 // may have claimed a manifest: release it again.
-                let release = Write::ReleaseManifest {
-                    id: rec.id,
-                    now_ms: self.now_ms(),
-                };
-                if let Err(err) = self.writer.write(release) {
-                    tracing::warn!(id = %rec.id, %err, "could not log a manifest release; its blocks stay referenced");
-                }
+                self.log_release(rec.id);
             }
             self.free_all(&rec);
             return AgentError::NotFound(format!("payload {} was deleted during the move", rec.id));
@@ -325,26 +268,24 @@ impl Node {
         if rec.tier.faster_than(rec.spill_target) && configured(rec.spill_target) {
             return Some(rec.spill_target);
         }
-        [Tier::Disk, Tier::Object]
-            .into_iter()
-            .find(|t| rec.tier.faster_than(*t) && self.check_tier(*t).is_ok())
+        self.tiers.below(rec.tier).next()
     }
 
-    /// The local tier's store and watermarks, for the scheduler.
-    fn watermarks(&self, tier: Tier) -> Option<(&FileStore, f64, f64)> {
-        match tier {
-            Tier::Ram => Some((&self.ram, self.cfg.ram_high_watermark, self.cfg.ram_low_watermark)),
-            Tier::Disk => Some((&self.disk, self.cfg.disk_high_watermark, self.cfg.disk_low_watermark)),
-            _ => None,
-        }
+    /// The tier's store and its watermarks as byte counts, for tiers the
+    /// scheduler spills from.
+    fn watermarks(&self, tier: Tier) -> Option<(&dyn TierStore, u64, u64)> {
+        let store = self.tiers.get(tier)?;
+        let (high, low) = store.watermarks()?;
+        let capacity = store.capacity().capacity as f64;
+        Some((store, (capacity * high) as u64, (capacity * low) as u64))
     }
 
     pub(crate) fn kick_spill_if_needed(&self) {
-        let above = |tier| {
-            self.watermarks(tier)
-                .is_some_and(|(store, high, _)| store.used() as f64 > store.capacity() as f64 * high)
+        let above = |store: &dyn TierStore| {
+            self.watermarks(store.tier())
+                .is_some_and(|(store, high, _)| store.capacity().reserved > high)
         };
-        if above(Tier::Ram) || above(Tier::Disk) {
+        if self.tiers.all().any(above) {
             self.spill_wanted.notify_one();
         }
     }
@@ -376,11 +317,12 @@ impl Node {
     /// Spills from `tier` until `free` bytes are available there, or
     /// nothing more can go.
     pub(crate) async fn make_room(self: &Arc<Self>, tier: Tier, free: u64) {
-        let Some((store, _, _)) = self.watermarks(tier) else {
+        let Ok(store) = self.tier(tier) else {
             return;
         };
         for (id, target) in self.spill_candidates(tier) {
-            if store.capacity().saturating_sub(store.used()) >= free {
+            let c = store.capacity();
+            if c.capacity.saturating_sub(c.reserved) >= free {
                 return;
             }
             // A promotion into RAM can land here and move others down.
@@ -395,10 +337,9 @@ impl Node {
         let Some((store, _, low)) = self.watermarks(tier) else {
             return 0;
         };
-        let low = (store.capacity() as f64 * low) as u64;
         let mut moved = 0;
         for (id, target) in self.spill_candidates(tier) {
-            if store.used() <= low {
+            if store.capacity().reserved <= low {
                 break;
             }
             match self.relocate(id, target, false, false).await {
@@ -411,7 +352,7 @@ impl Node {
     }
 
     /// The spill scheduler: wakes on allocation pressure or every second,
-    /// and spills each local tier above its high watermark, RAM first (a
+    /// and spills each tier above its high watermark, fastest first (a
     /// spill from RAM may push the disk over).
     pub async fn run_spiller(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
@@ -420,18 +361,19 @@ impl Node {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = super::stopped(&mut stop) => return,
             }
-            for tier in [Tier::Ram, Tier::Disk] {
+            let tiers: Vec<Tier> = self.tiers.all().map(|s| s.tier()).collect();
+            for tier in tiers {
                 let Some((store, high, _)) = self.watermarks(tier) else {
                     continue;
                 };
-                if store.used() as f64 > store.capacity() as f64 * high {
+                if store.capacity().reserved > high {
                     let moved = self.spill_to_low_watermark(tier).await;
                     // Nothing movable (no tier below, all leased) is not news every second.
                     if moved > 0 {
                         tracing::info!(
                             tier = tier.name(),
                             moved,
-                            used = store.used(),
+                            used = store.capacity().reserved,
                             "spilled down to the low watermark"
                         );
                     }
@@ -476,28 +418,4 @@ fn check_move(rec: &PayloadRecord, target: Tier, now_ms: u64) -> Result<(), Agen
         )));
     }
     Ok(())
-}
-
-/// Copies the source region to the target tier and checks the copy against
-/// the payload's digest; a failed copy leaves no file behind.
-async fn copy_verified(from: &FileStore, to: &FileStore, source: &PayloadRecord, sync: bool) -> Result<(), AgentError> {
-    let (id, target) = (source.id, to.tier());
-    let (from_path, to_path) = (from.path(id), to.path(id));
-    let want = source.sha256;
-    let copy = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-        crate::store::copy_file(&from_path, &to_path, sync)?;
-        Ok(want.is_none_or(|want| digest_file(&to_path).is_ok_and(|got| got == want)))
-    });
-    match copy.await {
-        Ok(Ok(true)) => {
-            crate::failpoint!("after-copy");
-            Ok(())
-        }
-        Ok(Ok(false)) => Err(AgentError::Integrity(format!(
-            "the copy of payload {id} on the {} tier does not match its SHA-256; the source copy is kept",
-            target.name()
-        ))),
-        Ok(Err(e)) => Err(io_error("copying the payload", e)),
-        Err(e) => Err(crate::error::task_failed("copying the payload", e)),
-    }
 }

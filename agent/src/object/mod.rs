@@ -18,7 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payload_catalog::{BlockHash, PayloadId, Repository};
+use payload_catalog::{BlockHash, Manifest, PayloadId, Repository};
 
 use crate::backoff::Backoff;
 use crate::error::AgentError;
@@ -114,6 +114,8 @@ impl ObjectTier {
     /// first, then their rows (see the catalog's `gc_begin`).
     pub async fn collect_garbage(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
         let _one = self.collecting.lock().await;
+        // And one across every agent of the catalog.
+        let _catalog = self.repo.gc_lock().await?;
         let mut report = GcReport::default();
         loop {
             let doomed = self.repo.gc_begin(now_ms.saturating_sub(grace_ms), GC_BATCH).await?;
@@ -137,6 +139,27 @@ impl ObjectTier {
                 return Ok(report);
             }
         }
+    }
+
+    /// The complete manifest of a payload in the object store.
+    pub async fn manifest(&self, id: PayloadId) -> Result<Manifest, AgentError> {
+        match self.repo.get_manifest(id).await? {
+            Some((manifest, true)) => Ok(manifest),
+            _ => Err(AgentError::Integrity(format!(
+                "payload {id} is recorded on the object tier but its manifest is missing or incomplete"
+            ))),
+        }
+    }
+
+    /// Downloads the payload's blocks into the existing region at `path`.
+    pub async fn download_into(&self, id: PayloadId, path: &std::path::Path) -> Result<(), AgentError> {
+        let manifest = self.manifest(id).await?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| crate::store::io_error("opening the region to download into", e))?;
+        let all = (0..manifest.blocks.len()).collect();
+        self.download(&manifest, Arc::new(file), all).await
     }
 
     /// Deletes a payload's manifest object (its blocks are collected once

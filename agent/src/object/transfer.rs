@@ -157,6 +157,7 @@ impl ObjectTier {
         self.put_manifest(&manifest).await?;
         crate::failpoint!("after-manifest-put");
         self.repo.complete_manifest(id).await?;
+        crate::failpoint!("after-upload");
         Ok(manifest)
     }
 

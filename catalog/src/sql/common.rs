@@ -426,7 +426,7 @@ async fn apply(conn: &mut Conn, node: &str, write: &Write) -> Result<()> {
             Ok(())
         }
         Write::Lineage { child, edges } => add_lineage(conn, *child, edges).await,
-        Write::ReleaseManifest { id, now_ms } => release_manifest(conn, *id, *now_ms).await,
+        Write::ReleaseManifest { id, now_ms } => release_manifest(conn, node, *id, *now_ms).await,
         Write::Metadata {
             id,
             mode,
@@ -778,8 +778,12 @@ impl Repository for Repo {
         self.objects_manifest(id).await
     }
 
-    async fn pending_manifests(&self) -> Result<Vec<PayloadId>> {
-        self.objects_pending().await
+    async fn node_manifests(&self) -> Result<Vec<(PayloadId, bool)>> {
+        self.objects_of_node().await
+    }
+
+    async fn gc_lock(&self) -> Result<GcLock> {
+        gc_lock(self).await
     }
 
     async fn gc_begin(&self, cutoff_ms: u64, limit: u32) -> Result<Vec<BlockHash>> {

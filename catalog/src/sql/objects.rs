@@ -101,16 +101,21 @@ async fn claim_manifest(conn: &mut Conn, node: &str, m: &Manifest, now_ms: u64) 
     Ok(states)
 }
 
-/// Drops a manifest and its block references; a missing one is fine, so a
-/// replayed release changes nothing.
-async fn release_manifest(conn: &mut Conn, id: PayloadId, now_ms: u64) -> Result<()> {
+/// Drops this node's manifest and its block references; a missing one is
+/// fine, so a replayed release changes nothing, and another node's
+/// manifest is not this node's to release.
+async fn release_manifest(conn: &mut Conn, node: &str, id: PayloadId, now_ms: u64) -> Result<()> {
     let Some((m, _)) = manifest_row(conn, id).await? else {
         return Ok(());
     };
-    sqlx::query("DELETE FROM object_manifests WHERE payload_id = $1")
+    let deleted = sqlx::query("DELETE FROM object_manifests WHERE payload_id = $1 AND node = $2")
         .bind(id.as_bytes().as_slice())
+        .bind(node)
         .execute(&mut *conn)
         .await?;
+    if deleted.rows_affected() == 0 {
+        return Ok(());
+    }
     for (hash, _) in m.distinct() {
         sqlx::query(
             "UPDATE object_blocks SET refs = refs - 1, \
@@ -161,15 +166,16 @@ impl Repo {
         manifest_row(&mut conn, id).await
     }
 
-    async fn objects_pending(&self) -> Result<Vec<PayloadId>> {
-        let rows = sqlx::query("SELECT payload_id FROM object_manifests WHERE node = $1 AND NOT complete")
+    async fn objects_of_node(&self) -> Result<Vec<(PayloadId, bool)>> {
+        let rows = sqlx::query("SELECT payload_id, complete FROM object_manifests WHERE node = $1")
             .bind(&*self.node)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
             .map(|row| {
                 let id: Vec<u8> = row.try_get("payload_id")?;
-                PayloadId::from_slice(&id).map_err(|_| corrupt("manifest payload id"))
+                let id = PayloadId::from_slice(&id).map_err(|_| corrupt("manifest payload id"))?;
+                Ok((id, row.try_get("complete")?))
             })
             .collect()
     }

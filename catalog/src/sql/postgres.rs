@@ -115,6 +115,22 @@ async fn lock_lineage(conn: &mut Conn) -> Result<()> {
     Ok(())
 }
 
+/// Holds the catalog's collection lock: a session advisory lock on a
+/// connection of its own, released when the lock drops it (the server ends
+/// the session, and its locks, when the connection closes).
+async fn gc_lock(repo: &Repo) -> Result<GcLock> {
+    use sqlx::Acquire as _;
+    let mut conn = repo.pool.acquire().await?.detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GC_LOCK_KEY)
+        .execute(conn.acquire().await?)
+        .await?;
+    Ok(GcLock::new(conn))
+}
+
+/// The advisory lock key of collections ("pm-gc" in ASCII).
+const GC_LOCK_KEY: i64 = 0x706d_2d67_63;
+
 /// The advisory lock key of lineage writes ("pm-lineage" in ASCII).
 const LINEAGE_LOCK: i64 = 0x706d_2d6c_696e_6561;
 

@@ -32,6 +32,8 @@ type Repo = SqliteRepository;
 #[derive(Clone)]
 pub struct SqliteRepository {
     pool: Pool<Db>,
+    /// The database file (none in memory), for the collection lock.
+    path: Option<Arc<Path>>,
     node: Arc<str>,
     hub: Arc<StreamHub>,
 }
@@ -52,6 +54,8 @@ impl SqliteRepository {
     }
 
     async fn connect(options: SqliteConnectOptions, node: &str) -> Result<Self> {
+        let path = options.get_filename();
+        let path = (!path.as_os_str().is_empty() && path != Path::new(":memory:")).then(|| Arc::from(path));
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -82,6 +86,7 @@ impl SqliteRepository {
         }
         Ok(Self {
             pool,
+            path,
             node: node.into(),
             hub: Arc::default(),
         })
@@ -97,6 +102,32 @@ async fn begin_write(pool: &Pool<Db>) -> Result<Transaction<'static, Db>> {
 /// `BEGIN IMMEDIATE` already serializes every writer.
 async fn lock_lineage(_conn: &mut Conn) -> Result<()> {
     Ok(())
+}
+
+/// Holds the catalog's collection lock: an exclusive lock on a file next
+/// to the database (any process, or repository, opening it takes the same
+/// one). An in-memory catalog has a single repository and needs none.
+async fn gc_lock(repo: &Repo) -> Result<GcLock> {
+    let Some(path) = repo.path.as_ref().map(|db| {
+        let mut name = db.as_os_str().to_owned();
+        name.push("-gc.lock");
+        std::path::PathBuf::from(name)
+    }) else {
+        return Ok(GcLock::new(()));
+    };
+    let locked = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| CatalogError::Storage(format!("taking the collection lock: {e}")))?
+    .map_err(|e| CatalogError::Storage(format!("taking the collection lock: {e}")))?;
+    Ok(GcLock::new(locked))
 }
 
 /// One process owns a SQLite catalog, so its own hub hears every append.

@@ -49,9 +49,20 @@ async fn shared_blocks_are_counted_once_per_manifest_and_collected_at_zero(b: Ba
         vec![(2, true), (3, false)],
         "a block another manifest stored is not uploaded again"
     );
-    assert_eq!(repo.pending_manifests().await.unwrap().len(), 2);
+    let pending = |all: Vec<(PayloadId, bool)>| {
+        let mut ids: Vec<_> = all
+            .into_iter()
+            .filter(|(_, complete)| !complete)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut both = vec![first.payload, second.payload];
+    both.sort();
+    assert_eq!(pending(repo.node_manifests().await.unwrap()), both);
     repo.complete_manifest(first.payload).await.unwrap();
-    assert_eq!(repo.pending_manifests().await.unwrap(), vec![second.payload]);
+    assert_eq!(pending(repo.node_manifests().await.unwrap()), vec![second.payload]);
     let (got, complete) = repo.get_manifest(first.payload).await.unwrap().unwrap();
     assert_eq!((got, complete), (first.clone(), true));
     assert!(matches!(
@@ -114,7 +125,51 @@ async fn a_block_claimed_during_a_collection_is_uploaded_again(b: Backend) {
     assert_eq!(repo.block_stats().await.unwrap().blocks, 1, "the claimed row stays");
 }
 
+async fn a_node_releases_only_its_own_manifests(b: Backend) {
+    let (ours, theirs) = (&*b.repo, b.open("other").await);
+    let m = manifest(&[8]);
+    theirs.claim_manifest(&m, 1).await.unwrap();
+    ours.write_batch(&[Write::ReleaseManifest {
+        id: m.payload,
+        now_ms: 2,
+    }])
+    .await
+    .unwrap();
+    assert!(
+        ours.get_manifest(m.payload).await.unwrap().is_some(),
+        "another node's manifest stays"
+    );
+    assert!(ours.node_manifests().await.unwrap().is_empty());
+    assert_eq!(theirs.node_manifests().await.unwrap(), vec![(m.payload, false)]);
+    assert_eq!(ours.block_stats().await.unwrap().unreferenced, 0);
+}
+
+async fn one_collection_at_a_time_across_nodes(b: Backend) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let other = b.open("other").await;
+    let held = b.repo.gc_lock().await.unwrap();
+    let taken = Arc::new(AtomicBool::new(false));
+    let waiter = tokio::spawn({
+        let taken = taken.clone();
+        async move {
+            let lock = other.gc_lock().await.unwrap();
+            taken.store(true, Ordering::SeqCst);
+            drop(lock);
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!taken.load(Ordering::SeqCst), "a second collector waits for the first");
+    drop(held);
+    waiter.await.unwrap();
+    assert!(taken.load(Ordering::SeqCst));
+    // And the lock can be taken again once both are done.
+    drop(b.repo.gc_lock().await.unwrap());
+}
+
 parity!(
+    a_node_releases_only_its_own_manifests,
+    one_collection_at_a_time_across_nodes,
     copies_round_trip_on_payload_rows,
     shared_blocks_are_counted_once_per_manifest_and_collected_at_zero,
     a_block_claimed_during_a_collection_is_uploaded_again,
