@@ -43,8 +43,9 @@ test-rust: venv
 	fi
 
 test-python:
-	$(CARGO) build -p payload-agent $(TEST_FEATURES) --bin payload-agent
-	VENV="$(VENV)" PM_AGENT_BIN="$(CURDIR)/target/debug/payload-agent" bash e2e/python/run.sh
+	$(CARGO) build -p payload-agent -p payload-client $(TEST_FEATURES) --bin payload-agent --bin payloadctl
+	VENV="$(VENV)" PM_AGENT_BIN="$(CURDIR)/target/debug/payload-agent" \
+		PM_PAYLOADCTL_BIN="$(CURDIR)/target/debug/payloadctl" bash e2e/python/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

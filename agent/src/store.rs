@@ -313,7 +313,7 @@ fn euid() -> u32 {
 }
 
 /// Free and total bytes of the filesystem holding `path`.
-fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+pub(crate) fn free_space(path: &Path) -> io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.

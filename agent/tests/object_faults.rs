@@ -77,6 +77,18 @@ async fn an_agent_aborted_mid_upload_keeps_the_payload_and_the_retried_spill_sen
     .await;
     let desc = client.spill(id, Some(Tier::Object), false).await.unwrap();
     assert_eq!(desc.tier, Tier::Object as i32);
+    let stats = client.stats().await.unwrap();
+    // The abort came after the third block landed but before it was
+    // recorded: that one is sent again, the two recorded ones are not.
+    assert_eq!(
+        stats.object_puts, 5,
+        "the retry sent the four unrecorded blocks and the manifest, nothing more"
+    );
+    assert!(
+        (16 * MIB..16 * MIB + (64 << 10)).contains(&stats.object_put_bytes),
+        "four blocks and a manifest: {} bytes",
+        stats.object_put_bytes
+    );
     assert_eq!(s3.keys(&bucket, "crash/blocks/").await.len(), 6);
     assert_eq!(s3.keys(&bucket, "crash/manifests/").await.len(), 1);
     assert_served(&client, &[acked]).await;
@@ -128,6 +140,11 @@ async fn an_agent_aborted_after_the_manifest_put_keeps_the_payload_and_spills_ag
     );
     no_leases(&client).await;
     client.spill(acked.0, Some(Tier::Object), false).await.unwrap();
+    assert_eq!(
+        client.stats().await.unwrap().object_puts,
+        1,
+        "every block was stored already: only the manifest is put again"
+    );
     assert_eq!(s3.keys(&bucket, "m/blocks/").await.len(), 3);
     assert_served(&client, &[acked]).await;
     assert_no_orphans(&dirs, &client).await;

@@ -124,14 +124,25 @@ async fn shared_blocks_are_uploaded_once_and_collected_only_when_no_manifest_nam
     let (a, b) = (with_tail(2), with_tail(3));
     let a_id = put_on(&s.node, Tier::Ram, &a).await;
     let b_id = put_on(&s.node, Tier::Ram, &b).await;
+    let traffic = || s.node.object().unwrap().traffic.figures();
     s.node.relocate(a_id, Tier::Object, false, false).await.unwrap();
     assert_eq!(s.keys("blocks/").await.len(), 3);
+    let after_a = traffic();
+    assert_eq!(after_a.puts, 4, "a's three blocks and its manifest");
     s.node.relocate(b_id, Tier::Object, false, false).await.unwrap();
     assert_eq!(
         s.keys("blocks/").await.len(),
         4,
         "the two shared blocks are stored once; only b's tail is new"
     );
+    let after_b = traffic();
+    assert_eq!(
+        after_b.puts - after_a.puts,
+        2,
+        "b's tail block and its manifest, nothing else"
+    );
+    let manifest_bytes = after_b.put_bytes - after_a.put_bytes - MIB;
+    assert!(manifest_bytes < 64 << 10, "b sent its tail and a manifest only");
     assert_eq!(s.keys("manifests/").await.len(), 2);
 
     s.node.delete(a_id, false).await.unwrap();
@@ -304,6 +315,59 @@ async fn the_disk_watermark_spills_unleased_unpinned_payloads_lowest_priority_fi
     for id in [leased, pinned, never] {
         assert_eq!(tier(id), Tier::Disk, "leased, pinned and never-evict payloads stay");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_spills_to_disk_and_disk_to_the_object_store_least_recently_leased_first() {
+    let cap = Capacity {
+        ram: 8 * MIB,
+        disk: 6 * MIB,
+    };
+    let cfg = NodeConfig {
+        ram_high_watermark: 0.5,
+        ram_low_watermark: 0.25,
+        disk_high_watermark: 0.5,
+        disk_low_watermark: 0.25,
+        ..Default::default()
+    };
+    let Some(s) = setup(cap, cfg).await else { return };
+    let clock = s.node.clock().clone();
+    let mut ids = Vec::new();
+    for seed in 0..6 {
+        ids.push(put_on(&s.node, Tier::Ram, &pattern(MIB as usize, seed)).await);
+    }
+    // Leased in the order 5, 3, 1, 0, 2, 4 (a millisecond apart): that is
+    // the order they are spilled in; 4 is still being read.
+    let mut reader = None;
+    for i in [5, 3, 1, 0, 2, 4] {
+        clock.advance(1);
+        let grant = s.node.acquire(ids[i], None, true, 60_000).await.unwrap();
+        if i == 4 {
+            reader = Some(grant);
+        } else {
+            s.node.release(grant.lease);
+        }
+    }
+    let tier = |i: usize| s.node.get(ids[i]).unwrap().0.tier;
+    // 6 MiB over RAM's 4 MiB high watermark, down to 2 MiB: four go to disk.
+    assert_eq!(s.node.spill_to_low_watermark(Tier::Ram).await, 4);
+    let on = |t: Tier| (0..6).filter(|i| tier(*i) == t).collect::<Vec<_>>();
+    assert_eq!(on(Tier::Ram), vec![2, 4], "the two most recently leased stay in RAM");
+    assert_eq!(on(Tier::Disk), vec![0, 1, 3, 5]);
+    // 4 MiB over disk's 3 MiB high watermark, down to 1.5 MiB: three go on.
+    assert_eq!(s.node.spill_to_low_watermark(Tier::Disk).await, 3);
+    assert_eq!(on(Tier::Object), vec![1, 3, 5], "least recently leased first");
+    assert_eq!(on(Tier::Disk), vec![0]);
+    // A lease taken during the cascade kept its payload where it was read.
+    assert_eq!(tier(4), Tier::Ram);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            s.read(*id).await.1,
+            pattern(MIB as usize, i as u8),
+            "payload {i} reads whole"
+        );
+    }
+    s.node.release(reader.unwrap().lease);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -420,6 +420,25 @@ impl Client {
     }
 
     /// Moves the payload up to `target`, waiting until done.
+    /// Adopts the object uploaded to the agent's `uploads/<id>` as payload
+    /// `id` on the object tier (`size_bytes` 0: the allocated size, or the
+    /// upload's own); returns the payload's descriptor.
+    pub async fn import(&self, id: PayloadId, size_bytes: u64) -> Result<PayloadDescriptor> {
+        self.catalog
+            .clone()
+            .import_payload(runtime::ImportPayloadRequest {
+                id: Some(pb_id(id)),
+                size_bytes,
+            })
+            .await?;
+        let stat = self.stat(id).await?;
+        stat.payload_descriptor.ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the agent described imported payload {id} without a descriptor"
+            ))
+        })
+    }
+
     pub async fn promote(&self, id: PayloadId, target: Tier) -> Result<PayloadDescriptor> {
         let response = self
             .catalog

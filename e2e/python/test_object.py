@@ -51,12 +51,17 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def object_client(pb, s3, tmp_path_factory):
+def object_agent(s3, tmp_path_factory):
     _, bucket, env = s3
     with running_agent(tmp_path_factory.mktemp("object-agent"), ["--object-store", f"s3://{bucket}/e2e"], env) as a:
-        channel = _connect(pb, f"127.0.0.1:{a.port}")
-        yield Client(pb, channel)
-        channel.close()
+        yield a
+
+
+@pytest.fixture(scope="module")
+def object_client(pb, object_agent):
+    channel = _connect(pb, f"127.0.0.1:{object_agent.port}")
+    yield Client(pb, channel)
+    channel.close()
 
 
 def read_disk(desc):
@@ -135,3 +140,24 @@ def test_import_without_an_upload_says_where_to_put_it(pb, object_client):
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert alloc.object_upload_path in err.value.details()
+
+
+def test_payloadctl_imports_an_object_uploaded_without_an_allocation(s3, object_agent):
+    payloadctl = Path(os.environ.get("PM_PAYLOADCTL_BIN", Path(__file__).parents[2] / "target/debug/payloadctl"))
+    if not payloadctl.exists():
+        pytest.skip(f"no payloadctl at {payloadctl}; make test-python builds it")
+    client_s3, bucket, _ = s3
+    data = os.urandom(4 * 2**20 + 3)
+    pid = str(uuid.uuid4())
+    client_s3.put_object(Bucket=bucket, Key=f"e2e/uploads/{pid}", Body=data)
+    ctl = [str(payloadctl), "--agent", f"http://127.0.0.1:{object_agent.port}", "--output", "json"]
+    out = subprocess.run(ctl + ["import", pid], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert '"tier": "object"' in out.stdout, out.stdout
+    got = subprocess.run(ctl + ["get", pid], capture_output=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == data
+    missing = str(uuid.uuid4())
+    refused = subprocess.run(ctl + ["import", missing], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert f"s3://{bucket}/e2e/uploads/{missing}" in refused.stderr, refused.stderr

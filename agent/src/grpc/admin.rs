@@ -21,11 +21,17 @@ impl PayloadAdminService for AdminService {
         let mut stats = tokio::task::spawn_blocking(move || node.stats())
             .await
             .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
-        if self.node.object().is_ok() {
+        if let Ok(object) = self.node.object() {
             let blocks = self.node.repo().block_stats().await.map_err(status)?;
             stats.object_blocks = blocks.blocks;
             stats.object_block_bytes = blocks.bytes;
             stats.object_unreferenced_blocks = blocks.unreferenced;
+            let t = object.traffic.figures();
+            stats.object_puts = t.puts;
+            stats.object_put_bytes = t.put_bytes;
+            stats.object_gets = t.gets;
+            stats.object_get_bytes = t.get_bytes;
+            stats.object_deletes = t.deletes;
         }
         Ok(Response::new(stats))
     }

@@ -3,7 +3,6 @@
 //! dropping local copies nobody reads any more, collecting unreferenced
 //! blocks, and cleaning up uploads a crash cut short.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,6 @@ use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Tier, Wr
 use super::{lock, Entry, Node};
 use crate::error::AgentError;
 use crate::object::GcReport;
-use crate::store::io_error;
 
 impl Node {
     /// Adopts the object a client uploaded for payload `id` (allocated on
@@ -97,7 +95,7 @@ impl Node {
         }
         // Staged in the block cache: the staged file is then the cached copy.
         let path = object.cache.path(id);
-        let file = stage(&path, uploaded).map_err(|e| io_error("staging the uploaded object", e))?;
+        let file = object.cache.stage(id, uploaded, &|other| self.is_leased(other))?;
         let adopted = async {
             object.fetch_upload(id, uploaded, Arc::new(file)).await?;
             let manifest = object.upload(id, &path, None, self.now_ms()).await?;
@@ -246,18 +244,4 @@ impl Node {
         }
         Ok(released)
     }
-}
-
-/// A fresh, private staging file of `size` bytes.
-fn stage(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.set_len(size)?;
-    Ok(file)
 }

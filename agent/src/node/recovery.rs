@@ -84,6 +84,8 @@ pub struct Recovery {
     pub leases_restored: usize,
     /// Manifests no payload counts on (uploads a crash cut short), released.
     pub uploads_released: usize,
+    /// Block-cache files of payloads no longer read from the object tier.
+    pub cache_dropped: usize,
     /// Payloads whose local copy was gone, now read from their object copy.
     pub fell_back_to_object: usize,
 }
@@ -142,8 +144,12 @@ impl Node {
         let rejected = rejected_ids(&node.state.join("catalog.rejected"));
         node.load(&mut report, rebooted, &foreign, &rejected).await?;
         node.remove_orphans(&mut report, scans, &rejected);
-        if node.object.is_some() {
+        if let Some(object) = &node.object {
             report.uploads_released = node.release_unused_manifests().await?;
+            // Cached copies of payloads deleted or moved up while the agent was down.
+            report.cache_dropped = object
+                .cache
+                .retain(|id| node.entry(id).is_ok_and(|e| lock(&e).rec.tier == Tier::Object));
         }
         node.state.record_boot()?;
         for store in node.tiers.regions() {

@@ -42,9 +42,25 @@ struct Cached {
     block_size: u64,
     /// Per block: when it was last read (0 = not present).
     used_at: Vec<u64>,
+    /// Bytes counted in `used` for blocks being fetched or staged now.
+    pending: u64,
 }
 
 impl Cached {
+    fn new(size: u64, block_size: u64) -> Self {
+        Self {
+            size,
+            block_size,
+            used_at: vec![0; size.div_ceil(block_size) as usize],
+            pending: 0,
+        }
+    }
+
+    /// Bytes this entry holds in the cache's count.
+    fn counted(&self) -> u64 {
+        self.present().map(|i| self.len_of(i)).sum::<u64>() + self.pending
+    }
+
     fn len_of(&self, i: usize) -> u64 {
         let start = i as u64 * self.block_size;
         (start + self.block_size).min(self.size) - start
@@ -62,11 +78,19 @@ impl Cached {
 
 impl BlockCache {
     /// Opens the cache under `dir`, keeping what a valid index vouches for
-    /// and removing the rest.
+    /// and removing the rest. A capacity the filesystem can never hold is
+    /// refused.
     pub fn open(dir: &Path, capacity: u64) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating the object cache {}: {e}", dir.display()))?;
         fs::set_permissions(dir, Permissions::from_mode(0o700))?;
         let dir = dir.canonicalize()?;
+        let (free, total) = crate::store::free_space(&dir)?;
+        anyhow::ensure!(
+            capacity <= total,
+            "the object cache's capacity ({capacity} bytes) is larger than the filesystem at {} ({total} bytes): \
+             lower --object-cache-capacity or move --object-cache-dir",
+            dir.display()
+        );
         let mut inner = Inner::default();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -77,7 +101,7 @@ impl BlockCache {
             let index = fs::read_to_string(path.with_extension("idx")).ok();
             match index.as_deref().and_then(parse_index) {
                 Some(cached) if fs::metadata(&path).is_ok_and(|m| m.len() == cached.size) => {
-                    inner.used += cached.present().map(|i| cached.len_of(i)).sum::<u64>();
+                    inner.used += cached.counted();
                     inner.entries.insert(id, cached);
                 }
                 _ => {
@@ -85,6 +109,14 @@ impl BlockCache {
                     let _ = fs::remove_file(path.with_extension("idx"));
                 }
             }
+        }
+        if capacity.saturating_sub(inner.used) > free {
+            tracing::warn!(
+                dir = %dir.display(),
+                free,
+                capacity,
+                "the object cache may grow past the free space of its filesystem; fills past it will fail"
+            );
         }
         Ok(Self {
             dir,
@@ -147,7 +179,7 @@ impl BlockCache {
             .iter()
             .map(|i| manifest.range(*i).end - manifest.range(*i).start)
             .sum();
-        self.make_room(need, manifest, leased)?;
+        self.make_room(need, id, manifest.size_bytes, manifest.block_size, leased)?;
         let fetched = match open_for_fill(&path, manifest.size_bytes) {
             Ok(file) => {
                 let file = Arc::new(file);
@@ -162,7 +194,11 @@ impl BlockCache {
         };
         if let Err(e) = synced {
             // Space was counted for blocks that did not land.
-            lock(&self.inner).used -= need;
+            let mut inner = lock(&self.inner);
+            if let Some(c) = inner.entries.get_mut(&id) {
+                c.pending = c.pending.saturating_sub(need);
+                inner.used -= need;
+            }
             return Err(e);
         }
         let text = {
@@ -178,6 +214,7 @@ impl BlockCache {
             for i in &missing {
                 cached.used_at[*i] = tick;
             }
+            cached.pending = cached.pending.saturating_sub(need);
             cached.index_text()
         };
         let index = path.with_extension("idx");
@@ -191,25 +228,53 @@ impl BlockCache {
         .map_err(|e| io_error("recording the cache index", e))
     }
 
-    /// Adopts a file already holding the whole payload (an import staged
-    /// it here).
+    /// Makes room for, and creates, a private file of `size` bytes where an
+    /// import stages payload `id`; [`BlockCache::adopt`] then makes it the
+    /// cached copy, [`BlockCache::remove`] gives the room back.
+    pub fn stage(
+        &self,
+        id: PayloadId,
+        size: u64,
+        leased: &(dyn Fn(PayloadId) -> bool + Sync),
+    ) -> Result<File, AgentError> {
+        self.remove(id);
+        self.make_room(size, id, size, payload_catalog::BLOCK_SIZE, leased)?;
+        let path = self.path(id);
+        let created = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|file| file.set_len(size).map(|()| file));
+        created.map_err(|e| {
+            self.remove(id);
+            io_error("staging the uploaded object", e)
+        })
+    }
+
+    /// Adopts a file already holding the whole payload (staged by
+    /// [`BlockCache::stage`], or an empty payload's).
     pub fn adopt(&self, manifest: &Manifest) -> Result<(), AgentError> {
         let path = self.path(manifest.payload);
         let text = {
             let mut inner = lock(&self.inner);
             inner.tick += 1;
             let tick = inner.tick;
-            let cached = Cached {
-                size: manifest.size_bytes,
-                block_size: manifest.block_size,
-                used_at: vec![tick; manifest.blocks.len()],
-            };
-            inner.used += manifest.size_bytes;
-            let text = cached.index_text();
-            if let Some(old) = inner.entries.insert(manifest.payload, cached) {
-                inner.used -= old.present().map(|i| old.len_of(i)).sum::<u64>();
+            let cached = inner
+                .entries
+                .entry(manifest.payload)
+                .or_insert_with(|| Cached::new(manifest.size_bytes, manifest.block_size));
+            if cached.size != manifest.size_bytes || cached.block_size != manifest.block_size {
+                return Err(AgentError::InvalidState(format!(
+                    "the staged copy of payload {} is not the size its manifest says",
+                    manifest.payload
+                )));
             }
-            text
+            // The staged bytes were counted as pending; now they are present.
+            cached.used_at.iter_mut().for_each(|t| *t = tick);
+            cached.pending = cached.pending.saturating_sub(manifest.size_bytes);
+            cached.index_text()
         };
         File::open(&path)
             .and_then(|f| f.sync_all())
@@ -224,12 +289,27 @@ impl BlockCache {
         {
             let mut inner = lock(&self.inner);
             if let Some(old) = inner.entries.remove(&id) {
-                inner.used -= old.present().map(|i| old.len_of(i)).sum::<u64>();
+                inner.used -= old.counted();
             }
         }
         let path = self.path(id);
         let _ = fs::remove_file(path.with_extension("idx"));
         let _ = fs::remove_file(path);
+    }
+
+    /// Drops every cached payload `keep` says no (start-up: payloads deleted
+    /// or moved off the object tier while the agent was down).
+    pub fn retain(&self, keep: impl Fn(PayloadId) -> bool) -> usize {
+        let gone: Vec<PayloadId> = lock(&self.inner)
+            .entries
+            .keys()
+            .copied()
+            .filter(|id| !keep(*id))
+            .collect();
+        for id in &gone {
+            self.remove(*id);
+        }
+        gone.len()
     }
 
     fn missing(&self, manifest: &Manifest) -> Vec<usize> {
@@ -255,15 +335,17 @@ impl BlockCache {
         }
     }
 
-    /// Counts `need` bytes for payload `id`, punching the coldest blocks
-    /// of unleased payloads out first when the cache would pass capacity.
+    /// Counts `need` bytes for payload `id` (of `size` bytes in blocks of
+    /// `block_size`), punching the coldest blocks of unleased payloads out
+    /// first when the cache would pass capacity.
     fn make_room(
         &self,
         need: u64,
-        manifest: &Manifest,
+        id: PayloadId,
+        size: u64,
+        block_size: u64,
         leased: &(dyn Fn(PayloadId) -> bool + Sync),
     ) -> Result<(), AgentError> {
-        let id = manifest.payload;
         let busy: Vec<PayloadId> = lock(&self.filling)
             .iter()
             .filter(|(other, gate)| **other != id && gate.try_lock().is_err())
@@ -322,11 +404,11 @@ impl BlockCache {
             }
         }
         inner.used += need;
-        inner.entries.entry(id).or_insert_with(|| Cached {
-            size: manifest.size_bytes,
-            block_size: manifest.block_size,
-            used_at: vec![0; manifest.blocks.len()],
-        });
+        inner
+            .entries
+            .entry(id)
+            .or_insert_with(|| Cached::new(size, block_size))
+            .pending += need;
         Ok(())
     }
 }
@@ -341,9 +423,8 @@ fn parse_index(text: &str) -> Option<Cached> {
         return None;
     }
     Some(Cached {
-        size,
-        block_size,
         used_at: bits.chars().map(|c| u64::from(c == '1')).collect(),
+        ..Cached::new(size, block_size)
     })
 }
 

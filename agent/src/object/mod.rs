@@ -12,6 +12,7 @@ pub mod bucket;
 pub mod cache;
 #[cfg(feature = "failpoints")]
 pub mod faults;
+pub mod traffic;
 mod transfer;
 
 use std::future::Future;
@@ -36,6 +37,8 @@ pub struct ObjectTier {
     /// Transfers in flight per upload or download (each holds one block).
     concurrency: usize,
     pub cache: BlockCache,
+    /// Requests to the store that succeeded, and their bytes.
+    pub traffic: Arc<traffic::Traffic>,
     /// One collection at a time on this node: two would share the blocks
     /// marked deleting, and the slower could delete one re-uploaded since.
     collecting: tokio::sync::Mutex<()>,
@@ -63,8 +66,14 @@ impl ObjectTier {
     pub fn new(bucket: Box<dyn Bucket>, repo: Arc<dyn Repository>, concurrency: usize, cache: BlockCache) -> Self {
         #[cfg(feature = "failpoints")]
         let bucket = faults::Faulty::from_env(bucket);
+        let traffic = Arc::new(traffic::Traffic::default());
+        let bucket = Box::new(traffic::Counted {
+            inner: bucket,
+            traffic: traffic.clone(),
+        });
         Self {
             bucket,
+            traffic,
             repo,
             concurrency: concurrency.max(1),
             cache,

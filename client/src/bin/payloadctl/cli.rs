@@ -86,6 +86,13 @@ pub enum Command {
     Stats,
     /// Delete object-store blocks no payload has named for the grace period.
     Gc(GcArgs),
+    /// Adopt an object uploaded to s3://BUCKET/PREFIX/uploads/ID as payload ID
+    /// on the object tier (cut into blocks, hashed, deduplicated).
+    ///
+    /// ID is the id an allocation on the object tier returned, or a new UUID
+    /// of your choosing for an object uploaded without one. The upload is
+    /// removed once adopted.
+    Import(ImportArgs),
     /// Streams: ordered, append-only sequences of payload ids with
     /// consumer-group offsets.
     #[command(subcommand)]
@@ -282,6 +289,17 @@ pub struct SpillArgs {
     /// Make the new copy durable (fsync) before the old one is dropped.
     #[arg(long)]
     pub fsync: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Payload id, a dashed UUID.
+    #[arg(value_parser = parse_id)]
+    pub id: PayloadId,
+    /// The object's size in bytes, checked against the upload. Default: the
+    /// allocated size, or the upload's own for an id never allocated.
+    #[arg(long, value_name = "BYTES")]
+    pub size: Option<u64>,
 }
 
 #[derive(Args, Debug)]

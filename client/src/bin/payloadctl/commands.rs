@@ -9,11 +9,12 @@ use payload_proto::core::{PayloadDescriptor, PayloadState, Tier};
 use payload_proto::runtime::ListPayloadsRequest;
 use serde_json::{json, Value};
 
-use crate::cli::{Format, GcArgs, IdArg, LeaseArgs, LsArgs, PinArgs, PromoteArgs, RmArgs, SpillArgs};
+use crate::cli::{Format, GcArgs, IdArg, ImportArgs, LeaseArgs, LsArgs, PinArgs, PromoteArgs, RmArgs, SpillArgs};
 use crate::render::{
     descriptor_json, human_duration, human_size, id_text, key_values, labels_text, location_json, location_text,
     now_ms, print, print_json, rfc3339, state_name, summary_json, tier_name, time_or, Table,
 };
+use crate::transfer::{watch, Direction};
 
 pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result<()> {
     let LsArgs {
@@ -215,20 +216,53 @@ pub async fn unpin(client: &Client, args: IdArg, format: Format) -> anyhow::Resu
 
 pub async fn spill(client: &Client, args: SpillArgs, format: Format) -> anyhow::Result<()> {
     let SpillArgs { id, to, fsync } = args;
-    let working = crate::transfer::spinner(format!("spilling {id}"));
-    let desc = client.spill(id, to.map(Into::into), fsync).await;
-    working.finish_and_clear();
+    let to: Option<Tier> = to.map(Into::into);
+    let up = (to == Some(Tier::Object)).then_some(Direction::Up);
+    let size = size_of(client, id).await;
+    let work = client.spill(id, to, fsync);
+    let desc = watch(client, format!("spilling {id}"), size, up, work).await;
     let desc = desc.with_context(|| format!("spilling {id}"))?;
     moved(format, &desc, "spilled")
 }
 
 pub async fn promote(client: &Client, args: PromoteArgs, format: Format) -> anyhow::Result<()> {
     let PromoteArgs { id, to } = args;
-    let working = crate::transfer::spinner(format!("promoting {id}"));
-    let desc = client.promote(id, to.into()).await;
-    working.finish_and_clear();
+    let from_object = current_tier(client, id).await == Some(Tier::Object);
+    let size = size_of(client, id).await;
+    let work = client.promote(id, to.into());
+    let down = from_object.then_some(Direction::Down);
+    let desc = watch(client, format!("promoting {id}"), size, down, work).await;
     let desc = desc.with_context(|| format!("promoting {id}"))?;
     moved(format, &desc, "promoted")
+}
+
+pub async fn import(client: &Client, args: ImportArgs, format: Format) -> anyhow::Result<()> {
+    let ImportArgs { id, size } = args;
+    // The upload's size is not known here: the bar shows bytes fetched.
+    let work = client.import(id, size.unwrap_or(0));
+    let desc = watch(
+        client,
+        format!("importing {id}"),
+        size.unwrap_or(0),
+        Some(Direction::Down),
+        work,
+    )
+    .await;
+    let desc = desc.with_context(|| format!("importing {id}"))?;
+    moved(format, &desc, "imported")
+}
+
+/// The payload's size, for a progress bar (0 when it cannot be read).
+async fn size_of(client: &Client, id: payload_client::PayloadId) -> u64 {
+    match client.stat(id).await {
+        Ok(stat) => stat.payload.map(|p| p.size_bytes).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn current_tier(client: &Client, id: payload_client::PayloadId) -> Option<Tier> {
+    let stat = client.stat(id).await.ok()?;
+    Tier::try_from(stat.payload?.tier).ok()
 }
 
 pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::Result<()> {
@@ -316,6 +350,17 @@ pub async fn stats(client: &Client, format: Format) -> anyhow::Result<()> {
                     human_size(object.cache_capacity_bytes)
                 ),
             ),
+            (
+                "object traffic",
+                format!(
+                    "{} put ({}), {} got ({}), {} deleted since the agent started",
+                    stats.object_puts,
+                    human_size(stats.object_put_bytes),
+                    stats.object_gets,
+                    human_size(stats.object_get_bytes),
+                    stats.object_deletes
+                ),
+            ),
         ]));
     }
     print(&text)
@@ -351,6 +396,14 @@ fn stats_json(s: &StatsResponse) -> Value {
         "bytes_ram": s.bytes_ram,
         "bytes_disk": s.bytes_disk,
         "bytes_object": s.bytes_object,
+        "object_blocks": s.object_blocks,
+        "object_block_bytes": s.object_block_bytes,
+        "object_unreferenced_blocks": s.object_unreferenced_blocks,
+        "object_puts": s.object_puts,
+        "object_put_bytes": s.object_put_bytes,
+        "object_gets": s.object_gets,
+        "object_get_bytes": s.object_get_bytes,
+        "object_deletes": s.object_deletes,
     })
 }
 

@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lease(args) => commands::lease(&client, args, output).await,
         Command::Stats => commands::stats(&client, output).await,
         Command::Gc(args) => commands::gc(&client, args, output).await,
+        Command::Import(args) => commands::import(&client, args, output).await,
         Command::Stream(command) => stream::run(&client, command, output).await,
     }
 }

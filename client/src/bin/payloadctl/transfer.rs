@@ -33,15 +33,80 @@ fn progress(len: u64, verb: &'static str) -> ProgressBar {
     bar
 }
 
-/// A spinner on a terminal while the agent works (a spill to the object
-/// store of a large payload takes a while); hidden otherwise.
-pub fn spinner(message: String) -> ProgressBar {
+/// Which way bytes travel between the agent and its object store.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+/// Runs `work` (a move the agent does) with, on a terminal, a bar of the
+/// bytes the agent has moved to or from its object store since it began,
+/// out of `total` (polled from Stats; other transfers on the node at the
+/// same time count too), or a spinner when no bytes travel that way.
+pub async fn watch<T>(
+    client: &Client,
+    message: String,
+    total: u64,
+    direction: Option<Direction>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
     if !io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+        return work.await;
     }
-    let bar = ProgressBar::new_spinner().with_message(message);
+    let moved = |stats: &payload_proto::admin::StatsResponse| match direction {
+        Some(Direction::Up) => stats.object_put_bytes,
+        Some(Direction::Down) => stats.object_get_bytes,
+        None => 0,
+    };
+    let base = match direction {
+        Some(_) => client.stats().await.ok().map(|s| moved(&s)),
+        None => None,
+    };
+    let bar = match (base, direction) {
+        (Some(_), Some(dir)) => {
+            let bar = progress_bar(total);
+            bar.set_message(match dir {
+                Direction::Up => format!("{message}: uploading"),
+                Direction::Down => format!("{message}: downloading"),
+            });
+            bar
+        }
+        _ => ProgressBar::new_spinner().with_message(message),
+    };
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                if let (Some(base), Ok(stats)) = (base, client.stats().await) {
+                    let done = moved(&stats).saturating_sub(base);
+                    bar.set_position(if total > 0 { done.min(total) } else { done });
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    result
+}
+
+/// A byte-count bar; without a known total, a running count.
+fn progress_bar(total: u64) -> ProgressBar {
+    let template = if total > 0 {
+        "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}"
+    } else {
+        "{spinner} {msg} {binary_bytes} {binary_bytes_per_sec}"
+    };
+    let style = ProgressStyle::with_template(template)
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = if total > 0 {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::no_length()
+    };
+    bar.with_style(style)
 }
 
 fn refuse_empty(len: u64, what: &str) -> anyhow::Result<()> {
