@@ -27,6 +27,10 @@ struct Setup {
 const PREFIX: &str = "pm";
 
 async fn setup(cap: Capacity, cfg: NodeConfig) -> Option<Setup> {
+    setup_with_cache(cap, cfg, 512 * MIB).await
+}
+
+async fn setup_with_cache(cap: Capacity, cfg: NodeConfig, cache_capacity: u64) -> Option<Setup> {
     let s3 = server()?;
     let bucket = s3.bucket().await;
     let dirs = Dirs::new();
@@ -37,7 +41,7 @@ async fn setup(cap: Capacity, cfg: NodeConfig) -> Option<Setup> {
     );
     let store = S3Bucket::connect(&format!("s3://{bucket}/{PREFIX}")).await.unwrap();
     store.check().await.unwrap();
-    let cache = BlockCache::open(&dirs.state.path().join("object-cache"), 512 * MIB).unwrap();
+    let cache = BlockCache::open(&dirs.state.path().join("object-cache"), cache_capacity).unwrap();
     let object = ObjectTier::new(Box::new(store), repo.clone(), 8, cache);
     let (node, _) = open_node_with(&dirs, cfg, &cap, repo, Some(object)).await;
     Some(Setup {
@@ -368,6 +372,39 @@ async fn ram_spills_to_disk_and_disk_to_the_object_store_least_recently_leased_f
         );
     }
     s.node.release(reader.unwrap().lease);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_makes_room_in_the_block_cache_for_its_staged_copy() {
+    let Some(s) = setup_with_cache(Capacity::default(), NodeConfig::default(), 10 * MIB).await else {
+        return;
+    };
+    let cache = &s.node.object().unwrap().cache;
+    let a = pattern(8 * MIB as usize, 1);
+    let a_id = put_on(&s.node, Tier::Ram, &a).await;
+    s.node.relocate(a_id, Tier::Object, false, false).await.unwrap();
+    assert_eq!(s.read(a_id).await.1, a);
+    assert_eq!(cache.usage(), (8 * MIB, 10 * MIB), "a's read filled the cache");
+    let b = pattern(6 * MIB as usize, 2);
+    let b_id = payload_catalog::PayloadId::random();
+    s.s3.client()
+        .await
+        .put_object()
+        .bucket(&s.bucket)
+        .key(format!("{PREFIX}/uploads/{b_id}"))
+        .body(b.clone().into())
+        .send()
+        .await
+        .unwrap();
+    s.node.import(b_id, 0).await.unwrap();
+    let (used, capacity) = cache.usage();
+    assert!(used <= capacity, "the staged copy made room: {used} of {capacity}");
+    assert!(
+        cache.is_complete(b_id) && !cache.is_complete(a_id),
+        "a's blocks were evicted for b's"
+    );
+    assert_eq!(s.read(b_id).await, (Tier::Object, b));
+    assert_eq!(s.read(a_id).await, (Tier::Object, a), "a reads whole again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
