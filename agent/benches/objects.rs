@@ -23,7 +23,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures_util::{StreamExt, TryStreamExt};
 use noise::noise;
 use payload_agent::object::bucket::S3Bucket;
-use payload_agent::object::{BlockCache, ObjectTier};
+use payload_agent::object::{block_key, BlockCache, ObjectTier};
 use payload_catalog::{PayloadId, SqliteRepository};
 use sha2::Digest;
 
@@ -128,17 +128,27 @@ async fn plain_download(client: &aws_sdk_s3::Client, bucket: &str, key: &str, le
 }
 
 /// The fair floor on a server whose multipart path is slow: the same bytes
-/// as plain 4 MiB objects, put and got in parallel, nothing checked.
-async fn plain_puts(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, bytes: &Arc<Vec<u8>>) {
+/// as plain 4 MiB objects, put in parallel; with `checksums` each PUT
+/// carries the SHA-256 the server checks, as ours do (computed before the
+/// clock starts: the floor pays only the server's side of it).
+async fn plain_puts(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    bytes: &Arc<Vec<u8>>,
+    checksums: Option<&[String]>,
+) {
     futures_util::stream::iter(bytes.chunks(4 * MIB).enumerate())
         .map(|(i, chunk)| {
             let body = ByteStream::from(chunk.to_vec());
+            let checksum = checksums.map(|c| c[i].clone());
             async move {
                 let key = format!("{prefix}/{i}");
                 client
                     .put_object()
                     .bucket(bucket)
                     .key(key)
+                    .set_checksum_sha256(checksum)
                     .body(body)
                     .send()
                     .await
@@ -148,6 +158,56 @@ async fn plain_puts(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, byt
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<()>>()
         .await;
+}
+
+/// Base64 SHA-256 of each 4 MiB chunk, as `x-amz-checksum-sha256` wants it.
+fn chunk_checksums(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .chunks(4 * MIB)
+        .map(|c| aws_smithy_types::base64::encode(sha2::Sha256::digest(c)))
+        .collect()
+}
+
+/// Deletes every object under `prefix`: moto keeps objects in memory and
+/// slows as it fills, so each measurement leaves the server as it found it.
+async fn delete_prefix(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) {
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .unwrap();
+        let keys: Vec<String> = page
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .map(str::to_string)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        delete_keys(client, bucket, keys).await;
+    }
+}
+
+async fn delete_keys(client: &aws_sdk_s3::Client, bucket: &str, keys: Vec<String>) {
+    use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+    for batch in keys.chunks(1000) {
+        let ids = batch
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build().unwrap())
+            .collect();
+        let delete = Delete::builder().set_objects(Some(ids)).build().unwrap();
+        client
+            .delete_objects()
+            .bucket(bucket)
+            .delete(delete)
+            .send()
+            .await
+            .unwrap();
+    }
 }
 
 async fn plain_gets(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, len: usize, into: &std::fs::File) {
@@ -212,26 +272,46 @@ async fn run() {
 
     let floor_up = best(2, |run| {
         let (client, bucket, bytes) = (&client, &bucket, &bytes);
-        async move { plain_upload(client, bucket, &format!("plain-{run}"), bytes).await }
+        async move {
+            plain_upload(client, bucket, &format!("plain-{run}"), bytes).await;
+            if run > 0 {
+                delete_prefix(client, bucket, &format!("plain-{run}")).await;
+            }
+        }
     })
     .await;
-    let floor_puts = best(2, |run| {
-        let (client, bucket, bytes) = (&client, &bucket, &bytes);
-        async move { plain_puts(client, bucket, &format!("puts-{run}"), bytes).await }
-    })
-    .await;
-    // Two all-new uploads (different bytes: a repeat would find every
-    // block stored); the first one's manifest serves the download.
+    // Ours and the plain-PUT floors alternate, so each sees the server in
+    // the same state; all but the first run's objects (kept for the
+    // downloads and the half-stored upload) are deleted after each.
     let fresh = work.path().join("fresh");
     std::fs::write(&fresh, noise(len, 2)).unwrap();
-    let mut manifests = Vec::new();
+    let checksums = chunk_checksums(&bytes);
+    let (mut floor_puts, mut floor_checked) = (Duration::MAX, Duration::MAX);
     let mut ours_up = Duration::MAX;
-    for path in [&source, &fresh] {
+    let mut manifests = Vec::new();
+    for (run, path) in [&source, &fresh].into_iter().enumerate() {
+        let start = Instant::now();
+        plain_puts(&client, &bucket, &format!("puts-{run}"), &bytes, None).await;
+        floor_puts = floor_puts.min(start.elapsed());
+        if run > 0 {
+            delete_prefix(&client, &bucket, &format!("puts-{run}")).await;
+        }
+        let start = Instant::now();
+        plain_puts(&client, &bucket, "checked", &bytes, Some(&checksums)).await;
+        floor_checked = floor_checked.min(start.elapsed());
+        delete_prefix(&client, &bucket, "checked").await;
         // As a spill does: the payload's digest is known and checked.
+        // (Different bytes each run: a repeat would find every block stored.)
         let digest = sha2::Sha256::digest(std::fs::read(path).unwrap()).into();
         let start = Instant::now();
-        manifests.push(tier.upload(PayloadId::random(), path, Some(digest), 0).await.unwrap());
+        let manifest = tier.upload(PayloadId::random(), path, Some(digest), 0).await.unwrap();
         ours_up = ours_up.min(start.elapsed());
+        if run > 0 {
+            // (Behind the catalog's back: nothing reads these again.)
+            let keys = manifest.blocks.iter().map(|b| format!("bench/{}", block_key(b)));
+            delete_keys(&client, &bucket, keys.collect()).await;
+        }
+        manifests.push(manifest);
     }
     println!(
         "| upload (all blocks new) | {:.2} | {:.2} (multipart, {} MiB parts, {CONCURRENCY} in flight) | {:.2}× |",
@@ -245,6 +325,12 @@ async fn run() {
         gbps(len, ours_up),
         gbps(len, floor_puts),
         floor_puts.as_secs_f64() / ours_up.as_secs_f64()
+    );
+    println!(
+        "| upload (all blocks new) | {:.2} | {:.2} (the same PUTs, each with its SHA-256 for the server to check) | {:.2}× |",
+        gbps(len, ours_up),
+        gbps(len, floor_checked),
+        floor_checked.as_secs_f64() / ours_up.as_secs_f64()
     );
     let half = {
         let mut half = bytes[..len / 2].to_vec();
@@ -264,30 +350,32 @@ async fn run() {
 
     let manifest = manifests.swap_remove(0);
     let target = work.path().join("download");
-    let floor_down = best(2, |_| {
+    // One run: moto serves ranged GETs of a multipart object very slowly.
+    let floor_down = best(1, |_| {
         let file = std::fs::File::create(&target).unwrap();
         file.set_len(len as u64).unwrap();
         let (client, bucket) = (&client, &bucket);
         async move { plain_download(client, bucket, "plain-0", len, &file).await }
     })
     .await;
-    let floor_gets = best(2, |_| {
+    // Alternating, as the uploads.
+    let fresh_file = || {
         let file = std::fs::File::create(&target).unwrap();
         file.set_len(len as u64).unwrap();
-        let (client, bucket) = (&client, &bucket);
-        async move { plain_gets(client, bucket, "puts-0", len, &file).await }
-    })
-    .await;
-    let ours_down = best(2, |_| {
-        let file = std::fs::File::create(&target).unwrap();
-        file.set_len(len as u64).unwrap();
-        let (tier, manifest) = (&tier, &manifest);
-        async move {
-            let all = (0..manifest.blocks.len()).collect();
-            tier.download(manifest, Arc::new(file), all).await.unwrap();
-        }
-    })
-    .await;
+        file
+    };
+    let (mut floor_gets, mut ours_down) = (Duration::MAX, Duration::MAX);
+    for _ in 0..2 {
+        let file = fresh_file();
+        let start = Instant::now();
+        plain_gets(&client, &bucket, "puts-0", len, &file).await;
+        floor_gets = floor_gets.min(start.elapsed());
+        let file = Arc::new(fresh_file());
+        let start = Instant::now();
+        let all = (0..manifest.blocks.len()).collect();
+        tier.download(&manifest, file, all).await.unwrap();
+        ours_down = ours_down.min(start.elapsed());
+    }
     println!(
         "| download (blocks checked against their SHA-256) | {:.2} | {:.2} (ranged GETs, {} MiB, {CONCURRENCY} in flight) | {:.2}× |",
         gbps(len, ours_down),
