@@ -279,6 +279,50 @@ async fn an_agent_aborted_between_an_object_durable_upload_and_its_commit_leaks_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_aborted_mid_import_keeps_the_upload_and_the_retried_import_sends_only_the_manifest() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/i"));
+    let bytes = noise(9 * MIB as usize, 4);
+    let id = uuid::Uuid::new_v4();
+    s3.client()
+        .await
+        .put_object()
+        .bucket(&bucket)
+        .key(format!("i/uploads/{id}"))
+        .body(bytes.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let (agent, client) = object_agent(&dirs, &url, Some("after-upload")).await;
+    assert!(client.import(id, 0).await.is_err());
+    drop(client);
+    aborted(agent, &dirs, "after-upload").await;
+    assert_eq!(s3.keys(&bucket, "i/uploads/").await.len(), 1, "the upload is kept");
+
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    assert!(
+        s3.keys(&bucket, "i/manifests/").await.is_empty(),
+        "the unused manifest was released"
+    );
+    let desc = client.import(id, 0).await.unwrap();
+    assert_eq!(desc.tier, Tier::Object as i32);
+    assert_eq!(
+        client.stats().await.unwrap().object_puts,
+        1,
+        "the blocks were stored already: only the manifest is put"
+    );
+    assert!(
+        s3.keys(&bucket, "i/uploads/").await.is_empty(),
+        "the adopted upload is removed"
+    );
+    let lease = client.get(id).await.unwrap();
+    assert_eq!(lease.bytes(), &bytes[..]);
+    drop(lease);
+    agent.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refuses_to_start_on_another_object_store_than_its_catalog_knows() {
     let Some(s3) = server() else { return };
     let bucket = s3.bucket().await;
