@@ -13,6 +13,9 @@ use common::process::*;
 use common::s3::server;
 use common::*;
 use payload_client::Tier;
+use payload_proto::core as pb;
+use payload_proto::runtime;
+use sha2::{Digest, Sha256};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spill_read_and_promote_succeed_through_timeouts_503s_resets_and_short_reads() {
@@ -319,6 +322,68 @@ async fn an_agent_aborted_mid_import_keeps_the_upload_and_the_retried_import_sen
     let lease = client.get(id).await.unwrap();
     assert_eq!(lease.bytes(), &bytes[..]);
     drop(lease);
+    agent.kill9();
+}
+
+/// An import cut short after its upload completed leaves a complete
+/// manifest for the still-ALLOCATED payload (start-up keeps it: the row is
+/// on the object tier). The client uploads again — other bytes of the same
+/// size, as it may before the payload is committed — and imports: the
+/// payload must be the bytes imported, on every tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reimport_after_a_crash_is_the_bytes_uploaded_the_second_time() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs, url) = (Dirs::new(), format!("s3://{bucket}/ri"));
+    let (agent, client) = object_agent(&dirs, &url, Some("after-upload")).await;
+    let size = 6 * MIB as usize;
+    let (first, second) = (noise(size, 1), noise(size, 2));
+    let (_, mut catalog, _) = client.raw();
+    let desc = catalog
+        .allocate_payload(runtime::AllocatePayloadRequest {
+            size_bytes: size as u64,
+            preferred_tier: pb::Tier::Object as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .payload_descriptor
+        .unwrap();
+    let id = payload_client::descriptor_id(&desc).unwrap();
+    let bucket_name = bucket.as_str();
+    let upload = |body: Vec<u8>| async move {
+        s3.client()
+            .await
+            .put_object()
+            .bucket(bucket_name)
+            .key(format!("ri/uploads/{id}"))
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+    };
+    upload(first.clone()).await;
+    assert!(client.import(id, 0).await.is_err(), "the agent aborted");
+    drop((client, catalog));
+    aborted(agent, &dirs, "after-upload").await;
+
+    let (agent, client) = object_agent(&dirs, &url, None).await;
+    let stat = client.stat(id).await.unwrap().payload.unwrap();
+    assert_eq!(stat.tier, Tier::Object as i32, "still allocated on the object tier");
+    upload(second.clone()).await;
+    let imported = client.import(id, 0).await.unwrap();
+    let lease_bytes = client.get(id).await.unwrap().bytes().to_vec();
+    let want = Sha256::digest(&second).to_vec();
+    assert_eq!(
+        Sha256::digest(&lease_bytes).to_vec(),
+        want,
+        "the lease reads the second upload"
+    );
+    client.promote(id, Tier::Ram).await.unwrap();
+    let promoted = client.get(id).await.unwrap().bytes().to_vec();
+    assert_eq!(Sha256::digest(&promoted).to_vec(), want, "the promoted copy too");
+    assert_eq!(imported.sha256, want, "and the recorded digest");
     agent.kill9();
 }
 

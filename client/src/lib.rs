@@ -419,7 +419,6 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("spill returned no descriptor".into()))
     }
 
-    /// Moves the payload up to `target`, waiting until done.
     /// Adopts the object uploaded to the agent's `uploads/<id>` as payload
     /// `id` on the object tier (`size_bytes` 0: the allocated size, or the
     /// upload's own); returns the payload's descriptor.
@@ -439,6 +438,7 @@ impl Client {
         })
     }
 
+    /// Moves the payload up to `target`, waiting until done.
     pub async fn promote(&self, id: PayloadId, target: Tier) -> Result<PayloadDescriptor> {
         let response = self
             .catalog

@@ -22,10 +22,11 @@ impl PayloadAdminService for AdminService {
             .await
             .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
         if let Ok(object) = self.node.object() {
-            let blocks = self.node.repo().block_stats().await.map_err(status)?;
-            stats.object_blocks = blocks.blocks;
-            stats.object_block_bytes = blocks.bytes;
-            stats.object_unreferenced_blocks = blocks.unreferenced;
+            if let Some(blocks) = object.block_stats().await {
+                stats.object_blocks = blocks.blocks;
+                stats.object_block_bytes = blocks.bytes;
+                stats.object_unreferenced_blocks = blocks.unreferenced;
+            }
             let t = object.traffic.figures();
             stats.object_puts = t.puts;
             stats.object_put_bytes = t.put_bytes;

@@ -213,6 +213,10 @@ impl Node {
                 Ok(manifest) => Some(manifest.sha256),
                 Err(err) => {
                     let _ = store.unseal(id);
+                    if lock(&entry).gone {
+                        // Its release may have landed before the upload's claim.
+                        self.log_release(id);
+                    }
                     return Err(err);
                 }
             },

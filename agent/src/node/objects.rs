@@ -12,6 +12,7 @@ use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Tier, Wr
 use super::{lock, Entry, Node};
 use crate::error::AgentError;
 use crate::object::GcReport;
+use crate::store::io_error;
 
 impl Node {
     /// Adopts the object a client uploaded for payload `id` (allocated on
@@ -75,6 +76,9 @@ impl Node {
         known: Option<&super::EntryRef>,
     ) -> Result<PayloadRecord, AgentError> {
         let object = self.object()?.clone();
+        // A release of an earlier payload of this id still in the log must
+        // land first, or it could drop the manifest this import reuses.
+        self.flush().await?;
         let uploaded = object.uploaded_size(id).await?.ok_or_else(|| {
             AgentError::InvalidState(format!(
                 "nothing was uploaded for payload {id}: put the object at {} first",
@@ -93,20 +97,33 @@ impl Node {
                  or pass its real size_bytes"
             )));
         }
-        // Staged in the block cache: the staged file is then the cached copy.
-        let path = object.cache.path(id);
-        let file = object.cache.stage(id, uploaded, &|other| self.is_leased(other))?;
+        // Staged in the block cache when it fits: the staged file is then
+        // the cached copy.
+        let staged = object.cache.stage(id, uploaded, &|other| self.is_leased(other))?;
+        let file = staged
+            .file
+            .try_clone()
+            .map_err(|e| io_error("staging the uploaded object", e))?;
         let adopted = async {
             object.fetch_upload(id, uploaded, Arc::new(file)).await?;
-            let manifest = object.upload(id, &path, None, self.now_ms()).await?;
-            object.cache.adopt(&manifest)?;
+            let manifest = object.upload(id, &staged.path, None, self.now_ms()).await?;
+            if staged.cached {
+                object.cache.adopt(&manifest)?;
+            }
             Ok::<_, AgentError>(manifest)
         }
         .await;
+        if !staged.cached {
+            object.cache.unstage(id, &staged);
+        }
         let manifest = match adopted {
             Ok(manifest) => manifest,
             Err(err) => {
-                object.cache.remove(id);
+                object.cache.unstage(id, &staged);
+                if known.is_some_and(|e| lock(e).gone) {
+                    // The delete's release may have landed before the claim.
+                    self.log_release(id);
+                }
                 return Err(err);
             }
         };
@@ -152,7 +169,9 @@ impl Node {
         Ok(rec)
     }
 
-    /// Logs the release of the payload's manifest (a missing one is fine).
+    /// Logs the release of an ended payload's manifest (a missing one is
+    /// fine) and deletes its manifest object, which an upload racing the
+    /// end may have written after the payload's copies were freed.
     pub(crate) fn log_release(&self, id: PayloadId) {
         let release = Write::ReleaseManifest {
             id,
@@ -160,6 +179,13 @@ impl Node {
         };
         if let Err(err) = self.writer.write(release) {
             tracing::warn!(%id, %err, "could not log a manifest release; its blocks stay referenced until restart");
+        }
+        if let Some(object) = self.object.clone() {
+            tokio::spawn(async move {
+                if let Err(err) = object.delete_manifest_object(id).await {
+                    tracing::warn!(%id, %err, "could not delete a manifest object; its blocks are collected anyway");
+                }
+            });
         }
     }
 
@@ -221,7 +247,7 @@ impl Node {
     pub(crate) async fn release_unused_manifests(&self) -> anyhow::Result<usize> {
         // The rows start-up dropped must be gone from the catalog first.
         self.flush().await?;
-        let mut released = 0;
+        let mut unused = Vec::new();
         for (id, _complete) in self.repo.node_manifests().await? {
             let relied_on = match self.entry(id) {
                 Ok(e) => lock(&e).rec.in_object_store(),
@@ -230,18 +256,29 @@ impl Node {
                 Err(_) => self.repo.get_payload(id).await?.is_some_and(|r| r.in_object_store()),
             };
             if !relied_on {
-                // Applied now, not through the log: a spill that reuses the
-                // manifest once serving starts must not be overtaken by it.
-                let now = self.now_ms();
-                self.repo
-                    .write_batch(&[Write::ReleaseManifest { id, now_ms: now }])
-                    .await?;
-                if let Err(err) = self.object()?.delete_manifest_object(id).await {
-                    tracing::warn!(%id, %err, "could not delete a released manifest object; delete it by hand");
-                }
-                released += 1;
+                unused.push(id);
             }
         }
+        // Applied now, not through the log: a spill that reuses the
+        // manifest once serving starts must not be overtaken by it.
+        let now = self.now_ms();
+        let releases: Vec<Write> = unused
+            .iter()
+            .map(|&id| Write::ReleaseManifest { id, now_ms: now })
+            .collect();
+        self.repo.write_batch(&releases).await?;
+        // Before serving, so a spill of the same payload cannot put a new
+        // manifest object that one of these deletes then removes.
+        let object = self.object()?;
+        use futures_util::StreamExt;
+        futures_util::stream::iter(&unused)
+            .for_each_concurrent(16, |&id| async move {
+                if let Err(err) = object.delete_manifest_object(id).await {
+                    tracing::warn!(%id, %err, "could not delete a released manifest object; delete it by hand");
+                }
+            })
+            .await;
+        let released = unused.len();
         Ok(released)
     }
 }

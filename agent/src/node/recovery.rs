@@ -84,7 +84,7 @@ pub struct Recovery {
     pub leases_restored: usize,
     /// Manifests no payload counts on (uploads a crash cut short), released.
     pub uploads_released: usize,
-    /// Block-cache files of payloads no longer read from the object tier.
+    /// Block-cache files of payloads that no longer have an object copy.
     pub cache_dropped: usize,
     /// Payloads whose local copy was gone, now read from their object copy.
     pub fell_back_to_object: usize,
@@ -146,10 +146,12 @@ impl Node {
         node.remove_orphans(&mut report, scans, &rejected);
         if let Some(object) = &node.object {
             report.uploads_released = node.release_unused_manifests().await?;
-            // Cached copies of payloads deleted or moved up while the agent was down.
+            // Cached copies of payloads deleted while the agent was down (a
+            // promoted payload keeps its object copy, and a lease on it may
+            // still read its cache file).
             report.cache_dropped = object
                 .cache
-                .retain(|id| node.entry(id).is_ok_and(|e| lock(&e).rec.tier == Tier::Object));
+                .retain(|id| node.entry(id).is_ok_and(|e| lock(&e).rec.in_object_store()));
         }
         node.state.record_boot()?;
         for store in node.tiers.regions() {

@@ -20,6 +20,14 @@ use crate::error::{task_failed, AgentError};
 use crate::node::lock;
 use crate::store::io_error;
 
+/// Where an import staged an uploaded object; see [`BlockCache::stage`].
+pub struct Staged {
+    pub path: PathBuf,
+    pub file: File,
+    /// In the cache (to be adopted), or beside it (too large to cache).
+    pub cached: bool,
+}
+
 pub struct BlockCache {
     dir: PathBuf,
     capacity: u64,
@@ -95,6 +103,14 @@ impl BlockCache {
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name
+                .strip_suffix(".staging")
+                .is_some_and(|u| PayloadId::parse(u).is_ok())
+            {
+                // An import a crash cut short; it starts again from its upload.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
             let Some(id) = name.strip_suffix(".cache").and_then(|u| PayloadId::parse(u).ok()) else {
                 continue;
             };
@@ -228,18 +244,26 @@ impl BlockCache {
         .map_err(|e| io_error("recording the cache index", e))
     }
 
-    /// Makes room for, and creates, a private file of `size` bytes where an
-    /// import stages payload `id`; [`BlockCache::adopt`] then makes it the
-    /// cached copy, [`BlockCache::remove`] gives the room back.
+    /// Creates a private file of `size` bytes where an import stages payload
+    /// `id`. One that fits is made room for in the cache, so that
+    /// [`BlockCache::adopt`] can make it the cached copy ([`BlockCache::remove`]
+    /// gives the room back); a larger one goes beside the cache, for
+    /// [`BlockCache::unstage`] to remove once the blocks are stored.
     pub fn stage(
         &self,
         id: PayloadId,
         size: u64,
         leased: &(dyn Fn(PayloadId) -> bool + Sync),
-    ) -> Result<File, AgentError> {
+    ) -> Result<Staged, AgentError> {
         self.remove(id);
-        self.make_room(size, id, size, payload_catalog::BLOCK_SIZE, leased)?;
-        let path = self.path(id);
+        let cached = size <= self.capacity;
+        let path = if cached {
+            self.make_room(size, id, size, payload_catalog::BLOCK_SIZE, leased)?;
+            self.path(id)
+        } else {
+            self.dir.join(format!("{id}.staging"))
+        };
+        let _ = fs::remove_file(&path);
         let created = OpenOptions::new()
             .read(true)
             .write(true)
@@ -247,10 +271,23 @@ impl BlockCache {
             .mode(0o600)
             .open(&path)
             .and_then(|file| file.set_len(size).map(|()| file));
-        created.map_err(|e| {
+        match created {
+            Ok(file) => Ok(Staged { path, file, cached }),
+            Err(e) => {
+                self.remove(id);
+                let _ = fs::remove_file(&path);
+                Err(io_error("staging the uploaded object", e))
+            }
+        }
+    }
+
+    /// Drops a staged file: its room in the cache, or the file beside it.
+    pub fn unstage(&self, id: PayloadId, staged: &Staged) {
+        if staged.cached {
             self.remove(id);
-            io_error("staging the uploaded object", e)
-        })
+        } else {
+            let _ = fs::remove_file(&staged.path);
+        }
     }
 
     /// Adopts a file already holding the whole payload (staged by
@@ -351,6 +388,13 @@ impl BlockCache {
             .filter(|(other, gate)| **other != id && gate.try_lock().is_err())
             .map(|(other, _)| *other)
             .collect();
+        if need > self.capacity {
+            return Err(AgentError::ResourceExhausted(format!(
+                "payload {id} needs {need} bytes of the object cache, more than its whole capacity of {} bytes \
+                 (--object-cache-capacity): lease it with min_tier DISK or RAM, which promotes it, or raise the capacity",
+                self.capacity
+            )));
+        }
         let mut inner = lock(&self.inner);
         let mut victims: Vec<(u64, PayloadId, usize)> = Vec::new();
         if inner.used + need > self.capacity {

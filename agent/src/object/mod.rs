@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payload_catalog::{BlockHash, Manifest, PayloadId, Repository};
+use payload_catalog::{BlockHash, BlockStats, Manifest, PayloadId, Repository};
 
 use crate::backoff::Backoff;
 use crate::error::AgentError;
@@ -39,6 +39,9 @@ pub struct ObjectTier {
     pub cache: BlockCache,
     /// Requests to the store that succeeded, and their bytes.
     pub traffic: Arc<traffic::Traffic>,
+    /// The catalog's block figures and when they were read: Stats is
+    /// polled (progress bars) and the figures are a scan of every block row.
+    block_stats: std::sync::Mutex<Option<(std::time::Instant, BlockStats)>>,
     /// One collection at a time on this node: two would share the blocks
     /// marked deleting, and the slower could delete one re-uploaded since.
     collecting: tokio::sync::Mutex<()>,
@@ -77,6 +80,7 @@ impl ObjectTier {
             repo,
             concurrency: concurrency.max(1),
             cache,
+            block_stats: std::sync::Mutex::new(None),
             collecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -119,12 +123,40 @@ impl ObjectTier {
         }
     }
 
+    /// The catalog's block figures, at most a second old; `None` while the
+    /// catalog cannot answer (Stats still reports what the node knows).
+    pub async fn block_stats(&self) -> Option<BlockStats> {
+        let fresh = |at: &std::time::Instant| at.elapsed() < Duration::from_secs(1);
+        if let Some((at, stats)) = *crate::node::lock(&self.block_stats) {
+            if fresh(&at) {
+                return Some(stats);
+            }
+        }
+        match self.repo.block_stats().await {
+            Ok(stats) => {
+                *crate::node::lock(&self.block_stats) = Some((std::time::Instant::now(), stats));
+                Some(stats)
+            }
+            Err(err) => {
+                tracing::debug!(%err, "could not read the object store's block figures");
+                None
+            }
+        }
+    }
+
     /// Removes blocks no manifest has named for `grace_ms`: their objects
     /// first, then their rows (see the catalog's `gc_begin`).
     pub async fn collect_garbage(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
         let _one = self.collecting.lock().await;
         // And one across every agent of the catalog.
         let _catalog = self.repo.gc_lock().await?;
+        let collected = self.collect(now_ms, grace_ms).await;
+        // What it changed shows in the next Stats.
+        *crate::node::lock(&self.block_stats) = None;
+        collected
+    }
+
+    async fn collect(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
         let mut report = GcReport::default();
         loop {
             let doomed = self.repo.gc_begin(now_ms.saturating_sub(grace_ms), GC_BATCH).await?;

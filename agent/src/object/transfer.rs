@@ -85,8 +85,12 @@ impl ObjectTier {
         expected: Option<[u8; 32]>,
         now_ms: u64,
     ) -> Result<Manifest, AgentError> {
-        if let Some((manifest, true)) = self.repo.get_manifest(id).await? {
-            return Ok(manifest);
+        let existing = self.repo.get_manifest(id).await?;
+        // Stored already (a promoted payload spilled again): nothing to send.
+        if let (Some((m, true)), Some(want)) = (&existing, expected) {
+            if m.sha256 == want {
+                return Ok(m.clone());
+            }
         }
         let path = path.to_path_buf();
         let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
@@ -111,6 +115,22 @@ impl ObjectTier {
             block_size: BLOCK_SIZE,
             blocks,
         };
+        match existing {
+            // The same bytes: stored already, or an upload to resume.
+            Some((old, complete)) if old == manifest => {
+                if complete {
+                    return Ok(old);
+                }
+            }
+            // An earlier attempt with other bytes (a region rewritten after
+            // a failed commit, another object uploaded for an import):
+            // nothing counts on it, since committed bytes never change.
+            Some(_) => {
+                let release = payload_catalog::Write::ReleaseManifest { id, now_ms };
+                self.repo.write_batch(&[release]).await?;
+            }
+            None => {}
+        }
         let states = self.claim(&manifest, now_ms).await?;
         let missing: Vec<BlockState> = states.into_iter().filter(|s| !s.stored).collect();
         let mut first = std::collections::HashMap::with_capacity(manifest.blocks.len());

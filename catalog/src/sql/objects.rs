@@ -51,6 +51,19 @@ async fn block_state(conn: &mut Conn, hash: &BlockHash, size_bytes: u64) -> Resu
 /// distinct blocks. Claiming the same manifest again takes nothing more.
 async fn claim_manifest(conn: &mut Conn, node: &str, m: &Manifest, now_ms: u64) -> Result<Vec<BlockState>> {
     let distinct = m.distinct();
+    let owner: Option<String> = sqlx::query_scalar("SELECT node FROM object_manifests WHERE payload_id = $1")
+        .bind(m.payload.as_bytes().as_slice())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if owner.as_deref().is_some_and(|owner| owner != node) {
+        // Its references are that node's: sharing the row would let that
+        // node's release drop what this one counts on.
+        return Err(CatalogError::Conflict(format!(
+            "payload {} already has a manifest on node {}; import it there",
+            m.payload,
+            owner.unwrap_or_default()
+        )));
+    }
     match manifest_row(conn, m.payload).await? {
         Some((stored, _)) if stored == *m => {
             let mut states = Vec::with_capacity(distinct.len());

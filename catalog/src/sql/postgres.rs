@@ -121,6 +121,16 @@ async fn lock_lineage(conn: &mut Conn) -> Result<()> {
 async fn gc_lock(repo: &Repo) -> Result<GcLock> {
     use sqlx::Acquire as _;
     let mut conn = repo.pool.acquire().await?.detach();
+    // A collector whose host dies must not hold the lock until the
+    // kernel's default keepalive (hours) notices: the server probes the
+    // idle connection after 30 s and drops it after three missed probes.
+    for setting in [
+        "SET tcp_keepalives_idle = 30",
+        "SET tcp_keepalives_interval = 10",
+        "SET tcp_keepalives_count = 3",
+    ] {
+        sqlx::query(setting).execute(conn.acquire().await?).await?;
+    }
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(GC_LOCK_KEY)
         .execute(conn.acquire().await?)

@@ -116,10 +116,12 @@ async fn gc_lock(repo: &Repo) -> Result<GcLock> {
         return Ok(GcLock::new(()));
     };
     let locked = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)?;
         file.lock()?;
         Ok(file)

@@ -142,6 +142,11 @@ async fn a_node_releases_only_its_own_manifests(b: Backend) {
     assert!(ours.node_manifests().await.unwrap().is_empty());
     assert_eq!(theirs.node_manifests().await.unwrap(), vec![(m.payload, false)]);
     assert_eq!(ours.block_stats().await.unwrap().unreferenced, 0);
+    // Nor is it this node's to share: its references are the other's.
+    assert!(matches!(
+        ours.claim_manifest(&m, 3).await,
+        Err(CatalogError::Conflict(_))
+    ));
 }
 
 async fn one_collection_at_a_time_across_nodes(b: Backend) {

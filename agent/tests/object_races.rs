@@ -1,0 +1,192 @@
+//! The object tier racing itself, in process against a real S3-compatible
+//! server (moto): deletes during uploads, leases across restarts, objects
+//! larger than the block cache.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::s3::{server, S3};
+use common::*;
+use payload_agent::node::{AllocateRequest, Node, NodeConfig, Recovery};
+use payload_agent::object::bucket::S3Bucket;
+use payload_agent::object::{BlockCache, ObjectTier};
+use payload_catalog::{PayloadId, SqliteRepository, Tier};
+
+const PREFIX: &str = "rv";
+
+/// A node on `dirs` with an object tier on `bucket`; opening it again on
+/// the same directories is a restart.
+async fn open(dirs: &Dirs, bucket: &str, concurrency: usize, cache_capacity: u64) -> (Arc<Node>, Recovery) {
+    let repo = Arc::new(
+        SqliteRepository::open(&dirs.state.path().join("catalog.db"))
+            .await
+            .unwrap(),
+    );
+    let store = S3Bucket::connect(&format!("s3://{bucket}/{PREFIX}")).await.unwrap();
+    store.check().await.unwrap();
+    let cache = BlockCache::open(&dirs.state.path().join("object-cache"), cache_capacity).unwrap();
+    let object = ObjectTier::new(Box::new(store), repo.clone(), concurrency, cache);
+    open_node_with(dirs, NodeConfig::default(), &Capacity::default(), repo, Some(object)).await
+}
+
+async fn keys(s3: &S3, bucket: &str, under: &str) -> Vec<String> {
+    s3.keys(bucket, &format!("{PREFIX}/{under}")).await
+}
+
+async fn put_upload(s3: &S3, bucket: &str, id: PayloadId, body: Vec<u8>) {
+    s3.client()
+        .await
+        .put_object()
+        .bucket(bucket)
+        .key(format!("{PREFIX}/uploads/{id}"))
+        .body(body.into())
+        .send()
+        .await
+        .unwrap();
+}
+
+/// Waits until no manifest object is left in the bucket.
+async fn no_manifest_objects(s3: &S3, bucket: &str) {
+    eventually("the manifest object of the deleted payload is deleted", || async {
+        keys(s3, bucket, "manifests/").await.is_empty()
+    })
+    .await;
+}
+
+/// Waits until an upload of `id` has claimed its manifest in the catalog.
+async fn wait_claimed(node: &Node, id: PayloadId) {
+    eventually("the upload claims its manifest", || async {
+        node.repo().get_manifest(id).await.unwrap().is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_on_the_object_copy_keeps_its_cache_file_across_a_restart() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let bytes = pattern(6 * MIB as usize, 4);
+    let (id, lease, path);
+    {
+        let (node, _) = open(&dirs, &bucket, 8, 512 * MIB).await;
+        id = put_on(&node, Tier::Disk, &bytes).await;
+        node.relocate(id, Tier::Object, false, false).await.unwrap();
+        let grant = node.acquire(id, None, true, 60_000).await.unwrap();
+        assert_eq!(grant.rec.tier, Tier::Object);
+        lease = grant.lease;
+        path = node.object().unwrap().cache.path(id);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the lease reads the cache file");
+        // A promote copies past the reader's lease; the object copy (and
+        // the cache file the lease was granted on) stays.
+        node.relocate(id, Tier::Disk, false, false).await.unwrap();
+        assert!(path.exists(), "the leased cache file stays while the agent runs");
+        node.flush().await.unwrap();
+    }
+    let (node, report) = open(&dirs, &bucket, 8, 512 * MIB).await;
+    assert_eq!(report.leases_restored, 1, "{report:?}");
+    assert!(node.renew(lease, 0).is_ok(), "the lease is live after the restart");
+    assert!(
+        std::fs::read(&path).is_ok_and(|b| b == bytes),
+        "a live lease's file must survive the restart (cache_dropped = {})",
+        report.cache_dropped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_deleted_during_its_object_durable_commit_leaves_no_manifest_object() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let bytes = noise(48 * MIB as usize, 7);
+    {
+        // One block in flight: the upload takes long enough to delete during.
+        let (node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
+        let rec = node
+            .allocate(AllocateRequest::new(bytes.len() as u64, Tier::Disk))
+            .await
+            .unwrap();
+        std::fs::write(node.store(Tier::Disk).unwrap().path(rec.id), &bytes).unwrap();
+        let commit = tokio::spawn({
+            let node = node.clone();
+            async move { node.commit(rec.id, None, false, true).await }
+        });
+        wait_claimed(&node, rec.id).await;
+        node.delete(rec.id, true).await.unwrap();
+        assert!(commit.await.unwrap().is_err(), "the commit lost to the delete");
+        node.flush().await.unwrap();
+        assert!(node.repo().get_manifest(rec.id).await.unwrap().is_none(), "released");
+        no_manifest_objects(s3, &bucket).await;
+    }
+    // And none comes back with a restart.
+    let (_node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
+    no_manifest_objects(s3, &bucket).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_deleted_during_its_import_leaves_no_manifest_object() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let bytes = noise(48 * MIB as usize, 8);
+    {
+        let (node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
+        let rec = node
+            .allocate(AllocateRequest::new(bytes.len() as u64, Tier::Object))
+            .await
+            .unwrap();
+        put_upload(s3, &bucket, rec.id, bytes.clone()).await;
+        let import = tokio::spawn({
+            let node = node.clone();
+            async move { node.import(rec.id, 0).await }
+        });
+        wait_claimed(&node, rec.id).await;
+        node.delete(rec.id, true).await.unwrap();
+        assert!(import.await.unwrap().is_err(), "the import lost to the delete");
+        node.flush().await.unwrap();
+        assert!(node.repo().get_manifest(rec.id).await.unwrap().is_none(), "released");
+        no_manifest_objects(s3, &bucket).await;
+    }
+    let (_node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
+    no_manifest_objects(s3, &bucket).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_deleted_during_its_spill_to_the_object_tier_leaves_no_manifest_object() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let bytes = noise(48 * MIB as usize, 9);
+    {
+        let (node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
+        let id = put_on(&node, Tier::Disk, &bytes).await;
+        let spill = node.relocate(id, Tier::Object, false, false);
+        let spill = tokio::spawn(spill);
+        wait_claimed(&node, id).await;
+        node.delete(id, true).await.unwrap();
+        assert!(spill.await.unwrap().is_err(), "the spill lost to the delete");
+        node.flush().await.unwrap();
+        assert!(node.repo().get_manifest(id).await.unwrap().is_none(), "released");
+        no_manifest_objects(s3, &bucket).await;
+    }
+    let (_node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
+    no_manifest_objects(s3, &bucket).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_larger_than_the_block_cache_can_still_be_imported_and_promoted() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let (node, _) = open(&dirs, &bucket, 8, 8 * MIB).await;
+    let bytes = pattern(12 * MIB as usize, 3);
+    let id = PayloadId::random();
+    put_upload(s3, &bucket, id, bytes.clone()).await;
+    // Nothing is leased: the cache is simply smaller than the object.
+    let imported = node.import(id, 0).await;
+    assert!(imported.is_ok(), "import refused: {}", imported.unwrap_err());
+    node.relocate(id, Tier::Disk, false, false).await.unwrap();
+    let path = node.store(Tier::Disk).unwrap().path(id);
+    assert_eq!(std::fs::read(path).unwrap(), bytes);
+}
