@@ -221,8 +221,10 @@ impl BlockCache {
             let mut inner = lock(&self.inner);
             inner.tick += 1;
             let tick = inner.tick;
-            // A delete may have dropped the entry meanwhile (its file too).
+            // A delete may have dropped the entry meanwhile (and its file,
+            // which this fill may have made again).
             let Some(cached) = inner.entries.get_mut(&id) else {
+                let _ = fs::remove_file(&path);
                 return Err(AgentError::NotFound(format!(
                     "payload {id} was deleted while it was fetched"
                 )));

@@ -116,12 +116,10 @@ impl ObjectTier {
             blocks,
         };
         match existing {
-            // The same bytes: stored already, or an upload to resume.
-            Some((old, complete)) if old == manifest => {
-                if complete {
-                    return Ok(old);
-                }
-            }
+            // The same bytes, stored already.
+            Some((old, true)) if old == manifest => return Ok(old),
+            // The same bytes: an upload to resume.
+            Some((old, false)) if old == manifest => {}
             // An earlier attempt with other bytes (a region rewritten after
             // a failed commit, another object uploaded for an import):
             // nothing counts on it, since committed bytes never change.

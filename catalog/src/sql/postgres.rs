@@ -139,7 +139,7 @@ async fn gc_lock(repo: &Repo) -> Result<GcLock> {
 }
 
 /// The advisory lock key of collections ("pm-gc" in ASCII).
-const GC_LOCK_KEY: i64 = 0x706d_2d67_63;
+const GC_LOCK_KEY: i64 = 0x0070_6d2d_6763;
 
 /// The advisory lock key of lineage writes ("pm-lineage" in ASCII).
 const LINEAGE_LOCK: i64 = 0x706d_2d6c_696e_6561;
