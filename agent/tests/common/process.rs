@@ -53,6 +53,9 @@ fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
             cmd.args([flag, value]);
         }
     }
+    // A group of its own, so a signal reaches the agent behind a wrapper
+    // too (a killed strace would leave its tracee running).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.envs(env.iter().filter(|(k, _)| *k != WRAP).copied())
         .stdout(Stdio::null())
         .stderr(log);
@@ -121,8 +124,8 @@ impl Agent {
 
     /// Sends `signal` and waits for the process to end.
     pub fn signal(mut self, signal: i32) -> std::process::ExitStatus {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        // SAFETY: plain kill(2) on our own child's process group.
+        unsafe { libc::kill(-(self.child.id() as i32), signal) };
         self.child.wait().unwrap()
     }
 
@@ -145,7 +148,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
+            // SAFETY: plain kill(2) on our own child's process group.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
             let _ = self.child.wait();
         }
     }
