@@ -28,8 +28,9 @@ pub struct ObjectArgs {
     /// Block cache capacity (bytes, or with a unit).
     #[arg(long, env = "PM_OBJECT_CACHE_CAPACITY", default_value = "10GiB", value_parser = crate::cli::parse_size)]
     pub object_cache_capacity: u64,
-    /// Block uploads or downloads in flight per transfer (each holds one
-    /// 4 MiB block in memory).
+    /// Block uploads or downloads in flight per transfer. A download holds
+    /// each block (4 MiB) in memory, and all downloads of the node together
+    /// hold at most four times this many blocks.
     #[arg(long, env = "PM_OBJECT_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub object_concurrency: u16,
     /// Blocks no manifest has named for this long are deleted (ms).

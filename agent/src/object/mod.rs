@@ -28,6 +28,9 @@ pub use cache::BlockCache;
 
 /// Attempts per object store call before a transient failure is given up.
 const ATTEMPTS: u32 = 8;
+/// Downloads that may hold their full `concurrency` of blocks in memory at
+/// once; past that they share the node's bound.
+const BUFFERED_TRANSFERS: usize = 4;
 /// Blocks a collection takes per round.
 const GC_BATCH: u32 = 1000;
 
@@ -36,6 +39,9 @@ pub struct ObjectTier {
     repo: Arc<dyn Repository>,
     /// Transfers in flight per upload or download (each holds one block).
     concurrency: usize,
+    /// Blocks held in memory by all downloads of the node together (an
+    /// upload reads its blocks from the mapped file instead).
+    buffers: tokio::sync::Semaphore,
     pub cache: BlockCache,
     /// Requests to the store that succeeded, and their bytes.
     pub traffic: Arc<traffic::Traffic>,
@@ -79,6 +85,7 @@ impl ObjectTier {
             traffic,
             repo,
             concurrency: concurrency.max(1),
+            buffers: tokio::sync::Semaphore::new(BUFFERED_TRANSFERS * concurrency.max(1)),
             cache,
             block_stats: std::sync::Mutex::new(None),
             collecting: tokio::sync::Mutex::new(()),

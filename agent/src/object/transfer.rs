@@ -2,7 +2,8 @@
 //! file into blocks, hashes them, claims the manifest (which says which
 //! blocks the store already has) and uploads only the rest; download
 //! fetches blocks in parallel, checks each against its hash and writes it
-//! in place. Both keep at most `concurrency` blocks in memory.
+//! in place. Both keep at most `concurrency` blocks in flight; downloads
+//! also share a node-wide bound on the blocks they hold in memory.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -224,6 +225,7 @@ impl ObjectTier {
                 let file = file.clone();
                 async move {
                     let key = block_key(&hash);
+                    let _buffer = self.buffers.acquire().await;
                     let bytes = self
                         .retry(|| async {
                             let bytes = self.bucket.get(&key, None).await?;
@@ -259,6 +261,7 @@ impl ObjectTier {
             .map(|range| {
                 let (key, file) = (&key, file.clone());
                 async move {
+                    let _buffer = self.buffers.acquire().await;
                     let bytes = self
                         .retry(|| async {
                             let bytes = self.bucket.get(key, Some(range.clone())).await?;
