@@ -295,6 +295,10 @@ pub fn create_region(path: &Path, size: u64) -> io::Result<()> {
 /// Gives `file` `size` bytes of real space. Filesystems without
 /// `fallocate` get a sparse file, as before.
 fn allocate(file: &File, size: u64) -> io::Result<()> {
+    if size == 0 {
+        // fallocate refuses an empty range; there is nothing to reserve.
+        return Ok(());
+    }
     let len = libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: fallocate on a descriptor we own; mode 0 extends the file.
     if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {

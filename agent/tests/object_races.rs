@@ -8,26 +8,66 @@ use std::sync::Arc;
 
 use common::s3::{server, S3};
 use common::*;
+use payload_agent::error::AgentError;
 use payload_agent::node::{AllocateRequest, Node, NodeConfig, Recovery};
 use payload_agent::object::bucket::S3Bucket;
 use payload_agent::object::{BlockCache, ObjectTier};
-use payload_catalog::{PayloadId, SqliteRepository, Tier};
+use payload_catalog::{PayloadId, Repository, SqliteRepository, Tier};
 
 const PREFIX: &str = "rv";
 
-/// A node on `dirs` with an object tier on `bucket`; opening it again on
-/// the same directories is a restart.
-async fn open(dirs: &Dirs, bucket: &str, concurrency: usize, cache_capacity: u64) -> (Arc<Node>, Recovery) {
-    let repo = Arc::new(
-        SqliteRepository::open(&dirs.state.path().join("catalog.db"))
+/// An object tier on `bucket` over `repo`.
+async fn tier(
+    bucket: &str,
+    repo: Arc<dyn Repository>,
+    cache_dir: &std::path::Path,
+    concurrency: usize,
+    cache_capacity: u64,
+) -> ObjectTier {
+    let store = S3Bucket::connect(&format!("s3://{bucket}/{PREFIX}")).await.unwrap();
+    store.check().await.unwrap();
+    let cache = BlockCache::open(cache_dir, cache_capacity).unwrap();
+    ObjectTier::new(Box::new(store), repo, concurrency, cache)
+}
+
+/// Node `name` on `dirs`, its catalog the SQLite file `db` (which other
+/// nodes may share); opening it again on the same directories is a restart.
+async fn node_named(
+    dirs: &Dirs,
+    db: &std::path::Path,
+    name: &str,
+    bucket: &str,
+    cfg: NodeConfig,
+    concurrency: usize,
+    cache_capacity: u64,
+) -> (Arc<Node>, Recovery) {
+    let repo: Arc<dyn Repository> = Arc::new(
+        SqliteRepository::open_url(&format!("sqlite://{}", db.display()), name)
             .await
             .unwrap(),
     );
-    let store = S3Bucket::connect(&format!("s3://{bucket}/{PREFIX}")).await.unwrap();
-    store.check().await.unwrap();
-    let cache = BlockCache::open(&dirs.state.path().join("object-cache"), cache_capacity).unwrap();
-    let object = ObjectTier::new(Box::new(store), repo.clone(), concurrency, cache);
-    open_node_with(dirs, NodeConfig::default(), &Capacity::default(), repo, Some(object)).await
+    let cache_dir = dirs.state.path().join("object-cache");
+    let object = tier(bucket, repo.clone(), &cache_dir, concurrency, cache_capacity).await;
+    let cfg = NodeConfig {
+        node_name: name.into(),
+        ..cfg
+    };
+    open_node_with(dirs, cfg, &Capacity::default(), repo, Some(object)).await
+}
+
+/// The standalone node on `dirs` with an object tier on `bucket`.
+async fn open(dirs: &Dirs, bucket: &str, concurrency: usize, cache_capacity: u64) -> (Arc<Node>, Recovery) {
+    let db = dirs.state.path().join("catalog.db");
+    node_named(
+        dirs,
+        &db,
+        "standalone",
+        bucket,
+        NodeConfig::default(),
+        concurrency,
+        cache_capacity,
+    )
+    .await
 }
 
 async fn keys(s3: &S3, bucket: &str, under: &str) -> Vec<String> {
@@ -189,4 +229,100 @@ async fn an_object_larger_than_the_block_cache_can_still_be_imported_and_promote
     node.relocate(id, Tier::Disk, false, false).await.unwrap();
     let path = node.store(Tier::Disk).unwrap().path(id);
     assert_eq!(std::fs::read(path).unwrap(), bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_never_counts_on_another_nodes_manifest() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
+    let db = dirs_b.state.path().join("catalog.db");
+    let bytes = pattern(6 * MIB as usize, 5);
+    let id = PayloadId::random();
+    // Node A uploaded X (its import's Insert is not in the catalog yet).
+    let repo_a: Arc<dyn Repository> = Arc::new(
+        SqliteRepository::open_url(&format!("sqlite://{}", db.display()), "node-a")
+            .await
+            .unwrap(),
+    );
+    let a = tier(
+        &bucket,
+        repo_a.clone(),
+        &dirs_a.state.path().join("object-cache"),
+        4,
+        64 * MIB,
+    )
+    .await;
+    let file = dirs_a.state.path().join("x");
+    std::fs::write(&file, &bytes).unwrap();
+    a.upload(id, &file, None, 1).await.unwrap();
+
+    let (b, _) = node_named(&dirs_b, &db, "node-b", &bucket, NodeConfig::default(), 4, 64 * MIB).await;
+    put_upload(s3, &bucket, id, bytes).await;
+    let err = b.import(id, 0).await.unwrap_err();
+    assert!(matches!(err, AgentError::Conflict(_)), "{err}");
+    assert!(b.get(id).is_err(), "node B holds no payload resting on A's manifest");
+    assert_eq!(
+        repo_a.node_manifests().await.unwrap(),
+        vec![(id, true)],
+        "A's manifest stays A's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_past_the_maximum_payload_size_is_refused_before_any_work() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let db = dirs.state.path().join("catalog.db");
+    let cfg = NodeConfig {
+        max_payload_bytes: 4 * MIB,
+        ..NodeConfig::default()
+    };
+    let (node, _) = node_named(&dirs, &db, "standalone", &bucket, cfg, 4, 8 * MIB).await;
+    let id = PayloadId::random();
+    put_upload(s3, &bucket, id, pattern(12 * MIB as usize, 9)).await;
+    let err = node.import(id, 0).await.unwrap_err();
+    assert!(matches!(err, AgentError::InvalidArgument(_)), "{err}");
+    assert!(err.to_string().contains("--max-payload-size"), "{err}");
+    assert!(keys(s3, &bucket, "blocks/").await.is_empty(), "nothing was uploaded");
+    assert_eq!(node.object().unwrap().traffic.figures().gets, 0, "nor fetched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_imports_of_one_id_at_once_agree_on_its_bytes() {
+    let Some(s3) = server() else { return };
+    let bucket = s3.bucket().await;
+    let dirs = Dirs::new();
+    let (node, _) = open(&dirs, &bucket, 4, 512 * MIB).await;
+    let bytes = noise(64 * MIB as usize, 3);
+    let want: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &bytes,
+    ))
+    .into();
+    let id = PayloadId::random();
+    put_upload(s3, &bucket, id, bytes).await;
+    let first = tokio::spawn({
+        let node = node.clone();
+        async move { node.import(id, 0).await }
+    });
+    // A client retrying while the first import still runs.
+    eventually("the first import claims its manifest", || async {
+        node.repo().get_manifest(id).await.unwrap().is_some()
+    })
+    .await;
+    // Refused while the first runs (or, had it just finished, its answer).
+    match node.import(id, 0).await {
+        Err(AgentError::Conflict(_)) => {}
+        Ok(rec) => assert_eq!(rec.sha256, Some(want)),
+        Err(err) => panic!("{err}"),
+    }
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.sha256, Some(want));
+    assert_eq!(
+        node.import(id, 0).await.unwrap().sha256,
+        Some(want),
+        "a later retry answers as the first"
+    );
 }

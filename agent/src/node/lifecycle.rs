@@ -215,7 +215,7 @@ impl Node {
                     let _ = store.unseal(id);
                     if lock(&entry).gone {
                         // Its release may have landed before the upload's claim.
-                        self.log_release(id);
+                        self.release_raced_upload(id);
                     }
                     return Err(err);
                 }
@@ -235,7 +235,7 @@ impl Node {
             if next.is_err() && object.is_some() && e.gone {
                 // Ended during the upload: its release may have landed
                 // before the upload claimed the manifest.
-                self.log_release(id);
+                self.release_raced_upload(id);
             }
             rec.state = next?;
             rec.version += 1;

@@ -27,8 +27,21 @@ impl Node {
     }
 
     async fn import_now(self: &Arc<Self>, id: PayloadId, size: u64) -> Result<PayloadRecord, AgentError> {
-        self.object()?;
+        let object = self.object()?.clone();
         self.writer.admit()?;
+        if size > self.cfg.max_payload_bytes {
+            return Err(too_large(id, size, self.cfg.max_payload_bytes));
+        }
+        // One import of an id at a time, known here or not.
+        let Some(_importing) = object.begin_import(id) else {
+            return Err(AgentError::Conflict(format!(
+                "an import of payload {id} is under way; wait for it"
+            )));
+        };
+        // A delete or release of an earlier payload of this id still in the
+        // log must land first: it could drop the manifest this import
+        // reuses, or make the id look like another node's.
+        self.flush().await?;
         let known = self.entry(id).ok();
         match &known {
             Some(entry) => {
@@ -49,7 +62,7 @@ impl Node {
                 }
                 if e.moving {
                     return Err(AgentError::Conflict(format!(
-                        "an import of payload {id} is under way; wait for it"
+                        "payload {id} is busy (an import or a move is under way); wait for it"
                     )));
                 }
                 // Held for the import: the write-deadline sweep leaves it be.
@@ -76,9 +89,6 @@ impl Node {
         known: Option<&super::EntryRef>,
     ) -> Result<PayloadRecord, AgentError> {
         let object = self.object()?.clone();
-        // A release of an earlier payload of this id still in the log must
-        // land first, or it could drop the manifest this import reuses.
-        self.flush().await?;
         let uploaded = object.uploaded_size(id).await?.ok_or_else(|| {
             AgentError::InvalidState(format!(
                 "nothing was uploaded for payload {id}: put the object at {} first",
@@ -91,6 +101,9 @@ impl Node {
             (0, None) => uploaded,
             (size, _) => size,
         };
+        if uploaded > self.cfg.max_payload_bytes {
+            return Err(too_large(id, uploaded, self.cfg.max_payload_bytes));
+        }
         if uploaded != want {
             return Err(AgentError::InvalidArgument(format!(
                 "the object uploaded for payload {id} is {uploaded} bytes, but {want} were expected; upload it again \
@@ -122,7 +135,7 @@ impl Node {
                 object.cache.unstage(id, &staged);
                 if known.is_some_and(|e| lock(e).gone) {
                     // The delete's release may have landed before the claim.
-                    self.log_release(id);
+                    self.release_raced_upload(id);
                 }
                 return Err(err);
             }
@@ -135,7 +148,7 @@ impl Node {
                     object.cache.remove(id);
                     // The delete's release may have landed before this
                     // import claimed the manifest.
-                    self.log_release(id);
+                    self.release_raced_upload(id);
                     return Err(AgentError::NotFound(format!(
                         "payload {id} was deleted during the import"
                     )));
@@ -170,8 +183,7 @@ impl Node {
     }
 
     /// Logs the release of an ended payload's manifest (a missing one is
-    /// fine) and deletes its manifest object, which an upload racing the
-    /// end may have written after the payload's copies were freed.
+    /// fine).
     pub(crate) fn log_release(&self, id: PayloadId) {
         let release = Write::ReleaseManifest {
             id,
@@ -180,6 +192,13 @@ impl Node {
         if let Err(err) = self.writer.write(release) {
             tracing::warn!(%id, %err, "could not log a manifest release; its blocks stay referenced until restart");
         }
+    }
+
+    /// [`Node::log_release`] for a payload that ended while an upload was
+    /// under way, and the manifest object that upload may have written
+    /// after the payload's copies were freed.
+    pub(crate) fn release_raced_upload(&self, id: PayloadId) {
+        self.log_release(id);
         if let Some(object) = self.object.clone() {
             tokio::spawn(async move {
                 if let Err(err) = object.delete_manifest_object(id).await {
@@ -281,4 +300,11 @@ impl Node {
         let released = unused.len();
         Ok(released)
     }
+}
+
+fn too_large(id: PayloadId, size: u64, max: u64) -> AgentError {
+    AgentError::InvalidArgument(format!(
+        "payload {id} would be {size} bytes, past the maximum payload size of {max} bytes (--max-payload-size); \
+         split it"
+    ))
 }

@@ -225,7 +225,7 @@ impl Node {
             if self.object.is_some() {
                 // The delete logged its release before this move's upload
                 // may have claimed a manifest: release it again.
-                self.log_release(rec.id);
+                self.release_raced_upload(rec.id);
             }
             self.free_all(&rec);
             return AgentError::NotFound(format!("payload {} was deleted during the move", rec.id));

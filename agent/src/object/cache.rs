@@ -266,13 +266,10 @@ impl BlockCache {
             self.dir.join(format!("{id}.staging"))
         };
         let _ = fs::remove_file(&path);
-        let created = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|file| file.set_len(size).map(|()| file));
+        // Real space (a full filesystem answers RESOURCE_EXHAUSTED now, not
+        // halfway through the fetch).
+        let created = crate::store::create_region(&path, size)
+            .and_then(|()| OpenOptions::new().read(true).write(true).open(&path));
         match created {
             Ok(file) => Ok(Staged { path, file, cached }),
             Err(e) => {

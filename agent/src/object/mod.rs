@@ -48,9 +48,23 @@ pub struct ObjectTier {
     /// The catalog's block figures and when they were read: Stats is
     /// polled (progress bars) and the figures are a scan of every block row.
     block_stats: std::sync::Mutex<Option<(std::time::Instant, BlockStats)>>,
+    /// Payloads being imported now (one import of an id at a time).
+    imports: std::sync::Mutex<std::collections::HashSet<PayloadId>>,
     /// One collection at a time on this node: two would share the blocks
     /// marked deleting, and the slower could delete one re-uploaded since.
     collecting: tokio::sync::Mutex<()>,
+}
+
+/// An import under way; see [`ObjectTier::begin_import`].
+pub struct ImportGuard<'a> {
+    tier: &'a ObjectTier,
+    id: PayloadId,
+}
+
+impl Drop for ImportGuard<'_> {
+    fn drop(&mut self) {
+        crate::node::lock(&self.tier.imports).remove(&self.id);
+    }
 }
 
 /// What one garbage collection removed.
@@ -88,6 +102,7 @@ impl ObjectTier {
             buffers: tokio::sync::Semaphore::new(BUFFERED_TRANSFERS * concurrency.max(1)),
             cache,
             block_stats: std::sync::Mutex::new(None),
+            imports: std::sync::Mutex::new(std::collections::HashSet::new()),
             collecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -128,6 +143,14 @@ impl ObjectTier {
                 other => return other,
             }
         }
+    }
+
+    /// Marks payload `id` as being imported until the guard drops; `None`
+    /// while another import of it runs.
+    pub fn begin_import(&self, id: PayloadId) -> Option<ImportGuard<'_>> {
+        // (The lock is let go before a guard exists: dropping one locks it.)
+        let first = crate::node::lock(&self.imports).insert(id);
+        first.then(|| ImportGuard { tier: self, id })
     }
 
     /// The catalog's block figures, at most a second old; `None` while the

@@ -88,8 +88,11 @@ impl ObjectTier {
     ) -> Result<Manifest, AgentError> {
         let existing = self.repo.get_manifest(id).await?;
         // Stored already (a promoted payload spilled again): nothing to send.
+        // (Claimed again, which takes nothing more, so that another node's
+        // manifest is refused rather than counted on.)
         if let (Some((m, true)), Some(want)) = (&existing, expected) {
             if m.sha256 == want {
+                self.claim(m, now_ms).await?;
                 return Ok(m.clone());
             }
         }
@@ -118,7 +121,10 @@ impl ObjectTier {
         };
         match existing {
             // The same bytes, stored already.
-            Some((old, true)) if old == manifest => return Ok(old),
+            Some((old, true)) if old == manifest => {
+                self.claim(&old, now_ms).await?;
+                return Ok(old);
+            }
             // The same bytes: an upload to resume.
             Some((old, false)) if old == manifest => {}
             // An earlier attempt with other bytes (a region rewritten after
@@ -225,11 +231,13 @@ impl ObjectTier {
                 let file = file.clone();
                 async move {
                     let key = block_key(&hash);
-                    let _buffer = self.buffers.acquire().await;
-                    let bytes = self
+                    // The permit is held while the block is in memory, not
+                    // through the backoff of a failed attempt.
+                    let (_buffer, bytes) = self
                         .retry(|| async {
+                            let buffer = self.buffers.acquire().await;
                             let bytes = self.bucket.get(&key, None).await?;
-                            check_block(&key, &hash, bytes, range.end - range.start).await
+                            Ok((buffer, check_block(&key, &hash, bytes, range.end - range.start).await?))
                         })
                         .await
                         .map_err(|e| store_error("downloading the payload's blocks", e))?;
@@ -261,12 +269,12 @@ impl ObjectTier {
             .map(|range| {
                 let (key, file) = (&key, file.clone());
                 async move {
-                    let _buffer = self.buffers.acquire().await;
-                    let bytes = self
+                    let (_buffer, bytes) = self
                         .retry(|| async {
+                            let buffer = self.buffers.acquire().await;
                             let bytes = self.bucket.get(key, Some(range.clone())).await?;
                             match bytes.len() as u64 == range.end - range.start {
-                                true => Ok(bytes),
+                                true => Ok((buffer, bytes)),
                                 false => Err(StoreError::Transient(format!("{key}: a short read"))),
                             }
                         })

@@ -56,6 +56,14 @@ fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
     // A group of its own, so a signal reaches the agent behind a wrapper
     // too (a killed strace would leave its tracee running).
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // And it dies with the test process, even one killed before its Drop.
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     cmd.envs(env.iter().filter(|(k, _)| *k != WRAP).copied())
         .stdout(Stdio::null())
         .stderr(log);

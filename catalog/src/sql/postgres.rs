@@ -129,7 +129,10 @@ async fn gc_lock(repo: &Repo) -> Result<GcLock> {
         "SET tcp_keepalives_interval = 10",
         "SET tcp_keepalives_count = 3",
     ] {
-        sqlx::query(setting).execute(conn.acquire().await?).await?;
+        // Best effort: a server or pooler that refuses them still collects.
+        if let Err(err) = sqlx::query(setting).execute(conn.acquire().await?).await {
+            tracing::warn!(%err, setting, "the collection lock's connection has no keepalive");
+        }
     }
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(GC_LOCK_KEY)
