@@ -263,13 +263,15 @@ impl Shared {
     /// Sets aside a write the catalog refuses for good: kept, with the
     /// reason, for an operator to look at; never silently dropped.
     fn reject(&self, write: &Write, err: &CatalogError) -> Result<(), CatalogError> {
-        tracing::error!(?write, %err, path = %self.rejected_path.display(), "the catalog refused a write; it is set aside");
         let line = serde_json::json!({ "error": err.to_string(), "write": write });
         let mut text = line.to_string();
         text.push('\n');
         durable::open_append(&self.rejected_path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
-            .map_err(|e| CatalogError::Storage(format!("setting aside a refused catalog write: {e}")))
+            .map_err(|e| CatalogError::Storage(format!("setting aside a refused catalog write: {e}")))?;
+        // Said once it is true: the file holds the write.
+        tracing::error!(?write, %err, path = %self.rejected_path.display(), "the catalog refused a write; it is set aside");
+        Ok(())
     }
 
     /// Why the catalog is not taking writes, for clients: how long and how

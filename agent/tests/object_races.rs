@@ -94,6 +94,31 @@ async fn no_manifest_objects(s3: &S3, bucket: &str) {
     .await;
 }
 
+/// Deletes payload `id` once `upload` (a task uploading it) has claimed its
+/// manifest: the upload loses, the manifest is released, and its object
+/// does not stay in the bucket.
+async fn delete_during_upload<T: std::fmt::Debug>(
+    s3: &S3,
+    bucket: &str,
+    node: Arc<Node>,
+    id: PayloadId,
+    upload: tokio::task::JoinHandle<Result<T, AgentError>>,
+) {
+    wait_claimed(&node, id).await;
+    node.delete(id, true).await.unwrap();
+    let lost = upload.await.unwrap();
+    assert!(lost.is_err(), "the upload lost to the delete: {lost:?}");
+    node.flush().await.unwrap();
+    assert!(node.repo().get_manifest(id).await.unwrap().is_none(), "released");
+    no_manifest_objects(s3, bucket).await;
+}
+
+/// And none comes back when the node starts again.
+async fn after_restart(s3: &S3, bucket: &str, dirs: &Dirs) {
+    let (_node, _) = open(dirs, bucket, 1, 512 * MIB).await;
+    no_manifest_objects(s3, bucket).await;
+}
+
 /// Waits until an upload of `id` has claimed its manifest in the catalog.
 async fn wait_claimed(node: &Node, id: PayloadId) {
     eventually("the upload claims its manifest", || async {
@@ -152,16 +177,9 @@ async fn a_payload_deleted_during_its_object_durable_commit_leaves_no_manifest_o
             let node = node.clone();
             async move { node.commit(rec.id, None, false, true).await }
         });
-        wait_claimed(&node, rec.id).await;
-        node.delete(rec.id, true).await.unwrap();
-        assert!(commit.await.unwrap().is_err(), "the commit lost to the delete");
-        node.flush().await.unwrap();
-        assert!(node.repo().get_manifest(rec.id).await.unwrap().is_none(), "released");
-        no_manifest_objects(s3, &bucket).await;
+        delete_during_upload(s3, &bucket, node, rec.id, commit).await;
     }
-    // And none comes back with a restart.
-    let (_node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
-    no_manifest_objects(s3, &bucket).await;
+    after_restart(s3, &bucket, &dirs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,15 +199,9 @@ async fn a_payload_deleted_during_its_import_leaves_no_manifest_object() {
             let node = node.clone();
             async move { node.import(rec.id, 0).await }
         });
-        wait_claimed(&node, rec.id).await;
-        node.delete(rec.id, true).await.unwrap();
-        assert!(import.await.unwrap().is_err(), "the import lost to the delete");
-        node.flush().await.unwrap();
-        assert!(node.repo().get_manifest(rec.id).await.unwrap().is_none(), "released");
-        no_manifest_objects(s3, &bucket).await;
+        delete_during_upload(s3, &bucket, node, rec.id, import).await;
     }
-    let (_node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
-    no_manifest_objects(s3, &bucket).await;
+    after_restart(s3, &bucket, &dirs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,15 +215,9 @@ async fn a_payload_deleted_during_its_spill_to_the_object_tier_leaves_no_manifes
         let id = put_on(&node, Tier::Disk, &bytes).await;
         let spill = node.relocate(id, Tier::Object, false, false);
         let spill = tokio::spawn(spill);
-        wait_claimed(&node, id).await;
-        node.delete(id, true).await.unwrap();
-        assert!(spill.await.unwrap().is_err(), "the spill lost to the delete");
-        node.flush().await.unwrap();
-        assert!(node.repo().get_manifest(id).await.unwrap().is_none(), "released");
-        no_manifest_objects(s3, &bucket).await;
+        delete_during_upload(s3, &bucket, node, id, spill).await;
     }
-    let (_node, _) = open(&dirs, &bucket, 1, 512 * MIB).await;
-    no_manifest_objects(s3, &bucket).await;
+    after_restart(s3, &bucket, &dirs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
