@@ -218,7 +218,7 @@ pub async fn spill(client: &Client, args: SpillArgs, format: Format) -> anyhow::
     let SpillArgs { id, to, fsync } = args;
     let to: Option<Tier> = to.map(Into::into);
     let up = (to == Some(Tier::Object)).then_some(Direction::Up);
-    let size = size_of(client, id).await;
+    let (_, size) = for_progress(client, id).await;
     let work = client.spill(id, to, fsync);
     let desc = watch(client, format!("spilling {id}"), size, up, work).await;
     let desc = desc.with_context(|| format!("spilling {id}"))?;
@@ -227,10 +227,9 @@ pub async fn spill(client: &Client, args: SpillArgs, format: Format) -> anyhow::
 
 pub async fn promote(client: &Client, args: PromoteArgs, format: Format) -> anyhow::Result<()> {
     let PromoteArgs { id, to } = args;
-    let from_object = current_tier(client, id).await == Some(Tier::Object);
-    let size = size_of(client, id).await;
+    let (tier, size) = for_progress(client, id).await;
+    let down = (tier == Some(Tier::Object)).then_some(Direction::Down);
     let work = client.promote(id, to.into());
-    let down = from_object.then_some(Direction::Down);
     let desc = watch(client, format!("promoting {id}"), size, down, work).await;
     let desc = desc.with_context(|| format!("promoting {id}"))?;
     moved(format, &desc, "promoted")
@@ -252,17 +251,16 @@ pub async fn import(client: &Client, args: ImportArgs, format: Format) -> anyhow
     moved(format, &desc, "imported")
 }
 
-/// The payload's size, for a progress bar (0 when it cannot be read).
-async fn size_of(client: &Client, id: payload_client::PayloadId) -> u64 {
-    match client.stat(id).await {
-        Ok(stat) => stat.payload.map(|p| p.size_bytes).unwrap_or(0),
-        Err(_) => 0,
+/// The payload's tier and size, for a progress bar: asked only when a
+/// person watches (nothing, or 0 bytes, when it cannot be read).
+async fn for_progress(client: &Client, id: payload_client::PayloadId) -> (Option<Tier>, u64) {
+    if !crate::transfer::watched() {
+        return (None, 0);
     }
-}
-
-async fn current_tier(client: &Client, id: payload_client::PayloadId) -> Option<Tier> {
-    let stat = client.stat(id).await.ok()?;
-    Tier::try_from(stat.payload?.tier).ok()
+    match client.stat(id).await.ok().and_then(|stat| stat.payload) {
+        Some(p) => (Tier::try_from(p.tier).ok(), p.size_bytes),
+        None => (None, 0),
+    }
 }
 
 pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::Result<()> {

@@ -40,6 +40,11 @@ pub enum Direction {
     Down,
 }
 
+/// Whether a person is watching stderr (progress is drawn there).
+pub fn watched() -> bool {
+    io::stderr().is_terminal()
+}
+
 /// Runs `work` (a move the agent does) with, on a terminal, a bar of the
 /// bytes the agent has moved to or from its object store since it began,
 /// out of `total` (polled from Stats; other transfers on the node at the
@@ -51,7 +56,7 @@ pub async fn watch<T>(
     direction: Option<Direction>,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    if !io::stderr().is_terminal() {
+    if !watched() {
         return work.await;
     }
     let moved = |stats: &payload_proto::admin::StatsResponse| match direction {
