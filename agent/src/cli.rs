@@ -223,6 +223,9 @@ impl StandaloneArgs {
         let object = object.open(repo.clone(), &state_dir).await?;
         let (node, _) = Node::open(cfg, repo, ram, disk, object, state).await?;
 
+        // The native socket first: a client that finds the gRPC socket finds it too.
+        let native_socket = payload_proto::native::socket_path(&socket);
+        let native = crate::native::bind(&native_socket)?;
         let uds = server::bind_socket(&socket)?;
         let tcp = match tcp {
             Some(addr) => Some(server::bind_tcp(addr).await?),
@@ -231,6 +234,7 @@ impl StandaloneArgs {
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(node.clone().run_spiller(stop.clone()));
         tokio::spawn(node.clone().run_sweeper(stop.clone()));
+        tokio::spawn(crate::native::serve(node.clone(), native, stop.clone()));
         if node.object().is_ok() {
             tokio::spawn(node.clone().run_collector(stop.clone()));
         }
@@ -241,6 +245,7 @@ impl StandaloneArgs {
         });
         tracing::info!(
             socket = %socket.display(),
+            native = %native_socket.display(),
             tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
             "payload-agent standalone is serving"
         );
@@ -255,6 +260,7 @@ impl StandaloneArgs {
         }
         node.flush().await?;
         let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&native_socket);
         tracing::info!("stopped");
         Ok(())
     }

@@ -13,6 +13,8 @@ pub mod failpoint;
 pub mod grpc;
 pub mod journal;
 pub mod limits;
+pub mod memfd;
+pub mod native;
 pub mod node;
 pub mod object;
 pub mod server;

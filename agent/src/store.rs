@@ -6,13 +6,19 @@
 //! allocated (`fallocate`) at once, so a full filesystem answers the
 //! allocation instead of killing a writer with SIGBUS. Regions are 0600
 //! while written and 0400 once sealed.
+//!
+//! RAM regions written through the native socket are memfds instead (see
+//! [`crate::memfd`]): they have no name, are held here by payload, reached
+//! through [`FileStore::open`], and sealed by the kernel at commit.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use payload_catalog::{PayloadId, Tier};
 
@@ -35,6 +41,8 @@ pub struct FileStore {
     suffix: &'static str,
     capacity: u64,
     used: AtomicU64,
+    /// Memfd regions (RAM only), by payload.
+    memfds: Mutex<HashMap<PayloadId, Arc<File>>>,
 }
 
 /// What a scan of a tier's root found.
@@ -90,6 +98,7 @@ impl FileStore {
             suffix,
             capacity,
             used: AtomicU64::new(0),
+            memfds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -196,18 +205,84 @@ impl FileStore {
         created.map_err(|e| io_error("creating the payload region", e))
     }
 
-    /// Drops write permission: after commit nobody opens the region for writing.
-    pub fn seal(&self, id: PayloadId) -> io::Result<()> {
-        fs::set_permissions(self.path(id), Permissions::from_mode(0o400))
+    fn memfds(&self) -> MutexGuard<'_, HashMap<PayloadId, Arc<File>>> {
+        self.memfds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Undoes [`FileStore::seal`] for a commit that did not happen.
+    /// Creates a memfd region of `size` bytes with its pages allocated.
+    pub fn create_memfd(&self, id: PayloadId, size: u64) -> io::Result<Arc<File>> {
+        let file = Arc::new(crate::memfd::create(&format!("payload-{id}"), size)?);
+        self.memfds().insert(id, file.clone());
+        Ok(file)
+    }
+
+    /// Takes a memfd written elsewhere (a client's, or one kept across a
+    /// restart) as the region of `id`.
+    pub fn adopt_memfd(&self, id: PayloadId, file: File) -> Arc<File> {
+        let file = Arc::new(file);
+        self.memfds().insert(id, file.clone());
+        file
+    }
+
+    /// The region's memfd, if it is one.
+    pub fn memfd(&self, id: PayloadId) -> Option<Arc<File>> {
+        self.memfds().get(&id).cloned()
+    }
+
+    /// How many memfd regions there are, and their bytes.
+    pub fn memfd_usage(&self) -> (u64, u64) {
+        let memfds = self.memfds();
+        let bytes = memfds.values().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+        (memfds.len() as u64, bytes)
+    }
+
+    /// The region opened for reading, and a path that names it for as long
+    /// as the file is open (a memfd's is `/proc/self/fd/N`).
+    pub fn open(&self, id: PayloadId) -> io::Result<Source> {
+        match self.memfd(id) {
+            Some(memfd) => {
+                // Opened again rather than duplicated: a read offset of its own.
+                let file = File::open(format!("/proc/self/fd/{}", memfd.as_raw_fd()))?;
+                let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                Ok(Source { file, path })
+            }
+            None => {
+                let path = self.path(id);
+                Ok(Source {
+                    file: File::open(&path)?,
+                    path,
+                })
+            }
+        }
+    }
+
+    /// Makes the region immutable: a memfd gets every seal (refused while a
+    /// writable mapping exists); a named file loses write permission.
+    pub fn seal(&self, id: PayloadId) -> io::Result<()> {
+        match self.memfd(id) {
+            Some(memfd) => crate::memfd::seal(&memfd).map_err(|e| match e {
+                crate::memfd::SealError::Mapped => io::Error::from_raw_os_error(libc::EBUSY),
+                crate::memfd::SealError::NotSealable(why) => io::Error::other(why),
+                crate::memfd::SealError::Io(e) => e,
+            }),
+            None => fs::set_permissions(self.path(id), Permissions::from_mode(0o400)),
+        }
+    }
+
+    /// Undoes [`FileStore::seal`] for a commit that did not happen (a
+    /// memfd's seals are for good: its writer aborts instead).
     pub fn unseal(&self, id: PayloadId) -> io::Result<()> {
+        if self.memfd(id).is_some() {
+            return Ok(());
+        }
         fs::set_permissions(self.path(id), Permissions::from_mode(0o600))
     }
 
     /// Removes the region; a region already gone is not an error.
     pub fn remove(&self, id: PayloadId) -> io::Result<()> {
+        if self.memfds().remove(&id).is_some() {
+            return Ok(());
+        }
         match fs::remove_file(self.path(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -217,12 +292,15 @@ impl FileStore {
     /// Whether the region exists and this user owns it: a file of this
     /// node's name made by someone else is never taken for ours.
     pub fn owns(&self, id: PayloadId) -> bool {
-        fs::metadata(self.path(id)).is_ok_and(|m| m.uid() == euid())
+        self.memfd(id).is_some() || fs::metadata(self.path(id)).is_ok_and(|m| m.uid() == euid())
     }
 
     /// The size of the region, if it exists and this user owns it (a file
     /// of that name made by someone else is never taken for ours).
     pub fn region_len(&self, id: PayloadId) -> Option<u64> {
+        if let Some(memfd) = self.memfd(id) {
+            return memfd.metadata().ok().map(|m| m.len());
+        }
         fs::metadata(self.path(id))
             .ok()
             .filter(|m| m.uid() == euid())
@@ -231,6 +309,10 @@ impl FileStore {
 
     /// Makes the region and its name survive power loss.
     pub fn sync(&self, id: PayloadId) -> io::Result<()> {
+        if self.memfd(id).is_some() {
+            // Memory: there is nothing to sync it to.
+            return Ok(());
+        }
         let path = self.path(id);
         File::open(&path)?.sync_all()?;
         crate::durable::fsync_parent(&path)
@@ -276,6 +358,12 @@ impl FileStore {
         }
         Ok(scan)
     }
+}
+
+/// A region open for reading; `path` names it while `file` is open.
+pub struct Source {
+    pub file: File,
+    pub path: PathBuf,
 }
 
 /// Creates a region file, owner read-write only, with `size` bytes of the
@@ -350,7 +438,11 @@ pub fn copy_file(from: &Path, to: &Path, sync: bool) -> io::Result<()> {
 
 /// SHA-256 of a file's bytes.
 pub fn digest_file(path: &Path) -> io::Result<[u8; 32]> {
-    let mut file = File::open(path)?;
+    digest(File::open(path)?)
+}
+
+/// SHA-256 of an open file's bytes from where it stands.
+pub fn digest(mut file: File) -> io::Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher)?;
     Ok(hasher.finalize().into())

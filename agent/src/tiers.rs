@@ -13,7 +13,7 @@ use payload_catalog::{PayloadId, PayloadRecord, Tier};
 use crate::clock::Clock;
 use crate::error::AgentError;
 use crate::object::ObjectTier;
-use crate::store::{digest_file, io_error, FileStore};
+use crate::store::{digest_file, io_error, FileStore, Source};
 
 /// Where a reader finds a payload's bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub enum Place {
     Shm(String),
     /// An absolute path of a file holding the whole payload from offset 0.
     File(PathBuf),
+    /// A sealed memfd: no name, reached through the native socket only.
+    Sealed,
 }
 
 /// A tier's capacity figures.
@@ -74,8 +76,8 @@ pub trait TierStore: Send + Sync {
         Ok(())
     }
 
-    /// A local file holding the copy's bytes, for copies to other tiers.
-    fn file(&self, id: PayloadId) -> Option<PathBuf>;
+    /// The copy's bytes open as a local file, for copies to other tiers.
+    fn file(&self, id: PayloadId) -> Option<std::io::Result<Source>>;
 
     /// Writes this tier's copy of `rec` into the existing region at `to`
     /// (tiers without a [`TierStore::file`] implement it).
@@ -180,13 +182,14 @@ impl TierStore for LocalTier {
 
     fn place(&self, id: PayloadId) -> Option<Place> {
         Some(match self.tier() {
+            _ if self.files.memfd(id).is_some() => Place::Sealed,
             Tier::Ram => Place::Shm(self.files.shm_name(id)),
             _ => Place::File(self.files.path(id)),
         })
     }
 
-    fn file(&self, id: PayloadId) -> Option<PathBuf> {
-        Some(self.files.path(id))
+    fn file(&self, id: PayloadId) -> Option<std::io::Result<Source>> {
+        Some(self.files.open(id))
     }
 
     async fn copy_in(
@@ -212,10 +215,11 @@ impl TierStore for LocalTier {
             }
             return sealed.map(|()| None);
         };
+        let source = source.map_err(|e| io_error("opening the payload to copy", e))?;
         let want = rec.sha256;
         let target = self.tier();
         let copy = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-            crate::store::copy_file(&source, &to, sync)?;
+            crate::store::copy_file(&source.path, &to, sync)?;
             Ok(want.is_none_or(|want| digest_file(&to).is_ok_and(|got| got == want)))
         });
         match copy.await {
@@ -306,7 +310,7 @@ impl TierStore for ObjectStore {
         object.cache.fill(object, &manifest, in_use).await.map(drop)
     }
 
-    fn file(&self, _id: PayloadId) -> Option<PathBuf> {
+    fn file(&self, _id: PayloadId) -> Option<std::io::Result<Source>> {
         None
     }
 
@@ -320,15 +324,16 @@ impl TierStore for ObjectStore {
         from: &dyn TierStore,
         _sync: bool,
     ) -> Result<Option<[u8; 32]>, AgentError> {
-        let path = from.file(rec.id).ok_or_else(|| {
+        let source = from.file(rec.id).ok_or_else(|| {
             AgentError::InvalidState(format!(
                 "payload {} cannot be uploaded from the {} tier; spill it to a local tier first",
                 rec.id,
                 from.tier().name()
             ))
         })?;
+        let source = source.map_err(|e| io_error("opening the payload to upload", e))?;
         let now = self.clock.now_ms();
-        let manifest = self.object.upload(rec.id, &path, rec.sha256, now).await?;
+        let manifest = self.object.upload(rec.id, &source.path, rec.sha256, now).await?;
         Ok(Some(manifest.sha256))
     }
 

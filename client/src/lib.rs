@@ -13,12 +13,14 @@
 
 mod connect;
 pub mod error;
+mod lease;
 pub mod mapping;
+mod native;
+mod put;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapMut};
 use payload_proto::admin::{StatsRequest, StatsResponse};
 use payload_proto::core::{self as pb, PayloadDescriptor, PromotionPolicy, SpillPolicy};
 use payload_proto::runtime;
@@ -31,6 +33,9 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 pub use error::{ClientError, Result};
+use lease::{Held, HeldLeases, View};
+pub use lease::{Lease, WritableRegion};
+use native::Native;
 pub use payload_proto::core::Tier;
 
 /// A payload identifier (16 raw bytes on the wire).
@@ -73,6 +78,9 @@ pub struct LeaseOptions {
     pub best_effort: bool,
     /// 0 = the agent's default.
     pub duration_ms: u64,
+    /// A lease with an expiry that outlives this connection (gRPC), even
+    /// where the native socket would give a session lease.
+    pub timed: bool,
 }
 
 /// A connection to one agent. Cheap to clone; clones share the channel, the
@@ -85,6 +93,11 @@ pub struct Client {
     streams: PayloadStreamServiceClient<Channel>,
     maps: Arc<mapping::MappingCache>,
     releases: mpsc::UnboundedSender<Uuid>,
+    /// The agent's native socket, when it serves one beside a Unix socket.
+    native: Option<Arc<Native>>,
+    /// Session leases released over the native socket.
+    native_releases: mpsc::UnboundedSender<Uuid>,
+    held: Arc<HeldLeases>,
     /// The connection's own thread, when the caller's runtime is multi-threaded.
     _io: Option<Arc<IoThread>>,
 }
@@ -130,7 +143,7 @@ impl Client {
     pub async fn connect(target: &str) -> Result<Client> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
-            return Ok(Self::from_channel(connect::channel(target).await?));
+            return Self::open(target).await;
         }
         let (ready, connected) = tokio::sync::oneshot::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -146,7 +159,7 @@ impl Client {
                     }
                 };
                 runtime.block_on(async move {
-                    let client = connect::channel(&target).await.map(Client::from_channel);
+                    let client = Client::open(&target).await;
                     if ready.send(client).is_ok() {
                         let _ = stopped.await;
                     }
@@ -160,10 +173,37 @@ impl Client {
         Ok(client)
     }
 
+    /// The gRPC channel, and the native socket beside a Unix socket when
+    /// the agent serves one (an older agent without it is used over gRPC).
+    async fn open(target: &str) -> Result<Client> {
+        let mut client = Self::from_channel(connect::channel(target).await?);
+        if let Some(path) = native::beside(target) {
+            match Native::connect(&path) {
+                Ok(conn) => {
+                    let conn = Arc::new(conn);
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(native_release_loop(Arc::downgrade(&conn), rx));
+                    client.native = Some(conn);
+                    client.native_releases = tx;
+                }
+                Err(e) => {
+                    note_native_unavailable(&path, &e);
+                }
+            }
+        }
+        Ok(client)
+    }
+
+    /// Whether the data path goes over the agent's native socket.
+    pub fn is_native(&self) -> bool {
+        self.native.is_some()
+    }
+
     pub fn from_channel(channel: Channel) -> Client {
         let data = PayloadDataServiceClient::new(channel.clone());
         let (releases, rx) = mpsc::unbounded_channel();
         tokio::spawn(release_loop(data.clone(), rx));
+        let (native_releases, _) = mpsc::unbounded_channel();
         Client {
             data,
             catalog: PayloadCatalogServiceClient::new(channel.clone()),
@@ -171,6 +211,9 @@ impl Client {
             streams: PayloadStreamServiceClient::new(channel),
             maps: Arc::new(mapping::MappingCache::new(4096)),
             releases,
+            native: None,
+            native_releases,
+            held: Arc::default(),
             _io: None,
         }
     }
@@ -183,7 +226,15 @@ impl Client {
     }
 
     /// Stores `bytes` with options; returns the committed descriptor.
+    ///
+    /// Over the native socket a RAM put is one call: small payloads travel
+    /// inline, larger ones in a memfd this client fills; the agent seals it.
     pub async fn put_with(&self, bytes: &[u8], opts: &PutOptions) -> Result<PayloadDescriptor> {
+        if let Some(native) = &self.native {
+            if opts.tier == Tier::Ram {
+                return put::native_put(native, bytes, opts).await;
+            }
+        }
         let mut region = self.allocate_with(bytes.len() as u64, opts).await?;
         region.as_mut_slice().copy_from_slice(bytes);
         self.commit(region).await
@@ -191,6 +242,9 @@ impl Client {
 
     /// Allocates a region of `size` bytes and maps it for writing.
     pub async fn allocate_with(&self, size: u64, opts: &PutOptions) -> Result<WritableRegion> {
+        if let Some(native) = &self.native {
+            return put::native_allocate(native, size, opts).await;
+        }
         let response = self
             .catalog
             .clone()
@@ -215,6 +269,7 @@ impl Client {
                 verify: opts.verify,
                 sync: opts.sync,
                 object_durable: opts.object_durable,
+                native: false,
             }),
             Err(err) => {
                 let _ = self.abort(id).await;
@@ -231,7 +286,8 @@ impl Client {
             verify,
             sync,
             object_durable,
-            ..
+            native,
+            desc,
         } = region;
         let expected_sha256 = if verify {
             use sha2::Digest;
@@ -239,7 +295,12 @@ impl Client {
         } else {
             Vec::new()
         };
+        // Unmapped before the commit: a sealed region refuses a writer that still maps it.
         drop(map);
+        if let (true, Some(conn)) = (native, &self.native) {
+            let opts = put::commit_options(expected_sha256, sync, object_durable);
+            return put::native_commit(conn, id, desc.size_bytes, opts).await;
+        }
         let response = self
             .catalog
             .clone()
@@ -258,6 +319,9 @@ impl Client {
 
     /// Abandons an uncommitted allocation.
     pub async fn abort(&self, id: PayloadId) -> Result<()> {
+        if let Some(native) = &self.native {
+            return put::native_abort(native, id).await;
+        }
         self.catalog
             .clone()
             .abort_payload(runtime::AbortPayloadRequest { id: Some(pb_id(id)) })
@@ -271,7 +335,19 @@ impl Client {
         self.get_with(id, LeaseOptions::default()).await
     }
 
+    ///
+    /// Over the native socket (unless `opts.timed`) the lease is a session
+    /// lease, and a payload this client already holds one on comes back
+    /// without a call.
     pub async fn get_with(&self, id: PayloadId, opts: LeaseOptions) -> Result<Lease> {
+        if let (Some(native), false) = (&self.native, opts.timed) {
+            if let Some(lease) = self.held.get(id) {
+                return Ok(lease);
+            }
+            let lease = put::native_lease(native, id, opts, self.native_releases.clone()).await?;
+            self.held.insert(&lease);
+            return Ok(lease);
+        }
         let response = self
             .data
             .clone()
@@ -298,12 +374,14 @@ impl Client {
         let expires_at_ms = timestamp_ms(response.lease_expires_at.as_ref());
         match self.maps.get(&desc) {
             Ok(map) => Ok(Lease {
-                id,
-                lease_id,
-                desc,
-                map,
-                expires_at_ms,
-                releases: Some(self.releases.clone()),
+                held: Arc::new(Held {
+                    id,
+                    lease_id,
+                    desc,
+                    view: View::Map(map),
+                    expires_at_ms,
+                    releases: std::sync::Mutex::new(Some(self.releases.clone())),
+                }),
             }),
             Err(err) => {
                 let _ = self.releases.send(lease_id);
@@ -315,7 +393,11 @@ impl Client {
     /// Releases a lease now and waits for the agent to confirm; dropping a
     /// [`Lease`] instead releases it in the background.
     pub async fn release(&self, lease: Lease) -> Result<()> {
+        self.held.forget(lease.payload_id());
         let lease_id = lease.detach();
+        if let Some(native) = &self.native {
+            return put::native_release(native, &[lease_id]).await.map(drop);
+        }
         let request = runtime::ReleaseLeaseRequest {
             lease_id: Some(pb::LeaseId {
                 value: lease_id.as_bytes().to_vec(),
@@ -332,7 +414,7 @@ impl Client {
             .clone()
             .renew_lease(runtime::RenewLeaseRequest {
                 lease_id: Some(pb::LeaseId {
-                    value: lease.lease_id.as_bytes().to_vec(),
+                    value: lease.lease_id().as_bytes().to_vec(),
                 }),
                 extend_ms,
             })
@@ -364,6 +446,7 @@ impl Client {
             })
             .await?;
         self.maps.forget(&id.hyphenated().to_string());
+        self.held.forget(id);
         Ok(())
     }
 
@@ -493,6 +576,28 @@ impl Client {
 /// How long dropped leases gather before they go back in one call.
 const RELEASE_GATHER: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// Sends dropped session leases back in batches over the native socket.
+async fn native_release_loop(conn: std::sync::Weak<Native>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        tokio::time::sleep(RELEASE_GATHER).await;
+        while let Ok(lease) = rx.try_recv() {
+            batch.push(lease);
+        }
+        let Some(conn) = conn.upgrade() else { return };
+        // A failed release only keeps the lease until the connection closes.
+        let _ = put::native_release(&conn, &batch).await;
+        batch.clear();
+    }
+}
+
+/// A native socket that is there but refuses us: gRPC carries on.
+fn note_native_unavailable(path: &std::path::Path, e: &std::io::Error) {
+    if std::env::var_os("PAYLOAD_CLIENT_DEBUG").is_some() {
+        eprintln!("payload-client: not using the native socket {}: {e}", path.display());
+    }
+}
+
 /// Sends dropped leases back in batches: a tight loop of gets pays one
 /// release call per few milliseconds instead of one per get.
 async fn release_loop(mut data: PayloadDataServiceClient<Channel>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
@@ -512,77 +617,5 @@ async fn release_loop(mut data: PayloadDataServiceClient<Channel>, mut rx: mpsc:
         let _ = data
             .batch_release_lease(runtime::BatchReleaseLeaseRequest { lease_ids })
             .await;
-    }
-}
-
-/// A freshly allocated region, mapped for writing. Commit or abort it.
-pub struct WritableRegion {
-    id: PayloadId,
-    desc: PayloadDescriptor,
-    map: MmapMut,
-    verify: bool,
-    sync: bool,
-    object_durable: bool,
-}
-
-impl WritableRegion {
-    pub fn id(&self) -> PayloadId {
-        self.id
-    }
-
-    pub fn descriptor(&self) -> &PayloadDescriptor {
-        &self.desc
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.map[..]
-    }
-}
-
-/// A read lease and a read-only view of the payload's bytes. Dropping it
-/// releases the lease in the background within a few milliseconds (batched
-/// with other releases); [`Client::release`] releases at once.
-pub struct Lease {
-    id: PayloadId,
-    lease_id: Uuid,
-    desc: PayloadDescriptor,
-    map: Arc<Mmap>,
-    expires_at_ms: u64,
-    releases: Option<mpsc::UnboundedSender<Uuid>>,
-}
-
-impl Lease {
-    pub fn payload_id(&self) -> PayloadId {
-        self.id
-    }
-
-    pub fn lease_id(&self) -> Uuid {
-        self.lease_id
-    }
-
-    pub fn descriptor(&self) -> &PayloadDescriptor {
-        &self.desc
-    }
-
-    pub fn expires_at_ms(&self) -> u64 {
-        self.expires_at_ms
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.map[..]
-    }
-
-    /// Keeps the lease past this handle's life (it then lasts until expiry).
-    pub fn detach(mut self) -> Uuid {
-        self.releases = None;
-        self.lease_id
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(releases) = &self.releases {
-            let _ = releases.send(self.lease_id);
-        }
     }
 }

@@ -16,5 +16,7 @@ pub use generated::payload::manager::core::v1 as core;
 pub use generated::payload::manager::runtime::v1 as runtime;
 pub use generated::payload::manager::services::v1 as services;
 
+pub mod native;
+
 /// The TCP port the reference implementation listens on; clients expect it.
 pub const DEFAULT_TCP_PORT: u16 = 50051;

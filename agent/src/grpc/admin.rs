@@ -21,6 +21,9 @@ impl PayloadAdminService for AdminService {
         let mut stats = tokio::task::spawn_blocking(move || node.stats())
             .await
             .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
+        if let Ok(ram) = self.node.store(payload_catalog::Tier::Ram) {
+            (stats.sealed_payloads, stats.sealed_bytes) = ram.memfd_usage();
+        }
         if let Ok(object) = self.node.object() {
             if let Some(blocks) = object.block_stats().await {
                 stats.object_blocks = blocks.blocks;

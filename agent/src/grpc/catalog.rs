@@ -416,7 +416,7 @@ impl PayloadCatalogService for CatalogService {
             .map(|rec| {
                 // The node's view is fresher than the row (tier moves, leases).
                 let (rec, leases) = self.node.get(rec.id).unwrap_or_else(|_| (rec.clone(), 0));
-                summary(&rec, leases, now)
+                summary(&self.node, &rec, leases, now)
             })
             .collect();
         Ok(Response::new(runtime::ListPayloadsResponse {
@@ -449,7 +449,7 @@ impl PayloadCatalogService for CatalogService {
         let id = payload_id(request.get_ref().id.as_ref())?;
         let (rec, leases) = self.node.get(id).map_err(status)?;
         Ok(Response::new(runtime::GetPayloadResponse {
-            payload: Some(summary(&rec, leases, self.node.now_ms())),
+            payload: Some(summary(&self.node, &rec, leases, self.node.now_ms())),
             payload_descriptor: Some(descriptor_with_object(&self.node, &rec).await),
         }))
     }

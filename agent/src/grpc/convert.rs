@@ -66,14 +66,16 @@ pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
         .tier(rec.tier)
         .ok()
         .and_then(|t| t.place(rec.id))
-        .map(|place| match place {
-            Place::Shm(shm_name) => Location::Ram(pb::RamLocation {
+        .and_then(|place| match place {
+            Place::Shm(shm_name) => Some(Location::Ram(pb::RamLocation {
                 shm_name,
                 slab_id: 0,
                 block_index: 0,
                 length_bytes: rec.size_bytes,
-            }),
-            Place::File(path) => disk(path),
+            })),
+            Place::File(path) => Some(disk(path)),
+            // Nothing a v1 client could open by name: no location.
+            Place::Sealed => None,
         });
     let copies = std::iter::once(pb::PayloadCopy {
         tier: rec.tier as i32,
@@ -99,6 +101,7 @@ pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
         sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
         object: None,
         copies,
+        sealed: node.is_sealed(rec),
     }
 }
 
@@ -125,7 +128,7 @@ pub async fn descriptor_with_object(node: &Node, rec: &PayloadRecord) -> pb::Pay
     d
 }
 
-pub fn summary(rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtime::PayloadSummary {
+pub fn summary(node: &Node, rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtime::PayloadSummary {
     runtime::PayloadSummary {
         id: Some(pb_payload_id(rec.id)),
         tier: rec.tier as i32,
@@ -137,5 +140,6 @@ pub fn summary(rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtim
         labels: rec.labels.clone().into_iter().collect(),
         pinned: rec.is_pinned(now_ms),
         sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
+        sealed: node.is_sealed(rec),
     }
 }

@@ -28,6 +28,14 @@ impl DataService {
     }
 }
 
+/// A v1 lease on a sealed payload: there is no name to hand out.
+fn sealed_error(id: payload_catalog::PayloadId) -> Status {
+    Status::failed_precondition(format!(
+        "payload {id} is a sealed memfd (written over the native socket): it has no /dev/shm name a v1 client can \
+         open; read it with payload-client or payloadctl (native socket), or spill it to DISK and lease that"
+    ))
+}
+
 fn check_mode(mode: i32) -> Result<(), Status> {
     if mode == LeaseMode::Unspecified as i32 || mode == LeaseMode::Read as i32 {
         Ok(())
@@ -66,6 +74,10 @@ impl PayloadDataService for DataService {
             .acquire(id, min_tier, blocking, req.min_lease_duration_ms)
             .await
             .map_err(status)?;
+        if self.node.is_sealed(&grant.rec) {
+            self.node.release(grant.lease);
+            return Err(sealed_error(id));
+        }
         let mut response = self.lease_response(&grant);
         if grant.rec.tier == payload_catalog::Tier::Object {
             // Bucket, manifest and blocks, for readers that want them.
@@ -116,7 +128,14 @@ impl PayloadDataService for DataService {
         let results = parsed
             .into_iter()
             .map(|p| {
-                let outcome = p.and_then(|_| granted.next().expect("one result per valid request").map_err(status));
+                let outcome = p.and_then(|(id, ..)| {
+                    let grant = granted.next().expect("one result per valid request").map_err(status)?;
+                    if self.node.is_sealed(&grant.rec) {
+                        self.node.release(grant.lease);
+                        return Err(sealed_error(id));
+                    }
+                    Ok(grant)
+                });
                 match outcome {
                     Ok(grant) => runtime::LeaseResult {
                         lease: Some(self.lease_response(&grant)),

@@ -30,8 +30,15 @@ pub struct LeaseGrant {
     pub rec: PayloadRecord,
 }
 
+/// The duration that asks for a session lease: live until released, its
+/// connection closes, or (after an agent restart) `--lease-max-ms` passes.
+pub const SESSION: u64 = u64::MAX;
+
 impl Node {
     fn lease_duration(&self, requested_ms: u64) -> u64 {
+        if requested_ms == SESSION {
+            return SESSION;
+        }
         let wanted = if requested_ms == 0 {
             self.cfg.lease_default_ms
         } else {
@@ -88,7 +95,7 @@ impl Node {
                     let journaled = self.journal.grant(&[JournaledLease {
                         lease: grant.lease,
                         payload: id,
-                        expires_ms: grant.expires_ms,
+                        expires_ms: self.journaled_expiry(grant.expires_ms),
                     }]);
                     if let Err(e) = journaled {
                         // A lease the journal does not hold would not survive a restart: take it back.
@@ -132,7 +139,7 @@ impl Node {
                 r.as_ref().ok().map(|g| JournaledLease {
                     lease: g.lease,
                     payload: *id,
-                    expires_ms: g.expires_ms,
+                    expires_ms: self.journaled_expiry(g.expires_ms),
                 })
             })
             .collect();
@@ -188,6 +195,13 @@ impl Node {
             },
         );
         Ok(LeaseGrant { lease, expires_ms, rec })
+    }
+
+    /// A session lease has no expiry while its connection lives; after a
+    /// restart (its connection gone with the agent) it is honoured for at
+    /// most `--lease-max-ms` from when it was last written.
+    fn journaled_expiry(&self, expires_ms: u64) -> u64 {
+        expires_ms.min(self.now_ms().saturating_add(self.cfg.lease_max_ms))
     }
 
     /// Releases a lease; unknown or expired leases are fine (idempotent).
@@ -294,7 +308,7 @@ impl Node {
                     live.push(JournaledLease {
                         lease: *lease,
                         payload: *payload,
-                        expires_ms: *expires_ms,
+                        expires_ms: self.journaled_expiry(*expires_ms),
                     });
                 }
             }

@@ -10,6 +10,17 @@ use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Priority, Tier, Wr
 use super::{lock, Entry, Node};
 use crate::store::io_error;
 
+/// What backs a new allocation's region.
+#[derive(Debug)]
+pub(crate) enum NewRegion {
+    /// A file in the tier's root (v1 clients open it by name).
+    Named,
+    /// A memfd the agent creates (RAM; the native socket hands it out).
+    Memfd,
+    /// A memfd a client wrote, checked by the caller (RAM).
+    Given(std::fs::File),
+}
+
 /// A validated allocation request.
 #[derive(Clone, Debug)]
 pub struct AllocateRequest {
@@ -49,12 +60,16 @@ impl Node {
     /// deadline) cannot leave capacity reserved for a region nobody owns.
     pub async fn allocate(self: &Arc<Self>, req: AllocateRequest) -> Result<PayloadRecord, AgentError> {
         let node = self.clone();
-        tokio::spawn(async move { node.allocate_now(req).await })
+        tokio::spawn(async move { node.allocate_now(req, NewRegion::Named).await })
             .await
             .map_err(|e| crate::error::task_failed("allocating", e))?
     }
 
-    async fn allocate_now(self: &Arc<Self>, req: AllocateRequest) -> Result<PayloadRecord, AgentError> {
+    pub(super) async fn allocate_now(
+        self: &Arc<Self>,
+        req: AllocateRequest,
+        region: NewRegion,
+    ) -> Result<PayloadRecord, AgentError> {
         if req.size_bytes == 0 {
             return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
         }
@@ -70,7 +85,7 @@ impl Node {
             // The client uploads the bytes itself; ImportPayload adopts them.
             self.object()?;
         } else {
-            self.reserve_region(req.tier, id, req.size_bytes).await?;
+            self.reserve_region(req.tier, id, req.size_bytes, region).await?;
         }
         crate::failpoint!("after-region-create");
         let now = self.now_ms();
@@ -128,7 +143,7 @@ impl Node {
             .map_err(|e| crate::error::task_failed("committing", e))?
     }
 
-    async fn commit_now(
+    pub(super) async fn commit_now(
         &self,
         id: PayloadId,
         expected: Option<[u8; 32]>,
@@ -155,6 +170,11 @@ impl Node {
         let object = if object { Some(self.object()?.clone()) } else { None };
         self.writer.admit()?;
         let store = self.store(tier)?;
+        if store.memfd(id).is_some() {
+            // Sealed first, so that the length checked and the bytes hashed
+            // are the bytes that stay.
+            store.seal(id).map_err(|e| seal_error(id, e))?;
+        }
         match store.region_len(id) {
             Some(len) if len == size => {}
             Some(len) => {
@@ -183,7 +203,7 @@ impl Node {
             }
             None => None,
         };
-        if sync {
+        if sync && store.memfd(id).is_none() {
             let path = store.path(id);
             let synced = tokio::task::spawn_blocking(move || {
                 std::fs::File::open(&path)?.sync_all()?;
@@ -205,11 +225,11 @@ impl Node {
                 ));
             }
         }
-        store.seal(id).map_err(|e| io_error("sealing the payload", e))?;
+        store.seal(id).map_err(|e| seal_error(id, e))?;
         let digest = match &object {
             // Uploaded sealed, before the commit shows: a failure leaves the
             // allocation to retry or abort; the upload checks `digest`.
-            Some(object) => match object.upload(id, &store.path(id), digest, self.now_ms()).await {
+            Some(object) => match upload(object, store, id, digest, self.now_ms()).await {
                 Ok(manifest) => Some(manifest.sha256),
                 Err(err) => {
                     let _ = store.unseal(id);
@@ -273,13 +293,33 @@ impl Node {
 
     /// Reserves capacity on a local tier (RAM makes room by spilling) and
     /// creates the region; on failure nothing is left taken.
-    async fn reserve_region(self: &Arc<Self>, tier: Tier, id: PayloadId, size: u64) -> Result<(), AgentError> {
+    async fn reserve_region(
+        self: &Arc<Self>,
+        tier: Tier,
+        id: PayloadId,
+        size: u64,
+        region: NewRegion,
+    ) -> Result<(), AgentError> {
         let store = self.store(tier)?;
+        if tier != Tier::Ram && !matches!(region, NewRegion::Named) {
+            return Err(AgentError::InvalidArgument(format!(
+                "sealed regions are RAM only; the {} tier takes named files",
+                tier.name()
+            )));
+        }
         if store.reserve(size).is_err() {
             self.make_room(tier, size).await;
             store.reserve(size)?;
         }
-        if let Err(e) = store.create_async(id, size).await {
+        let created = match region {
+            NewRegion::Named => store.create_async(id, size).await,
+            NewRegion::Memfd => super::sealed::create_memfd(self, id, size).await,
+            NewRegion::Given(file) => {
+                store.adopt_memfd(id, file);
+                Ok(())
+            }
+        };
+        if let Err(e) = created {
             store.unreserve(size);
             return Err(e);
         }
@@ -287,10 +327,12 @@ impl Node {
     }
 
     async fn hash_region(&self, tier: Tier, id: PayloadId) -> Result<[u8; 32], AgentError> {
-        let path_store = self.store(tier)?;
-        let path = path_store.path(id);
+        let source = self
+            .store(tier)?
+            .open(id)
+            .map_err(|e| io_error("opening the payload to hash it", e))?;
         let _permit = self.hashing.acquire().await;
-        tokio::task::spawn_blocking(move || crate::store::digest_file(&path))
+        tokio::task::spawn_blocking(move || crate::store::digest(source.file))
             .await
             .map_err(|e| crate::error::task_failed("hashing the payload", e))?
             .map_err(|e| io_error("hashing the payload", e))
@@ -308,7 +350,7 @@ impl Node {
         let Ok(entry) = self.entry(id) else { return };
         let tier = lock(&entry).rec.tier;
         let Ok(store) = self.store(tier) else { return };
-        match crate::store::digest_file(&store.path(id)) {
+        match store.open(id).and_then(|source| crate::store::digest(source.file)) {
             Ok(digest) => {
                 let mut e = lock(&entry);
                 // A move may have happened meanwhile; the bytes are the same.
@@ -422,6 +464,31 @@ impl Node {
         e.rec = rec;
         Ok(())
     }
+}
+
+/// Uploads a local region to the object store.
+async fn upload(
+    object: &crate::object::ObjectTier,
+    store: &crate::store::FileStore,
+    id: PayloadId,
+    digest: Option<[u8; 32]>,
+    now_ms: u64,
+) -> Result<payload_catalog::Manifest, AgentError> {
+    let source = store
+        .open(id)
+        .map_err(|e| io_error("opening the payload to upload it", e))?;
+    object.upload(id, &source.path, digest, now_ms).await
+}
+
+/// A region that could not be sealed, in words that say what to do.
+fn seal_error(id: PayloadId, err: std::io::Error) -> AgentError {
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        return AgentError::InvalidState(format!(
+            "payload {id} is still mapped writable by its writer: unmap it (drop the writable region) and commit \
+             again; sealed bytes can never change, so they cannot be sealed while a writer can change them"
+        ));
+    }
+    io_error("sealing the payload", err)
 }
 
 /// The row to log for a payload as it is now. A move in progress is never

@@ -7,6 +7,7 @@ mod leases;
 mod lifecycle;
 mod objects;
 mod recovery;
+mod sealed;
 mod sweep;
 mod tiering;
 
@@ -25,10 +26,11 @@ use crate::store::FileStore;
 use crate::tiers::{TierStore, Tiers};
 use crate::writer::Writer;
 
-pub use leases::LeaseGrant;
 pub(crate) use leases::LeaseSlot;
+pub use leases::{LeaseGrant, SESSION};
 pub use lifecycle::AllocateRequest;
 pub use recovery::Recovery;
+pub use sealed::{CommitOptions, PutBody};
 pub use tiering::MoveOutcome;
 
 const SHARDS: usize = 64;

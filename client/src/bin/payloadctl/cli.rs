@@ -332,6 +332,11 @@ pub struct LeaseArgs {
     /// Slowest acceptable tier; a payload below it is promoted first.
     #[arg(long, value_enum)]
     pub min_tier: Option<TierArg>,
+    /// Hold the lease until interrupted (Ctrl-C or SIGTERM), then release
+    /// it. Over the agent's native socket it is a session lease, which
+    /// also ends if payloadctl is killed.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 /// The tiers this agent stores payloads on.

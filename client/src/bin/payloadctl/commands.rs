@@ -264,12 +264,22 @@ async fn for_progress(client: &Client, id: payload_client::PayloadId) -> (Option
 }
 
 pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::Result<()> {
-    let LeaseArgs { id, duration, min_tier } = args;
+    let LeaseArgs {
+        id,
+        duration,
+        min_tier,
+        hold,
+    } = args;
     let opts = LeaseOptions {
         min_tier: min_tier.map(Into::into),
         best_effort: false,
         duration_ms: duration.unwrap_or(0),
+        // Without --hold the lease outlives payloadctl, so it needs an expiry.
+        timed: !hold || !client.is_native(),
     };
+    if hold {
+        return hold_lease(client, id, opts, format).await;
+    }
     let lease = client
         .get_with(id, opts)
         .await
@@ -301,6 +311,61 @@ pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::
         ("tier", tier_name(desc.tier).into()),
         ("path", location_text(&desc)),
     ]))
+}
+
+/// Holds a lease until payloadctl is interrupted: a session lease over the
+/// native socket (it ends if payloadctl is killed), else a timed lease
+/// renewed at half its life and released at the end.
+async fn hold_lease(
+    client: &Client,
+    id: payload_client::PayloadId,
+    opts: LeaseOptions,
+    format: Format,
+) -> anyhow::Result<()> {
+    let lease = client
+        .get_with(id, opts)
+        .await
+        .with_context(|| format!("leasing {id}"))?;
+    let session = !opts.timed;
+    if format == Format::Json {
+        print_json(&json!({
+            "lease_id": lease.lease_id().to_string(),
+            "payload_id": id.to_string(),
+            "session": session,
+            "size_bytes": lease.bytes().len(),
+        }))?;
+    } else {
+        let until = if session {
+            "until interrupted (a session lease: it ends if payloadctl dies)"
+        } else {
+            "until interrupted (renewed as it goes)"
+        };
+        print(&key_values(&[
+            ("leased", id.to_string()),
+            ("lease id", lease.lease_id().to_string()),
+            ("held", until.into()),
+        ]))?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let wait = if session {
+            std::time::Duration::MAX
+        } else {
+            let left = lease.expires_at_ms().saturating_sub(now_ms());
+            std::time::Duration::from_millis((left / 2).max(100))
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(wait) => {
+                client.renew(&lease, opts.duration_ms).await.with_context(|| format!("renewing the lease on {id}"))?;
+            }
+        }
+    }
+    client
+        .release(lease)
+        .await
+        .with_context(|| format!("releasing the lease on {id}"))
 }
 
 pub async fn stats(client: &Client, format: Format) -> anyhow::Result<()> {

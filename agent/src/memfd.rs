@@ -1,0 +1,127 @@
+//! Sealed memory: RAM regions written through the native socket are memfds.
+//! At commit the agent adds `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
+//! F_SEAL_SEAL`; from then on no process, the writer included, can change,
+//! truncate or grow the bytes, and no seal can be removed. The kernel
+//! refuses `F_SEAL_WRITE` while a writable shared mapping exists, so a
+//! writer that kept one cannot commit.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Every seal a committed payload carries.
+pub const SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A new sealable memfd of `size` bytes whose pages are allocated now (and
+/// charged to this process, not to whichever client touches them first).
+pub fn create(name: &str, size: u64) -> io::Result<File> {
+    let name = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: name is NUL-terminated; we own the descriptor returned.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    allocate(&file, size)?;
+    Ok(file)
+}
+
+/// Sets the memfd's size to `size` with real pages behind it.
+pub fn allocate(file: &File, size: u64) -> io::Result<()> {
+    file.set_len(size)?;
+    if size == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate on a descriptor we hold.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The seals on `file`, or an error if it is not a memfd that allows them.
+pub fn seals(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl on a descriptor we hold.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(seals)
+}
+
+/// Whether every seal of a committed payload is on `file`.
+pub fn is_sealed(file: &File) -> bool {
+    seals(file).is_ok_and(|s| s & SEALS == SEALS)
+}
+
+/// Why a region could not be sealed.
+#[derive(Debug)]
+pub enum SealError {
+    /// A writable shared mapping of it is still alive somewhere.
+    Mapped,
+    /// It is not a memfd that accepts seals (or is sealed differently).
+    NotSealable(String),
+    Io(io::Error),
+}
+
+/// Seals `file` for good; sealing a fully sealed file again is fine.
+pub fn seal(file: &File) -> Result<(), SealError> {
+    let have = seals(file).map_err(|e| SealError::NotSealable(format!("it is not a sealable memfd ({e})")))?;
+    if have & SEALS == SEALS {
+        return Ok(());
+    }
+    if have & libc::F_SEAL_SEAL != 0 {
+        return Err(SealError::NotSealable(format!(
+            "its seals were already fixed without write protection (seals {have:#x})"
+        )));
+    }
+    // SAFETY: fcntl on a descriptor we hold.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::EBUSY) => SealError::Mapped,
+            _ => SealError::Io(err),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_sealed_memfd_refuses_every_change() {
+        let file = create("test", 4096).unwrap();
+        file.write_all_at(b"hello", 0).unwrap();
+        seal(&file).unwrap();
+        assert!(is_sealed(&file));
+        assert!(file.write_all_at(b"x", 0).is_err(), "write after seal");
+        assert!(file.set_len(1).is_err(), "shrink after seal");
+        assert!(file.set_len(8192).is_err(), "grow after seal");
+        // SAFETY: fcntl on our descriptor.
+        let removed = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, 0) };
+        assert_ne!(removed, 0, "F_SEAL_SEAL forbids changing seals");
+        seal(&file).unwrap();
+    }
+
+    #[test]
+    fn a_writable_mapping_blocks_the_seal() {
+        let file = create("test", 4096).unwrap();
+        // SAFETY: a private test memfd.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
+        assert!(matches!(seal(&file), Err(SealError::Mapped)));
+        drop(map);
+        seal(&file).unwrap();
+    }
+
+    #[test]
+    fn a_plain_file_is_not_sealable() {
+        let file = tempfile::tempfile().unwrap();
+        assert!(matches!(seal(&file), Err(SealError::NotSealable(_))));
+    }
+}

@@ -1,0 +1,184 @@
+//! The native data plane: the agent's second Unix socket
+//! (`<grpc-socket>.native`), one protobuf frame per `SOCK_SEQPACKET`
+//! message, file descriptors passed with `SCM_RIGHTS`. It serves the data
+//! path (allocate, commit, abort, one-call put, lease, release, renew) on
+//! the same node, catalog and lease table as gRPC. Leases taken here are
+//! session leases: they end when the connection closes.
+
+mod ops;
+
+use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use payload_catalog::LeaseId;
+use payload_proto::native::{self as wire, Socket};
+use prost::Message;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::node::{lock, Node};
+
+/// Binds the native socket beside the gRPC one, with the same mode. A
+/// stale socket file is replaced; a live one (another agent) is an error.
+pub fn bind(path: &Path) -> anyhow::Result<Socket> {
+    if path.exists() {
+        anyhow::ensure!(
+            Socket::connect(path).is_err(),
+            "another agent is already listening on {}; stop it or choose another --socket",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    // As for the gRPC socket: created owner-only by the bind itself.
+    // SAFETY: umask has no preconditions.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = Socket::listen(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound.with_context(|| format!("binding {}", path.display()))
+}
+
+/// Serves connections until `stop` turns true.
+pub async fn serve(node: Arc<Node>, listener: Socket, mut stop: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(socket) => {
+                    connections.spawn(Connection::new(node.clone(), socket).run());
+                }
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::warn!(%e, "accepting a native connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = crate::node::stopped(&mut stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.shutdown().await;
+}
+
+/// One client connection: its socket and the leases it holds.
+struct Connection {
+    node: Arc<Node>,
+    socket: Arc<Socket>,
+    session: Arc<Session>,
+}
+
+/// The leases a connection holds; they are released when it closes.
+#[derive(Default)]
+pub(crate) struct Session {
+    leases: Mutex<HashSet<LeaseId>>,
+}
+
+impl Session {
+    pub fn add(&self, lease: LeaseId) {
+        lock(&self.leases).insert(lease);
+    }
+
+    pub fn remove(&self, lease: &LeaseId) {
+        lock(&self.leases).remove(lease);
+    }
+}
+
+impl Connection {
+    fn new(node: Arc<Node>, socket: Socket) -> Self {
+        Self {
+            node,
+            socket: Arc::new(socket),
+            session: Arc::default(),
+        }
+    }
+
+    async fn run(self) {
+        let mut buf = Vec::new();
+        let mut calls = JoinSet::new();
+        loop {
+            let frame = tokio::select! {
+                frame = self.socket.recv(&mut buf) => frame,
+                Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            };
+            let frame = match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%e, "a native connection failed");
+                    break;
+                }
+            };
+            let answer = match decode(&buf[..frame.len], &frame) {
+                Ok(request) => request,
+                Err(response) => {
+                    // Answered at once; the descriptors that came are closed.
+                    send(&self.socket, &response, None).await;
+                    continue;
+                }
+            };
+            let (node, socket, session) = (self.node.clone(), self.socket.clone(), self.session.clone());
+            let fd = frame.fds.into_iter().next();
+            calls.spawn(async move {
+                let (response, out) = ops::handle(&node, &session, answer, fd).await;
+                send(&socket, &response, out.as_ref().map(|f| f.as_raw_fd())).await;
+            });
+        }
+        // Calls under way finish first, so that no lease lands after the
+        // session's leases are released.
+        while calls.join_next().await.is_some() {}
+        let leases: Vec<LeaseId> = lock(&self.session.leases).drain().collect();
+        if !leases.is_empty() {
+            let released = self.node.release_many(&leases);
+            tracing::debug!(released, "a native connection closed; its session leases are released");
+        }
+    }
+}
+
+/// A request, or the error response that answers a frame that is not one.
+fn decode(bytes: &[u8], frame: &wire::Frame) -> Result<wire::Request, wire::Response> {
+    let refuse = |id: u64, message: String| wire::Response {
+        id,
+        error: Some(wire::Error {
+            code: tonic::Code::InvalidArgument as i32,
+            message,
+        }),
+        result: None,
+    };
+    if frame.truncated {
+        return Err(refuse(
+            0,
+            format!(
+                "a frame was larger than {} bytes and was dropped; put larger payloads through a memfd",
+                wire::MAX_FRAME
+            ),
+        ));
+    }
+    let request = wire::Request::decode(bytes).map_err(|e| {
+        refuse(
+            0,
+            format!("a frame is not a native request ({e}); is the client the agent's version?"),
+        )
+    })?;
+    if frame.extra_fds {
+        return Err(refuse(
+            request.id,
+            format!(
+                "a request carries at most {} descriptor; the others were closed",
+                wire::MAX_FDS
+            ),
+        ));
+    }
+    Ok(request)
+}
+
+async fn send(socket: &Socket, response: &wire::Response, fd: Option<std::os::fd::RawFd>) {
+    let bytes = response.encode_to_vec();
+    let fds: Vec<_> = fd.into_iter().collect();
+    if let Err(e) = socket.send(&bytes, &fds).await {
+        // The peer went away; its session ends with the connection.
+        tracing::debug!(%e, "could not answer on a native connection");
+    }
+}

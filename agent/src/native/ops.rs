@@ -1,0 +1,241 @@
+//! One native request: checked like its gRPC counterpart, served by the
+//! same node methods, answered with a response and at most one descriptor.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use payload_catalog::{LeaseId, PayloadId, Priority, Tier};
+use payload_proto::native::{self as wire, request::Op, response::Result as Answer};
+use tonic::Status;
+
+use super::Session;
+use crate::grpc::convert::{optional_tier, status};
+use crate::node::{AllocateRequest, CommitOptions, Node, PutBody, SESSION};
+use crate::store::io_error;
+
+/// A descriptor to send with the response.
+pub(super) type Out = Option<Arc<File>>;
+
+pub(super) async fn handle(
+    node: &Arc<Node>,
+    session: &Session,
+    req: wire::Request,
+    fd: Option<OwnedFd>,
+) -> (wire::Response, Out) {
+    let id = req.id;
+    let takes_fd = matches!(&req.op, Some(Op::Put(_)));
+    let outcome = match (req.op, fd) {
+        (_, Some(_)) if !takes_fd => Err(Status::invalid_argument(
+            "only a put carries a descriptor (its memfd); the one sent was closed",
+        )),
+        (None, _) => Err(Status::unimplemented(
+            "the request names no operation this agent knows; is the client newer than the agent?",
+        )),
+        (Some(op), fd) => serve(node, session, op, fd).await,
+    };
+    let response = match outcome {
+        Ok((result, out)) => {
+            return (
+                wire::Response {
+                    id,
+                    error: None,
+                    result: Some(result),
+                },
+                out,
+            )
+        }
+        Err(st) => wire::Response {
+            id,
+            error: Some(wire::Error {
+                code: st.code() as i32,
+                message: st.message().to_string(),
+            }),
+            result: None,
+        },
+    };
+    (response, None)
+}
+
+async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>) -> Result<(Answer, Out), Status> {
+    match op {
+        Op::Allocate(a) => {
+            let req = allocation(node, a.size_bytes, a.options.as_ref())?;
+            if req.tier == Tier::Ram {
+                let (rec, memfd) = node.allocate_sealed(req).await.map_err(status)?;
+                return Ok((allocated(rec.id), Some(memfd)));
+            }
+            let rec = node.allocate(req).await.map_err(status)?;
+            let path = node.store(rec.tier).map_err(status)?.path(rec.id);
+            let file = OpenOptions::new().read(true).write(true).open(&path);
+            match file {
+                Ok(file) => Ok((allocated(rec.id), Some(Arc::new(file)))),
+                Err(e) => {
+                    let _ = node.abort(rec.id).await;
+                    Err(status(io_error("opening the new region", e)))
+                }
+            }
+        }
+        Op::Commit(c) => {
+            let id = payload_id(&c.payload_id)?;
+            let opts = commit_options(c.options.as_ref())?;
+            let rec = node
+                .commit(id, opts.expected, opts.sync, opts.object)
+                .await
+                .map_err(status)?;
+            Ok((committed(node, &rec), None))
+        }
+        Op::Abort(a) => {
+            node.abort(payload_id(&a.payload_id)?).await.map_err(status)?;
+            Ok((Answer::Done(wire::Done {}), None))
+        }
+        Op::Put(p) => {
+            let body = match fd {
+                Some(fd) => PutBody::Memfd(File::from(fd)),
+                None => PutBody::Inline(p.data),
+            };
+            let size = match &body {
+                PutBody::Inline(bytes) if p.size_bytes == 0 => bytes.len() as u64,
+                _ => p.size_bytes,
+            };
+            let req = allocation(node, size, p.options.as_ref())?;
+            let opts = commit_options(p.options.as_ref())?;
+            let rec = node.put_sealed(req, body, opts).await.map_err(status)?;
+            Ok((committed(node, &rec), None))
+        }
+        Op::Lease(l) => lease(node, session, l).await,
+        Op::Release(r) => {
+            node.config().limits.batch("lease_ids", r.lease_ids.len())?;
+            let leases = r
+                .lease_ids
+                .iter()
+                .map(|l| LeaseId::from_slice(l).map_err(status))
+                .collect::<Result<Vec<_>, _>>()?;
+            for lease in &leases {
+                session.remove(lease);
+            }
+            let released = node.release_many(&leases) as u32;
+            Ok((Answer::Released(wire::Released { released }), None))
+        }
+        Op::Renew(r) => {
+            let lease = LeaseId::from_slice(&r.lease_id).map_err(status)?;
+            let expires_at_ms = node.renew(lease, r.extend_ms).map_err(status)?;
+            Ok((Answer::Renewed(wire::Renewed { expires_at_ms }), None))
+        }
+    }
+}
+
+async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(Answer, Out), Status> {
+    let id = payload_id(&l.payload_id)?;
+    let min_tier = optional_tier(l.min_tier, "min_tier")?;
+    let grant = node
+        .acquire(id, min_tier, !l.best_effort, SESSION)
+        .await
+        .map_err(status)?;
+    session.add(grant.lease);
+    let opened = open_copy(node, grant.rec.tier, id);
+    let read = opened.and_then(|(file, sealed)| {
+        let size = grant.rec.size_bytes;
+        if size > l.inline_max_bytes.min(wire::INLINE_MAX as u64) {
+            return Ok((Vec::new(), Some(file), sealed));
+        }
+        let mut data = vec![0u8; size as usize];
+        file.read_exact_at(&mut data, 0)
+            .map_err(|e| io_error("reading the payload", e))?;
+        Ok((data, None, sealed))
+    });
+    match read {
+        Ok((data, out, sealed)) => Ok((
+            Answer::Leased(wire::Leased {
+                lease_id: grant.lease.as_bytes().to_vec(),
+                size_bytes: grant.rec.size_bytes,
+                tier: grant.rec.tier as i32,
+                data,
+                sealed,
+            }),
+            out,
+        )),
+        Err(err) => {
+            session.remove(&grant.lease);
+            node.release(grant.lease);
+            Err(status(err))
+        }
+    }
+}
+
+/// The leased copy, read-only (a memfd is sent as it is: its seals make it
+/// read-only in every process), and whether it is sealed.
+fn open_copy(node: &Node, tier: Tier, id: PayloadId) -> Result<(Arc<File>, bool), crate::error::AgentError> {
+    let store = node.tier(tier)?;
+    if let Some(memfd) = store.regions().and_then(|r| r.memfd(id)) {
+        return Ok((memfd, true));
+    }
+    let source = store.file(id).unwrap_or_else(|| {
+        // The object tier: its cache file, filled before the lease returned.
+        match store.place(id) {
+            Some(crate::tiers::Place::File(path)) => File::open(&path).map(|file| crate::store::Source { file, path }),
+            _ => Err(std::io::Error::other("the copy has no local file")),
+        }
+    });
+    let source = source.map_err(|e| io_error("opening the leased copy", e))?;
+    Ok((Arc::new(source.file), false))
+}
+
+fn payload_id(raw: &[u8]) -> Result<PayloadId, Status> {
+    if raw.is_empty() {
+        return Err(Status::invalid_argument("payload_id is missing"));
+    }
+    PayloadId::from_slice(raw).map_err(status)
+}
+
+fn allocation(node: &Node, size: u64, opts: Option<&wire::Options>) -> Result<AllocateRequest, Status> {
+    let default = wire::Options::default();
+    let opts = opts.unwrap_or(&default);
+    let limits = &node.config().limits;
+    limits.labels("label", &opts.labels)?;
+    limits.duration("ttl_ms", opts.ttl_ms)?;
+    let tier = optional_tier(opts.tier, "tier")?.unwrap_or(Tier::Ram);
+    Ok(AllocateRequest {
+        ttl_ms: opts.ttl_ms,
+        priority: Priority::Normal,
+        labels: opts.labels.clone().into_iter().collect(),
+        ..AllocateRequest::new(size, tier)
+    })
+}
+
+fn commit_options(opts: Option<&wire::Options>) -> Result<CommitOptions, Status> {
+    let Some(opts) = opts else {
+        return Ok(CommitOptions::default());
+    };
+    let expected = match opts.expected_sha256.len() {
+        0 => None,
+        32 => Some(opts.expected_sha256.as_slice().try_into().expect("32 bytes")),
+        n => {
+            return Err(Status::invalid_argument(format!(
+                "expected_sha256 must be 32 bytes (a raw SHA-256), got {n}"
+            )))
+        }
+    };
+    Ok(CommitOptions {
+        expected,
+        sync: opts.sync,
+        object: opts.object_durable,
+    })
+}
+
+fn allocated(id: PayloadId) -> Answer {
+    Answer::Allocated(wire::Allocated {
+        payload_id: id.as_bytes().to_vec(),
+    })
+}
+
+fn committed(node: &Node, rec: &payload_catalog::PayloadRecord) -> Answer {
+    let sealed = node.store(rec.tier).is_ok_and(|s| s.memfd(rec.id).is_some());
+    Answer::Committed(wire::Committed {
+        payload_id: rec.id.as_bytes().to_vec(),
+        tier: rec.tier as i32,
+        sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
+        sealed,
+    })
+}

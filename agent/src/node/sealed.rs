@@ -1,0 +1,165 @@
+//! Payloads written through the native socket: RAM regions that are memfds,
+//! sealed by the kernel at commit (see [`crate::memfd`]), and puts that
+//! allocate, fill, seal and commit in one call.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use payload_catalog::{PayloadId, PayloadRecord, Tier};
+
+use super::lifecycle::NewRegion;
+use super::{AllocateRequest, Node};
+use crate::error::AgentError;
+use crate::store::io_error;
+
+/// The bytes of a one-call put.
+#[derive(Debug)]
+pub enum PutBody {
+    /// Small payloads, carried in the request.
+    Inline(Vec<u8>),
+    /// A memfd the client wrote and unmapped.
+    Memfd(File),
+}
+
+/// What a put commits with.
+#[derive(Clone, Debug, Default)]
+pub struct CommitOptions {
+    pub expected: Option<[u8; 32]>,
+    pub sync: bool,
+    pub object: bool,
+}
+
+pub(super) async fn create_memfd(node: &Arc<Node>, id: PayloadId, size: u64) -> Result<(), AgentError> {
+    const INLINE: u64 = 1 << 20;
+    node.store(Tier::Ram)?;
+    let create = move |node: &Node| match node.store(Tier::Ram) {
+        Ok(store) => store.create_memfd(id, size).map(drop),
+        Err(err) => Err(std::io::Error::other(err.to_string())),
+    };
+    let created = if size <= INLINE {
+        create(node)
+    } else {
+        // Allocating many pages takes a while: off the async workers.
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || create(&node))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    };
+    created.map_err(|e| io_error("creating the memfd region", e))
+}
+
+impl Node {
+    /// Whether the payload's current copy is a sealed memfd (no name a v1
+    /// client could open).
+    pub fn is_sealed(&self, rec: &PayloadRecord) -> bool {
+        self.tier(rec.tier)
+            .ok()
+            .and_then(|t| t.regions())
+            .is_some_and(|r| r.memfd(rec.id).is_some())
+    }
+
+    /// Allocates a RAM payload whose region is a memfd; returns the row and
+    /// the memfd for the writer.
+    pub async fn allocate_sealed(
+        self: &Arc<Self>,
+        req: AllocateRequest,
+    ) -> Result<(PayloadRecord, Arc<File>), AgentError> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let rec = node.allocate_now(req, NewRegion::Memfd).await?;
+            let memfd = node.store(Tier::Ram)?.memfd(rec.id).ok_or_else(|| {
+                AgentError::InvalidState(format!("payload {} was ended while it was allocated", rec.id))
+            })?;
+            Ok((rec, memfd))
+        })
+        .await
+        .map_err(|e| crate::error::task_failed("allocating", e))?
+    }
+
+    /// Stores and commits a payload in one call. A failure leaves nothing
+    /// behind: the allocation it made is aborted.
+    pub async fn put_sealed(
+        self: &Arc<Self>,
+        req: AllocateRequest,
+        body: PutBody,
+        opts: CommitOptions,
+    ) -> Result<PayloadRecord, AgentError> {
+        if req.tier != Tier::Ram {
+            return Err(AgentError::InvalidArgument(format!(
+                "a one-call put stores a sealed RAM payload; for the {} tier allocate, write and commit",
+                req.tier.name()
+            )));
+        }
+        let region = match body {
+            PutBody::Inline(bytes) => {
+                if bytes.len() as u64 != req.size_bytes {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "the put carries {} bytes but says size_bytes {}; send them equal (or 0)",
+                        bytes.len(),
+                        req.size_bytes
+                    )));
+                }
+                Err(bytes)
+            }
+            PutBody::Memfd(file) => {
+                check_client_memfd(&file, req.size_bytes)?;
+                Ok(file)
+            }
+        };
+        let node = self.clone();
+        tokio::spawn(async move {
+            let (rec, inline) = match region {
+                Ok(file) => (node.allocate_now(req, NewRegion::Given(file)).await?, None),
+                Err(bytes) => (node.allocate_now(req, NewRegion::Memfd).await?, Some(bytes)),
+            };
+            let id = rec.id;
+            let committed = async {
+                if let Some(bytes) = inline {
+                    let memfd = node.store(Tier::Ram)?.memfd(id).ok_or_else(|| {
+                        AgentError::InvalidState(format!("payload {id} was ended while it was written"))
+                    })?;
+                    memfd
+                        .write_all_at(&bytes, 0)
+                        .map_err(|e| io_error("writing the payload", e))?;
+                }
+                node.commit_now(id, opts.expected, opts.sync, opts.object).await
+            }
+            .await;
+            if committed.is_err() {
+                if let Err(err) = node.abort(id).await {
+                    tracing::debug!(%id, %err, "could not abort a put that failed");
+                }
+            }
+            committed
+        })
+        .await
+        .map_err(|e| crate::error::task_failed("putting", e))?
+    }
+}
+
+/// A client's memfd must be one the agent can seal, of the size declared.
+fn check_client_memfd(file: &File, size: u64) -> Result<(), AgentError> {
+    let seals = crate::memfd::seals(file).map_err(|_| {
+        AgentError::InvalidArgument(
+            "the descriptor sent with the put is not a sealable memfd; create it with memfd_create(MFD_ALLOW_SEALING)"
+                .into(),
+        )
+    })?;
+    if seals & libc::F_SEAL_SEAL != 0 && seals & crate::memfd::SEALS != crate::memfd::SEALS {
+        return Err(AgentError::InvalidArgument(format!(
+            "the memfd sent with the put has its seals fixed without write protection (seals {seals:#x}); send one \
+             that still accepts seals"
+        )));
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| io_error("reading the size of the memfd sent", e))?
+        .len();
+    if len != size {
+        return Err(AgentError::InvalidArgument(format!(
+            "the memfd sent is {len} bytes but the put says size_bytes {size}; send them equal"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! The native socket against a real agent process: one-call puts (inline
+//! and through a memfd), leases with descriptors, sealing, session leases
+//! that die with their holder, and a protocol that survives bad peers.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use common::process::{put, Agent};
+use common::{eventually, pattern, Dirs};
+use payload_client::{ClientError, Tier};
+use payload_proto::native::{self as wire, request::Op, response::Result as Answer, Socket};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+/// A raw native connection, for what the client library never sends.
+struct Raw {
+    socket: Socket,
+    buf: Vec<u8>,
+    next: u64,
+}
+
+impl Raw {
+    fn connect(dirs: &Dirs) -> Raw {
+        let socket = Socket::connect(&wire::socket_path(&dirs.socket())).expect("native socket");
+        Raw {
+            socket,
+            buf: Vec::new(),
+            next: 1,
+        }
+    }
+
+    async fn send_bytes(&self, bytes: &[u8], fds: &[i32]) {
+        self.socket.send(bytes, fds).await.expect("send");
+    }
+
+    async fn recv(&mut self) -> (wire::Response, Option<std::os::fd::OwnedFd>) {
+        let frame = self
+            .socket
+            .recv(&mut self.buf)
+            .await
+            .expect("recv")
+            .expect("the agent answers");
+        let response = wire::Response::decode(&self.buf[..frame.len]).expect("a response");
+        (response, frame.fds.into_iter().next())
+    }
+
+    async fn call(&mut self, op: Op, fds: &[i32]) -> (wire::Response, Option<std::os::fd::OwnedFd>) {
+        let id = self.next;
+        self.next += 1;
+        self.send_bytes(&wire::Request { id, op: Some(op) }.encode_to_vec(), fds)
+            .await;
+        let (response, fd) = self.recv().await;
+        assert_eq!(response.id, id, "answers carry their request id");
+        (response, fd)
+    }
+}
+
+fn error_of(response: &wire::Response) -> (tonic::Code, String) {
+    let err = response.error.as_ref().expect("an error answer");
+    (tonic::Code::from(err.code), err.message.clone())
+}
+
+#[tokio::test]
+async fn puts_and_gets_go_over_the_native_socket() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    assert!(
+        client.is_native(),
+        "the client finds the native socket beside the gRPC one"
+    );
+    for len in [1usize, 4096, 40 << 10, 3 << 20] {
+        let bytes = pattern(len, len as u8);
+        let (id, digest) = put(&client, &bytes, Tier::Ram).await.unwrap();
+        let lease = client.get(id).await.unwrap();
+        assert_eq!(Sha256::digest(lease.bytes()).to_vec(), digest, "{len} bytes read back");
+        // A second get while the first lease is held reuses it.
+        let again = client.get(id).await.unwrap();
+        assert_eq!(again.lease_id(), lease.lease_id());
+        let stat = client.stat(id).await.unwrap();
+        let desc = stat.payload_descriptor.unwrap();
+        assert!(desc.sealed, "a native RAM put is a sealed memfd");
+        assert!(
+            desc.location.is_none(),
+            "a sealed payload has no name to hand a v1 client"
+        );
+    }
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.sealed_payloads, 4);
+    // Disk puts go through a descriptor too, and are named files.
+    let (id, digest) = put(&client, &pattern(10_000, 9), Tier::Disk).await.unwrap();
+    let lease = client.get(id).await.unwrap();
+    assert_eq!(Sha256::digest(lease.bytes()).to_vec(), digest);
+    common::process::assert_no_orphans(&dirs, &client).await;
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_v1_lease_on_a_sealed_payload_says_why_it_cannot() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let (id, _) = put(&client, b"sealed", Tier::Ram).await.unwrap();
+    let opts = payload_client::LeaseOptions {
+        timed: true,
+        ..Default::default()
+    };
+    match client.get_with(id, opts).await {
+        Err(ClientError::FailedPrecondition(msg)) => assert!(msg.contains("sealed memfd"), "{msg}"),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a v1 lease cannot hand out a sealed payload"),
+    }
+    assert_eq!(
+        client.stats().await.unwrap().active_leases,
+        0,
+        "the refused lease is given back"
+    );
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_writer_that_keeps_its_mapping_cannot_commit_and_sealed_bytes_never_change() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let mut raw = Raw::connect(&dirs);
+    let (response, fd) = raw
+        .call(
+            Op::Allocate(wire::Allocate {
+                size_bytes: 8192,
+                options: None,
+            }),
+            &[],
+        )
+        .await;
+    let Some(Answer::Allocated(allocated)) = response.result else {
+        panic!("allocate failed: {:?}", response.error)
+    };
+    let file = std::fs::File::from(fd.expect("the allocation's memfd"));
+    // SAFETY: our own allocation.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
+    map.copy_from_slice(&pattern(8192, 3));
+    let commit = || {
+        Op::Commit(wire::Commit {
+            payload_id: allocated.payload_id.clone(),
+            options: None,
+        })
+    };
+    let (response, _) = raw.call(commit(), &[]).await;
+    let (code, msg) = error_of(&response);
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(msg.contains("mapped writable"), "{msg}");
+    drop(map);
+    let (response, _) = raw.call(commit(), &[]).await;
+    assert!(
+        matches!(response.result, Some(Answer::Committed(ref c)) if c.sealed),
+        "{response:?}"
+    );
+
+    // Every way of changing the bytes fails, in this process, which is not the agent.
+    assert!(file.write_all_at(b"x", 0).is_err(), "write");
+    assert!(file.set_len(1).is_err(), "ftruncate");
+    // SAFETY: fallocate on our descriptor.
+    assert_ne!(
+        unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, 16384) },
+        0,
+        "fallocate"
+    );
+    // SAFETY: a mapping attempt that must fail.
+    assert!(
+        unsafe { memmap2::MmapMut::map_mut(&file) }.is_err(),
+        "a writable shared mapping"
+    );
+
+    // Another process reads exactly the committed bytes.
+    let id = uuid::Uuid::from_slice(&allocated.payload_id).unwrap();
+    let out = helper("reader_helper", &dirs, id).output().expect("the reader runs");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let want = hex::encode(Sha256::digest(pattern(8192, 3)));
+    assert!(printed.contains(&format!("digest={want}")), "{printed}");
+    let lease = client.get(id).await.unwrap();
+    assert_eq!(lease.bytes(), &pattern(8192, 3)[..]);
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn bad_frames_get_precise_errors_and_leak_nothing() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let (id, _) = put(&client, b"kept", Tier::Ram).await.unwrap();
+    let fds_before = open_fds(agent.pid());
+    let mut raw = Raw::connect(&dirs);
+
+    // Too large for a frame.
+    raw.send_bytes(&vec![7u8; wire::MAX_FRAME + 100], &[]).await;
+    let (response, _) = raw.recv().await;
+    assert_eq!(error_of(&response).0, tonic::Code::InvalidArgument);
+    assert!(error_of(&response).1.contains("larger than"), "{response:?}");
+
+    // Not a request at all.
+    raw.send_bytes(&[0xff, 0xff, 0xff, 0xff, 0x0f], &[]).await;
+    let (response, _) = raw.recv().await;
+    assert_eq!(error_of(&response).0, tonic::Code::InvalidArgument);
+
+    // A request naming no operation.
+    raw.send_bytes(&wire::Request { id: 77, op: None }.encode_to_vec(), &[])
+        .await;
+    let (response, _) = raw.recv().await;
+    assert_eq!((response.id, error_of(&response).0), (77, tonic::Code::Unimplemented));
+
+    // A descriptor where none belongs: refused, and closed by the agent.
+    let stray = tempfile::tempfile().unwrap();
+    let release = Op::Release(wire::Release { lease_ids: vec![] });
+    let (response, _) = raw.call(release, &[stray.as_raw_fd()]).await;
+    assert_eq!(error_of(&response).0, tonic::Code::InvalidArgument);
+
+    // A put with a descriptor that is not a memfd.
+    let put_fd = Op::Put(wire::Put {
+        data: vec![],
+        size_bytes: 4,
+        options: None,
+    });
+    let (response, _) = raw.call(put_fd, &[stray.as_raw_fd()]).await;
+    let (code, msg) = error_of(&response);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(msg.contains("memfd"), "{msg}");
+
+    // A bad payload id.
+    let lease = Op::Lease(wire::Lease {
+        payload_id: vec![1, 2, 3],
+        ..Default::default()
+    });
+    let (response, _) = raw.call(lease, &[]).await;
+    assert_eq!(error_of(&response).0, tonic::Code::InvalidArgument);
+
+    // A peer that asks for a lease and goes away before the answer.
+    let gone = Raw::connect(&dirs);
+    let lease = Op::Lease(wire::Lease {
+        payload_id: id.as_bytes().to_vec(),
+        ..Default::default()
+    });
+    gone.send_bytes(&wire::Request { id: 1, op: Some(lease) }.encode_to_vec(), &[])
+        .await;
+    drop(gone);
+    drop(raw);
+
+    // The agent still serves, and holds nothing for the peers that left.
+    let lease = client.get(id).await.unwrap();
+    assert_eq!(lease.bytes(), b"kept");
+    drop(lease);
+    eventually("the session leases of closed connections are gone", || async {
+        client.stats().await.unwrap().active_leases == 0
+    })
+    .await;
+    let ram = client.stats().await.unwrap();
+    assert_eq!(ram.sealed_payloads, 1, "failed puts left no memfd behind");
+    let leaked = |now: usize| now <= fds_before + 2;
+    eventually("the agent closed every descriptor it was sent", || async {
+        leaked(open_fds(agent.pid()))
+    })
+    .await;
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_killed_reader_holds_nothing() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let (id, _) = put(&client, &pattern(5000, 1), Tier::Ram).await.unwrap();
+    let mut holder = helper("holder_helper", &dirs, id).spawn().expect("the holder runs");
+    eventually("the holder's lease is live", || async {
+        client.stats().await.unwrap().active_leases == 1
+    })
+    .await;
+    match client.delete(id, false).await {
+        Err(ClientError::Aborted(_)) => {}
+        other => panic!("a held payload refuses a plain delete: {other:?}"),
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    eventually("the killed holder's session lease ended", || async {
+        client.stats().await.unwrap().active_leases == 0
+    })
+    .await;
+    client
+        .delete(id, false)
+        .await
+        .expect("deletable once its holder is gone");
+    agent.kill9();
+}
+
+/// This test binary again, running one of the helpers below in a process
+/// of its own against the agent.
+fn helper(name: &str, dirs: &Dirs, id: uuid::Uuid) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([name, "--exact", "--ignored", "--nocapture"])
+        .env("NATIVE_HELPER_SOCKET", dirs.socket())
+        .env("NATIVE_HELPER_PAYLOAD", id.to_string())
+        .stdout(std::process::Stdio::piped());
+    cmd
+}
+
+async fn helper_lease() -> Option<(payload_client::Client, payload_client::Lease)> {
+    let socket = std::env::var("NATIVE_HELPER_SOCKET").ok()?;
+    let id: uuid::Uuid = std::env::var("NATIVE_HELPER_PAYLOAD").ok()?.parse().ok()?;
+    let client = payload_client::Client::connect(&socket).await.unwrap();
+    assert!(client.is_native());
+    let lease = client.get(id).await.unwrap();
+    Some((client, lease))
+}
+
+#[tokio::test]
+#[ignore = "run by the tests above in a process of its own"]
+async fn reader_helper() {
+    if let Some((_client, lease)) = helper_lease().await {
+        println!("digest={}", hex::encode(Sha256::digest(lease.bytes())));
+    }
+}
+
+#[tokio::test]
+#[ignore = "run by the tests above in a process of its own"]
+async fn holder_helper() {
+    if let Some((_client, _lease)) = helper_lease().await {
+        println!("holding");
+        std::future::pending::<()>().await;
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

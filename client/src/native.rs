@@ -1,0 +1,123 @@
+//! The agent's native socket (`<grpc-socket>.native`): one frame per call
+//! over `SOCK_SEQPACKET`, descriptors passed with the frames, many calls in
+//! flight at once (each frame carries its request id). A reader task hands
+//! every response to the call waiting for it.
+
+use std::collections::HashMap;
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use payload_proto::native::{self as wire, request::Op, response::Result as Answer, Socket};
+use prost::Message;
+use tokio::sync::oneshot;
+
+use crate::error::{ClientError, Result};
+
+type Reply = (wire::Response, Option<OwnedFd>);
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+
+/// One native connection. Leases taken over it end when it closes.
+pub struct Native {
+    socket: Arc<Socket>,
+    next: AtomicU64,
+    /// `None` once the connection has failed: later calls fail at once.
+    pending: Pending,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Native {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Native {
+    /// Connects; must run inside the runtime that drives the connection.
+    pub fn connect(path: &Path) -> std::io::Result<Native> {
+        let socket = Arc::new(Socket::connect(path)?);
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let reader = tokio::spawn(read_loop(socket.clone(), pending.clone()));
+        Ok(Native {
+            socket,
+            next: AtomicU64::new(1),
+            pending,
+            reader,
+        })
+    }
+
+    /// Sends one request (with a descriptor, for a put) and waits for its answer.
+    pub async fn call(&self, op: Op, fd: Option<RawFd>) -> Result<(Answer, Option<OwnedFd>)> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).as_mut().ok_or_else(closed)?.insert(id, tx);
+        let frame = wire::Request { id, op: Some(op) }.encode_to_vec();
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        if let Err(e) = self.socket.send(&frame, &fds).await {
+            if let Some(map) = lock(&self.pending).as_mut() {
+                map.remove(&id);
+            }
+            return Err(ClientError::io("sending to the agent's native socket", e));
+        }
+        let (response, fd) = rx.await.map_err(|_| closed())?;
+        if let Some(err) = response.error {
+            return Err(tonic::Status::new(tonic::Code::from(err.code), err.message).into());
+        }
+        let answer = response
+            .result
+            .ok_or_else(|| ClientError::Protocol("a native response carried neither a result nor an error".into()))?;
+        Ok((answer, fd))
+    }
+}
+
+fn closed() -> ClientError {
+    ClientError::Unavailable("the agent closed the native connection; connect again".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn read_loop(socket: Arc<Socket>, pending: Pending) {
+    let mut buf = Vec::new();
+    loop {
+        let frame = match socket.recv(&mut buf).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(_) => break,
+        };
+        let Ok(response) = wire::Response::decode(&buf[..frame.len]) else {
+            break;
+        };
+        let waiter = lock(&pending).as_mut().and_then(|map| map.remove(&response.id));
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send((response, frame.fds.into_iter().next()));
+            }
+            // Id 0 answers a frame the agent could not read: ours are never
+            // malformed, so the connection is not to be trusted further.
+            None if response.id == 0 => break,
+            None => {}
+        }
+    }
+    // Every waiting call learns the connection is gone.
+    lock(&pending).take();
+}
+
+/// Whether `answer` is the variant `want`, or a protocol error naming it.
+pub fn unexpected(what: &str) -> ClientError {
+    ClientError::Protocol(format!(
+        "the agent answered a native {what} with another kind of result"
+    ))
+}
+
+/// The native socket beside a gRPC target, when the target is a Unix socket
+/// and the agent serves one there.
+pub fn beside(target: &str) -> Option<std::path::PathBuf> {
+    let socket = target
+        .strip_prefix("unix://")
+        .or_else(|| target.strip_prefix("unix:"))
+        .or_else(|| target.starts_with('/').then_some(target))?;
+    let native = wire::socket_path(Path::new(socket));
+    native.exists().then_some(native)
+}

@@ -1,0 +1,258 @@
+//! The native data plane's transport: one protobuf message per
+//! `SOCK_SEQPACKET` frame on a Unix socket, with file descriptors passed in
+//! the same frame (`SCM_RIGHTS`). Message boundaries come from the socket,
+//! so there is no length prefix to get wrong, and a descriptor always
+//! arrives with the request it belongs to.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+pub use crate::generated::payload::native::*;
+
+/// The largest frame either side sends or accepts.
+pub const MAX_FRAME: usize = 128 << 10;
+/// Payloads up to this size travel inline in a put or a lease.
+pub const INLINE_MAX: usize = 64 << 10;
+/// The most descriptors one frame carries.
+pub const MAX_FDS: usize = 1;
+
+/// The native socket that sits beside an agent's gRPC socket.
+pub fn socket_path(grpc_socket: &Path) -> PathBuf {
+    let mut name = grpc_socket.as_os_str().to_owned();
+    name.push(".native");
+    PathBuf::from(name)
+}
+
+/// One received frame; its bytes are the first `len` of the buffer given
+/// to [`Socket::recv`].
+#[derive(Debug)]
+pub struct Frame {
+    pub len: usize,
+    pub fds: Vec<OwnedFd>,
+    /// The frame was larger than [`MAX_FRAME`] and was cut.
+    pub truncated: bool,
+    /// More descriptors came than [`MAX_FDS`]; the extra ones were closed.
+    pub extra_fds: bool,
+}
+
+/// A connected (or listening) non-blocking seqpacket socket.
+pub struct Socket {
+    fd: AsyncFd<OwnedFd>,
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn new_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory preconditions; we own what it returns.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the socket path {} is longer than the {} bytes a Unix socket name holds",
+                path.display(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+impl Socket {
+    fn wrap(fd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: the OwnedFd is open, and only this AsyncFd owns it until dropped.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(Self { fd })
+    }
+
+    /// Connects to a listening native socket.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let fd = new_socket()?;
+        let (addr, len) = sockaddr(path)?;
+        // SAFETY: addr is a valid sockaddr_un of length len.
+        cvt(unsafe { libc::connect(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
+        Self::wrap(fd)
+    }
+
+    /// Binds and listens on `path` (which must not exist).
+    pub fn listen(path: &Path) -> io::Result<Self> {
+        let fd = new_socket()?;
+        let (addr, len) = sockaddr(path)?;
+        // SAFETY: as in connect.
+        cvt(unsafe { libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
+        // SAFETY: listen on a bound socket we own.
+        cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
+        Self::wrap(fd)
+    }
+
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<Socket> {
+        let fd = self
+            .fd
+            .async_io(Interest::READABLE, |fd| {
+                // SAFETY: accept4 with no address out-parameters.
+                let conn = cvt(unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                })?;
+                // SAFETY: a fresh descriptor nobody else owns.
+                Ok(unsafe { OwnedFd::from_raw_fd(conn) })
+            })
+            .await?;
+        Socket::wrap(fd)
+    }
+
+    /// The peer's uid, gid and pid, as the kernel recorded them at connect.
+    pub fn peer_cred(&self) -> io::Result<libc::ucred> {
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: cred and len describe a buffer of the right size.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        })?;
+        Ok(cred)
+    }
+
+    /// Sends one frame with the given descriptors.
+    pub async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| send_frame(fd.as_raw_fd(), bytes, fds))
+            .await
+    }
+
+    /// Receives one frame into `buf` (grown to [`MAX_FRAME`] once and
+    /// reused); `Ok(None)` when the peer has closed (or sent an empty frame,
+    /// which no request or response is).
+    pub async fn recv(&self, buf: &mut Vec<u8>) -> io::Result<Option<Frame>> {
+        if buf.len() < MAX_FRAME {
+            buf.resize(MAX_FRAME, 0);
+        }
+        self.fd
+            .async_io(Interest::READABLE, |fd| recv_frame(fd.as_raw_fd(), buf))
+            .await
+    }
+}
+
+/// Space for the control message of [`MAX_FDS`] descriptors, and one more
+/// so that a peer sending too many is noticed.
+const CMSG_SPACE: usize = 64;
+
+fn send_frame(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let mut control = [0u64; CMSG_SPACE / 8];
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let payload = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        assert!(space <= CMSG_SPACE, "too many descriptors for one frame");
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer is large enough for one header and fds.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg) as *mut RawFd, fds.len());
+        }
+    }
+    // SAFETY: msg points at valid buffers; MSG_NOSIGNAL turns a closed peer into EPIPE.
+    let sent = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv_frame(fd: RawFd, bytes: &mut [u8]) -> io::Result<Option<Frame>> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let mut control = [0u64; CMSG_SPACE / 8];
+    // SAFETY: as in send_frame.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = CMSG_SPACE;
+    // SAFETY: msg points at valid buffers; CLOEXEC keeps received fds out of children.
+    let got = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let closed = got == 0 && fds.is_empty() && msg.msg_flags & libc::MSG_TRUNC == 0;
+    if closed {
+        return Ok(None);
+    }
+    let extra_fds = fds.len() > MAX_FDS || msg.msg_flags & libc::MSG_CTRUNC != 0;
+    fds.truncate(MAX_FDS);
+    Ok(Some(Frame {
+        len: got as usize,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        extra_fds,
+    }))
+}
