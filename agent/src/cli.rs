@@ -35,6 +35,17 @@ pub enum Command {
     /// agents, with --catalog postgres://...). Serves the v1 gRPC services on
     /// a Unix socket and on TCP.
     Standalone(StandaloneArgs),
+    /// Hold the memfds of sealed RAM payloads across agent restarts (the
+    /// agent starts it itself; see docs/native.md).
+    #[command(hide = true)]
+    Keeper(KeeperArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeeperArgs {
+    /// The socket to serve the agent on (`<state-dir>/keeper.sock`).
+    #[arg(long)]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -198,7 +209,9 @@ impl StandaloneArgs {
         if let Some(path) = catalog.strip_prefix("sqlite://") {
             make_private(Path::new(path.split('?').next().unwrap_or(path)));
         }
-        let ram = FileStore::ram(&ram_root, &shm_prefix, state.node_id(), ram_capacity)?;
+        let mut ram = FileStore::ram(&ram_root, &shm_prefix, state.node_id(), ram_capacity)?;
+        let (keeper, kept) = crate::keeper::Keeper::start(&state_dir)?;
+        ram.keep_memfds(keeper, kept);
         let disk = FileStore::disk(
             &disk_root.unwrap_or_else(|| state_dir.join("disk")),
             state.node_id(),

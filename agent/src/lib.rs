@@ -12,6 +12,7 @@ pub mod error;
 pub mod failpoint;
 pub mod grpc;
 pub mod journal;
+pub mod keeper;
 pub mod limits;
 pub mod memfd;
 pub mod native;

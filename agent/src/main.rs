@@ -8,6 +8,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Keeper(args) = &cli.command {
+        return payload_agent::keeper::run(&args.socket);
+    }
     let mut runtime = match cli.worker_threads {
         // One thread: no cross-thread wake-ups on the request path.
         Some(1) => tokio::runtime::Builder::new_current_thread(),
@@ -21,5 +24,6 @@ fn main() -> anyhow::Result<()> {
     let runtime = runtime.enable_all().build()?;
     match cli.command {
         Command::Standalone(args) => runtime.block_on(args.run()),
+        Command::Keeper(_) => unreachable!("served above"),
     }
 }

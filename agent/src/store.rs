@@ -43,6 +43,8 @@ pub struct FileStore {
     used: AtomicU64,
     /// Memfd regions (RAM only), by payload.
     memfds: Mutex<HashMap<PayloadId, Arc<File>>>,
+    /// Holds a copy of every memfd, so they outlive an agent crash.
+    keeper: Option<crate::keeper::Keeper>,
 }
 
 /// What a scan of a tier's root found.
@@ -99,6 +101,7 @@ impl FileStore {
             capacity,
             used: AtomicU64::new(0),
             memfds: Mutex::new(HashMap::new()),
+            keeper: None,
         })
     }
 
@@ -209,19 +212,31 @@ impl FileStore {
         self.memfds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Creates a memfd region of `size` bytes with its pages allocated.
-    pub fn create_memfd(&self, id: PayloadId, size: u64) -> io::Result<Arc<File>> {
-        let file = Arc::new(crate::memfd::create(&format!("payload-{id}"), size)?);
-        self.memfds().insert(id, file.clone());
-        Ok(file)
+    /// Hands every memfd region to `keeper` from now on, and takes back
+    /// the ones it kept (start-up: recovery drops those no row names).
+    pub fn keep_memfds(&mut self, keeper: crate::keeper::Keeper, kept: Vec<(PayloadId, File)>) {
+        self.memfds().extend(kept.into_iter().map(|(id, f)| (id, Arc::new(f))));
+        self.keeper = Some(keeper);
     }
 
-    /// Takes a memfd written elsewhere (a client's, or one kept across a
-    /// restart) as the region of `id`.
-    pub fn adopt_memfd(&self, id: PayloadId, file: File) -> Arc<File> {
+    /// The payloads with memfd regions.
+    pub fn memfd_ids(&self) -> Vec<PayloadId> {
+        self.memfds().keys().copied().collect()
+    }
+
+    /// Creates a memfd region of `size` bytes with its pages allocated.
+    pub fn create_memfd(&self, id: PayloadId, size: u64) -> io::Result<Arc<File>> {
+        self.adopt_memfd(id, crate::memfd::create(&format!("payload-{id}"), size)?)
+    }
+
+    /// Takes a memfd written elsewhere (a client's) as the region of `id`.
+    pub fn adopt_memfd(&self, id: PayloadId, file: File) -> io::Result<Arc<File>> {
+        if let Some(keeper) = &self.keeper {
+            keeper.keep(id, &file)?;
+        }
         let file = Arc::new(file);
         self.memfds().insert(id, file.clone());
-        file
+        Ok(file)
     }
 
     /// The region's memfd, if it is one.
@@ -281,6 +296,9 @@ impl FileStore {
     /// Removes the region; a region already gone is not an error.
     pub fn remove(&self, id: PayloadId) -> io::Result<()> {
         if self.memfds().remove(&id).is_some() {
+            if let Some(keeper) = &self.keeper {
+                keeper.forget(id);
+            }
             return Ok(());
         }
         match fs::remove_file(self.path(id)) {

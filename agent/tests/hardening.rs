@@ -35,6 +35,8 @@ async fn three_agents_sharing_dev_shm_with_default_flags_never_touch_each_others
     let mut agents = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
         let (agent, client) = Agent::start_with(d, &flags).await;
+        // Named regions in the shared root are what this test is about.
+        let client = v1(d).await;
         let mut mine = Vec::new();
         for n in 0..4u8 {
             mine.push(put(&client, &pattern(8192, n + 10 * i as u8), Tier::Ram).await.unwrap());
@@ -50,6 +52,8 @@ async fn three_agents_sharing_dev_shm_with_default_flags_never_touch_each_others
     }
     for (i, d) in dirs.iter().enumerate() {
         let (agent, client) = Agent::start_with(d, &flags).await;
+        // Named regions in the shared root are what this test is about.
+        let client = v1(d).await;
         assert_served(&client, &acked[i]).await;
         let node = d.node_id();
         let on_shm: Vec<_> = Dirs::files_in(dirs[0].ram.path())
@@ -248,6 +252,8 @@ async fn a_ram_root_smaller_than_its_capacity_is_refused_and_a_full_one_answers_
     assert!(refused.contains("larger than the filesystem"), "{refused}");
     let flags = ["--ram-root", root.as_str(), "--ram-capacity", "12MiB"];
     let (agent, client) = Agent::start_with(&dirs, &flags).await;
+    // Named regions in the shared root are what this test is about.
+    let client = v1(&dirs).await;
     let first = put(&client, &pattern(1 << 20, 4), Tier::Ram).await.unwrap();
     fs.fill(2 << 20);
     let err = put(&client, &pattern(6 << 20, 5), Tier::Ram).await.unwrap_err();

@@ -101,11 +101,8 @@ async fn a_v1_lease_on_a_sealed_payload_says_why_it_cannot() {
     let dirs = Dirs::new();
     let (agent, client) = Agent::start(&dirs).await;
     let (id, _) = put(&client, b"sealed", Tier::Ram).await.unwrap();
-    let opts = payload_client::LeaseOptions {
-        timed: true,
-        ..Default::default()
-    };
-    match client.get_with(id, opts).await {
+    let v1 = common::process::v1(&dirs).await;
+    match v1.get(id).await {
         Err(ClientError::FailedPrecondition(msg)) => assert!(msg.contains("sealed memfd"), "{msg}"),
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a v1 lease cannot hand out a sealed payload"),

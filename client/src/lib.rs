@@ -78,8 +78,8 @@ pub struct LeaseOptions {
     pub best_effort: bool,
     /// 0 = the agent's default.
     pub duration_ms: u64,
-    /// A lease with an expiry that outlives this connection (gRPC), even
-    /// where the native socket would give a session lease.
+    /// A lease with an expiry that outlives this connection, instead of
+    /// the session lease the native socket gives by default.
     pub timed: bool,
 }
 
@@ -171,6 +171,12 @@ impl Client {
             .map_err(|_| ClientError::Protocol("the client I/O thread ended before connecting".into()))??;
         client._io = Some(Arc::new(IoThread(Some(stop))));
         Ok(client)
+    }
+
+    /// Connects over gRPC only, as a v1 client does: RAM payloads are then
+    /// named `/dev/shm` regions, and leases are timed.
+    pub async fn connect_grpc(target: &str) -> Result<Client> {
+        Ok(Self::from_channel(connect::channel(target).await?))
     }
 
     /// The gRPC channel, and the native socket beside a Unix socket when
@@ -340,7 +346,10 @@ impl Client {
     /// lease, and a payload this client already holds one on comes back
     /// without a call.
     pub async fn get_with(&self, id: PayloadId, opts: LeaseOptions) -> Result<Lease> {
-        if let (Some(native), false) = (&self.native, opts.timed) {
+        if let Some(native) = &self.native {
+            if opts.timed {
+                return put::native_lease(native, id, opts, self.native_releases.clone()).await;
+            }
             if let Some(lease) = self.held.get(id) {
                 return Ok(lease);
             }

@@ -214,6 +214,8 @@ pub(crate) async fn native_lease(
         min_tier: opts.min_tier.map(|t| t as i32).unwrap_or(0),
         best_effort: opts.best_effort,
         inline_max_bytes: INLINE_GET,
+        timed: opts.timed,
+        duration_ms: opts.duration_ms,
     };
     let (answer, fd) = conn.call(Op::Lease(lease), None).await?;
     let Answer::Leased(l) = answer else {
@@ -253,7 +255,7 @@ pub(crate) async fn native_lease(
             lease_id,
             desc: descriptor(id, l.tier, state, l.size_bytes, Vec::new()),
             view,
-            expires_at_ms: u64::MAX,
+            expires_at_ms: if opts.timed { l.expires_at_ms } else { u64::MAX },
             releases: Mutex::new(Some(releases)),
         }),
     })

@@ -53,15 +53,10 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn new_socket() -> io::Result<OwnedFd> {
+fn new_socket(nonblocking: bool) -> io::Result<OwnedFd> {
+    let flags = if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: socket has no memory preconditions; we own what it returns.
-    let fd = cvt(unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
+    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | flags, 0) })?;
     // SAFETY: fd is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -88,6 +83,26 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     Ok((addr, len as libc::socklen_t))
 }
 
+/// A connected seqpacket socket (blocking unless `nonblocking`).
+pub fn connect_fd(path: &Path, nonblocking: bool) -> io::Result<OwnedFd> {
+    let fd = new_socket(nonblocking)?;
+    let (addr, len) = sockaddr(path)?;
+    // SAFETY: addr is a valid sockaddr_un of length len.
+    cvt(unsafe { libc::connect(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
+    Ok(fd)
+}
+
+/// A seqpacket socket listening on `path` (blocking unless `nonblocking`).
+pub fn listen_fd(path: &Path, nonblocking: bool) -> io::Result<OwnedFd> {
+    let fd = new_socket(nonblocking)?;
+    let (addr, len) = sockaddr(path)?;
+    // SAFETY: as in connect_fd.
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
+    // SAFETY: listen on a bound socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
+    Ok(fd)
+}
+
 impl Socket {
     fn wrap(fd: OwnedFd) -> io::Result<Self> {
         // SAFETY: the OwnedFd is open, and only this AsyncFd owns it until dropped.
@@ -97,22 +112,12 @@ impl Socket {
 
     /// Connects to a listening native socket.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        let fd = new_socket()?;
-        let (addr, len) = sockaddr(path)?;
-        // SAFETY: addr is a valid sockaddr_un of length len.
-        cvt(unsafe { libc::connect(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
-        Self::wrap(fd)
+        Self::wrap(connect_fd(path, true)?)
     }
 
     /// Binds and listens on `path` (which must not exist).
     pub fn listen(path: &Path) -> io::Result<Self> {
-        let fd = new_socket()?;
-        let (addr, len) = sockaddr(path)?;
-        // SAFETY: as in connect.
-        cvt(unsafe { libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) })?;
-        // SAFETY: listen on a bound socket we own.
-        cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
-        Self::wrap(fd)
+        Self::wrap(listen_fd(path, true)?)
     }
 
     /// Accepts one connection.
@@ -177,7 +182,8 @@ impl Socket {
 /// so that a peer sending too many is noticed.
 const CMSG_SPACE: usize = 64;
 
-fn send_frame(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+/// Sends one frame with `fds` on a seqpacket socket.
+pub fn send_frame(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
@@ -211,7 +217,8 @@ fn send_frame(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
-fn recv_frame(fd: RawFd, bytes: &mut [u8]) -> io::Result<Option<Frame>> {
+/// Receives one frame into `bytes`; `None` when the peer has closed.
+pub fn recv_frame(fd: RawFd, bytes: &mut [u8]) -> io::Result<Option<Frame>> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_mut_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),

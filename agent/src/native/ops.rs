@@ -129,11 +129,19 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
 async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(Answer, Out), Status> {
     let id = payload_id(&l.payload_id)?;
     let min_tier = optional_tier(l.min_tier, "min_tier")?;
+    let duration = if l.timed {
+        node.config().limits.duration("duration_ms", l.duration_ms)?;
+        l.duration_ms
+    } else {
+        SESSION
+    };
     let grant = node
-        .acquire(id, min_tier, !l.best_effort, SESSION)
+        .acquire(id, min_tier, !l.best_effort, duration)
         .await
         .map_err(status)?;
-    session.add(grant.lease);
+    if !l.timed {
+        session.add(grant.lease);
+    }
     let opened = open_copy(node, grant.rec.tier, id);
     let read = opened.and_then(|(file, sealed)| {
         let size = grant.rec.size_bytes;
@@ -153,6 +161,7 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
                 tier: grant.rec.tier as i32,
                 data,
                 sealed,
+                expires_at_ms: if l.timed { grant.expires_ms } else { 0 },
             }),
             out,
         )),

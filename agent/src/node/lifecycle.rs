@@ -314,10 +314,10 @@ impl Node {
         let created = match region {
             NewRegion::Named => store.create_async(id, size).await,
             NewRegion::Memfd => super::sealed::create_memfd(self, id, size).await,
-            NewRegion::Given(file) => {
-                store.adopt_memfd(id, file);
-                Ok(())
-            }
+            NewRegion::Given(file) => store
+                .adopt_memfd(id, file)
+                .map(drop)
+                .map_err(|e| io_error("handing the memfd to its keeper", e)),
         };
         if let Err(e) = created {
             store.unreserve(size);

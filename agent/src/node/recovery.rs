@@ -380,6 +380,12 @@ impl Node {
             });
             // (Regions load dropped are gone already; another user's file
             // with this node's name is not ours to remove.)
+            // Memfds the keeper held for payloads no row names.
+            for id in store.memfd_ids() {
+                if !owned.contains(&id) && !rejected.contains(&id) && store.remove(id).is_ok() {
+                    report.orphans_removed += 1;
+                }
+            }
             let mut not_owned = 0;
             let orphans = scan
                 .ours

@@ -82,6 +82,7 @@ pub async fn stat(client: &Client, args: IdArg, format: Format) -> anyhow::Resul
         value["version"] = json!(desc.version);
         value["location"] = location_json(&desc);
         value["copies"] = copies_json(&desc);
+        value["sealed"] = json!(desc.sealed);
         if let Some(object) = &desc.object {
             value["object"] = json!({
                 "bucket": object.bucket,
@@ -112,6 +113,7 @@ pub async fn stat(client: &Client, args: IdArg, format: Format) -> anyhow::Resul
         Some(Location::Ram(ram)) => pairs.push(("shm name", ram.shm_name.clone())),
         Some(Location::Disk(disk)) => pairs.push(("offset", disk.offset_bytes.to_string())),
         Some(Location::Gpu(gpu)) => pairs.push(("gpu device", gpu.device_id.to_string())),
+        None if desc.sealed => pairs.push(("sealed", "yes: a memfd, read over the native socket".into())),
         None => {}
     }
     pairs.push(("path", location_text(&desc)));
@@ -275,7 +277,7 @@ pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::
         best_effort: false,
         duration_ms: duration.unwrap_or(0),
         // Without --hold the lease outlives payloadctl, so it needs an expiry.
-        timed: !hold || !client.is_native(),
+        timed: !hold,
     };
     if hold {
         return hold_lease(client, id, opts, format).await;
@@ -314,8 +316,8 @@ pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::
 }
 
 /// Holds a lease until payloadctl is interrupted: a session lease over the
-/// native socket (it ends if payloadctl is killed), else a timed lease
-/// renewed at half its life and released at the end.
+/// native socket (it ends if payloadctl is killed), else (over TCP) a
+/// timed lease renewed at half its life and released at the end.
 async fn hold_lease(
     client: &Client,
     id: payload_client::PayloadId,
@@ -326,7 +328,7 @@ async fn hold_lease(
         .get_with(id, opts)
         .await
         .with_context(|| format!("leasing {id}"))?;
-    let session = !opts.timed;
+    let session = client.is_native();
     if format == Format::Json {
         print_json(&json!({
             "lease_id": lease.lease_id().to_string(),

@@ -272,6 +272,9 @@ pub fn descriptor_json(desc: &PayloadDescriptor) -> Value {
     if !desc.sha256.is_empty() {
         value["sha256"] = Value::String(hex::encode(&desc.sha256));
     }
+    if desc.sealed {
+        value["sealed"] = Value::Bool(true);
+    }
     value
 }
 

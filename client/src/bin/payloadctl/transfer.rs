@@ -187,7 +187,13 @@ pub async fn put(client: &Client, args: PutArgs, format: Format) -> anyhow::Resu
     };
     match format {
         Format::Table => print(&format!("{}\n", id_text(desc.payload_id.as_ref()))),
-        Format::Json => print_json(&descriptor_json(&desc)),
+        Format::Json => {
+            // The native socket answers a put briefly: the agent's full
+            // descriptor (a disk path, say) comes from one lookup.
+            let id = payload_client::descriptor_id(&desc)?;
+            let full = client.stat(id).await.ok().and_then(|s| s.payload_descriptor);
+            print_json(&descriptor_json(full.as_ref().unwrap_or(&desc)))
+        }
     }
 }
 
