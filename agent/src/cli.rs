@@ -34,7 +34,7 @@ pub enum Command {
     /// process, no Kubernetes (or a PostgreSQL catalog shared with other
     /// agents, with --catalog postgres://...). Serves the v1 gRPC services on
     /// a Unix socket and on TCP.
-    Standalone(StandaloneArgs),
+    Standalone(Box<StandaloneArgs>),
     /// Hold the memfds of sealed RAM payloads across agent restarts (the
     /// agent starts it itself; see docs/native.md).
     #[command(hide = true)]

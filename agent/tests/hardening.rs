@@ -34,7 +34,7 @@ async fn three_agents_sharing_dev_shm_with_default_flags_never_touch_each_others
     let mut acked = Vec::new();
     let mut agents = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
-        let (agent, client) = Agent::start_with(d, &flags).await;
+        let (agent, _) = Agent::start_with(d, &flags).await;
         // Named regions in the shared root are what this test is about.
         let client = v1(d).await;
         let mut mine = Vec::new();
@@ -51,7 +51,7 @@ async fn three_agents_sharing_dev_shm_with_default_flags_never_touch_each_others
         Agent::start_with(d, &flags).await.0.kill9();
     }
     for (i, d) in dirs.iter().enumerate() {
-        let (agent, client) = Agent::start_with(d, &flags).await;
+        let (agent, _) = Agent::start_with(d, &flags).await;
         // Named regions in the shared root are what this test is about.
         let client = v1(d).await;
         assert_served(&client, &acked[i]).await;
@@ -251,7 +251,7 @@ async fn a_ram_root_smaller_than_its_capacity_is_refused_and_a_full_one_answers_
     let refused = Agent::refused(&dirs, &["--ram-root", &root, "--ram-capacity", "64MiB"]);
     assert!(refused.contains("larger than the filesystem"), "{refused}");
     let flags = ["--ram-root", root.as_str(), "--ram-capacity", "12MiB"];
-    let (agent, client) = Agent::start_with(&dirs, &flags).await;
+    let (agent, _) = Agent::start_with(&dirs, &flags).await;
     // Named regions in the shared root are what this test is about.
     let client = v1(&dirs).await;
     let first = put(&client, &pattern(1 << 20, 4), Tier::Ram).await.unwrap();
