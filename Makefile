@@ -3,10 +3,12 @@
 
 CARGO ?= cargo
 VENV ?= $(CURDIR)/.venv
+# The peers `make bench-peers` measures (Vineyard, Ray) live apart from $(VENV).
+BENCH_VENV ?= $(CURDIR)/.venv-bench
 # Where `make run` keeps its state; override to start afresh.
 STATE_DIR ?= $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/payload-manager
 
-.PHONY: build run test test-rust test-python lint bench clean venv
+.PHONY: build run test test-rust test-python lint bench bench-peers clean venv
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -58,6 +60,11 @@ bench: venv
 	$(CARGO) bench -p payload-agent --bench standalone
 	$(CARGO) bench -p payload-agent --bench catalog
 	$(CARGO) bench -p payload-agent --bench objects
+
+## Ours beside Vineyard and Ray's object store (PyPI, in .venv-bench) on the
+## same workloads, one run, one table in docs/benchmarks.md.
+bench-peers:
+	CARGO="$(CARGO)" BENCH_VENV="$(BENCH_VENV)" OUT="$(CURDIR)/target/bench-peers" bash bench/peers/run.sh
 
 clean:
 	$(CARGO) clean
