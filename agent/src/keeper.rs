@@ -151,6 +151,8 @@ fn list(conn: &OwnedFd) -> io::Result<Vec<(PayloadId, File)>> {
 
 /// The keeper process: holds memfds until told to drop them.
 pub fn run(socket: &Path) -> anyhow::Result<()> {
+    // One descriptor per payload it keeps.
+    crate::memfd::raise_fd_limit();
     if socket.exists() {
         anyhow::ensure!(
             connect_fd(socket, false).is_err(),
@@ -199,28 +201,73 @@ pub fn run(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// How long the keeper lets messages gather between reads: while it
+/// sleeps, an agent's send wakes nobody (one wake-up per batch, not per put).
+const GATHER: Duration = Duration::from_millis(2);
+
 /// One agent's connection, until it closes.
 fn serve(conn: &OwnedFd, kept: &mut HashMap<PayloadId, OwnedFd>, buf: &mut [u8]) {
-    while let Ok(Some(frame)) = recv_frame(conn.as_raw_fd(), buf) {
-        let text = std::str::from_utf8(&buf[..frame.len]).unwrap_or_default().to_string();
-        let (verb, id) = text.split_once(' ').unwrap_or((text.as_str(), ""));
-        let id = PayloadId::parse(id).ok();
-        match (verb, id, frame.fds.into_iter().next()) {
-            ("keep", Some(id), Some(fd)) => {
-                kept.insert(id, fd);
-            }
-            ("drop", Some(id), _) => {
-                kept.remove(&id);
-            }
-            ("list", _, _) => {
-                let sent = kept.iter().try_for_each(|(id, fd)| {
-                    send_frame(conn.as_raw_fd(), format!("fd {id}").as_bytes(), &[fd.as_raw_fd()])
-                });
-                if sent.and_then(|()| send_frame(conn.as_raw_fd(), b"end", &[])).is_err() {
-                    return;
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(conn.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(conn.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    loop {
+        let mut poll = libc::pollfd {
+            fd: conn.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        if unsafe { libc::poll(&mut poll, 1, -1) } < 0 {
+            continue;
+        }
+        loop {
+            match recv_frame(conn.as_raw_fd(), buf) {
+                Ok(Some(frame)) => {
+                    if !handle(conn, kept, &buf[..frame.len], frame.fds) {
+                        return;
+                    }
                 }
+                Ok(None) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
             }
-            _ => eprintln!("payload-agent keeper: ignored a message it does not know: {text:?}"),
+        }
+        std::thread::sleep(GATHER);
+    }
+}
+
+/// One message; false when the connection is to be dropped.
+fn handle(conn: &OwnedFd, kept: &mut HashMap<PayloadId, OwnedFd>, bytes: &[u8], fds: Vec<OwnedFd>) -> bool {
+    let text = std::str::from_utf8(bytes).unwrap_or_default().to_string();
+    let (verb, id) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+    let id = PayloadId::parse(id).ok();
+    match (verb, id, fds.into_iter().next()) {
+        ("keep", Some(id), Some(fd)) => {
+            kept.insert(id, fd);
+        }
+        ("drop", Some(id), _) => {
+            kept.remove(&id);
+        }
+        ("list", _, _) => {
+            let sent = kept
+                .iter()
+                .try_for_each(|(id, fd)| send_blocking(conn, format!("fd {id}").as_bytes(), &[fd.as_raw_fd()]));
+            return sent.and_then(|()| send_blocking(conn, b"end", &[])).is_ok();
+        }
+        _ => eprintln!("payload-agent keeper: ignored a message it does not know: {text:?}"),
+    }
+    true
+}
+
+/// Sends on the non-blocking connection, waiting while its buffer is full.
+fn send_blocking(conn: &OwnedFd, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    loop {
+        match send_frame(conn.as_raw_fd(), bytes, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(GATHER),
+            other => return other,
         }
     }
 }

@@ -57,6 +57,32 @@ pub fn is_sealed(file: &File) -> bool {
     seals(file).is_ok_and(|s| s & SEALS == SEALS)
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit
+/// (every sealed payload holds one) and returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit fill and read a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
+/// Descriptors kept free of sealed payloads, for sockets, files and the
+/// catalog: running out of those would fail far more than one put.
+pub const FD_HEADROOM: u64 = 4096;
+
 /// Why a region could not be sealed.
 #[derive(Debug)]
 pub enum SealError {

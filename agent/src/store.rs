@@ -45,7 +45,17 @@ pub struct FileStore {
     memfds: Mutex<HashMap<PayloadId, Arc<File>>>,
     /// Holds a copy of every memfd, so they outlive an agent crash.
     keeper: Option<crate::keeper::Keeper>,
+    /// The most memfd regions at once: each holds a descriptor.
+    max_memfds: usize,
+    /// Memfds made ahead of small puts, their pages allocated (RAM).
+    pool: Mutex<Vec<File>>,
+    refilling: std::sync::atomic::AtomicBool,
 }
+
+/// Pooled memfds hold this much; smaller puts shrink one to size.
+pub const POOL_SLOT: u64 = 64 << 10;
+/// How many the pool keeps ready.
+const POOL_DEPTH: usize = 64;
 
 /// What a scan of a tier's root found.
 #[derive(Debug, Default)]
@@ -102,6 +112,9 @@ impl FileStore {
             used: AtomicU64::new(0),
             memfds: Mutex::new(HashMap::new()),
             keeper: None,
+            max_memfds: memfd_budget(crate::memfd::raise_fd_limit()),
+            pool: Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -224,9 +237,61 @@ impl FileStore {
         self.memfds().keys().copied().collect()
     }
 
+    /// Whether another memfd region fits in the descriptor budget.
+    pub fn check_memfd_room(&self) -> Result<(), AgentError> {
+        let held = self.memfds().len();
+        if held < self.max_memfds {
+            return Ok(());
+        }
+        Err(AgentError::ResourceExhausted(format!(
+            "this node holds {held} sealed RAM payloads, one descriptor each: the most its descriptor limit allows \
+             (raise the agent's `ulimit -n` / LimitNOFILE, spill or delete payloads, or put over gRPC for a named \
+             /dev/shm region)"
+        )))
+    }
+
     /// Creates a memfd region of `size` bytes with its pages allocated.
     pub fn create_memfd(&self, id: PayloadId, size: u64) -> io::Result<Arc<File>> {
-        self.adopt_memfd(id, crate::memfd::create(&format!("payload-{id}"), size)?)
+        self.adopt_memfd(id, self.new_memfd(size)?)
+    }
+
+    /// A memfd of `size` bytes with its pages allocated: from the pool when
+    /// it is small, so the request path rarely creates or faults one.
+    pub fn new_memfd(&self, size: u64) -> io::Result<File> {
+        if size <= POOL_SLOT {
+            let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            if let Some(file) = pooled {
+                // Shrinking frees the pages past `size`.
+                file.set_len(size)?;
+                return Ok(file);
+            }
+        }
+        crate::memfd::create("payload", size)
+    }
+
+    /// Whether the pool wants filling and nobody is filling it yet; a true
+    /// answer must be followed by [`FileStore::refill_pool`].
+    pub fn pool_wants_refill(&self) -> bool {
+        let low = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() < POOL_DEPTH / 2;
+        low && !self.refilling.swap(true, Ordering::AcqRel)
+    }
+
+    /// Fills the pool (blocking: it allocates pages).
+    pub fn refill_pool(&self) {
+        loop {
+            let have = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
+            if have >= POOL_DEPTH {
+                break;
+            }
+            match crate::memfd::create("payload", POOL_SLOT) {
+                Ok(file) => self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(file),
+                Err(e) => {
+                    tracing::debug!(%e, "could not fill the memfd pool");
+                    break;
+                }
+            }
+        }
+        self.refilling.store(false, Ordering::Release);
     }
 
     /// Takes a memfd written elsewhere (a client's) as the region of `id`.
@@ -376,6 +441,12 @@ impl FileStore {
         }
         Ok(scan)
     }
+}
+
+/// How many memfd regions a descriptor limit leaves room for.
+fn memfd_budget(fd_limit: u64) -> usize {
+    let budget = fd_limit.saturating_sub(crate::memfd::FD_HEADROOM).max(fd_limit / 2);
+    usize::try_from(budget).unwrap_or(usize::MAX)
 }
 
 /// A region open for reading; `path` names it while `file` is open.

@@ -322,8 +322,13 @@ async fn holder_helper() {
     }
 }
 
+/// The agent's open descriptors other than memfds (its payloads and its
+/// pool of fresh regions hold those).
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| !target.to_string_lossy().starts_with("/memfd:"))
+        .count()
 }

@@ -152,7 +152,9 @@ pub(crate) async fn native_allocate(conn: &Native, size: u64, opts: &PutOptions)
             let file = File::from(fd);
             // SAFETY: the region was made for this writer alone; nobody
             // reads it until the commit, which needs it unmapped.
-            unsafe { MmapOptions::new().len(size as usize).map_mut(&file) }
+            // Populated: the agent allocated the pages, and faulting them
+            // in here at once is cheaper than one fault per page later.
+            unsafe { MmapOptions::new().len(size as usize).populate().map_mut(&file) }
                 .map_err(|e| ClientError::io("mapping the allocation", e))
         });
     match mapped {

@@ -70,16 +70,7 @@ impl Node {
         req: AllocateRequest,
         region: NewRegion,
     ) -> Result<PayloadRecord, AgentError> {
-        if req.size_bytes == 0 {
-            return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
-        }
-        if req.size_bytes > self.cfg.max_payload_bytes {
-            return Err(AgentError::InvalidArgument(format!(
-                "size_bytes {} exceeds the maximum payload size of {} bytes; split the payload",
-                req.size_bytes, self.cfg.max_payload_bytes
-            )));
-        }
-        self.writer.admit()?;
+        self.check_allocation(&req)?;
         let id = PayloadId::random();
         if req.tier == Tier::Object {
             // The client uploads the bytes itself; ImportPayload adopts them.
@@ -89,29 +80,11 @@ impl Node {
         }
         crate::failpoint!("after-region-create");
         let now = self.now_ms();
-        let never = req.no_evict || req.priority == Priority::Never;
-        let deadline = if req.write_deadline_ms == 0 {
-            self.cfg.write_deadline_ms
-        } else {
-            req.write_deadline_ms
-        };
-        let rec = PayloadRecord {
-            expires_at_ms: if req.ttl_ms > 0 && !never {
-                now.saturating_add(req.ttl_ms)
-            } else {
-                0
-            },
-            write_deadline_ms: now.saturating_add(deadline),
-            priority: if req.no_evict { Priority::Never } else { req.priority },
-            spill_target: req.spill_target.unwrap_or(Tier::Disk),
-            min_residency_tier: req.min_residency_tier,
-            require_durable: req.require_durable,
-            labels: req.labels,
-            ..PayloadRecord::allocated(id, req.tier, req.size_bytes, now)
-        };
+        let tier = req.tier;
+        let rec = self.allocation_record(req, id, now);
         if let Err(err) = self.writer.write(Write::Insert(rec.clone())) {
-            if req.tier != Tier::Object {
-                self.free_copy(req.tier, id, req.size_bytes);
+            if tier != Tier::Object {
+                self.free_copy(tier, id, rec.size_bytes);
             }
             return Err(err);
         }
@@ -293,7 +266,45 @@ impl Node {
 
     /// Reserves capacity on a local tier (RAM makes room by spilling) and
     /// creates the region; on failure nothing is left taken.
-    async fn reserve_region(
+    /// Bounds every allocation is checked against.
+    pub(super) fn check_allocation(&self, req: &AllocateRequest) -> Result<(), AgentError> {
+        if req.size_bytes == 0 {
+            return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
+        }
+        if req.size_bytes > self.cfg.max_payload_bytes {
+            return Err(AgentError::InvalidArgument(format!(
+                "size_bytes {} exceeds the maximum payload size of {} bytes; split the payload",
+                req.size_bytes, self.cfg.max_payload_bytes
+            )));
+        }
+        self.writer.admit()
+    }
+
+    /// The row of a new allocation.
+    pub(super) fn allocation_record(&self, req: AllocateRequest, id: PayloadId, now: u64) -> PayloadRecord {
+        let never = req.no_evict || req.priority == Priority::Never;
+        let deadline = if req.write_deadline_ms == 0 {
+            self.cfg.write_deadline_ms
+        } else {
+            req.write_deadline_ms
+        };
+        PayloadRecord {
+            expires_at_ms: if req.ttl_ms > 0 && !never {
+                now.saturating_add(req.ttl_ms)
+            } else {
+                0
+            },
+            write_deadline_ms: now.saturating_add(deadline),
+            priority: if req.no_evict { Priority::Never } else { req.priority },
+            spill_target: req.spill_target.unwrap_or(Tier::Disk),
+            min_residency_tier: req.min_residency_tier,
+            require_durable: req.require_durable,
+            labels: req.labels,
+            ..PayloadRecord::allocated(id, req.tier, req.size_bytes, now)
+        }
+    }
+
+    pub(super) async fn reserve_region(
         self: &Arc<Self>,
         tier: Tier,
         id: PayloadId,
@@ -306,6 +317,9 @@ impl Node {
                 "sealed regions are RAM only; the {} tier takes named files",
                 tier.name()
             )));
+        }
+        if !matches!(region, NewRegion::Named) {
+            store.check_memfd_room()?;
         }
         if store.reserve(size).is_err() {
             self.make_room(tier, size).await;

@@ -6,10 +6,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use payload_catalog::{PayloadId, PayloadRecord, Tier};
+use payload_catalog::lifecycle::{transition, Event};
+use payload_catalog::{PayloadId, PayloadRecord, Tier, Write};
+use sha2::{Digest, Sha256};
 
 use super::lifecycle::NewRegion;
-use super::{AllocateRequest, Node};
+use super::{AllocateRequest, Entry, Node};
 use crate::error::AgentError;
 use crate::store::io_error;
 
@@ -100,6 +102,9 @@ impl Node {
                         req.size_bytes
                     )));
                 }
+                if !opts.sync && !opts.object {
+                    return self.put_inline(req, &bytes, opts.expected).await;
+                }
                 Err(bytes)
             }
             PutBody::Memfd(file) => {
@@ -135,6 +140,69 @@ impl Node {
         })
         .await
         .map_err(|e| crate::error::task_failed("putting", e))?
+    }
+}
+
+impl Node {
+    /// The small-put hot path: a pooled memfd filled, sealed and hashed
+    /// here, and one catalog write of the committed row (no allocation row,
+    /// no digest written later).
+    async fn put_inline(
+        self: &Arc<Self>,
+        req: AllocateRequest,
+        bytes: &[u8],
+        expected: Option<[u8; 32]>,
+    ) -> Result<PayloadRecord, AgentError> {
+        self.check_allocation(&req)?;
+        let store = self.store(Tier::Ram)?;
+        store.check_memfd_room()?;
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(want) = expected.filter(|want| *want != digest) {
+            return Err(AgentError::InvalidArgument(format!(
+                "the bytes sent hash to {} but the put expected {}; send them again",
+                hex::encode(digest),
+                hex::encode(want)
+            )));
+        }
+        let size = req.size_bytes;
+        if store.reserve(size).is_err() {
+            // The only wait: nothing is taken before it, so a caller that
+            // goes away here leaves nothing behind.
+            self.make_room(Tier::Ram, size).await;
+            store.reserve(size)?;
+        }
+        let id = PayloadId::random();
+        let filled = store.new_memfd(size).and_then(|file| {
+            file.write_all_at(bytes, 0)?;
+            crate::memfd::seal(&file).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            store.adopt_memfd(id, file)
+        });
+        if store.pool_wants_refill() {
+            let node = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Ok(store) = node.store(Tier::Ram) {
+                    store.refill_pool();
+                }
+            });
+        }
+        if let Err(e) = filled {
+            store.unreserve(size);
+            return Err(io_error("writing the sealed payload", e));
+        }
+        let now = self.now_ms();
+        let mut rec = self.allocation_record(req, id, now);
+        rec.state = transition(rec.state, Event::Commit { durable: false })?;
+        rec.version += 1;
+        rec.sha256 = Some(digest);
+        if let Err(err) = self.writer.write(Write::Insert(rec.clone())) {
+            self.free_copy(Tier::Ram, id, size);
+            return Err(err);
+        }
+        self.payloads
+            .shard(&id)
+            .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
+        self.kick_spill_if_needed();
+        Ok(rec)
     }
 }
 
