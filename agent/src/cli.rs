@@ -110,6 +110,17 @@ pub struct StandaloneArgs {
     /// unavailable; past it, Allocate, Commit and Pin answer UNAVAILABLE.
     #[arg(long, env = "PM_CATALOG_BACKLOG", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub catalog_backlog: u64,
+    /// Who may read (lease) a payload besides its owner: `owner`, `group`
+    /// (the owner's group too) or `node` (every local user). Changes stay
+    /// the owner's. The sockets' modes follow (0600, 0660, 0666), and so do
+    /// named regions' once sealed (0400, 0440, 0444).
+    #[arg(long, env = "PM_READ_ACCESS", value_enum, default_value_t = crate::identity::ReadAccess::Owner)]
+    pub read_access: crate::identity::ReadAccess,
+    /// A file holding the token TCP callers must send as `authorization:
+    /// Bearer <token>`. Without it TCP is for loopback only, and its callers
+    /// are one anonymous identity.
+    #[arg(long, env = "PM_TCP_TOKEN_FILE")]
+    pub tcp_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub object: crate::object::args::ObjectArgs,
     #[command(flatten)]
@@ -140,6 +151,18 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// How long SIGTERM waits for in-flight calls.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The TCP token: the file's first line, which must not be empty.
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --tcp-token-file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty() && token.chars().all(|c| c.is_ascii_graphic()),
+        "--tcp-token-file {} must hold one token of printable ASCII on its first line",
+        path.display()
+    );
+    Ok(token)
+}
+
 fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("payload-manager"));
@@ -169,6 +192,8 @@ impl StandaloneArgs {
             max_payload_size,
             node_name,
             catalog_backlog,
+            read_access,
+            tcp_token_file,
             object,
             limits,
         } = self;
@@ -193,6 +218,17 @@ impl StandaloneArgs {
                     .with_context(|| format!("--listen {addr:?} is not host:port or off"))?,
             ),
         };
+        let token = match &tcp_token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        if let Some(addr) = tcp {
+            anyhow::ensure!(
+                addr.ip().is_loopback() || token.is_some(),
+                "--listen {addr} is reachable from other hosts: give it a token with --tcp-token-file (or listen on \
+                 127.0.0.1)"
+            );
+        }
         let catalog = catalog.unwrap_or_else(|| format!("sqlite://{}", state_dir.join("catalog.db").display()));
         anyhow::ensure!(
             !node_name.is_empty() && node_name.len() <= 253 && !node_name.contains('\0'),
@@ -210,13 +246,15 @@ impl StandaloneArgs {
             make_private(Path::new(path.split('?').next().unwrap_or(path)));
         }
         let mut ram = FileStore::ram(&ram_root, &shm_prefix, state.node_id(), ram_capacity)?;
+        ram.set_sealed_mode(read_access.region_mode());
         let (keeper, kept) = crate::keeper::Keeper::start(&state_dir)?;
         ram.keep_memfds(keeper, kept);
-        let disk = FileStore::disk(
+        let mut disk = FileStore::disk(
             &disk_root.unwrap_or_else(|| state_dir.join("disk")),
             state.node_id(),
             disk_capacity,
         )?;
+        disk.set_sealed_mode(read_access.region_mode());
         let cfg = NodeConfig {
             node_name,
             lease_default_ms,
@@ -231,6 +269,7 @@ impl StandaloneArgs {
             object_gc_interval_ms: object.object_gc_interval_ms,
             catalog_backlog: usize::try_from(catalog_backlog).unwrap_or(usize::MAX),
             limits,
+            read_access,
             clock: crate::clock::Clock::new(),
         };
         let object = object.open(repo.clone(), &state_dir).await?;
@@ -238,8 +277,8 @@ impl StandaloneArgs {
 
         // The native socket first: a client that finds the gRPC socket finds it too.
         let native_socket = payload_proto::native::socket_path(&socket);
-        let native = crate::native::bind(&native_socket)?;
-        let uds = server::bind_socket(&socket)?;
+        let native = crate::native::bind(&native_socket, read_access.socket_mode())?;
+        let uds = server::bind_socket_with_mode(&socket, read_access.socket_mode())?;
         let tcp = match tcp {
             Some(addr) => Some(server::bind_tcp(addr).await?),
             None => None,
@@ -264,7 +303,7 @@ impl StandaloneArgs {
         );
         let mut draining = stop.clone();
         tokio::select! {
-            served = server::serve(node.clone(), uds, tcp, stop) => served?,
+            served = server::serve_with_token(node.clone(), uds, tcp, token, stop) => served?,
             // Idle clients that never close their connections must not hold the exit.
             _ = async {
                 let _ = draining.wait_for(|s| *s).await;

@@ -36,6 +36,9 @@ pub enum AgentError {
     /// Bytes do not match their recorded SHA-256.
     #[error("{0}")]
     Integrity(String),
+    /// The caller is not allowed this (the message names the rule).
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl From<CatalogError> for AgentError {
@@ -73,6 +76,7 @@ impl AgentError {
             AgentError::Unavailable(m) => Status::unavailable(m),
             AgentError::Io { what, detail } => Status::internal(format!("{what} failed on the node: {detail}")),
             AgentError::Integrity(m) => Status::data_loss(m),
+            AgentError::PermissionDenied(m) => Status::permission_denied(m),
         }
     }
 }

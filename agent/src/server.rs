@@ -24,6 +24,12 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// Binds the agent socket, owner-only. A stale socket file is replaced; a
 /// live one (another agent) is an error.
 pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    bind_socket_with_mode(path, 0o600)
+}
+
+/// [`bind_socket`], then opened to `mode` (`--read-access` decides who may
+/// connect at all).
+pub fn bind_socket_with_mode(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -44,7 +50,7 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = bound.with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
@@ -54,11 +60,22 @@ pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {addr}; is another agent running? choose another --listen or --listen off"))
 }
 
-/// Serves until `stop` turns true, then drains.
+/// Serves until `stop` turns true, then drains. TCP calls must carry
+/// `token` when one is given.
 pub async fn serve(
     node: Arc<Node>,
     uds: UnixListener,
     tcp: Option<TcpListener>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    serve_with_token(node, uds, tcp, None, stop).await
+}
+
+pub async fn serve_with_token(
+    node: Arc<Node>,
+    uds: UnixListener,
+    tcp: Option<TcpListener>,
+    token: Option<String>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -82,6 +99,9 @@ pub async fn serve(
     let tcp = async {
         match tcp {
             Some(listener) => builder()
+                .layer(tower::util::option_layer(
+                    token.as_deref().map(crate::token::TokenLayer::new),
+                ))
                 .add_routes(routes(node))
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped(stop))
                 .await

@@ -50,6 +50,8 @@ pub struct FileStore {
     /// Memfds made ahead of small puts, their pages allocated (RAM).
     pool: Mutex<Vec<File>>,
     refilling: std::sync::atomic::AtomicBool,
+    /// The mode of a named region once sealed (`--read-access`).
+    sealed_mode: u32,
 }
 
 /// Pooled memfds hold this much; smaller puts shrink one to size.
@@ -115,6 +117,7 @@ impl FileStore {
             max_memfds: memfd_budget(crate::memfd::raise_fd_limit()),
             pool: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
+            sealed_mode: 0o400,
         })
     }
 
@@ -223,6 +226,15 @@ impl FileStore {
 
     fn memfds(&self) -> MutexGuard<'_, HashMap<PayloadId, Arc<File>>> {
         self.memfds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who may open sealed named regions: 0400, 0440 or 0444.
+    pub fn set_sealed_mode(&mut self, mode: u32) {
+        self.sealed_mode = mode;
+    }
+
+    pub fn sealed_mode(&self) -> u32 {
+        self.sealed_mode
     }
 
     /// Hands every memfd region to `keeper` from now on, and takes back
@@ -345,7 +357,7 @@ impl FileStore {
                 crate::memfd::SealError::NotSealable(why) => io::Error::other(why),
                 crate::memfd::SealError::Io(e) => e,
             }),
-            None => fs::set_permissions(self.path(id), Permissions::from_mode(0o400)),
+            None => fs::set_permissions(self.path(id), Permissions::from_mode(self.sealed_mode)),
         }
     }
 
@@ -508,7 +520,7 @@ pub(crate) fn free_space(path: &Path) -> io::Result<(u64, u64)> {
 
 /// Copies a region to a new file and seals it; `sync` makes the copy durable
 /// before returning. A failed copy leaves nothing behind.
-pub fn copy_file(from: &Path, to: &Path, sync: bool) -> io::Result<()> {
+pub fn copy_file(from: &Path, to: &Path, sync: bool, mode: u32) -> io::Result<()> {
     let mut source = File::open(from)?;
     let mut dest = OpenOptions::new().write(true).create_new(true).mode(0o600).open(to)?;
     let copied = source
@@ -516,7 +528,7 @@ pub fn copy_file(from: &Path, to: &Path, sync: bool) -> io::Result<()> {
         .and_then(|m| allocate(&dest, m.len()))
         .and_then(|_| io::copy(&mut source, &mut dest))
         .and_then(|_| if sync { dest.sync_all() } else { Ok(()) })
-        .and_then(|_| fs::set_permissions(to, Permissions::from_mode(0o400)))
+        .and_then(|_| fs::set_permissions(to, Permissions::from_mode(mode)))
         .and_then(|_| if sync { crate::durable::fsync_parent(to) } else { Ok(()) });
     if let Err(e) = copied {
         let _ = fs::remove_file(to);

@@ -216,10 +216,11 @@ impl TierStore for LocalTier {
             return sealed.map(|()| None);
         };
         let source = source.map_err(|e| io_error("opening the payload to copy", e))?;
+        let mode = self.files.sealed_mode();
         let want = rec.sha256;
         let target = self.tier();
         let copy = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
-            crate::store::copy_file(&source.path, &to, sync)?;
+            crate::store::copy_file(&source.path, &to, sync, mode)?;
             Ok(want.is_none_or(|want| digest_file(&to).is_ok_and(|got| got == want)))
         });
         match copy.await {

@@ -234,6 +234,10 @@ pub struct PayloadRecord {
     /// written before copies existed).
     #[serde(default)]
     pub copies: Vec<crate::objects::CopyRecord>,
+    /// Who created it, as the agent's socket saw them (`unix:<uid>:<gid>`,
+    /// `tcp`); `None` for payloads from before owners were recorded.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl PayloadRecord {
@@ -257,6 +261,7 @@ impl PayloadRecord {
             version: 1,
             pinned_until_ms: 0,
             copies: Vec::new(),
+            owner: None,
         }
     }
 

@@ -14,7 +14,8 @@ use payload_proto::services::payload_catalog_service_server::PayloadCatalogServi
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    descriptor, descriptor_with_object, optional_tier, payload_id, pb_payload_id, required_tier, status, summary,
+    caller, descriptor, descriptor_with_object, optional_tier, payload_id, pb_payload_id, required_tier, status,
+    summary,
 };
 use crate::clock::timestamp;
 use crate::limits::{known_enum, no_nul};
@@ -35,6 +36,7 @@ impl PayloadCatalogService for CatalogService {
         &self,
         request: Request<runtime::AllocatePayloadRequest>,
     ) -> Result<Response<runtime::AllocatePayloadResponse>, Status> {
+        let owner = Some(caller(&request).principal());
         let req = request.into_inner();
         let tier = required_tier(req.preferred_tier, "preferred_tier")?;
         let policy = req.eviction_policy.unwrap_or_default();
@@ -59,6 +61,7 @@ impl PayloadCatalogService for CatalogService {
             require_durable: policy.require_durable,
             labels: req.labels.into_iter().collect(),
             write_deadline_ms: req.write_deadline_ms,
+            owner,
         };
         let rec = self.node.allocate(alloc).await.map_err(status)?;
         let object_upload_path = match (tier, self.node.object()) {
@@ -75,8 +78,10 @@ impl PayloadCatalogService for CatalogService {
         &self,
         request: Request<runtime::CommitPayloadRequest>,
     ) -> Result<Response<runtime::CommitPayloadResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
+        self.node.authorize_change(id, &caller, "committing").map_err(status)?;
         let expected = match req.expected_sha256.len() {
             0 => None,
             32 => Some(req.expected_sha256.as_slice().try_into().expect("32 bytes")),
@@ -99,6 +104,9 @@ impl PayloadCatalogService for CatalogService {
     async fn delete(&self, request: Request<runtime::DeleteRequest>) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
+        self.node
+            .authorize_change(id, &caller(&request), "deleting")
+            .map_err(status)?;
         self.node.delete(id, req.force).await.map_err(status)?;
         Ok(Response::new(()))
     }
@@ -111,6 +119,9 @@ impl PayloadCatalogService for CatalogService {
         let id = payload_id(req.id.as_ref())?;
         let target = required_tier(req.target_tier, "target_tier")?;
         known_enum("policy", req.policy, &[0, 1, 2])?;
+        self.node
+            .authorize_change(id, &caller(&request), "promoting")
+            .map_err(status)?;
         let (rec, _) = self.node.get(id).map_err(status)?;
         if rec.tier.faster_than(target) {
             return Err(Status::failed_precondition(format!(
@@ -135,6 +146,7 @@ impl PayloadCatalogService for CatalogService {
     }
 
     async fn spill(&self, request: Request<runtime::SpillRequest>) -> Result<Response<runtime::SpillResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let target = optional_tier(req.target_tier, "target_tier")?;
         known_enum("policy", req.policy, &[0, 1, 2])?;
@@ -143,7 +155,7 @@ impl PayloadCatalogService for CatalogService {
         let mut results = Vec::with_capacity(req.ids.len());
         for raw in &req.ids {
             let outcome = self
-                .spill_one(raw, target, background, req.wait_for_leases, req.fsync)
+                .spill_one(raw, &caller, target, background, req.wait_for_leases, req.fsync)
                 .await;
             results.push(match outcome {
                 Ok(rec) => runtime::spill_response::Result {
@@ -182,12 +194,20 @@ impl PayloadCatalogService for CatalogService {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
         self.node.config().limits.duration("duration_ms", req.duration_ms)?;
+        self.node
+            .authorize_change(id, &caller(&request), "pinning")
+            .map_err(status)?;
         self.node.pin(id, req.duration_ms).await.map_err(status)?;
         Ok(Response::new(()))
     }
 
     async fn unpin(&self, request: Request<runtime::UnpinRequest>) -> Result<Response<()>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
+        match self.node.authorize_change(id, &caller(&request), "unpinning") {
+            // Unpinning what is not here is fine, as in the reference.
+            Ok(()) | Err(crate::error::AgentError::NotFound(_)) => {}
+            Err(err) => return Err(status(err)),
+        }
         self.node.unpin(id).await.map_err(status)?;
         Ok(Response::new(()))
     }
@@ -265,8 +285,10 @@ impl PayloadCatalogService for CatalogService {
         &self,
         request: Request<pbc::UpdatePayloadMetadataRequest>,
     ) -> Result<Response<pbc::UpdatePayloadMetadataResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
+        self.authorize_local(id, &caller, "changing the metadata of")?;
         known_enum("mode", req.mode, &[0, 1, 2])?;
         let mode = if req.mode == MetadataUpdateMode::Replace as i32 {
             MetadataMode::Replace
@@ -304,8 +326,10 @@ impl PayloadCatalogService for CatalogService {
         &self,
         request: Request<pbc::AppendPayloadMetadataEventRequest>,
     ) -> Result<Response<pbc::AppendPayloadMetadataEventResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
+        self.authorize_local(id, &caller, "adding metadata events to")?;
         let limits = &self.node.config().limits;
         limits.name("source", &req.source)?;
         limits.name("version", &req.version)?;
@@ -438,6 +462,9 @@ impl PayloadCatalogService for CatalogService {
 
     async fn abort_payload(&self, request: Request<runtime::AbortPayloadRequest>) -> Result<Response<()>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
+        self.node
+            .authorize_change(id, &caller(&request), "aborting")
+            .map_err(status)?;
         self.node.abort(id).await.map_err(status)?;
         Ok(Response::new(()))
     }
@@ -456,6 +483,20 @@ impl PayloadCatalogService for CatalogService {
 }
 
 impl CatalogService {
+    /// Checks `caller` may change payload `id` when this node holds it
+    /// (payloads of other nodes are their agents' to guard).
+    fn authorize_local(
+        &self,
+        id: payload_catalog::PayloadId,
+        caller: &crate::identity::Caller,
+        what: &str,
+    ) -> Result<(), Status> {
+        match self.node.authorize_change(id, caller, what) {
+            Ok(()) | Err(crate::error::AgentError::NotFound(_)) => Ok(()),
+            Err(err) => Err(status(err)),
+        }
+    }
+
     /// The catalog, once every write made so far has reached it.
     async fn repo(&self) -> Result<&Arc<dyn payload_catalog::Repository>, Status> {
         self.node.flush().await.map_err(status)?;
@@ -465,12 +506,14 @@ impl CatalogService {
     async fn spill_one(
         &self,
         raw: &payload_proto::core::PayloadId,
+        caller: &crate::identity::Caller,
         target: Option<payload_catalog::Tier>,
         background: bool,
         wait_for_leases: bool,
         fsync: bool,
     ) -> Result<Option<payload_catalog::PayloadRecord>, Status> {
         let id = payload_id(Some(raw))?;
+        self.node.authorize_change(id, caller, "spilling").map_err(status)?;
         let target = self.node.spill_target(id, target).map_err(status)?;
         let (rec, _) = self.node.get(id).map_err(status)?;
         if target.faster_than(rec.tier) {

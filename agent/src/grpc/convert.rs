@@ -11,6 +11,24 @@ use crate::error::AgentError;
 use crate::node::Node;
 use crate::tiers::Place;
 
+/// Who sent a request: the peer's credentials on the Unix socket, the one
+/// anonymous identity on TCP.
+pub fn caller<T>(request: &tonic::Request<T>) -> crate::identity::Caller {
+    use tonic::transport::server::UdsConnectInfo;
+    let cred = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred);
+    match cred {
+        Some(cred) => crate::identity::Caller::Unix {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid().unwrap_or(0),
+        },
+        None => crate::identity::Caller::Tcp,
+    }
+}
+
 /// Domain and agent errors as gRPC statuses; the mapping lives in [`AgentError::status`].
 pub fn status(err: impl Into<AgentError>) -> Status {
     err.into().status()

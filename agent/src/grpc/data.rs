@@ -7,7 +7,7 @@ use payload_proto::runtime::{self, LeaseMode};
 use payload_proto::services::payload_data_service_server::PayloadDataService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{descriptor, descriptor_with_object, lease_id, optional_tier, payload_id, status};
+use super::convert::{caller, descriptor, descriptor_with_object, lease_id, optional_tier, payload_id, status};
 use crate::clock::timestamp;
 use crate::limits::known_enum;
 use crate::node::{LeaseGrant, Node};
@@ -53,6 +53,7 @@ impl PayloadDataService for DataService {
         request: Request<runtime::ResolveSnapshotRequest>,
     ) -> Result<Response<runtime::ResolveSnapshotResponse>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
+        self.node.authorize_read(id, &caller(&request)).map_err(status)?;
         let (rec, _) = self.node.get(id).map_err(status)?;
         Ok(Response::new(runtime::ResolveSnapshotResponse {
             payload_descriptor: Some(descriptor(&self.node, &rec)),
@@ -63,9 +64,11 @@ impl PayloadDataService for DataService {
         &self,
         request: Request<runtime::AcquireReadLeaseRequest>,
     ) -> Result<Response<runtime::AcquireReadLeaseResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
         check_mode(req.mode)?;
+        self.node.authorize_read(id, &caller).map_err(status)?;
         let min_tier = optional_tier(req.min_tier, "min_tier")?;
         known_enum("promotion_policy", req.promotion_policy, &[0, 1, 2])?;
         let blocking = req.promotion_policy != PromotionPolicy::BestEffort as i32;
@@ -109,6 +112,7 @@ impl PayloadDataService for DataService {
         &self,
         request: Request<runtime::BatchAcquireReadLeaseRequest>,
     ) -> Result<Response<runtime::BatchAcquireReadLeaseResponse>, Status> {
+        let caller = caller(&request);
         let requests = request.into_inner().requests;
         self.node.config().limits.batch("requests", requests.len())?;
         // Validate each item; invalid ones answer in place, valid ones go in one batch.
@@ -116,11 +120,9 @@ impl PayloadDataService for DataService {
             .iter()
             .map(|r| {
                 check_mode(r.mode)?;
-                Ok((
-                    payload_id(r.id.as_ref())?,
-                    optional_tier(r.min_tier, "min_tier")?,
-                    r.min_lease_duration_ms,
-                ))
+                let id = payload_id(r.id.as_ref())?;
+                self.node.authorize_read(id, &caller).map_err(status)?;
+                Ok((id, optional_tier(r.min_tier, "min_tier")?, r.min_lease_duration_ms))
             })
             .collect();
         let valid: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();

@@ -20,11 +20,12 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::identity::Caller;
 use crate::node::{lock, Node};
 
-/// Binds the native socket beside the gRPC one, with the same mode. A
+/// Binds the native socket beside the gRPC one, with the same `mode`. A
 /// stale socket file is replaced; a live one (another agent) is an error.
-pub fn bind(path: &Path) -> anyhow::Result<Socket> {
+pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Socket> {
     if path.exists() {
         anyhow::ensure!(
             Socket::connect(path).is_err(),
@@ -39,7 +40,10 @@ pub fn bind(path: &Path) -> anyhow::Result<Socket> {
     let bound = Socket::listen(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    bound.with_context(|| format!("binding {}", path.display()))
+    let socket = bound.with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(socket)
 }
 
 /// Serves connections until `stop` turns true.
@@ -48,9 +52,13 @@ pub async fn serve(node: Arc<Node>, listener: Socket, mut stop: watch::Receiver<
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(socket) => {
-                    connections.spawn(Connection::new(node.clone(), socket).run());
-                }
+                Ok(socket) => match socket.peer_cred() {
+                    Ok(cred) => {
+                        let caller = Caller::Unix { uid: cred.uid, gid: cred.gid, pid: cred.pid };
+                        connections.spawn(Connection::new(node.clone(), socket, caller).run());
+                    }
+                    Err(e) => tracing::warn!(%e, "a native connection has no peer credentials; closed"),
+                },
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.
                     tracing::warn!(%e, "accepting a native connection failed");
@@ -71,9 +79,9 @@ struct Connection {
     session: Arc<Session>,
 }
 
-/// The leases a connection holds; they are released when it closes.
-#[derive(Default)]
+/// Who is on a connection, and the leases it holds (released when it closes).
 pub(crate) struct Session {
+    pub caller: Caller,
     leases: Mutex<HashSet<LeaseId>>,
 }
 
@@ -88,11 +96,14 @@ impl Session {
 }
 
 impl Connection {
-    fn new(node: Arc<Node>, socket: Socket) -> Self {
+    fn new(node: Arc<Node>, socket: Socket, caller: Caller) -> Self {
         Self {
             node,
             socket: Arc::new(socket),
-            session: Arc::default(),
+            session: Arc::new(Session {
+                caller,
+                leases: Mutex::default(),
+            }),
         }
     }
 

@@ -61,7 +61,7 @@ pub(super) async fn handle(
 async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>) -> Result<(Answer, Out), Status> {
     match op {
         Op::Allocate(a) => {
-            let req = allocation(node, a.size_bytes, a.options.as_ref())?;
+            let req = allocation(node, session, a.size_bytes, a.options.as_ref())?;
             if req.tier == Tier::Ram {
                 let (rec, memfd) = node.allocate_sealed(req).await.map_err(status)?;
                 return Ok((allocated(rec.id), Some(memfd)));
@@ -80,6 +80,8 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
         Op::Commit(c) => {
             let id = payload_id(&c.payload_id)?;
             let opts = commit_options(c.options.as_ref())?;
+            node.authorize_change(id, &session.caller, "committing")
+                .map_err(status)?;
             let rec = node
                 .commit(id, opts.expected, opts.sync, opts.object)
                 .await
@@ -87,7 +89,9 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
             Ok((committed(node, &rec), None))
         }
         Op::Abort(a) => {
-            node.abort(payload_id(&a.payload_id)?).await.map_err(status)?;
+            let id = payload_id(&a.payload_id)?;
+            node.authorize_change(id, &session.caller, "aborting").map_err(status)?;
+            node.abort(id).await.map_err(status)?;
             Ok((Answer::Done(wire::Done {}), None))
         }
         Op::Put(p) => {
@@ -99,7 +103,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
                 PutBody::Inline(bytes) if p.size_bytes == 0 => bytes.len() as u64,
                 _ => p.size_bytes,
             };
-            let req = allocation(node, size, p.options.as_ref())?;
+            let req = allocation(node, session, size, p.options.as_ref())?;
             let opts = commit_options(p.options.as_ref())?;
             let rec = node.put_sealed(req, body, opts).await.map_err(status)?;
             Ok((committed(node, &rec), None))
@@ -129,6 +133,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
 async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(Answer, Out), Status> {
     let id = payload_id(&l.payload_id)?;
     let min_tier = optional_tier(l.min_tier, "min_tier")?;
+    node.authorize_read(id, &session.caller).map_err(status)?;
     let duration = if l.timed {
         node.config().limits.duration("duration_ms", l.duration_ms)?;
         l.duration_ms
@@ -198,7 +203,12 @@ fn payload_id(raw: &[u8]) -> Result<PayloadId, Status> {
     PayloadId::from_slice(raw).map_err(status)
 }
 
-fn allocation(node: &Node, size: u64, opts: Option<&wire::Options>) -> Result<AllocateRequest, Status> {
+fn allocation(
+    node: &Node,
+    session: &Session,
+    size: u64,
+    opts: Option<&wire::Options>,
+) -> Result<AllocateRequest, Status> {
     let default = wire::Options::default();
     let opts = opts.unwrap_or(&default);
     let limits = &node.config().limits;
@@ -209,6 +219,7 @@ fn allocation(node: &Node, size: u64, opts: Option<&wire::Options>) -> Result<Al
         ttl_ms: opts.ttl_ms,
         priority: Priority::Normal,
         labels: opts.labels.clone().into_iter().collect(),
+        owner: Some(session.caller.principal()),
         ..AllocateRequest::new(size, tier)
     })
 }

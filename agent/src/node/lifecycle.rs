@@ -34,6 +34,8 @@ pub struct AllocateRequest {
     pub require_durable: bool,
     pub labels: BTreeMap<String, String>,
     pub write_deadline_ms: u64,
+    /// The caller that allocates it (see [`crate::identity`]).
+    pub owner: Option<String>,
 }
 
 impl AllocateRequest {
@@ -49,6 +51,7 @@ impl AllocateRequest {
             require_durable: false,
             labels: BTreeMap::new(),
             write_deadline_ms: 0,
+            owner: None,
         }
     }
 }
@@ -300,6 +303,7 @@ impl Node {
             min_residency_tier: req.min_residency_tier,
             require_durable: req.require_durable,
             labels: req.labels,
+            owner: req.owner,
             ..PayloadRecord::allocated(id, req.tier, req.size_bytes, now)
         }
     }

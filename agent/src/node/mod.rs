@@ -19,6 +19,7 @@ use payload_catalog::{LeaseId, PayloadId, PayloadRecord, Repository, Tier};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
+use crate::identity::Caller;
 use crate::journal::Journal;
 use crate::object::ObjectTier;
 use crate::state::StateDir;
@@ -58,6 +59,8 @@ pub struct NodeConfig {
     pub catalog_backlog: usize,
     /// Bounds on requests, checked at the gRPC edge.
     pub limits: crate::limits::Limits,
+    /// Who may read a payload besides its owner.
+    pub read_access: crate::identity::ReadAccess,
     /// The node's time source; tests pass one they can advance.
     pub clock: Clock,
 }
@@ -78,6 +81,7 @@ impl Default for NodeConfig {
             object_gc_interval_ms: 600_000,
             catalog_backlog: 100_000,
             limits: crate::limits::Limits::default(),
+            read_access: crate::identity::ReadAccess::default(),
             clock: Clock::new(),
         }
     }
@@ -280,6 +284,20 @@ impl Node {
 
     pub fn repo(&self) -> &Arc<dyn Repository> {
         &self.repo
+    }
+
+    /// Whether `caller` may change payload `id` (`what`: "deleting", say).
+    pub fn authorize_change(&self, id: PayloadId, caller: &Caller, what: &str) -> Result<(), AgentError> {
+        let entry = self.entry(id)?;
+        let e = lock(&entry);
+        caller.may_change(&e.rec, what)
+    }
+
+    /// Whether `caller` may read payload `id` under the node's read rule.
+    pub fn authorize_read(&self, id: PayloadId, caller: &Caller) -> Result<(), AgentError> {
+        let entry = self.entry(id)?;
+        let e = lock(&entry);
+        caller.may_read(&e.rec, self.cfg.read_access)
     }
 }
 

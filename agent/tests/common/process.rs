@@ -85,9 +85,18 @@ impl Agent {
     /// Starts the agent and waits until it serves; a process that exits
     /// first gives back its log.
     pub async fn start_env(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Result<(Agent, Client), String> {
+        Self::start_at(dirs, extra, env, &dirs.socket()).await
+    }
+
+    /// As [`Agent::start_env`], for an agent whose `--socket` (in `extra`) is `socket`.
+    pub async fn start_at(
+        dirs: &Dirs,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        socket: &Path,
+    ) -> Result<(Agent, Client), String> {
         let child = command(dirs, extra, env).spawn().expect("agent binary starts");
         let mut agent = Agent { child };
-        let socket = dirs.socket();
         // Readiness poll: the socket accepts once recovery is done.
         for _ in 0..1500 {
             if let Some(status) = agent.child.try_wait().unwrap() {

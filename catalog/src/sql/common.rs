@@ -4,7 +4,7 @@
 // `begin_write`, `lock_lineage` and `announce_append`. See `sql/mod.rs` for why.
 
 const COLUMNS: &str = "id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
-     priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, copies";
+     priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, copies, owner";
 
 /// [`COLUMNS`] of the payloads table aliased `p`.
 fn qualified_columns() -> String {
@@ -46,6 +46,7 @@ fn record_from_row(row: &DbRow) -> Result<PayloadRecord> {
         version: to_u64(row.try_get("version")?),
         pinned_until_ms: to_u64(row.try_get("pinned_until_ms")?),
         copies: serde_json::from_str(&copies).map_err(|_| corrupt("copies"))?,
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -67,20 +68,21 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
     let copies = serde_json::to_string(&rec.copies).map_err(|e| CatalogError::Storage(e.to_string()))?;
     let sql = if insert {
         "INSERT INTO payloads (id, tier, state, size_bytes, created_at_ms, expires_at_ms, write_deadline_ms, \
-         priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, node, copies) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+         priority, spill_target, min_residency_tier, require_durable, labels, sha256, version, pinned_until_ms, node, copies, \
+         owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          ON CONFLICT (id) DO UPDATE SET tier = excluded.tier, state = excluded.state, \
          size_bytes = excluded.size_bytes, created_at_ms = excluded.created_at_ms, \
          expires_at_ms = excluded.expires_at_ms, write_deadline_ms = excluded.write_deadline_ms, \
          priority = excluded.priority, spill_target = excluded.spill_target, \
          min_residency_tier = excluded.min_residency_tier, require_durable = excluded.require_durable, \
          labels = excluded.labels, sha256 = excluded.sha256, version = excluded.version, \
-         pinned_until_ms = excluded.pinned_until_ms, node = excluded.node, copies = excluded.copies"
+         pinned_until_ms = excluded.pinned_until_ms, node = excluded.node, copies = excluded.copies, \
+         owner = excluded.owner"
     } else {
         "UPDATE payloads SET tier = $2, state = $3, size_bytes = $4, created_at_ms = $5, expires_at_ms = $6, \
          write_deadline_ms = $7, priority = $8, spill_target = $9, min_residency_tier = $10, \
          require_durable = $11, labels = $12, sha256 = $13, version = $14, pinned_until_ms = $15, node = $16, \
-         copies = $17 WHERE id = $1"
+         copies = $17, owner = $18 WHERE id = $1"
     };
     let done = sqlx::query(sql)
         .bind(rec.id.as_bytes().as_slice())
@@ -100,6 +102,7 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
         .bind(to_i64(rec.pinned_until_ms))
         .bind(node)
         .bind(copies)
+        .bind(rec.owner.as_deref())
         .execute(&mut *conn)
         .await?;
     if done.rows_affected() == 0 {

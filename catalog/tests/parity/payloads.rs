@@ -11,6 +11,7 @@ async fn rows_round_trip_and_updates_of_missing_rows_fail(b: Backend) {
     rec.min_residency_tier = Some(Tier::Ram);
     rec.require_durable = true;
     rec.pinned_until_ms = u64::MAX;
+    rec.owner = Some("unix:1000:100".into());
     insert(&*b.repo, std::slice::from_ref(&rec)).await;
     assert_eq!(b.repo.get_payload(rec.id).await.unwrap(), Some(rec.clone()));
     // Inserting again is an upsert: the log of writes can be replayed.
