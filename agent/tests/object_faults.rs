@@ -235,7 +235,8 @@ async fn a_ram_payload_with_an_object_copy_survives_losing_its_ram_copy() {
     };
     let acked = put_opts(&client, &noise(5 * MIB as usize, 6), &opts).await.unwrap();
     agent.kill9();
-    // What a reboot does to /dev/shm.
+    // What a reboot does to /dev/shm, and to the keeper of sealed payloads.
+    kill_keeper(&dirs);
     for name in Dirs::files_in(dirs.ram.path()) {
         std::fs::remove_file(dirs.ram.path().join(name)).unwrap();
     }

@@ -191,6 +191,29 @@ impl Dirs {
     }
 }
 
+/// Kills the memfd keeper of `dirs`' agent, as a reboot would (it holds
+/// the sealed payloads across agent restarts).
+pub fn kill_keeper(dirs: &Dirs) {
+    let socket = dirs.state.path().join("keeper.sock");
+    let wanted = socket.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "keeper") && args.iter().any(|a| *a == wanted) {
+            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: kill(2) of a process this test's agent started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+}
+
 /// A client that speaks gRPC only, as a v1 client: its RAM payloads are
 /// named /dev/shm regions.
 pub async fn v1(dirs: &Dirs) -> Client {
