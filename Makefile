@@ -60,6 +60,7 @@ bench: venv
 	$(CARGO) bench -p payload-agent --bench standalone
 	$(CARGO) bench -p payload-agent --bench catalog
 	$(CARGO) bench -p payload-agent --bench objects
+	$(CARGO) bench -p payload-agent --bench native
 
 ## Ours beside Vineyard and Ray's object store (PyPI, in .venv-bench) on the
 ## same workloads, one run, one table in docs/benchmarks.md.

@@ -105,7 +105,7 @@ def section(ours, peers, command):
     out = [", ".join(head) + ".", "", *lines, ""]
 
     if isinstance(ours.get("floor_rtt_p50_us"), (int, float)):
-        out.append(f"Our round-trip floor (64 B ping-pong on the native socket), p50: {ours['floor_rtt_p50_us']:.1f} µs.")
+        out.append(f"The round-trip floor (64 B ping-pong over a SOCK_SEQPACKET socketpair between two processes, measured beside each of our calls), p50: {ours['floor_rtt_p50_us']:.1f} µs.")
         out.append("")
     out.append("How each side was driven:")
     out.append(
