@@ -71,6 +71,10 @@ impl fmt::Display for Caller {
     }
 }
 
+fn owner_uid(owner: &str) -> Option<u32> {
+    owner.strip_prefix("unix:")?.split(':').next()?.parse().ok()
+}
+
 fn agent_uid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
@@ -82,12 +86,17 @@ impl Caller {
         self.to_string()
     }
 
-    fn is_agent(&self) -> bool {
+    pub fn is_agent(&self) -> bool {
         matches!(self, Caller::Unix { uid, .. } if *uid == agent_uid())
     }
 
+    /// Ownership is the user's: the same uid under another group (`sg`,
+    /// a setgid program) still owns what it made.
     fn owns(&self, owner: &str) -> bool {
-        self.principal() == owner
+        match self {
+            Caller::Unix { uid, .. } => owner_uid(owner) == Some(*uid),
+            Caller::Tcp => owner == "tcp",
+        }
     }
 
     fn in_group_of(&self, owner: &str) -> bool {
@@ -158,6 +167,15 @@ mod tests {
         }
         .may_change(&rec, "deleting")
         .is_ok());
+        let regrouped = Caller::Unix {
+            uid: 99999,
+            gid: 1,
+            pid: 2,
+        };
+        assert!(
+            regrouped.may_change(&rec, "deleting").is_ok(),
+            "the same user under another group"
+        );
         assert!(Caller::Unix {
             uid: agent_uid(),
             gid: 0,
@@ -165,6 +183,15 @@ mod tests {
         }
         .may_change(&rec, "deleting")
         .is_ok());
+        let regrouped = Caller::Unix {
+            uid: 99999,
+            gid: 1,
+            pid: 2,
+        };
+        assert!(
+            regrouped.may_change(&rec, "deleting").is_ok(),
+            "the same user under another group"
+        );
         assert!(Caller::Tcp.may_change(&rec, "deleting").is_err());
         let legacy = PayloadRecord {
             owner: None,

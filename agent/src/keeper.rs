@@ -77,17 +77,19 @@ impl Keeper {
 
     fn send(&self, message: &str, file: Option<&File>) -> io::Result<()> {
         let fds: Vec<_> = file.map(|f| f.as_raw_fd()).into_iter().collect();
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        match send_frame(conn.as_raw_fd(), message.as_bytes(), &fds) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // The keeper died: whatever it held is gone, but what comes
-                // next can be kept by a new one.
-                tracing::error!(%e, "the memfd keeper is gone; starting a new one (sealed payloads it held are lost)");
-                *conn = connect_or_spawn(&self.path).map_err(io::Error::other)?;
-                send_frame(conn.as_raw_fd(), message.as_bytes(), &fds)
-            }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        send_frame(conn.as_raw_fd(), message.as_bytes(), &fds)
+    }
+
+    /// After a failed send: connects to a keeper again (starting one) and
+    /// hands it every memfd in `held`, which a dead keeper no longer holds.
+    pub fn rekeep<'a>(&self, held: impl IntoIterator<Item = (PayloadId, &'a File)>) -> io::Result<()> {
+        tracing::error!("the memfd keeper is gone; starting a new one and handing it every sealed payload again");
+        {
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            *conn = connect_or_spawn(&self.path).map_err(io::Error::other)?;
         }
+        held.into_iter().try_for_each(|(id, file)| self.keep(id, file))
     }
 }
 

@@ -83,6 +83,23 @@ pub fn raise_fd_limit() -> u64 {
 /// catalog: running out of those would fail far more than one put.
 pub const FD_HEADROOM: u64 = 4096;
 
+/// Fixes the memfd's size before a writer gets it: it can write the pages
+/// reserved for it, never more (or fewer).
+pub fn fix_size(file: &File) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold.
+    if unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_GROW | libc::F_SEAL_SHRINK,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Why a region could not be sealed.
 #[derive(Debug)]
 pub enum SealError {

@@ -309,7 +309,11 @@ impl FileStore {
     /// Takes a memfd written elsewhere (a client's) as the region of `id`.
     pub fn adopt_memfd(&self, id: PayloadId, file: File) -> io::Result<Arc<File>> {
         if let Some(keeper) = &self.keeper {
-            keeper.keep(id, &file)?;
+            if keeper.keep(id, &file).is_err() {
+                let held: Vec<(PayloadId, Arc<File>)> = self.memfds().iter().map(|(id, f)| (*id, f.clone())).collect();
+                keeper.rekeep(held.iter().map(|(id, f)| (*id, f.as_ref())))?;
+                keeper.keep(id, &file)?;
+            }
         }
         let file = Arc::new(file);
         self.memfds().insert(id, file.clone());

@@ -98,6 +98,16 @@ async fn identity_helper() {
         "commit={}",
         outcome(catalog.commit_payload(commit).await.map_err(ClientError::from))
     );
+    let prefetch = payload_proto::runtime::PrefetchRequest {
+        id: Some(payload_proto::core::PayloadId {
+            value: id.as_bytes().to_vec(),
+        }),
+        target_tier: Tier::Ram as i32,
+    };
+    println!(
+        "prefetch={}",
+        outcome(catalog.prefetch(prefetch).await.map_err(ClientError::from))
+    );
     // Its own payloads are its own.
     let own = client.put(b"nobody's").await;
     println!(
@@ -149,7 +159,7 @@ async fn another_user_changes_nothing_and_reads_only_as_the_rule_allows() {
     let out = as_nobody(&socket, NOBODY, id, allocation);
     assert_eq!(line(&out, "native"), "true", "{out}");
     assert_eq!(line(&out, "get"), "ok", "{out}");
-    for op in ["delete", "pin", "spill", "abort", "commit"] {
+    for op in ["delete", "pin", "spill", "abort", "commit", "prefetch"] {
         assert_eq!(line(&out, op), "PermissionDenied", "{op}: {out}");
     }
     assert_eq!(line(&out, "put"), "ok", "{out}");

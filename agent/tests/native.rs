@@ -35,6 +35,11 @@ impl Raw {
         self.socket.send(bytes, fds).await.expect("send");
     }
 
+    /// Sends; false once the agent no longer takes frames from us.
+    async fn send_bytes_checked(&self, bytes: &[u8]) -> bool {
+        self.socket.send(bytes, &[]).await.is_ok()
+    }
+
     async fn recv(&mut self) -> (wire::Response, Option<std::os::fd::OwnedFd>) {
         let frame = self
             .socket
@@ -133,6 +138,10 @@ async fn a_writer_that_keeps_its_mapping_cannot_commit_and_sealed_bytes_never_ch
         panic!("allocate failed: {:?}", response.error)
     };
     let file = std::fs::File::from(fd.expect("the allocation's memfd"));
+    assert!(
+        file.set_len(1 << 20).is_err(),
+        "a writer cannot grow its region past what was reserved"
+    );
     // SAFETY: our own allocation.
     let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
     map.copy_from_slice(&pattern(8192, 3));
@@ -176,6 +185,102 @@ async fn a_writer_that_keeps_its_mapping_cannot_commit_and_sealed_bytes_never_ch
     assert!(printed.contains(&format!("digest={want}")), "{printed}");
     let lease = client.get(id).await.unwrap();
     assert_eq!(lease.bytes(), &pattern(8192, 3)[..]);
+
+    // A reader gets a read-only descriptor of its own (older kernels refuse
+    // a read-only mapping of a write-sealed memfd through a writable one).
+    let lease = Op::Lease(wire::Lease {
+        payload_id: allocated.payload_id.clone(),
+        ..Default::default()
+    });
+    let (response, fd) = raw.call(lease, &[]).await;
+    assert!(matches!(response.result, Some(Answer::Leased(_))), "{response:?}");
+    let fd = fd.expect("no bytes inline: a descriptor");
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn lease_durations_are_capped_and_a_session_cannot_be_asked_for_over_grpc() {
+    let dirs = Dirs::new();
+    let (agent, _client) = Agent::start_with(&dirs, &["--lease-max-ms", "60000"]).await;
+    let v1 = common::process::v1(&dirs).await;
+    let (id, _) = put(&v1, b"named", Tier::Ram).await.unwrap();
+    let (mut data, _, _) = v1.raw();
+    let forever = payload_proto::runtime::AcquireReadLeaseRequest {
+        id: Some(payload_proto::core::PayloadId {
+            value: id.as_bytes().to_vec(),
+        }),
+        min_lease_duration_ms: u64::MAX,
+        ..Default::default()
+    };
+    let granted = data.acquire_read_lease(forever).await.unwrap().into_inner();
+    let expires = payload_client::timestamp_ms(granted.lease_expires_at.as_ref());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        expires <= now + 61_000,
+        "capped at --lease-max-ms, not forever: {expires}"
+    );
+    let renew = payload_proto::runtime::RenewLeaseRequest {
+        lease_id: granted.lease_id,
+        extend_ms: u64::MAX,
+    };
+    let renewed = data.renew_lease(renew).await.unwrap().into_inner();
+    assert!(payload_client::timestamp_ms(renewed.lease_expires_at.as_ref()) <= now + 61_000);
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_cannot_take_the_agent_down() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let (id, _) = put(&client, &pattern(1 << 20, 4), Tier::Ram).await.unwrap();
+    let fds_before = open_fds(agent.pid());
+    let flood = Raw::connect(&dirs);
+    let lease = wire::Request {
+        id: 9,
+        op: Some(Op::Lease(wire::Lease {
+            payload_id: id.as_bytes().to_vec(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    // Thousands of leases asked for and no answer read: the agent stops
+    // reading this peer once its answers back up.
+    let mut sent = 0;
+    for _ in 0..5000 {
+        match tokio::time::timeout(std::time::Duration::from_millis(200), flood.send_bytes_checked(&lease)).await {
+            Ok(true) => sent += 1,
+            _ => break,
+        }
+    }
+    assert!(sent > 0);
+    // Others are served meanwhile.
+    let other = payload_client::Client::connect(dirs.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    let (fresh, _) = put(&other, b"still serving", Tier::Ram).await.unwrap();
+    assert_eq!(other.get(fresh).await.unwrap().bytes(), b"still serving");
+    let leases = client.stats().await.unwrap().active_leases;
+    assert!(
+        leases <= 256 + 300 + 1,
+        "held leases are bounded by the calls in flight: {leases}"
+    );
+    drop(flood);
+    eventually("the flood's session leases are released", || async {
+        client.stats().await.unwrap().active_leases <= 1
+    })
+    .await;
+    let fds = open_fds(agent.pid());
+    assert!(fds >= 3, "the agent's descriptors can be counted");
+    eventually("the flood's descriptors are closed", || async {
+        open_fds(agent.pid()) <= fds_before + 4
+    })
+    .await;
     agent.kill9();
 }
 
@@ -325,9 +430,7 @@ async fn holder_helper() {
 /// The agent's open descriptors other than memfds (its payloads and its
 /// pool of fresh regions hold those).
 fn open_fds(pid: u32) -> usize {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the agent's /proc/PID/fd");
     dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|target| !target.to_string_lossy().starts_with("/memfd:"))
         .count()

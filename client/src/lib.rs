@@ -248,7 +248,7 @@ impl Client {
 
     /// Allocates a region of `size` bytes and maps it for writing.
     pub async fn allocate_with(&self, size: u64, opts: &PutOptions) -> Result<WritableRegion> {
-        if let Some(native) = &self.native {
+        if let (Some(native), Tier::Ram) = (&self.native, opts.tier) {
             return put::native_allocate(native, size, opts).await;
         }
         let response = self
@@ -350,11 +350,16 @@ impl Client {
             if opts.timed {
                 return put::native_lease(native, id, opts, self.native_releases.clone()).await;
             }
-            if let Some(lease) = self.held.get(id) {
+            // A held lease is reused only for a get that asks nothing more
+            // of its copy than the lease it holds was granted for.
+            let plain = opts.min_tier.is_none() && !opts.best_effort;
+            if let Some(lease) = self.held.get(id).filter(|_| plain) {
                 return Ok(lease);
             }
             let lease = put::native_lease(native, id, opts, self.native_releases.clone()).await?;
-            self.held.insert(&lease);
+            if plain {
+                self.held.insert(&lease);
+            }
             return Ok(lease);
         }
         let response = self

@@ -99,7 +99,10 @@ fn fill_memfd(bytes: &[u8]) -> Result<File> {
 
 pub(crate) async fn native_put(conn: &Native, bytes: &[u8], opts: &PutOptions) -> Result<PayloadDescriptor> {
     let options = Some(options(opts, sha256_if(opts.verify, bytes)));
-    let (put, memfd) = if bytes.len() <= INLINE_PUT {
+    // Inline when small, and when the whole frame (labels too) fits one.
+    let fits = bytes.len() <= INLINE_PUT
+        && bytes.len() + options.as_ref().map_or(0, prost::Message::encoded_len) + 64 <= wire::MAX_FRAME;
+    let (put, memfd) = if fits {
         let put = wire::Put {
             data: bytes.to_vec(),
             size_bytes: bytes.len() as u64,

@@ -44,6 +44,11 @@ impl PayloadAdminService for AdminService {
         &self,
         request: Request<admin::CollectGarbageRequest>,
     ) -> Result<Response<admin::CollectGarbageResponse>, Status> {
+        if !super::convert::caller(&request).is_agent() {
+            return Err(Status::permission_denied(
+                "collecting object-store garbage is for the agent's own user; ask the node's operator",
+            ));
+        }
         let report = self
             .node
             .collect_garbage(request.get_ref().grace_ms)

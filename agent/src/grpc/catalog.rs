@@ -182,6 +182,9 @@ impl PayloadCatalogService for CatalogService {
         let id = payload_id(req.id.as_ref())?;
         let target = required_tier(req.target_tier, "target_tier")?;
         self.node.check_tier(target).map_err(status)?;
+        self.node
+            .authorize_change(id, &caller(&request), "prefetching")
+            .map_err(status)?;
         let (rec, _) = self.node.get(id).map_err(status)?;
         // A hint: start the promotion and return.
         if target.faster_than(rec.tier) {
@@ -213,8 +216,10 @@ impl PayloadCatalogService for CatalogService {
     }
 
     async fn add_lineage(&self, request: Request<pbc::AddLineageRequest>) -> Result<Response<()>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let child = payload_id(req.child.as_ref())?;
+        self.authorize_local(child, &caller, "adding lineage to")?;
         if req.parents.is_empty() {
             return Err(Status::invalid_argument("AddLineage needs at least one parent edge"));
         }
@@ -456,7 +461,14 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<runtime::ImportPayloadResponse>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
-        self.node.import(id, req.size_bytes).await.map_err(status)?;
+        let caller = caller(&request);
+        // An allocation here is its owner's to import; a bare upload
+        // becomes the importer's.
+        self.authorize_local(id, &caller, "importing")?;
+        self.node
+            .import_as(id, req.size_bytes, Some(caller.principal()))
+            .await
+            .map_err(status)?;
         Ok(Response::new(runtime::ImportPayloadResponse {}))
     }
 

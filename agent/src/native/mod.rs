@@ -26,6 +26,9 @@ use crate::node::{lock, Node};
 /// Binds the native socket beside the gRPC one, with the same `mode`. A
 /// stale socket file is replaced; a live one (another agent) is an error.
 pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Socket> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     if path.exists() {
         anyhow::ensure!(
             Socket::connect(path).is_err(),
@@ -46,10 +49,19 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Socket> {
     Ok(socket)
 }
 
+/// Connections served at once; past it, new ones wait in the backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
 /// Serves connections until `stop` turns true.
 pub async fn serve(node: Arc<Node>, listener: Socket, mut stop: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
     loop {
+        if connections.len() >= MAX_CONNECTIONS {
+            tokio::select! {
+                _ = connections.join_next() => continue,
+                _ = crate::node::stopped(&mut stop) => break,
+            }
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(socket) => match socket.peer_cred() {
@@ -79,10 +91,23 @@ struct Connection {
     session: Arc<Session>,
 }
 
-/// Who is on a connection, and the leases it holds (released when it closes).
+/// Who is on a connection, and the leases it holds: released when the
+/// last of the connection and its calls lets go of it, however that
+/// happens (a close, a panic, an abort at shutdown).
 pub(crate) struct Session {
     pub caller: Caller,
+    node: Arc<Node>,
     leases: Mutex<HashSet<LeaseId>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let leases: Vec<LeaseId> = lock(&self.leases).drain().collect();
+        if !leases.is_empty() {
+            let released = self.node.release_many(&leases);
+            tracing::debug!(released, "a native connection ended; its session leases are released");
+        }
+    }
 }
 
 impl Session {
@@ -98,10 +123,11 @@ impl Session {
 impl Connection {
     fn new(node: Arc<Node>, socket: Socket, caller: Caller) -> Self {
         Self {
-            node,
+            node: node.clone(),
             socket: Arc::new(socket),
             session: Arc::new(Session {
                 caller,
+                node: node.clone(),
                 leases: Mutex::default(),
             }),
         }
@@ -110,7 +136,14 @@ impl Connection {
     async fn run(self) {
         let mut buf = Vec::new();
         let mut calls = JoinSet::new();
+        let in_flight = self.node.config().limits.calls_per_connection as usize;
         loop {
+            if calls.len() >= in_flight {
+                // A peer that sends and never reads waits here: nothing more
+                // is read from it until its calls finish.
+                calls.join_next().await;
+                continue;
+            }
             let frame = tokio::select! {
                 frame = self.socket.recv(&mut buf) => frame,
                 Some(_) = calls.join_next(), if !calls.is_empty() => continue,
@@ -146,14 +179,9 @@ impl Connection {
                 calls.spawn(call);
             }
         }
-        // Calls under way finish first, so that no lease lands after the
-        // session's leases are released.
+        // Calls under way finish first; the session's leases go when the
+        // last of them lets go of it.
         while calls.join_next().await.is_some() {}
-        let leases: Vec<LeaseId> = lock(&self.session.leases).drain().collect();
-        if !leases.is_empty() {
-            let released = self.node.release_many(&leases);
-            tracing::debug!(released, "a native connection closed; its session leases are released");
-        }
     }
 }
 

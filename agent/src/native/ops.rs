@@ -1,7 +1,7 @@
 //! One native request: checked like its gRPC counterpart, served by the
 //! same node methods, answered with a response and at most one descriptor.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use tonic::Status;
 
 use super::Session;
 use crate::grpc::convert::{optional_tier, status};
-use crate::node::{AllocateRequest, CommitOptions, Node, PutBody, SESSION};
+use crate::node::{AllocateRequest, CommitOptions, Node, PutBody};
 use crate::store::io_error;
 
 /// A descriptor to send with the response.
@@ -62,20 +62,16 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
     match op {
         Op::Allocate(a) => {
             let req = allocation(node, session, a.size_bytes, a.options.as_ref())?;
-            if req.tier == Tier::Ram {
-                let (rec, memfd) = node.allocate_sealed(req).await.map_err(status)?;
-                return Ok((allocated(rec.id), Some(memfd)));
+            if req.tier != Tier::Ram {
+                // A writable descriptor of a file would outlive its commit.
+                return Err(Status::invalid_argument(format!(
+                    "the native socket hands out RAM regions only (memfds, sealed at commit); allocate on the {} \
+                     tier over gRPC",
+                    req.tier.name()
+                )));
             }
-            let rec = node.allocate(req).await.map_err(status)?;
-            let path = node.store(rec.tier).map_err(status)?.path(rec.id);
-            let file = OpenOptions::new().read(true).write(true).open(&path);
-            match file {
-                Ok(file) => Ok((allocated(rec.id), Some(Arc::new(file)))),
-                Err(e) => {
-                    let _ = node.abort(rec.id).await;
-                    Err(status(io_error("opening the new region", e)))
-                }
-            }
+            let (rec, memfd) = node.allocate_sealed(req).await.map_err(status)?;
+            Ok((allocated(rec.id), Some(memfd)))
         }
         Op::Commit(c) => {
             let id = payload_id(&c.payload_id)?;
@@ -134,16 +130,13 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
     let id = payload_id(&l.payload_id)?;
     let min_tier = optional_tier(l.min_tier, "min_tier")?;
     node.authorize_read(id, &session.caller).map_err(status)?;
-    let duration = if l.timed {
+    let grant = if l.timed {
         node.config().limits.duration("duration_ms", l.duration_ms)?;
-        l.duration_ms
+        node.acquire(id, min_tier, !l.best_effort, l.duration_ms).await
     } else {
-        SESSION
-    };
-    let grant = node
-        .acquire(id, min_tier, !l.best_effort, duration)
-        .await
-        .map_err(status)?;
+        node.acquire_session(id, min_tier, !l.best_effort).await
+    }
+    .map_err(status)?;
     if !l.timed {
         session.add(grant.lease);
     }
@@ -182,8 +175,12 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
 /// read-only in every process), and whether it is sealed.
 fn open_copy(node: &Node, tier: Tier, id: PayloadId) -> Result<(Arc<File>, bool), crate::error::AgentError> {
     let store = node.tier(tier)?;
-    if let Some(memfd) = store.regions().and_then(|r| r.memfd(id)) {
-        return Ok((memfd, true));
+    if let Some(regions) = store.regions().filter(|r| r.memfd(id).is_some()) {
+        // Reopened read-only: before Linux 6.7 a read-only shared mapping
+        // of a write-sealed memfd needs a read-only descriptor, and a
+        // reader must not share the agent's file offset.
+        let source = regions.open(id).map_err(|e| io_error("opening the leased copy", e))?;
+        return Ok((Arc::new(source.file), true));
     }
     let source = store.file(id).unwrap_or_else(|| {
         // The object tier: its cache file, filled before the lease returned.

@@ -30,15 +30,21 @@ pub struct LeaseGrant {
     pub rec: PayloadRecord,
 }
 
-/// The duration that asks for a session lease: live until released, its
-/// connection closes, or (after an agent restart) `--lease-max-ms` passes.
-pub const SESSION: u64 = u64::MAX;
+/// How long a lease lasts.
+#[derive(Clone, Copy, Debug)]
+enum Lasts {
+    /// A timed lease: this many ms (0 = the default), capped at the maximum.
+    Ms(u64),
+    /// A session lease: until released or its connection closes (after an
+    /// agent restart, at most `--lease-max-ms`). Only the native socket asks.
+    Session,
+}
+
+/// The in-memory expiry of a session lease.
+const SESSION_EXPIRY: u64 = u64::MAX;
 
 impl Node {
     fn lease_duration(&self, requested_ms: u64) -> u64 {
-        if requested_ms == SESSION {
-            return SESSION;
-        }
         let wanted = if requested_ms == 0 {
             self.cfg.lease_default_ms
         } else {
@@ -57,9 +63,30 @@ impl Node {
         blocking: bool,
         duration_ms: u64,
     ) -> Result<LeaseGrant, AgentError> {
+        self.acquire_for(id, min_tier, blocking, Lasts::Ms(duration_ms)).await
+    }
+
+    /// [`Node::acquire`] of a session lease: no expiry while its holder's
+    /// connection lives; the caller releases it when the connection closes.
+    pub async fn acquire_session(
+        self: &std::sync::Arc<Self>,
+        id: PayloadId,
+        min_tier: Option<Tier>,
+        blocking: bool,
+    ) -> Result<LeaseGrant, AgentError> {
+        self.acquire_for(id, min_tier, blocking, Lasts::Session).await
+    }
+
+    async fn acquire_for(
+        self: &std::sync::Arc<Self>,
+        id: PayloadId,
+        min_tier: Option<Tier>,
+        blocking: bool,
+        lasts: Lasts,
+    ) -> Result<LeaseGrant, AgentError> {
         let mut promoted = false;
         loop {
-            match self.try_grant(id, min_tier, duration_ms) {
+            match self.try_grant(id, min_tier, lasts) {
                 Err(Grant::TooSlow(target)) if blocking && !promoted => {
                     self.relocate(id, target, false, false).await?;
                     promoted = true;
@@ -113,13 +140,15 @@ impl Node {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, duration)| {
-                let grant = self.try_grant(*id, *min_tier, *duration).map_err(|e| match e {
-                    Grant::Failed(err) => err,
-                    Grant::TooSlow(target) => AgentError::InvalidState(format!(
+                let grant = self
+                    .try_grant(*id, *min_tier, Lasts::Ms(*duration))
+                    .map_err(|e| match e {
+                        Grant::Failed(err) => err,
+                        Grant::TooSlow(target) => AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
                         target.name()
                     )),
-                })?;
+                    })?;
                 let readable = self.tier(grant.rec.tier).is_ok_and(|t| t.readable(*id));
                 if !readable {
                     self.release(grant.lease);
@@ -152,7 +181,7 @@ impl Node {
         results
     }
 
-    fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, duration_ms: u64) -> Result<LeaseGrant, Grant> {
+    fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, lasts: Lasts) -> Result<LeaseGrant, Grant> {
         let entry = self.entry(id).map_err(Grant::Failed)?;
         let now = self.now_ms();
         let mut e = lock(&entry);
@@ -182,7 +211,10 @@ impl Node {
             ))));
         }
         let lease = LeaseId::random();
-        let expires_ms = now.saturating_add(self.lease_duration(duration_ms));
+        let expires_ms = match lasts {
+            Lasts::Ms(ms) => now.saturating_add(self.lease_duration(ms)),
+            Lasts::Session => SESSION_EXPIRY,
+        };
         e.leases.insert(lease, expires_ms);
         e.last_access_ms = now;
         let rec = e.rec.clone();
@@ -257,6 +289,10 @@ impl Node {
         let Some(exp) = e.leases.get_mut(&lease) else {
             return Err(AgentError::NotFound(format!("lease {lease} is no longer live")));
         };
+        if *exp == SESSION_EXPIRY {
+            // A session lease lasts as long as its connection: nothing to extend.
+            return Ok(SESSION_EXPIRY);
+        }
         // The table first, then the journal: a compaction in between reads
         // the new expiry, one before it is followed by this record.
         let before = std::mem::replace(exp, expires_ms);

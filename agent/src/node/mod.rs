@@ -27,8 +27,8 @@ use crate::store::FileStore;
 use crate::tiers::{TierStore, Tiers};
 use crate::writer::Writer;
 
+pub use leases::LeaseGrant;
 pub(crate) use leases::LeaseSlot;
-pub use leases::{LeaseGrant, SESSION};
 pub use lifecycle::AllocateRequest;
 pub use recovery::Recovery;
 pub use sealed::{CommitOptions, PutBody};

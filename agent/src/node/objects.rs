@@ -20,13 +20,29 @@ impl Node {
     /// blocks, hashed and stored like any spilled payload, and the upload
     /// is removed. `size` 0 keeps the recorded size.
     pub async fn import(self: &Arc<Self>, id: PayloadId, size: u64) -> Result<PayloadRecord, AgentError> {
+        self.import_as(id, size, None).await
+    }
+
+    /// [`Node::import`] on behalf of `owner`, who owns the payload when it
+    /// was not allocated here first.
+    pub async fn import_as(
+        self: &Arc<Self>,
+        id: PayloadId,
+        size: u64,
+        owner: Option<String>,
+    ) -> Result<PayloadRecord, AgentError> {
         let node = self.clone();
-        tokio::spawn(async move { node.import_now(id, size).await })
+        tokio::spawn(async move { node.import_now(id, size, owner).await })
             .await
             .map_err(|e| crate::error::task_failed("importing", e))?
     }
 
-    async fn import_now(self: &Arc<Self>, id: PayloadId, size: u64) -> Result<PayloadRecord, AgentError> {
+    async fn import_now(
+        self: &Arc<Self>,
+        id: PayloadId,
+        size: u64,
+        owner: Option<String>,
+    ) -> Result<PayloadRecord, AgentError> {
         let object = self.object()?.clone();
         self.writer.admit()?;
         if size > self.cfg.max_payload_bytes {
@@ -75,7 +91,7 @@ impl Node {
             }
             None => {}
         }
-        let imported = self.import_work(id, size, known.as_ref()).await;
+        let imported = self.import_work(id, size, known.as_ref(), owner).await;
         if let Some(entry) = &known {
             lock(entry).moving = false;
         }
@@ -87,6 +103,7 @@ impl Node {
         id: PayloadId,
         size: u64,
         known: Option<&super::EntryRef>,
+        owner: Option<String>,
     ) -> Result<PayloadRecord, AgentError> {
         let object = self.object()?.clone();
         let uploaded = object.uploaded_size(id).await?.ok_or_else(|| {
@@ -167,6 +184,7 @@ impl Node {
                     state: PayloadState::Durable,
                     sha256: Some(manifest.sha256),
                     priority: Priority::Normal,
+                    owner,
                     ..PayloadRecord::allocated(id, Tier::Object, uploaded, now)
                 };
                 self.writer.write(Write::Insert(rec.clone()))?;

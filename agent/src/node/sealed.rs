@@ -36,7 +36,9 @@ pub(super) async fn create_memfd(node: &Arc<Node>, id: PayloadId, size: u64) -> 
     const INLINE: u64 = 1 << 20;
     node.store(Tier::Ram)?;
     let create = move |node: &Node| match node.store(Tier::Ram) {
-        Ok(store) => store.create_memfd(id, size).map(drop),
+        Ok(store) => store
+            .create_memfd(id, size)
+            .and_then(|file| crate::memfd::fix_size(&file)),
         Err(err) => Err(std::io::Error::other(err.to_string())),
     };
     let created = if size <= INLINE {

@@ -204,7 +204,7 @@ pub fn kill_keeper(dirs: &Dirs) {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == "keeper") && args.iter().any(|a| *a == wanted) {
+        if args.iter().any(|a| a == "keeper") && args.contains(&wanted) {
             if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
                 // SAFETY: kill(2) of a process this test's agent started.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
