@@ -325,11 +325,14 @@ impl FileStore {
         self.memfds().get(&id).cloned()
     }
 
-    /// How many memfd regions there are, and their bytes.
+    /// How many memfd regions are sealed (committed), and their bytes.
     pub fn memfd_usage(&self) -> (u64, u64) {
-        let memfds = self.memfds();
-        let bytes = memfds.values().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
-        (memfds.len() as u64, bytes)
+        // Copied out first: no descriptor calls under the lock.
+        let memfds: Vec<Arc<File>> = self.memfds().values().cloned().collect();
+        let sealed = memfds.iter().filter(|f| crate::memfd::is_sealed(f));
+        sealed
+            .filter_map(|f| f.metadata().ok())
+            .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
     }
 
     /// The region opened for reading, and a path that names it for as long

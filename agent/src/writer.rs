@@ -517,7 +517,7 @@ async fn run(repo: Arc<dyn Repository>, mut rx: mpsc::UnboundedReceiver<Item>, s
         // Writes are not received one by one meanwhile: nothing waits on
         // the channel, so a write wakes nobody (on two cores a wake-up per
         // write costs the request path more than the write itself).
-        if !batch.iter().any(|item| matches!(item, Item::Flush(_))) {
+        if batch.len() < MAX_BATCH && !batch.iter().any(|item| matches!(item, Item::Flush(_))) {
             tokio::select! {
                 _ = tokio::time::sleep(GATHER) => {}
                 _ = shared.flush_wanted.notified() => {}

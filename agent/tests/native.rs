@@ -435,3 +435,45 @@ fn open_fds(pid: u32) -> usize {
         .filter(|target| !target.to_string_lossy().starts_with("/memfd:"))
         .count()
 }
+
+#[tokio::test]
+async fn a_client_carries_on_after_the_agent_restarts() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let (id, digest) = put(&client, &pattern(100_000, 8), Tier::Ram).await.unwrap();
+    agent.kill9();
+    let (agent, _fresh) = Agent::start(&dirs).await;
+    // The call that meets the closed connection fails; the next ones go
+    // over a new connection.
+    let _ = client.get(id).await;
+    let lease = client.get(id).await.expect("served over a new native connection");
+    assert_eq!(
+        Sha256::digest(lease.bytes()).to_vec(),
+        digest,
+        "the sealed payload survived the agent"
+    );
+    assert!(client.stat(id).await.unwrap().payload_descriptor.unwrap().sealed);
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn native_puts_obey_the_ram_capacity() {
+    let dirs = Dirs::new();
+    let flags = ["--ram-capacity", "8MiB", "--disk-capacity", "4MiB"];
+    let (agent, client) = Agent::start_with(&dirs, &flags).await;
+    let mut refused = None;
+    for n in 0..6u8 {
+        if let Err(err) = put(&client, &pattern(3 << 20, n), Tier::Ram).await {
+            refused = Some(err);
+            break;
+        }
+    }
+    assert!(
+        matches!(refused, Some(ClientError::ResourceExhausted(_))),
+        "RAM and disk fill up and a put says so: {refused:?}"
+    );
+    let stats = client.stats().await.unwrap();
+    let ram = stats.tiers.iter().find(|t| t.tier == Tier::Ram as u32).unwrap();
+    assert!(ram.reserved_bytes <= ram.capacity_bytes, "{ram:?}");
+    agent.kill9();
+}

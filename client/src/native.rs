@@ -18,33 +18,70 @@ use crate::error::{ClientError, Result};
 type Reply = (wire::Response, Option<OwnedFd>);
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
-/// One native connection. Leases taken over it end when it closes.
+/// The agent's native socket: one connection at a time, made again after
+/// the agent closes one (a restart). The call that meets the closed
+/// connection fails (it may or may not have happened); later calls go on
+/// the new one. Leases taken over a connection end when it closes.
 pub struct Native {
-    socket: Arc<Socket>,
-    next: AtomicU64,
-    /// `None` once the connection has failed: later calls fail at once.
-    pending: Pending,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Native {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
+    path: std::path::PathBuf,
+    conn: std::sync::RwLock<Arc<Conn>>,
 }
 
 impl Native {
     /// Connects; must run inside the runtime that drives the connection.
     pub fn connect(path: &Path) -> std::io::Result<Native> {
+        Ok(Native {
+            path: path.to_path_buf(),
+            conn: std::sync::RwLock::new(Arc::new(Conn::connect(path)?)),
+        })
+    }
+
+    pub async fn call(&self, op: Op, fd: Option<RawFd>) -> Result<(Answer, Option<OwnedFd>)> {
+        let conn = self.conn.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let outcome = conn.call(op, fd).await;
+        if matches!(outcome, Err(ClientError::Unavailable(_)) | Err(ClientError::Io { .. })) && conn.is_closed() {
+            let mut current = self.conn.write().unwrap_or_else(|p| p.into_inner());
+            if Arc::ptr_eq(&current, &conn) {
+                if let Ok(fresh) = Conn::connect(&self.path) {
+                    *current = Arc::new(fresh);
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// One connection.
+struct Conn {
+    socket: Arc<Socket>,
+    next: Arc<AtomicU64>,
+    /// `None` once the connection has failed: later calls fail at once.
+    pending: Pending,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Conn {
+    fn connect(path: &Path) -> std::io::Result<Conn> {
         let socket = Arc::new(Socket::connect(path)?);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
-        let reader = tokio::spawn(read_loop(socket.clone(), pending.clone()));
-        Ok(Native {
+        let next = Arc::new(AtomicU64::new(1));
+        let reader = tokio::spawn(read_loop(socket.clone(), pending.clone(), next.clone()));
+        Ok(Conn {
             socket,
-            next: AtomicU64::new(1),
+            next,
             pending,
             reader,
         })
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.pending).is_none() || self.reader.is_finished()
     }
 
     /// Sends one request (with a descriptor, for a put) and waits for its answer.
@@ -79,7 +116,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn read_loop(socket: Arc<Socket>, pending: Pending) {
+async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>) {
     let mut buf = Vec::new();
     loop {
         let frame = match socket.recv(&mut buf).await {
@@ -92,7 +129,20 @@ async fn read_loop(socket: Arc<Socket>, pending: Pending) {
         let waiter = lock(&pending).as_mut().and_then(|map| map.remove(&response.id));
         match waiter {
             Some(tx) => {
-                let _ = tx.send((response, frame.fds.into_iter().next()));
+                if let Err((response, _)) = tx.send((response, frame.fds.into_iter().next())) {
+                    // Its caller went away (a dropped future): a lease it
+                    // was granted is given back rather than held until the
+                    // connection closes.
+                    if let Some(Answer::Leased(leased)) = response.result {
+                        let release = wire::Request {
+                            id: next.fetch_add(1, Ordering::Relaxed),
+                            op: Some(Op::Release(wire::Release {
+                                lease_ids: vec![leased.lease_id],
+                            })),
+                        };
+                        let _ = socket.send(&release.encode_to_vec(), &[]).await;
+                    }
+                }
             }
             // Id 0 answers a frame the agent could not read: ours are never
             // malformed, so the connection is not to be trusted further.

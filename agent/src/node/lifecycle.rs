@@ -169,8 +169,14 @@ impl Node {
             Some(want) => {
                 let got = self.hash_region(tier, id).await?;
                 if got != want {
+                    // A sealed memfd can never be written again.
+                    let next = if store.memfd(id).is_some() {
+                        "abort and put again"
+                    } else {
+                        "rewrite the region and commit again, or abort"
+                    };
                     return Err(AgentError::InvalidArgument(format!(
-                        "the bytes written hash to {} but the commit expected {}; rewrite the region and commit again, or abort",
+                        "the bytes written hash to {} but the commit expected {}; {next}",
                         hex::encode(got),
                         hex::encode(want)
                     )));

@@ -60,7 +60,8 @@ impl Node {
         self.tier(rec.tier)
             .ok()
             .and_then(|t| t.regions())
-            .is_some_and(|r| r.memfd(rec.id).is_some())
+            .and_then(|r| r.memfd(rec.id))
+            .is_some_and(|memfd| crate::memfd::is_sealed(&memfd))
     }
 
     /// Allocates a RAM payload whose region is a memfd; returns the row and
