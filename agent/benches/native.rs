@@ -283,25 +283,6 @@ fn memcpy_floor(src: &[u8]) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-fn mmap_put_floor(dir: &Path, src: &[u8]) -> f64 {
-    let path = dir.join(format!("floor-{}", uuid::Uuid::new_v4()));
-    let start = Instant::now();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    file.set_len(src.len() as u64).unwrap();
-    // SAFETY: a private file of this benchmark.
-    let mut map = unsafe { memmap2::MmapOptions::new().map_mut(&file).unwrap() };
-    map.copy_from_slice(src);
-    drop(map);
-    let secs = start.elapsed().as_secs_f64();
-    std::fs::remove_file(path).unwrap();
-    secs
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -318,13 +299,13 @@ async fn big(client: &Client, dir: &Path) -> [f64; 4] {
     let (mut ours, mut floor, mut copy, mut memcpy) = (vec![], vec![], vec![], vec![]);
     for round in 0..6 {
         if round % 2 == 0 {
-            floor.push(mmap_put_floor(dir, &src));
+            floor.push(support::floor_put(dir, &src));
         }
         let start = Instant::now();
         let desc = client.put_with(&src, &PutOptions::default()).await.unwrap();
         ours.push(start.elapsed().as_secs_f64());
         if round % 2 == 1 {
-            floor.push(mmap_put_floor(dir, &src));
+            floor.push(support::floor_put(dir, &src));
         }
         client
             .delete(payload_client::descriptor_id(&desc).unwrap(), true)

@@ -10,9 +10,8 @@ use std::process::{Child, Command, Stdio};
 mod support;
 
 use std::time::{Duration, Instant};
-use support::{connect, kill, percentile, scale, spawn, wanted};
+use support::{connect, floor_put, kill, percentile, scale, spawn, wanted};
 
-use memmap2::MmapOptions;
 use payload_catalog::{PayloadId, PayloadRecord, PayloadState, Repository, SqliteRepository, Tier, Write};
 use payload_client::{Client, PutOptions};
 use payload_proto::{core as pb, runtime};
@@ -87,25 +86,6 @@ fn read_all(bytes: &[u8]) -> u64 {
 
 fn gib_s(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / (1u64 << 30) as f64
-}
-
-/// The floor for a put: mmap + copy into a fresh file under `dir`.
-fn floor_put(dir: &Path, src: &[u8]) -> f64 {
-    let path = dir.join(format!("floor-{}", uuid::Uuid::new_v4()));
-    let start = Instant::now();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    file.set_len(src.len() as u64).unwrap();
-    let mut map = unsafe { MmapOptions::new().map_mut(&file).unwrap() };
-    map.copy_from_slice(src);
-    drop(map);
-    let secs = start.elapsed().as_secs_f64();
-    std::fs::remove_file(path).unwrap();
-    secs
 }
 
 async fn big_transfers(report: &mut Vec<String>, label: &str, ram_root: Option<&Path>) {

@@ -30,12 +30,29 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 /// [`bind_socket`], then opened to `mode` (`--read-access` decides who may
 /// connect at all).
 pub fn bind_socket_with_mode(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    bind_private(
+        path,
+        mode,
+        |p| std::os::unix::net::UnixStream::connect(p).is_ok(),
+        |p| UnixListener::bind(p),
+    )
+}
+
+/// Binds a socket at `path` with `bind`: its directory made, a stale socket
+/// file replaced (one that `live` can still reach belongs to another
+/// agent: an error), created owner-only and then opened to `mode`.
+pub fn bind_private<T>(
+    path: &Path,
+    mode: u32,
+    live: impl Fn(&Path) -> bool,
+    bind: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> anyhow::Result<T> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if path.exists() {
         anyhow::ensure!(
-            std::os::unix::net::UnixStream::connect(path).is_err(),
+            !live(path),
             "another agent is already listening on {}; stop it or choose another --socket",
             path.display()
         );
@@ -46,7 +63,7 @@ pub fn bind_socket_with_mode(path: &Path, mode: u32) -> anyhow::Result<UnixListe
     // and it only ever takes permissions away.
     // SAFETY: umask has no preconditions.
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = bound.with_context(|| format!("binding {}", path.display()))?;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use payload_client::Client;
 
@@ -79,4 +79,24 @@ pub fn scale() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000)
+}
+
+/// The floor for a put: mmap + copy into a fresh file under `dir`.
+pub fn floor_put(dir: &Path, src: &[u8]) -> f64 {
+    let path = dir.join(format!("floor-{}", uuid::Uuid::new_v4()));
+    let start = Instant::now();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(src.len() as u64).unwrap();
+    // SAFETY: a private file of this benchmark.
+    let mut map = unsafe { memmap2::MmapOptions::new().map_mut(&file).unwrap() };
+    map.copy_from_slice(src);
+    drop(map);
+    let secs = start.elapsed().as_secs_f64();
+    std::fs::remove_file(path).unwrap();
+    secs
 }

@@ -14,8 +14,8 @@ use payload_proto::services::payload_catalog_service_server::PayloadCatalogServi
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    caller, descriptor, descriptor_with_object, optional_tier, payload_id, pb_payload_id, required_tier, status,
-    summary,
+    caller, descriptor, descriptor_with_object, expected_digest, optional_tier, payload_id, pb_payload_id,
+    required_tier, status, summary,
 };
 use crate::clock::timestamp;
 use crate::limits::{known_enum, no_nul};
@@ -82,15 +82,7 @@ impl PayloadCatalogService for CatalogService {
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
         self.node.authorize_change(id, &caller, "committing").map_err(status)?;
-        let expected = match req.expected_sha256.len() {
-            0 => None,
-            32 => Some(req.expected_sha256.as_slice().try_into().expect("32 bytes")),
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "expected_sha256 must be 32 bytes (a raw SHA-256), got {n}"
-                )))
-            }
-        };
+        let expected = expected_digest(&req.expected_sha256)?;
         let rec = self
             .node
             .commit(id, expected, req.sync, req.object_durable)

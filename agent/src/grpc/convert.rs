@@ -44,6 +44,17 @@ pub fn lease_id(id: Option<&pb::LeaseId>) -> Result<LeaseId, Status> {
     LeaseId::from_slice(&id.value).map_err(status)
 }
 
+/// A digest a commit must match: none, or 32 raw bytes.
+pub fn expected_digest(raw: &[u8]) -> Result<Option<[u8; 32]>, Status> {
+    match raw.len() {
+        0 => Ok(None),
+        32 => Ok(raw.try_into().ok()),
+        n => Err(Status::invalid_argument(format!(
+            "expected_sha256 must be 32 bytes (a raw SHA-256), got {n}"
+        ))),
+    }
+}
+
 pub fn pb_payload_id(id: PayloadId) -> pb::PayloadId {
     pb::PayloadId {
         value: id.as_bytes().to_vec(),

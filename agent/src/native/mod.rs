@@ -13,7 +13,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use payload_catalog::LeaseId;
 use payload_proto::native::{self as wire, Socket};
 use prost::Message;
@@ -26,27 +25,7 @@ use crate::node::{lock, Node};
 /// Binds the native socket beside the gRPC one, with the same `mode`. A
 /// stale socket file is replaced; a live one (another agent) is an error.
 pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Socket> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        anyhow::ensure!(
-            Socket::connect(path).is_err(),
-            "another agent is already listening on {}; stop it or choose another --socket",
-            path.display()
-        );
-        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
-    }
-    // As for the gRPC socket: created owner-only by the bind itself.
-    // SAFETY: umask has no preconditions.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = Socket::listen(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let socket = bound.with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(socket)
+    crate::server::bind_private(path, mode, |p| Socket::connect(p).is_ok(), Socket::listen)
 }
 
 /// Connections served at once; past it, new ones wait in the backlog.

@@ -11,7 +11,7 @@ use payload_proto::native::{self as wire, request::Op, response::Result as Answe
 use tonic::Status;
 
 use super::Session;
-use crate::grpc::convert::{optional_tier, status};
+use crate::grpc::convert::{expected_digest, optional_tier, status};
 use crate::node::{AllocateRequest, CommitOptions, Node, PutBody};
 use crate::store::io_error;
 
@@ -225,17 +225,8 @@ fn commit_options(opts: Option<&wire::Options>) -> Result<CommitOptions, Status>
     let Some(opts) = opts else {
         return Ok(CommitOptions::default());
     };
-    let expected = match opts.expected_sha256.len() {
-        0 => None,
-        32 => Some(opts.expected_sha256.as_slice().try_into().expect("32 bytes")),
-        n => {
-            return Err(Status::invalid_argument(format!(
-                "expected_sha256 must be 32 bytes (a raw SHA-256), got {n}"
-            )))
-        }
-    };
     Ok(CommitOptions {
-        expected,
+        expected: expected_digest(&opts.expected_sha256)?,
         sync: opts.sync,
         object: opts.object_durable,
     })
