@@ -183,15 +183,6 @@ mod tests {
         }
         .may_change(&rec, "deleting")
         .is_ok());
-        let regrouped = Caller::Unix {
-            uid: 99999,
-            gid: 1,
-            pid: 2,
-        };
-        assert!(
-            regrouped.may_change(&rec, "deleting").is_ok(),
-            "the same user under another group"
-        );
         assert!(Caller::Tcp.may_change(&rec, "deleting").is_err());
         let legacy = PayloadRecord {
             owner: None,

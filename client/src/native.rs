@@ -25,6 +25,9 @@ type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 pub struct Native {
     path: std::path::PathBuf,
     conn: std::sync::RwLock<Arc<Conn>>,
+    /// The runtime that drives the connection (the client's I/O thread's):
+    /// a new connection is made there, whichever runtime the call came on.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Native {
@@ -33,6 +36,7 @@ impl Native {
         Ok(Native {
             path: path.to_path_buf(),
             conn: std::sync::RwLock::new(Arc::new(Conn::connect(path)?)),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -42,6 +46,7 @@ impl Native {
         if matches!(outcome, Err(ClientError::Unavailable(_)) | Err(ClientError::Io { .. })) && conn.is_closed() {
             let mut current = self.conn.write().unwrap_or_else(|p| p.into_inner());
             if Arc::ptr_eq(&current, &conn) {
+                let _driven_there = self.runtime.enter();
                 if let Ok(fresh) = Conn::connect(&self.path) {
                     *current = Arc::new(fresh);
                 }
@@ -90,6 +95,16 @@ impl Conn {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).as_mut().ok_or_else(closed)?.insert(id, tx);
         let frame = wire::Request { id, op: Some(op) }.encode_to_vec();
+        if frame.len() > wire::MAX_FRAME {
+            if let Some(map) = lock(&self.pending).as_mut() {
+                map.remove(&id);
+            }
+            return Err(ClientError::InvalidArgument(format!(
+                "the request is {} bytes, more than a native frame holds ({}); use fewer or shorter labels",
+                frame.len(),
+                wire::MAX_FRAME
+            )));
+        }
         let fds: Vec<RawFd> = fd.into_iter().collect();
         if let Err(e) = self.socket.send(&frame, &fds).await {
             if let Some(map) = lock(&self.pending).as_mut() {
@@ -140,7 +155,13 @@ async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>) 
                                 lease_ids: vec![leased.lease_id],
                             })),
                         };
-                        let _ = socket.send(&release.encode_to_vec(), &[]).await;
+                        // Sent by a task of its own: the reader never
+                        // waits on a send, or a full socket could stall
+                        // both sides.
+                        let socket = socket.clone();
+                        tokio::spawn(async move {
+                            let _ = socket.send(&release.encode_to_vec(), &[]).await;
+                        });
                     }
                 }
             }

@@ -104,6 +104,11 @@ impl PayloadDataService for DataService {
         let req = request.get_ref();
         let lease = lease_id(req.lease_id.as_ref())?;
         let expires = self.node.renew(lease, req.extend_ms).map_err(status)?;
+        if expires == u64::MAX {
+            return Err(Status::failed_precondition(format!(
+                "lease {lease} is a session lease: it lasts as long as its native connection and needs no renewal"
+            )));
+        }
         Ok(Response::new(runtime::RenewLeaseResponse {
             lease_expires_at: Some(timestamp(expires)),
         }))

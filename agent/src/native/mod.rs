@@ -115,7 +115,7 @@ impl Connection {
     async fn run(self) {
         let mut buf = Vec::new();
         let mut calls = JoinSet::new();
-        let in_flight = self.node.config().limits.calls_per_connection as usize;
+        let in_flight = (self.node.config().limits.calls_per_connection as usize).max(1);
         loop {
             if calls.len() >= in_flight {
                 // A peer that sends and never reads waits here: nothing more

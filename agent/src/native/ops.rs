@@ -144,7 +144,8 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
     let read = opened.and_then(|(file, sealed)| {
         let size = grant.rec.size_bytes;
         if size > l.inline_max_bytes.min(wire::INLINE_MAX as u64) {
-            return Ok((Vec::new(), Some(file), sealed));
+            let out = if sealed { reopen_read_only(&file)? } else { file };
+            return Ok((Vec::new(), Some(out), sealed));
         }
         let mut data = vec![0u8; size as usize];
         file.read_exact_at(&mut data, 0)
@@ -175,12 +176,8 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
 /// read-only in every process), and whether it is sealed.
 fn open_copy(node: &Node, tier: Tier, id: PayloadId) -> Result<(Arc<File>, bool), crate::error::AgentError> {
     let store = node.tier(tier)?;
-    if let Some(regions) = store.regions().filter(|r| r.memfd(id).is_some()) {
-        // Reopened read-only: before Linux 6.7 a read-only shared mapping
-        // of a write-sealed memfd needs a read-only descriptor, and a
-        // reader must not share the agent's file offset.
-        let source = regions.open(id).map_err(|e| io_error("opening the leased copy", e))?;
-        return Ok((Arc::new(source.file), true));
+    if let Some(memfd) = store.regions().and_then(|r| r.memfd(id)) {
+        return Ok((memfd, true));
     }
     let source = store.file(id).unwrap_or_else(|| {
         // The object tier: its cache file, filled before the lease returned.
@@ -191,6 +188,16 @@ fn open_copy(node: &Node, tier: Tier, id: PayloadId) -> Result<(Arc<File>, bool)
     });
     let source = source.map_err(|e| io_error("opening the leased copy", e))?;
     Ok((Arc::new(source.file), false))
+}
+
+/// A memfd to send a reader: reopened read-only from the one held (before
+/// Linux 6.7 a read-only shared mapping of a write-sealed memfd needs a
+/// read-only descriptor, and a reader must not share the agent's offset).
+fn reopen_read_only(memfd: &File) -> Result<Arc<File>, crate::error::AgentError> {
+    use std::os::fd::AsRawFd;
+    File::open(format!("/proc/self/fd/{}", memfd.as_raw_fd()))
+        .map(Arc::new)
+        .map_err(|e| io_error("opening the leased copy", e))
 }
 
 fn payload_id(raw: &[u8]) -> Result<PayloadId, Status> {

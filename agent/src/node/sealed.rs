@@ -36,9 +36,10 @@ pub(super) async fn create_memfd(node: &Arc<Node>, id: PayloadId, size: u64) -> 
     const INLINE: u64 = 1 << 20;
     node.store(Tier::Ram)?;
     let create = move |node: &Node| match node.store(Tier::Ram) {
-        Ok(store) => store
-            .create_memfd(id, size)
-            .and_then(|file| crate::memfd::fix_size(&file)),
+        Ok(store) => store.new_memfd(size).and_then(|file| {
+            crate::memfd::fix_size(&file)?;
+            store.adopt_memfd(id, file).map(drop)
+        }),
         Err(err) => Err(std::io::Error::other(err.to_string())),
     };
     let created = if size <= INLINE {
