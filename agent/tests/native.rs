@@ -441,12 +441,19 @@ async fn a_client_carries_on_after_the_agent_restarts() {
     let dirs = Dirs::new();
     let (agent, client) = Agent::start(&dirs).await;
     let (id, digest) = put(&client, &pattern(100_000, 8), Tier::Ram).await.unwrap();
+    let before = client.get(id).await.unwrap();
     agent.kill9();
     let (agent, _fresh) = Agent::start(&dirs).await;
     // The call that meets the closed connection fails; the next ones go
     // over a new connection.
-    let _ = client.get(id).await;
+    let _ = client.put(b"meets the closed connection").await;
     let lease = client.get(id).await.expect("served over a new native connection");
+    assert_ne!(
+        lease.lease_id(),
+        before.lease_id(),
+        "a session lease of the closed connection is not handed out again"
+    );
+    drop(before);
     assert_eq!(
         Sha256::digest(lease.bytes()).to_vec(),
         digest,

@@ -119,24 +119,33 @@ pub(crate) struct HeldLeases {
 
 #[derive(Default)]
 struct HeldInner {
-    by_payload: HashMap<PayloadId, Weak<Held>>,
+    /// Each lease with the native connection it was granted on: a lease of
+    /// a connection that closed ended with it.
+    by_payload: HashMap<PayloadId, (Weak<Held>, u64)>,
     prune_at: usize,
 }
 
 impl HeldLeases {
-    pub fn get(&self, id: PayloadId) -> Option<Lease> {
+    /// The held lease of `id`, if it was granted on connection `generation`.
+    pub fn get(&self, id: PayloadId, generation: u64) -> Option<Lease> {
         let inner = self.lock();
-        let held = inner.by_payload.get(&id)?.upgrade()?;
+        let (held, granted_on) = inner.by_payload.get(&id)?;
+        if *granted_on != generation {
+            return None;
+        }
+        let held = held.upgrade()?;
         // A detached or released lease is not handed out again.
         let live = held.releases.lock().unwrap_or_else(|p| p.into_inner()).is_some();
         live.then_some(Lease { held })
     }
 
-    pub fn insert(&self, lease: &Lease) {
+    pub fn insert(&self, lease: &Lease, generation: u64) {
         let mut inner = self.lock();
-        inner.by_payload.insert(lease.held.id, Arc::downgrade(&lease.held));
+        inner
+            .by_payload
+            .insert(lease.held.id, (Arc::downgrade(&lease.held), generation));
         if inner.by_payload.len() > inner.prune_at {
-            inner.by_payload.retain(|_, held| held.strong_count() > 0);
+            inner.by_payload.retain(|_, (held, _)| held.strong_count() > 0);
             inner.prune_at = (2 * inner.by_payload.len()).max(64);
         }
     }

@@ -353,12 +353,13 @@ impl Client {
             // A held lease is reused only for a get that asks nothing more
             // of its copy than the lease it holds was granted for.
             let plain = opts.min_tier.is_none() && !opts.best_effort;
-            if let Some(lease) = self.held.get(id).filter(|_| plain) {
+            let generation = native.generation();
+            if let Some(lease) = self.held.get(id, generation).filter(|_| plain) {
                 return Ok(lease);
             }
             let lease = put::native_lease(native, id, opts, self.native_releases.clone()).await?;
             if plain {
-                self.held.insert(&lease);
+                self.held.insert(&lease, generation);
             }
             return Ok(lease);
         }

@@ -28,6 +28,8 @@ pub struct Native {
     /// The runtime that drives the connection (the client's I/O thread's):
     /// a new connection is made there, whichever runtime the call came on.
     runtime: tokio::runtime::Handle,
+    /// Counts the connections made, so leases of a closed one are told apart.
+    generation: AtomicU64,
 }
 
 impl Native {
@@ -37,7 +39,13 @@ impl Native {
             path: path.to_path_buf(),
             conn: std::sync::RwLock::new(Arc::new(Conn::connect(path)?)),
             runtime: tokio::runtime::Handle::current(),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    /// Which connection calls go on now.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub async fn call(&self, op: Op, fd: Option<RawFd>) -> Result<(Answer, Option<OwnedFd>)> {
@@ -49,6 +57,7 @@ impl Native {
                 let _driven_there = self.runtime.enter();
                 if let Ok(fresh) = Conn::connect(&self.path) {
                     *current = Arc::new(fresh);
+                    self.generation.fetch_add(1, Ordering::AcqRel);
                 }
             }
         }
