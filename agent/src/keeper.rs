@@ -27,6 +27,33 @@ const SOCKET: &str = "keeper.sock";
 pub struct Keeper {
     path: PathBuf,
     conn: Mutex<OwnedFd>,
+    /// Set by a watcher thread when the keeper hangs up (it died).
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Watches a keeper connection on a thread of its own and sets `lost`
+/// once the keeper hangs up, so a dead keeper is noticed at once rather
+/// than at the next payload handed to it.
+fn watch(conn: &OwnedFd, lost: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let Ok(fd) = conn.try_clone() else { return };
+    let spawned = std::thread::Builder::new()
+        .name("payload-keeper-watch".into())
+        .spawn(move || loop {
+            let mut poll = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call.
+            let ready = unsafe { libc::poll(&mut poll, 1, -1) };
+            if ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                lost.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(%e, "could not watch the memfd keeper");
+    }
 }
 
 impl std::fmt::Debug for Keeper {
@@ -46,9 +73,12 @@ impl Keeper {
             let conn = connect_or_spawn(&path)?;
             match list(&conn) {
                 Ok(kept) => {
+                    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    watch(&conn, lost.clone());
                     let keeper = Keeper {
                         path,
                         conn: Mutex::new(conn),
+                        lost,
                     };
                     return Ok((keeper, kept));
                 }
@@ -66,6 +96,11 @@ impl Keeper {
     /// Gives the keeper a copy of `file`'s descriptor for `id`.
     pub fn keep(&self, id: PayloadId, file: &File) -> io::Result<()> {
         self.send(&format!("keep {id}"), Some(file))
+    }
+
+    /// Whether the keeper has hung up since it was last (re)connected.
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Tells the keeper to close its copy of `id`'s memfd.
@@ -88,6 +123,8 @@ impl Keeper {
         {
             let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             *conn = connect_or_spawn(&self.path).map_err(io::Error::other)?;
+            self.lost.store(false, std::sync::atomic::Ordering::Release);
+            watch(&conn, self.lost.clone());
         }
         held.into_iter().try_for_each(|(id, file)| self.keep(id, file))
     }

@@ -244,6 +244,19 @@ impl FileStore {
         self.keeper = Some(keeper);
     }
 
+    /// Hands a new keeper every memfd region when the old one is gone. Under
+    /// the regions' lock, so that no region freed meanwhile is kept.
+    pub fn rekeep(&self) -> io::Result<()> {
+        let Some(keeper) = &self.keeper else { return Ok(()) };
+        let memfds = self.memfds();
+        keeper.rekeep(memfds.iter().map(|(id, f)| (*id, f.as_ref())))
+    }
+
+    /// Whether the keeper died (a watcher noticed): [`FileStore::rekeep`] then.
+    pub fn keeper_lost(&self) -> bool {
+        self.keeper.as_ref().is_some_and(|k| k.lost())
+    }
+
     /// The payloads with memfd regions.
     pub fn memfd_ids(&self) -> Vec<PayloadId> {
         self.memfds().keys().copied().collect()
@@ -310,8 +323,7 @@ impl FileStore {
     pub fn adopt_memfd(&self, id: PayloadId, file: File) -> io::Result<Arc<File>> {
         if let Some(keeper) = &self.keeper {
             if keeper.keep(id, &file).is_err() {
-                let held: Vec<(PayloadId, Arc<File>)> = self.memfds().iter().map(|(id, f)| (*id, f.clone())).collect();
-                keeper.rekeep(held.iter().map(|(id, f)| (*id, f.as_ref())))?;
+                self.rekeep()?;
                 keeper.keep(id, &file)?;
             }
         }

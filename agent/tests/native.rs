@@ -427,6 +427,16 @@ async fn holder_helper() {
     }
 }
 
+/// How many memfds a process holds.
+fn memfds_held(pid: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("/memfd:"))
+        .count()
+}
+
 /// The agent's open descriptors other than memfds (its payloads and its
 /// pool of fresh regions hold those).
 fn open_fds(pid: u32) -> usize {
@@ -482,5 +492,30 @@ async fn native_puts_obey_the_ram_capacity() {
     let stats = client.stats().await.unwrap();
     let ram = stats.tiers.iter().find(|t| t.tier == Tier::Ram as u32).unwrap();
     assert!(ram.reserved_bytes <= ram.capacity_bytes, "{ram:?}");
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_keeper_that_dies_is_replaced_and_handed_every_sealed_payload() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let (id, digest) = put(&client, &pattern(50_000, 5), Tier::Ram).await.unwrap();
+    let first = common::process::keeper_pids(&dirs);
+    assert_eq!(first.len(), 1, "one keeper per state dir");
+    common::process::kill_keeper(&dirs);
+    eventually("a new keeper took over and holds the payload", || async {
+        let now = common::process::keeper_pids(&dirs);
+        now.len() == 1 && now != first && memfds_held(now[0]) == 1
+    })
+    .await;
+    // Now the agent dies too: the new keeper must hold the payload.
+    drop(client);
+    agent.kill9();
+    let (agent, client) = Agent::start(&dirs).await;
+    let lease = client
+        .get(id)
+        .await
+        .expect("the sealed payload outlived its first keeper and the agent");
+    assert_eq!(Sha256::digest(lease.bytes()).to_vec(), digest);
     agent.kill9();
 }

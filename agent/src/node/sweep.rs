@@ -47,6 +47,16 @@ impl Node {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     self.sweep().await;
+                    if self.store(payload_catalog::Tier::Ram).is_ok_and(|s| s.keeper_lost()) {
+                        let node = self.clone();
+                        let rekept = tokio::task::spawn_blocking(move || {
+                            node.store(payload_catalog::Tier::Ram).map(|s| s.rekeep())
+                        })
+                        .await;
+                        if !matches!(rekept, Ok(Ok(Ok(())))) {
+                            tracing::error!("could not hand the sealed payloads to a new keeper; retrying");
+                        }
+                    }
                     let node = self.clone();
                     let _ = tokio::task::spawn_blocking(move || node.maybe_compact_journal()).await;
                 }

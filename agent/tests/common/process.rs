@@ -191,11 +191,10 @@ impl Dirs {
     }
 }
 
-/// Kills the memfd keeper of `dirs`' agent, as a reboot would (it holds
-/// the sealed payloads across agent restarts).
-pub fn kill_keeper(dirs: &Dirs) {
-    let socket = dirs.state.path().join("keeper.sock");
-    let wanted = socket.to_string_lossy().into_owned();
+/// The memfd keepers serving `dirs`' state dir.
+pub fn keeper_pids(dirs: &Dirs) -> Vec<i32> {
+    let wanted = dirs.state.path().join("keeper.sock").to_string_lossy().into_owned();
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
@@ -205,13 +204,20 @@ pub fn kill_keeper(dirs: &Dirs) {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         if args.iter().any(|a| a == "keeper") && args.contains(&wanted) {
-            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                // SAFETY: kill(2) of a process this test's agent started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            pids.extend(entry.file_name().to_string_lossy().parse::<i32>());
         }
     }
-    let _ = std::fs::remove_file(socket);
+    pids
+}
+
+/// Kills the memfd keeper of `dirs`' agent, as a reboot would (it holds
+/// the sealed payloads across agent restarts).
+pub fn kill_keeper(dirs: &Dirs) {
+    for pid in keeper_pids(dirs) {
+        // SAFETY: kill(2) of a process this test's agent started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_file(dirs.state.path().join("keeper.sock"));
 }
 
 /// A client that speaks gRPC only, as a v1 client: its RAM payloads are
