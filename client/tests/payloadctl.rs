@@ -309,6 +309,7 @@ fn a_lease_outlives_the_command_and_blocks_rm_without_force() {
     let id = put_file(&agent, &pattern(4096), &[]);
     let lease = json(&agent.ctl(&["lease", &id, "--duration", "1m", "--output", "json"]));
     assert!(Uuid::parse_str(lease["lease_id"].as_str().expect("lease id")).is_ok());
+    assert_eq!(lease["location"]["sealed"], true, "put over the native socket: {lease}");
     assert_eq!(json(&agent.ctl(&["stat", &id, "--output", "json"]))["active_leases"], 1);
 
     fails_with(&agent.ctl(&["rm", &id]), 4);

@@ -286,7 +286,12 @@ pub async fn lease(client: &Client, args: LeaseArgs, format: Format) -> anyhow::
         .get_with(id, opts)
         .await
         .with_context(|| format!("leasing {id}"))?;
-    let desc = lease.descriptor().clone();
+    // The native answer carries no path: the agent's descriptor of the
+    // copy the lease pins has it (a disk path; none for a sealed payload).
+    let desc = match client.stat(id).await.ok().and_then(|s| s.payload_descriptor) {
+        Some(full) => full,
+        None => lease.descriptor().clone(),
+    };
     let expires_at_ms = lease.expires_at_ms();
     // Kept past this process: the agent ends it at expiry.
     let lease_id = lease.detach();
