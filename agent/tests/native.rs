@@ -519,3 +519,37 @@ async fn a_keeper_that_dies_is_replaced_and_handed_every_sealed_payload() {
     assert_eq!(Sha256::digest(lease.bytes()).to_vec(), digest);
     agent.kill9();
 }
+
+#[tokio::test]
+async fn many_leases_in_one_call_answer_in_order_and_end_with_the_connection() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let mut ids = Vec::new();
+    for n in 0..20u8 {
+        ids.push(put(&client, &pattern(1000, n), Tier::Ram).await.unwrap().0);
+    }
+    let missing = uuid::Uuid::new_v4();
+    let mut asked = ids.clone();
+    asked.insert(5, missing);
+    let holder = payload_client::Client::connect(dirs.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    let granted = holder.lease_many(&asked).await.unwrap();
+    assert_eq!(granted.len(), 21);
+    assert!(matches!(granted[5], Err(ClientError::NotFound(_))), "{:?}", granted[5]);
+    assert_eq!(granted.iter().filter(|g| g.is_ok()).count(), 20);
+    assert_eq!(client.stats().await.unwrap().active_leases, 20);
+    assert!(matches!(
+        client.delete(ids[0], false).await,
+        Err(ClientError::Aborted(_))
+    ));
+    let some: Vec<_> = granted[..3].iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+    assert_eq!(holder.release_leases(&some).await.unwrap(), 3);
+    drop(holder);
+    eventually("the rest end with the holder's connection", || async {
+        client.stats().await.unwrap().active_leases == 0
+    })
+    .await;
+    client.delete(ids[0], false).await.unwrap();
+    agent.kill9();
+}

@@ -422,6 +422,59 @@ impl Client {
         Ok(())
     }
 
+    /// Leases many payloads in one call, answered in order: a lease id, or
+    /// why that one was refused. Over the native socket these are session
+    /// leases (they pin placement until released with
+    /// [`Client::release_leases`] or the connection closes); over gRPC,
+    /// timed leases of the agent's default length.
+    pub async fn lease_many(&self, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
+        if let Some(native) = &self.native {
+            return put::native_lease_many(native, ids).await;
+        }
+        let requests = ids
+            .iter()
+            .map(|id| runtime::AcquireReadLeaseRequest {
+                id: Some(pb_id(*id)),
+                ..Default::default()
+            })
+            .collect();
+        let response = self
+            .data
+            .clone()
+            .batch_acquire_read_lease(runtime::BatchAcquireReadLeaseRequest { requests })
+            .await?
+            .into_inner();
+        Ok(response
+            .results
+            .into_iter()
+            .map(|r| match r.lease.and_then(|l| l.lease_id) {
+                Some(lease) => Uuid::from_slice(&lease.value)
+                    .map_err(|_| ClientError::Protocol("a lease without a 16-byte id".into())),
+                None => Err(tonic::Status::new(tonic::Code::from(r.error_code), r.error_message).into()),
+            })
+            .collect())
+    }
+
+    /// Releases leases by id (from [`Client::lease_many`]); returns how many were live.
+    pub async fn release_leases(&self, leases: &[Uuid]) -> Result<u32> {
+        if let Some(native) = &self.native {
+            return put::native_release(native, leases).await;
+        }
+        let lease_ids = leases
+            .iter()
+            .map(|l| pb::LeaseId {
+                value: l.as_bytes().to_vec(),
+            })
+            .collect();
+        let response = self
+            .data
+            .clone()
+            .batch_release_lease(runtime::BatchReleaseLeaseRequest { lease_ids })
+            .await?
+            .into_inner();
+        Ok(response.released)
+    }
+
     /// Renews a lease for `extend_ms` from now (0 = default); returns the new expiry.
     pub async fn renew(&self, lease: &Lease, extend_ms: u64) -> Result<u64> {
         let response = self

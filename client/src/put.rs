@@ -265,3 +265,27 @@ pub(crate) async fn native_lease(
         }),
     })
 }
+
+/// Session leases on many payloads in one call: a lease id each, or why not.
+pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
+    let leases = wire::Leases {
+        payload_ids: ids.iter().map(|id| id.as_bytes().to_vec()).collect(),
+    };
+    let (answer, _) = conn.call(Op::Leases(leases), None).await?;
+    let Answer::LeasedMany(many) = answer else {
+        return Err(unexpected("batch lease"));
+    };
+    if many.granted.len() != ids.len() {
+        return Err(ClientError::Protocol(
+            "the agent answered a batch lease with another count".into(),
+        ));
+    }
+    Ok(many
+        .granted
+        .into_iter()
+        .map(|g| match g.error_code {
+            0 => parse_id(&g.lease_id, "batch lease"),
+            code => Err(tonic::Status::new(tonic::Code::from(code), g.error_message).into()),
+        })
+        .collect())
+}

@@ -105,6 +105,43 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
             Ok((committed(node, &rec), None))
         }
         Op::Lease(l) => lease(node, session, l).await,
+        Op::Leases(l) => {
+            node.config().limits.batch("payload_ids", l.payload_ids.len())?;
+            // Checked one by one: a bad or unreadable id answers in place.
+            let checked: Vec<Result<PayloadId, Status>> = l
+                .payload_ids
+                .iter()
+                .map(|raw| {
+                    let id = payload_id(raw)?;
+                    node.authorize_read(id, &session.caller).map_err(status)?;
+                    Ok(id)
+                })
+                .collect();
+            let allowed: Vec<PayloadId> = checked.iter().filter_map(|c| c.as_ref().ok().copied()).collect();
+            let mut grants = node.acquire_many_session(&allowed).into_iter();
+            let granted = checked
+                .into_iter()
+                .map(|checked| {
+                    let grant = checked.and_then(|_| grants.next().expect("one grant per allowed id").map_err(status));
+                    match grant {
+                        Ok(grant) => {
+                            session.add(grant.lease);
+                            wire::Granted {
+                                lease_id: grant.lease.as_bytes().to_vec(),
+                                size_bytes: grant.rec.size_bytes,
+                                ..Default::default()
+                            }
+                        }
+                        Err(st) => wire::Granted {
+                            error_code: st.code() as i32,
+                            error_message: st.message().to_string(),
+                            ..Default::default()
+                        },
+                    }
+                })
+                .collect();
+            Ok((Answer::LeasedMany(wire::LeasedMany { granted }), None))
+        }
         Op::Release(r) => {
             node.config().limits.batch("lease_ids", r.lease_ids.len())?;
             let leases = r

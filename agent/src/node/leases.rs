@@ -137,18 +137,30 @@ impl Node {
 
     /// Grants many leases with one journal append; results keep request order.
     pub fn acquire_many(&self, requests: &[(PayloadId, Option<Tier>, u64)]) -> Vec<Result<LeaseGrant, AgentError>> {
+        let requests: Vec<_> = requests
+            .iter()
+            .map(|(id, tier, ms)| (*id, *tier, Lasts::Ms(*ms)))
+            .collect();
+        self.acquire_many_for(&requests)
+    }
+
+    /// [`Node::acquire_many`] of session leases (the native socket's).
+    pub fn acquire_many_session(&self, ids: &[PayloadId]) -> Vec<Result<LeaseGrant, AgentError>> {
+        let requests: Vec<_> = ids.iter().map(|id| (*id, None, Lasts::Session)).collect();
+        self.acquire_many_for(&requests)
+    }
+
+    fn acquire_many_for(&self, requests: &[(PayloadId, Option<Tier>, Lasts)]) -> Vec<Result<LeaseGrant, AgentError>> {
         let results: Vec<_> = requests
             .iter()
-            .map(|(id, min_tier, duration)| {
-                let grant = self
-                    .try_grant(*id, *min_tier, Lasts::Ms(*duration))
-                    .map_err(|e| match e {
-                        Grant::Failed(err) => err,
-                        Grant::TooSlow(target) => AgentError::InvalidState(format!(
+            .map(|(id, min_tier, lasts)| {
+                let grant = self.try_grant(*id, *min_tier, *lasts).map_err(|e| match e {
+                    Grant::Failed(err) => err,
+                    Grant::TooSlow(target) => AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
                         target.name()
                     )),
-                    })?;
+                })?;
                 let readable = self.tier(grant.rec.tier).is_ok_and(|t| t.readable(*id));
                 if !readable {
                     self.release(grant.lease);
