@@ -107,28 +107,24 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
         Op::Lease(l) => lease(node, session, l).await,
         Op::Leases(l) => {
             node.config().limits.batch("payload_ids", l.payload_ids.len())?;
-            // Checked one by one: a bad or unreadable id answers in place.
-            let checked: Vec<Result<PayloadId, Status>> = l
-                .payload_ids
-                .iter()
-                .map(|raw| {
-                    let id = payload_id(raw)?;
-                    node.authorize_read(id, &session.caller).map_err(status)?;
-                    Ok(id)
-                })
-                .collect();
-            let allowed: Vec<PayloadId> = checked.iter().filter_map(|c| c.as_ref().ok().copied()).collect();
-            let mut grants = node.acquire_many_session(&allowed).into_iter();
-            let granted = checked
+            // A bad id answers in place; the read rule is checked under
+            // each payload's lock as its lease is granted.
+            let parsed: Vec<Result<PayloadId, Status>> = l.payload_ids.iter().map(|raw| payload_id(raw)).collect();
+            let valid: Vec<PayloadId> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+            let rule = node.config().read_access;
+            let mut grants = node
+                .acquire_many_session(&valid, |rec| session.caller.may_read(rec, rule))
+                .into_iter();
+            let granted = parsed
                 .into_iter()
-                .map(|checked| {
-                    let grant = checked.and_then(|_| grants.next().expect("one grant per allowed id").map_err(status));
+                .map(|parsed| {
+                    let grant = parsed.and_then(|_| grants.next().expect("one grant per valid id").map_err(status));
                     match grant {
-                        Ok(grant) => {
-                            session.add(grant.lease);
+                        Ok((lease, size_bytes)) => {
+                            session.add(lease);
                             wire::Granted {
-                                lease_id: grant.lease.as_bytes().to_vec(),
-                                size_bytes: grant.rec.size_bytes,
+                                lease_id: lease.as_bytes().to_vec(),
+                                size_bytes,
                                 ..Default::default()
                             }
                         }

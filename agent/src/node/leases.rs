@@ -141,46 +141,63 @@ impl Node {
             .iter()
             .map(|(id, tier, ms)| (*id, *tier, Lasts::Ms(*ms)))
             .collect();
-        self.acquire_many_for(&requests)
+        self.acquire_many_for(&requests, |rec| Ok(rec.clone()))
+            .into_iter()
+            .map(|r| r.map(|(lease, expires_ms, rec)| LeaseGrant { lease, expires_ms, rec }))
+            .collect()
     }
 
-    /// [`Node::acquire_many`] of session leases (the native socket's).
-    pub fn acquire_many_session(&self, ids: &[PayloadId]) -> Vec<Result<LeaseGrant, AgentError>> {
+    /// [`Node::acquire_many`] of session leases (the native socket's), each
+    /// granted only where `check` (the caller's right to read) allows;
+    /// returns each lease and its payload's size.
+    pub fn acquire_many_session(
+        &self,
+        ids: &[PayloadId],
+        check: impl Fn(&PayloadRecord) -> Result<(), AgentError>,
+    ) -> Vec<Result<(LeaseId, u64), AgentError>> {
         let requests: Vec<_> = ids.iter().map(|id| (*id, None, Lasts::Session)).collect();
-        self.acquire_many_for(&requests)
+        self.acquire_many_for(&requests, |rec| check(rec).map(|()| rec.size_bytes))
+            .into_iter()
+            .map(|r| r.map(|(lease, _, size)| (lease, size)))
+            .collect()
     }
 
-    fn acquire_many_for(&self, requests: &[(PayloadId, Option<Tier>, Lasts)]) -> Vec<Result<LeaseGrant, AgentError>> {
+    fn acquire_many_for<T>(
+        &self,
+        requests: &[(PayloadId, Option<Tier>, Lasts)],
+        take: impl Fn(&PayloadRecord) -> Result<T, AgentError>,
+    ) -> Vec<Result<(LeaseId, u64, T), AgentError>> {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, lasts)| {
-                let grant = self.try_grant(*id, *min_tier, *lasts).map_err(|e| match e {
+                let granted = self.try_grant_with(*id, *min_tier, *lasts, |rec| Ok((rec.tier, take(rec)?)));
+                let (lease, expires_ms, (tier, taken)) = granted.map_err(|e| match e {
                     Grant::Failed(err) => err,
                     Grant::TooSlow(target) => AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
                         target.name()
                     )),
                 })?;
-                let readable = self.tier(grant.rec.tier).is_ok_and(|t| t.readable(*id));
+                let readable = self.tier(tier).is_ok_and(|t| t.readable(*id));
                 if !readable {
-                    self.release(grant.lease);
+                    self.release(lease);
                     return Err(AgentError::InvalidState(format!(
                         "payload {id} is on the {} tier and not cached on this node; batch leases never \
                          download, use AcquireReadLease",
-                        grant.rec.tier.name()
+                        tier.name()
                     )));
                 }
-                Ok(grant)
+                Ok((lease, expires_ms, taken))
             })
             .collect();
         let journaled: Vec<_> = results
             .iter()
             .zip(requests)
             .filter_map(|(r, (id, _, _))| {
-                r.as_ref().ok().map(|g| JournaledLease {
-                    lease: g.lease,
+                r.as_ref().ok().map(|(lease, expires_ms, _)| JournaledLease {
+                    lease: *lease,
                     payload: *id,
-                    expires_ms: self.journaled_expiry(g.expires_ms),
+                    expires_ms: self.journaled_expiry(*expires_ms),
                 })
             })
             .collect();
@@ -194,6 +211,19 @@ impl Node {
     }
 
     fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, lasts: Lasts) -> Result<LeaseGrant, Grant> {
+        self.try_grant_with(id, min_tier, lasts, |rec| Ok(rec.clone()))
+            .map(|(lease, expires_ms, rec)| LeaseGrant { lease, expires_ms, rec })
+    }
+
+    /// Grants a lease, taking what the caller needs of the row with `take`
+    /// under the payload's lock (a refusal there grants nothing).
+    fn try_grant_with<T>(
+        &self,
+        id: PayloadId,
+        min_tier: Option<Tier>,
+        lasts: Lasts,
+        take: impl FnOnce(&PayloadRecord) -> Result<T, AgentError>,
+    ) -> Result<(LeaseId, u64, T), Grant> {
         let entry = self.entry(id).map_err(Grant::Failed)?;
         let now = self.now_ms();
         let mut e = lock(&entry);
@@ -222,6 +252,7 @@ impl Node {
                 "payload {id} has {cap} live leases, the limit (--max-leases-per-payload); release some first"
             ))));
         }
+        let taken = take(&e.rec).map_err(Grant::Failed)?;
         let lease = LeaseId::random();
         let expires_ms = match lasts {
             Lasts::Ms(ms) => now.saturating_add(self.lease_duration(ms)),
@@ -229,7 +260,6 @@ impl Node {
         };
         e.leases.insert(lease, expires_ms);
         e.last_access_ms = now;
-        let rec = e.rec.clone();
         drop(e);
         self.leases.shard(&lease).insert(
             lease,
@@ -238,7 +268,7 @@ impl Node {
                 expires_ms,
             },
         );
-        Ok(LeaseGrant { lease, expires_ms, rec })
+        Ok((lease, expires_ms, taken))
     }
 
     /// A session lease has no expiry while its connection lives; after a
