@@ -100,34 +100,21 @@ pub fn fix_size(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Why a region could not be sealed.
-#[derive(Debug)]
-pub enum SealError {
-    /// A writable shared mapping of it is still alive somewhere.
-    Mapped,
-    /// It is not a memfd that accepts seals (or is sealed differently).
-    NotSealable(String),
-    Io(io::Error),
-}
-
-/// Seals `file` for good; sealing a fully sealed file again is fine.
-pub fn seal(file: &File) -> Result<(), SealError> {
-    let have = seals(file).map_err(|e| SealError::NotSealable(format!("it is not a sealable memfd ({e})")))?;
+/// Seals `file` for good; sealing a fully sealed file again is fine. EBUSY
+/// means a writable shared mapping of it is still alive somewhere.
+pub fn seal(file: &File) -> io::Result<()> {
+    let have = seals(file).map_err(|e| io::Error::other(format!("it is not a sealable memfd ({e})")))?;
     if have & SEALS == SEALS {
         return Ok(());
     }
     if have & libc::F_SEAL_SEAL != 0 {
-        return Err(SealError::NotSealable(format!(
+        return Err(io::Error::other(format!(
             "its seals were already fixed without write protection (seals {have:#x})"
         )));
     }
     // SAFETY: fcntl on a descriptor we hold.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0 {
-        let err = io::Error::last_os_error();
-        return Err(match err.raw_os_error() {
-            Some(libc::EBUSY) => SealError::Mapped,
-            _ => SealError::Io(err),
-        });
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -157,7 +144,7 @@ mod tests {
         let file = create("test", 4096).unwrap();
         // SAFETY: a private test memfd.
         let map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
-        assert!(matches!(seal(&file), Err(SealError::Mapped)));
+        assert_eq!(seal(&file).unwrap_err().raw_os_error(), Some(libc::EBUSY));
         drop(map);
         seal(&file).unwrap();
     }
@@ -165,6 +152,6 @@ mod tests {
     #[test]
     fn a_plain_file_is_not_sealable() {
         let file = tempfile::tempfile().unwrap();
-        assert!(matches!(seal(&file), Err(SealError::NotSealable(_))));
+        assert!(seal(&file).is_err());
     }
 }

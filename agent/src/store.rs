@@ -371,11 +371,7 @@ impl FileStore {
     /// writable mapping exists); a named file loses write permission.
     pub fn seal(&self, id: PayloadId) -> io::Result<()> {
         match self.memfd(id) {
-            Some(memfd) => crate::memfd::seal(&memfd).map_err(|e| match e {
-                crate::memfd::SealError::Mapped => io::Error::from_raw_os_error(libc::EBUSY),
-                crate::memfd::SealError::NotSealable(why) => io::Error::other(why),
-                crate::memfd::SealError::Io(e) => e,
-            }),
+            Some(memfd) => crate::memfd::seal(&memfd),
             None => fs::set_permissions(self.path(id), Permissions::from_mode(self.sealed_mode)),
         }
     }

@@ -183,19 +183,14 @@ impl Client {
     /// the agent serves one (an older agent without it is used over gRPC).
     async fn open(target: &str) -> Result<Client> {
         let mut client = Self::from_channel(connect::channel(target).await?);
-        if let Some(path) = native::beside(target) {
-            match Native::connect(&path) {
-                Ok(conn) => {
-                    let conn = Arc::new(conn);
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(native_release_loop(Arc::downgrade(&conn), rx));
-                    client.native = Some(conn);
-                    client.native_releases = tx;
-                }
-                Err(e) => {
-                    note_native_unavailable(&path, &e);
-                }
-            }
+        // A socket that is there but refuses us leaves gRPC carrying
+        // everything, as for an older agent without one (`is_native` tells).
+        if let Some(conn) = native::beside(target).and_then(|path| Native::connect(&path).ok()) {
+            let conn = Arc::new(conn);
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(native_release_loop(Arc::downgrade(&conn), rx));
+            client.native = Some(conn);
+            client.native_releases = tx;
         }
         Ok(client)
     }
@@ -656,13 +651,6 @@ async fn native_release_loop(conn: std::sync::Weak<Native>, mut rx: mpsc::Unboun
         // A failed release only keeps the lease until the connection closes.
         let _ = put::native_release(&conn, &batch).await;
         batch.clear();
-    }
-}
-
-/// A native socket that is there but refuses us: gRPC carries on.
-fn note_native_unavailable(path: &std::path::Path, e: &std::io::Error) {
-    if std::env::var_os("PAYLOAD_CLIENT_DEBUG").is_some() {
-        eprintln!("payload-client: not using the native socket {}: {e}", path.display());
     }
 }
 

@@ -178,7 +178,7 @@ impl Node {
         let id = PayloadId::random();
         let filled = store.new_memfd(size).and_then(|file| {
             file.write_all_at(bytes, 0)?;
-            crate::memfd::seal(&file).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            crate::memfd::seal(&file)?;
             store.adopt_memfd(id, file)
         });
         if store.pool_wants_refill() {
