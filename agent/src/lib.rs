@@ -12,6 +12,7 @@ pub mod error;
 pub mod failpoint;
 pub mod grpc;
 pub mod identity;
+pub mod ids;
 pub mod journal;
 pub mod keeper;
 pub mod limits;

@@ -7,7 +7,6 @@
 
 mod ops;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -20,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::identity::Caller;
-use crate::node::{lock, Node};
+use crate::node::{lock, IdSet, Node};
 
 /// Binds the native socket beside the gRPC one, with the same `mode`. A
 /// stale socket file is replaced; a live one (another agent) is an error.
@@ -76,7 +75,7 @@ struct Connection {
 pub(crate) struct Session {
     pub caller: Caller,
     node: Arc<Node>,
-    leases: Mutex<HashSet<LeaseId>>,
+    leases: Mutex<IdSet<LeaseId>>,
 }
 
 impl Drop for Session {

@@ -253,7 +253,7 @@ impl Node {
             ))));
         }
         let taken = take(&e.rec).map_err(Grant::Failed)?;
-        let lease = LeaseId::random();
+        let lease = crate::ids::lease();
         let expires_ms = match lasts {
             Lasts::Ms(ms) => now.saturating_add(self.lease_duration(ms)),
             Lasts::Session => SESSION_EXPIRY,

@@ -74,7 +74,7 @@ impl Node {
         region: NewRegion,
     ) -> Result<PayloadRecord, AgentError> {
         self.check_allocation(&req)?;
-        let id = PayloadId::random();
+        let id = crate::ids::payload();
         if req.tier == Tier::Object {
             // The client uploads the bytes itself; ImportPayload adopts them.
             self.object()?;

@@ -92,7 +92,7 @@ impl Default for NodeConfig {
 pub(crate) struct Entry {
     pub rec: PayloadRecord,
     /// Live leases on the current copy: lease -> expiry (unix ms).
-    pub leases: HashMap<LeaseId, u64>,
+    pub leases: IdMap<LeaseId, u64>,
     /// Expired leases are dropped from `leases` once it grows to this size
     /// (then twice what is live), so granting stays O(1) amortised.
     pub prune_at: usize,
@@ -109,7 +109,7 @@ impl Entry {
     fn new(rec: PayloadRecord, now_ms: u64) -> Self {
         Self {
             rec,
-            leases: HashMap::new(),
+            leases: IdMap::default(),
             prune_at: 64,
             pruned_ms: 0,
             moving: false,
@@ -126,8 +126,15 @@ impl Entry {
 pub(crate) type EntryRef = Arc<Mutex<Entry>>;
 
 /// A map split into independently locked shards.
+/// Maps keyed by payload and lease ids, on the lease hot path. foldhash
+/// (randomly seeded per process) hashes a 16-byte id several times faster
+/// than SipHash; the ids are random UUIDs, so flooding one bucket would
+/// need the seed.
+pub(crate) type IdMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+pub(crate) type IdSet<K> = std::collections::HashSet<K, foldhash::quality::RandomState>;
+
 pub(crate) struct Sharded<K, V> {
-    shards: Vec<Mutex<HashMap<K, V>>>,
+    shards: Vec<Mutex<IdMap<K, V>>>,
 }
 
 pub(crate) trait ShardKey {
@@ -149,11 +156,11 @@ impl ShardKey for LeaseId {
 impl<K: ShardKey + Eq + std::hash::Hash, V> Sharded<K, V> {
     fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
         }
     }
 
-    pub fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, V>> {
+    pub fn shard(&self, key: &K) -> MutexGuard<'_, IdMap<K, V>> {
         lock(&self.shards[key.shard()])
     }
 

@@ -175,7 +175,7 @@ impl Node {
             self.make_room(Tier::Ram, size).await;
             store.reserve(size)?;
         }
-        let id = PayloadId::random();
+        let id = crate::ids::payload();
         let filled = store.new_memfd(size).and_then(|file| {
             file.write_all_at(bytes, 0)?;
             crate::memfd::seal(&file)?;
