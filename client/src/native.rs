@@ -16,6 +16,11 @@ use tokio::sync::oneshot;
 use crate::error::{ClientError, Result};
 
 type Reply = (wire::Response, Option<OwnedFd>);
+
+/// How long a lone call polls for its answer before waiting to be woken:
+/// longer than a small put or get takes the agent, far shorter than a
+/// thread wake-up on a loaded machine.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
 /// The agent's native socket: one connection at a time, made again after
@@ -72,6 +77,8 @@ struct Conn {
     /// `None` once the connection has failed: later calls fail at once.
     pending: Pending,
     reader: tokio::task::JoinHandle<()>,
+    /// The buffer of the call that polls the socket itself (one at a time).
+    spin_buf: Mutex<Vec<u8>>,
 }
 
 impl Drop for Conn {
@@ -91,7 +98,36 @@ impl Conn {
             next,
             pending,
             reader,
+            spin_buf: Mutex::new(Vec::new()),
         })
+    }
+
+    /// A lone call in flight polls the socket itself for a while (see
+    /// [`SPIN`]) instead of waiting for the reader task: that costs a
+    /// wake-up of the reader's thread and another of the caller's. With
+    /// other calls under way the reader is busy anyway and nobody spins.
+    fn spin_for(&self, rx: &mut oneshot::Receiver<Reply>) {
+        if lock(&self.pending).as_ref().is_none_or(|map| map.len() != 1) {
+            return;
+        }
+        let Ok(mut buf) = self.spin_buf.try_lock() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + SPIN;
+        // The reader task may take the answer first: the loop watches `rx`.
+        while rx.is_empty() && std::time::Instant::now() < deadline {
+            match self.socket.try_recv(&mut buf) {
+                Ok(Some(frame)) => {
+                    if !deliver(&self.socket, &self.pending, &self.next, &buf[..frame.len], frame.fds) {
+                        lock(&self.pending).take();
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                // The peer closed or the socket failed: the reader sees it too.
+                Ok(None) | Err(_) => return,
+            }
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -101,7 +137,7 @@ impl Conn {
     /// Sends one request (with a descriptor, for a put) and waits for its answer.
     pub async fn call(&self, op: Op, fd: Option<RawFd>) -> Result<(Answer, Option<OwnedFd>)> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         lock(&self.pending).as_mut().ok_or_else(closed)?.insert(id, tx);
         let frame = wire::Request { id, op: Some(op) }.encode_to_vec();
         if frame.len() > wire::MAX_FRAME {
@@ -121,6 +157,7 @@ impl Conn {
             }
             return Err(ClientError::io("sending to the agent's native socket", e));
         }
+        self.spin_for(&mut rx);
         let (response, fd) = rx.await.map_err(|_| closed())?;
         if let Some(err) = response.error {
             return Err(tonic::Status::new(tonic::Code::from(err.code), err.message).into());
@@ -147,41 +184,48 @@ async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>) 
             Ok(Some(frame)) => frame,
             Ok(None) | Err(_) => break,
         };
-        let Ok(response) = wire::Response::decode(&buf[..frame.len]) else {
+        if !deliver(&socket, &pending, &next, &buf[..frame.len], frame.fds) {
             break;
-        };
-        let waiter = lock(&pending).as_mut().and_then(|map| map.remove(&response.id));
-        match waiter {
-            Some(tx) => {
-                if let Err((response, _)) = tx.send((response, frame.fds.into_iter().next())) {
-                    // Its caller went away (a dropped future): a lease it
-                    // was granted is given back rather than held until the
-                    // connection closes.
-                    if let Some(Answer::Leased(leased)) = response.result {
-                        let release = wire::Request {
-                            id: next.fetch_add(1, Ordering::Relaxed),
-                            op: Some(Op::Release(wire::Release {
-                                lease_ids: vec![leased.lease_id],
-                            })),
-                        };
-                        // Sent by a task of its own: the reader never
-                        // waits on a send, or a full socket could stall
-                        // both sides.
-                        let socket = socket.clone();
-                        tokio::spawn(async move {
-                            let _ = socket.send(&release.encode_to_vec(), &[]).await;
-                        });
-                    }
-                }
-            }
-            // Id 0 answers a frame the agent could not read: ours are never
-            // malformed, so the connection is not to be trusted further.
-            None if response.id == 0 => break,
-            None => {}
         }
     }
     // Every waiting call learns the connection is gone.
     lock(&pending).take();
+}
+
+/// Hands a response to the call waiting for it; false when the connection
+/// is not to be trusted further.
+fn deliver(socket: &Arc<Socket>, pending: &Pending, next: &AtomicU64, bytes: &[u8], fds: Vec<OwnedFd>) -> bool {
+    let Ok(response) = wire::Response::decode(bytes) else {
+        return false;
+    };
+    let waiter = lock(pending).as_mut().and_then(|map| map.remove(&response.id));
+    match waiter {
+        Some(tx) => {
+            if let Err((response, _)) = tx.send((response, fds.into_iter().next())) {
+                // Its caller went away (a dropped future): a lease it was
+                // granted is given back rather than held until the
+                // connection closes.
+                if let Some(Answer::Leased(leased)) = response.result {
+                    let release = wire::Request {
+                        id: next.fetch_add(1, Ordering::Relaxed),
+                        op: Some(Op::Release(wire::Release {
+                            lease_ids: vec![leased.lease_id],
+                        })),
+                    };
+                    // Sent by a task of its own: the reader never waits on
+                    // a send, or a full socket could stall both sides.
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        let _ = socket.send(&release.encode_to_vec(), &[]).await;
+                    });
+                }
+            }
+            true
+        }
+        // Id 0 answers a frame the agent could not read: ours are never
+        // malformed, so the connection is not to be trusted further.
+        None => response.id != 0,
+    }
 }
 
 /// Whether `answer` is the variant `want`, or a protocol error naming it.

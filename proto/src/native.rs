@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -175,6 +176,31 @@ impl Socket {
         self.fd
             .async_io(Interest::READABLE, |fd| recv_frame(fd.as_raw_fd(), buf))
             .await
+    }
+
+    /// Receives one frame if it arrives within `spin`, polling instead of
+    /// parking: on small VMs waking a parked thread costs more than the
+    /// round trip itself. `WouldBlock` when none came (then [`Socket::recv`]
+    /// waits). Between tries the CPU is yielded, so a peer that shares it
+    /// still runs. Blocks the calling thread for at most `spin`.
+    pub fn spin_recv(&self, buf: &mut Vec<u8>, spin: Duration) -> io::Result<Option<Frame>> {
+        let deadline = Instant::now() + spin;
+        loop {
+            match self.try_recv(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::yield_now()
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives one frame if one is there now; `WouldBlock` if not.
+    pub fn try_recv(&self, buf: &mut Vec<u8>) -> io::Result<Option<Frame>> {
+        if buf.len() < MAX_FRAME {
+            buf.resize(MAX_FRAME, 0);
+        }
+        recv_frame(self.fd.as_raw_fd(), buf)
     }
 }
 

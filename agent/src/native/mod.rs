@@ -115,6 +115,7 @@ impl Connection {
         let mut buf = Vec::new();
         let mut calls = JoinSet::new();
         let in_flight = (self.node.config().limits.calls_per_connection as usize).max(1);
+        let spin = self.node.config().native_spin;
         loop {
             if calls.len() >= in_flight {
                 // A peer that sends and never reads waits here: nothing more
@@ -122,9 +123,18 @@ impl Connection {
                 calls.join_next().await;
                 continue;
             }
-            let frame = tokio::select! {
-                frame = self.socket.recv(&mut buf) => frame,
-                Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            // With nothing under way the next request is likely the peer's
+            // reply to our answer: poll briefly before parking.
+            let spun = match calls.is_empty() && !spin.is_zero() {
+                true => self.socket.spin_recv(&mut buf, spin),
+                false => Err(std::io::ErrorKind::WouldBlock.into()),
+            };
+            let frame = match spun {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::select! {
+                    frame = self.socket.recv(&mut buf) => frame,
+                    Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+                },
+                spun => spun,
             };
             let frame = match frame {
                 Ok(Some(frame)) => frame,

@@ -61,6 +61,8 @@ pub struct NodeConfig {
     pub limits: crate::limits::Limits,
     /// Who may read a payload besides its owner.
     pub read_access: crate::identity::ReadAccess,
+    /// How long an idle native connection is polled before parking.
+    pub native_spin: std::time::Duration,
     /// The node's time source; tests pass one they can advance.
     pub clock: Clock,
 }
@@ -82,6 +84,7 @@ impl Default for NodeConfig {
             catalog_backlog: 100_000,
             limits: crate::limits::Limits::default(),
             read_access: crate::identity::ReadAccess::default(),
+            native_spin: std::time::Duration::from_micros(50),
             clock: Clock::new(),
         }
     }
