@@ -47,16 +47,20 @@ pub struct FileStore {
     keeper: Option<crate::keeper::Keeper>,
     /// The most memfd regions at once: each holds a descriptor.
     max_memfds: usize,
-    /// Memfds made ahead of small puts, their pages allocated (RAM).
-    pool: Mutex<Vec<File>>,
+    /// Memfds made ahead of small puts, their pages allocated (RAM): one
+    /// list per slot size in [`POOL_SLOTS`].
+    pool: Mutex<[Vec<File>; POOL_SLOTS.len()]>,
     refilling: std::sync::atomic::AtomicBool,
     /// The mode of a named region once sealed (`--read-access`).
     sealed_mode: u32,
 }
 
-/// Pooled memfds hold this much; smaller puts shrink one to size.
-pub const POOL_SLOT: u64 = 64 << 10;
-/// How many the pool keeps ready.
+/// The slot sizes of the memfd pool. A put takes the smallest slot that
+/// holds it and shrinks it to size, so at most a slot's worth of pages is
+/// allocated and freed again (one 64 KiB size cost a 4 KiB put 16 pages
+/// allocated and 15 freed).
+pub const POOL_SLOTS: [u64; 3] = [4 << 10, 16 << 10, 64 << 10];
+/// How many memfds of each slot size the pool keeps ready.
 const POOL_DEPTH: usize = 64;
 
 /// What a scan of a tier's root found.
@@ -115,7 +119,7 @@ impl FileStore {
             memfds: Mutex::new(HashMap::new()),
             keeper: None,
             max_memfds: memfd_budget(crate::memfd::raise_fd_limit()),
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(Default::default()),
             refilling: std::sync::atomic::AtomicBool::new(false),
             sealed_mode: 0o400,
         })
@@ -283,8 +287,8 @@ impl FileStore {
     /// A memfd of `size` bytes with its pages allocated: from the pool when
     /// it is small, so the request path rarely creates or faults one.
     pub fn new_memfd(&self, size: u64) -> io::Result<File> {
-        if size <= POOL_SLOT {
-            let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(slot) = POOL_SLOTS.iter().position(|&slot| size <= slot) {
+            let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner())[slot].pop();
             if let Some(file) = pooled {
                 // Shrinking frees the pages past `size`.
                 file.set_len(size)?;
@@ -294,25 +298,33 @@ impl FileStore {
         crate::memfd::create("payload", size)
     }
 
-    /// Whether the pool wants filling and nobody is filling it yet; a true
-    /// answer must be followed by [`FileStore::refill_pool`].
+    /// Whether some slot size of the pool runs low and nobody is filling
+    /// it yet; a true answer must be followed by [`FileStore::refill_pool`].
+    /// A size never taken never runs low, so it costs nothing after start-up.
     pub fn pool_wants_refill(&self) -> bool {
-        let low = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() < POOL_DEPTH / 2;
+        let low = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|files| files.len() < POOL_DEPTH / 2);
         low && !self.refilling.swap(true, Ordering::AcqRel)
     }
 
     /// Fills the pool (blocking: it allocates pages).
     pub fn refill_pool(&self) {
-        loop {
-            let have = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
-            if have >= POOL_DEPTH {
-                break;
-            }
-            match crate::memfd::create("payload", POOL_SLOT) {
-                Ok(file) => self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(file),
-                Err(e) => {
-                    tracing::debug!(%e, "could not fill the memfd pool");
+        for (slot, &size) in POOL_SLOTS.iter().enumerate() {
+            loop {
+                let have = self.pool.lock().unwrap_or_else(|p| p.into_inner())[slot].len();
+                if have >= POOL_DEPTH {
                     break;
+                }
+                match crate::memfd::create("payload", size) {
+                    Ok(file) => self.pool.lock().unwrap_or_else(|p| p.into_inner())[slot].push(file),
+                    Err(e) => {
+                        tracing::debug!(%e, "could not fill the memfd pool");
+                        break;
+                    }
                 }
             }
         }
