@@ -14,7 +14,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,15 +27,52 @@ const SOCKET: &str = "keeper.sock";
 /// The agent's connection to its keeper.
 pub struct Keeper {
     path: PathBuf,
-    conn: Mutex<OwnedFd>,
-    /// Set by a watcher thread when the keeper hangs up (it died).
-    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    link: Mutex<Link>,
+    /// One replacement at a time: a second caller finds the link healthy.
+    replacing: Mutex<()>,
+}
+
+/// One connection to a keeper, and whether its keeper hung up.
+struct Link {
+    fd: OwnedFd,
+    /// Set by this connection's watcher thread when the keeper hangs up.
+    lost: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn new(fd: OwnedFd) -> Link {
+        let lost = Arc::new(AtomicBool::new(false));
+        watch(&fd, lost.clone());
+        Link { fd, lost }
+    }
+
+    /// Whether the keeper is still there: not reported lost, not hung up.
+    fn alive(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call; a zero timeout never blocks.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        !self.lost.load(Ordering::Acquire) && ready == 0
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // The watcher holds a copy of the descriptor: shutting the socket
+        // (not just closing ours) ends the watcher, and lets a keeper that
+        // still lives stop serving this connection and accept the next.
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
 }
 
 /// Watches a keeper connection on a thread of its own and sets `lost`
 /// once the keeper hangs up, so a dead keeper is noticed at once rather
 /// than at the next payload handed to it.
-fn watch(conn: &OwnedFd, lost: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+fn watch(conn: &OwnedFd, lost: Arc<AtomicBool>) {
     let Ok(fd) = conn.try_clone() else { return };
     let spawned = std::thread::Builder::new()
         .name("payload-keeper-watch".into())
@@ -47,7 +85,7 @@ fn watch(conn: &OwnedFd, lost: std::sync::Arc<std::sync::atomic::AtomicBool>) {
             // SAFETY: one pollfd, valid for the call.
             let ready = unsafe { libc::poll(&mut poll, 1, -1) };
             if ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                lost.store(true, std::sync::atomic::Ordering::Release);
+                lost.store(true, Ordering::Release);
                 return;
             }
         });
@@ -73,12 +111,10 @@ impl Keeper {
             let conn = connect_or_spawn(&path)?;
             match list(&conn) {
                 Ok(kept) => {
-                    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    watch(&conn, lost.clone());
                     let keeper = Keeper {
                         path,
-                        conn: Mutex::new(conn),
-                        lost,
+                        link: Mutex::new(Link::new(conn)),
+                        replacing: Mutex::new(()),
                     };
                     return Ok((keeper, kept));
                 }
@@ -98,9 +134,15 @@ impl Keeper {
         self.send(&format!("keep {id}"), Some(file))
     }
 
-    /// Whether the keeper has hung up since it was last (re)connected.
+    /// Whether the keeper of the current connection has hung up.
     pub fn lost(&self) -> bool {
-        self.lost.load(std::sync::atomic::Ordering::Acquire)
+        self.link().lost.load(Ordering::Acquire)
+    }
+
+    /// After a failed send: the sweeper replaces the keeper (see
+    /// [`Keeper::reconnect`]) rather than the request that noticed.
+    pub fn mark_lost(&self) {
+        self.link().lost.store(true, Ordering::Release);
     }
 
     /// Tells the keeper to close its copy of `id`'s memfd.
@@ -110,23 +152,31 @@ impl Keeper {
         }
     }
 
-    fn send(&self, message: &str, file: Option<&File>) -> io::Result<()> {
-        let fds: Vec<_> = file.map(|f| f.as_raw_fd()).into_iter().collect();
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        send_frame(conn.as_raw_fd(), message.as_bytes(), &fds)
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// After a failed send: connects to a keeper again (starting one) and
-    /// hands it every memfd in `held`, which a dead keeper no longer holds.
-    pub fn rekeep<'a>(&self, held: impl IntoIterator<Item = (PayloadId, &'a File)>) -> io::Result<()> {
-        tracing::error!("the memfd keeper is gone; starting a new one and handing it every sealed payload again");
-        {
-            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            *conn = connect_or_spawn(&self.path).map_err(io::Error::other)?;
-            self.lost.store(false, std::sync::atomic::Ordering::Release);
-            watch(&conn, self.lost.clone());
+    fn send(&self, message: &str, file: Option<&File>) -> io::Result<()> {
+        let fds: Vec<_> = file.map(|f| f.as_raw_fd()).into_iter().collect();
+        send_frame(self.link().fd.as_raw_fd(), message.as_bytes(), &fds)
+    }
+
+    /// Connects to a keeper again (starting one) when the current one is
+    /// gone; true when it did, and the caller must then hand it every memfd
+    /// (a dead keeper no longer holds them). A keeper found healthy (one
+    /// that another caller already replaced) is kept. Blocking: it may
+    /// start a process and wait for it.
+    pub fn reconnect(&self) -> io::Result<bool> {
+        let _one = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.link().alive() {
+            return Ok(false);
         }
-        held.into_iter().try_for_each(|(id, file)| self.keep(id, file))
+        tracing::error!("the memfd keeper is gone; starting a new one and handing it every sealed payload again");
+        // Connected with no lock held: sends meanwhile fail at once on the
+        // dead link, and their memfds are handed over below.
+        let fresh = Link::new(connect_or_spawn(&self.path).map_err(io::Error::other)?);
+        drop(std::mem::replace(&mut *self.link(), fresh));
+        Ok(true)
     }
 }
 

@@ -78,6 +78,14 @@ pub struct Limits {
         default_value_t = 100_000
     )]
     pub leases_per_payload: usize,
+    /// Session leases one native connection may hold at once (each costs
+    /// the agent memory until it is released or the connection closes).
+    #[arg(
+        long = "max-session-leases",
+        env = "PM_MAX_SESSION_LEASES",
+        default_value_t = 100_000
+    )]
+    pub session_leases: usize,
     /// Stream subscriptions open on this agent at once.
     #[arg(long = "max-subscribers", env = "PM_MAX_SUBSCRIBERS", default_value_t = 1_024)]
     pub subscribers: usize,

@@ -248,12 +248,27 @@ impl FileStore {
         self.keeper = Some(keeper);
     }
 
-    /// Hands a new keeper every memfd region when the old one is gone. Under
-    /// the regions' lock, so that no region freed meanwhile is kept.
+    /// Hands a new keeper every memfd region when the old one is gone. The
+    /// regions' lock is held only to copy the list (leases and puts go on);
+    /// a region freed meanwhile is dropped from the new keeper afterwards.
     pub fn rekeep(&self) -> io::Result<()> {
         let Some(keeper) = &self.keeper else { return Ok(()) };
-        let memfds = self.memfds();
-        keeper.rekeep(memfds.iter().map(|(id, f)| (*id, f.as_ref())))
+        if !keeper.reconnect()? {
+            return Ok(());
+        }
+        let held: Vec<(PayloadId, Arc<File>)> = self.memfds().iter().map(|(id, f)| (*id, f.clone())).collect();
+        for (id, file) in &held {
+            keeper.keep(*id, file)?;
+        }
+        let gone: Vec<PayloadId> = {
+            let memfds = self.memfds();
+            held.iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !memfds.contains_key(id))
+                .collect()
+        };
+        gone.into_iter().for_each(|id| keeper.forget(id));
+        Ok(())
     }
 
     /// Whether the keeper died (a watcher noticed): [`FileStore::rekeep`] then.
@@ -334,9 +349,10 @@ impl FileStore {
     /// Takes a memfd written elsewhere (a client's) as the region of `id`.
     pub fn adopt_memfd(&self, id: PayloadId, file: File) -> io::Result<Arc<File>> {
         if let Some(keeper) = &self.keeper {
+            // A request never waits for a new keeper to start: the sweeper
+            // replaces it within half a second and hands it this memfd too.
             if keeper.keep(id, &file).is_err() {
-                self.rekeep()?;
-                keeper.keep(id, &file)?;
+                keeper.mark_lost();
             }
         }
         let file = Arc::new(file);

@@ -521,6 +521,88 @@ async fn a_keeper_that_dies_is_replaced_and_handed_every_sealed_payload() {
 }
 
 #[tokio::test]
+async fn a_keeper_killed_under_concurrent_puts_is_replaced_once_and_holds_them_all() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start(&dirs).await;
+    let client = std::sync::Arc::new(client);
+    let first = {
+        put(&client, &pattern(100, 0), Tier::Ram).await.unwrap();
+        common::process::keeper_pids(&dirs)
+    };
+    let writers: Vec<_> = (0..8u8)
+        .map(|w| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut made = Vec::new();
+                for n in 0..40u8 {
+                    made.push(put(&client, &pattern(3000, w ^ n), Tier::Ram).await.unwrap());
+                }
+                made
+            })
+        })
+        .collect();
+    common::process::kill_keeper(&dirs);
+    let mut made = Vec::new();
+    for writer in writers {
+        made.extend(writer.await.unwrap());
+    }
+    eventually("one new keeper holds every sealed payload", || async {
+        let now = common::process::keeper_pids(&dirs);
+        now.len() == 1 && now != first && memfds_held(now[0]) == made.len() + 1
+    })
+    .await;
+    drop(client);
+    agent.kill9();
+    let (agent, client) = Agent::start(&dirs).await;
+    for (id, digest) in &made {
+        let lease = client
+            .get(*id)
+            .await
+            .expect("a sealed payload outlived its keeper and the agent");
+        assert_eq!(&Sha256::digest(lease.bytes()).to_vec(), digest);
+    }
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_connection_holds_at_most_its_session_lease_limit() {
+    let dirs = Dirs::new();
+    let (agent, client) = Agent::start_with(&dirs, &["--max-session-leases", "4"]).await;
+    let mut ids = Vec::new();
+    for n in 0..5u8 {
+        ids.push(put(&client, &pattern(100, n), Tier::Ram).await.unwrap().0);
+    }
+    let holder = payload_client::Client::connect(dirs.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    // A batch past the limit grants nothing.
+    let refused = holder.lease_many(&ids).await;
+    assert!(
+        matches!(&refused, Err(ClientError::ResourceExhausted(m)) if m.contains("--max-session-leases")),
+        "{refused:?}"
+    );
+    assert_eq!(client.stats().await.unwrap().active_leases, 0);
+    let granted: Vec<_> = holder
+        .lease_many(&ids[..4])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let one_more = holder.lease_many(&ids[4..]).await;
+    assert!(
+        matches!(one_more, Err(ClientError::ResourceExhausted(_))),
+        "{one_more:?}"
+    );
+    // Released leases make room again, and another connection has its own.
+    assert_eq!(holder.release_leases(&granted[..1]).await.unwrap(), 1);
+    assert!(holder.lease_many(&ids[4..]).await.unwrap()[0].is_ok());
+    assert!(client.lease_many(&ids[..4]).await.unwrap().iter().all(Result::is_ok));
+    assert_eq!(client.stats().await.unwrap().active_leases, 8);
+    agent.kill9();
+}
+
+#[tokio::test]
 async fn many_leases_in_one_call_answer_in_order_and_end_with_the_connection() {
     let dirs = Dirs::new();
     let (agent, client) = Agent::start(&dirs).await;

@@ -89,6 +89,21 @@ impl Drop for Session {
 }
 
 impl Session {
+    /// Refuses `n` more session leases past `--max-session-leases`. Checked
+    /// before granting, so calls in flight together may pass it by their
+    /// own sizes at most (they are capped too).
+    pub fn room_for(&self, n: usize) -> Result<(), tonic::Status> {
+        let cap = self.node.config().limits.session_leases;
+        let held = lock(&self.leases).len();
+        if held.saturating_add(n) > cap {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "this connection holds {held} session leases and asks for {n} more; the limit is {cap} \
+                 (--max-session-leases): release some first"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn add(&self, lease: LeaseId) {
         lock(&self.leases).insert(lease);
     }

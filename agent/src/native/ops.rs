@@ -107,6 +107,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
         Op::Lease(l) => lease(node, session, l).await,
         Op::Leases(l) => {
             node.config().limits.batch("payload_ids", l.payload_ids.len())?;
+            session.room_for(l.payload_ids.len())?;
             // A bad id answers in place; the read rule is checked under
             // each payload's lock as its lease is granted.
             let parsed: Vec<Result<PayloadId, Status>> = l.payload_ids.iter().map(|raw| payload_id(raw)).collect();
@@ -163,6 +164,9 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
     let id = payload_id(&l.payload_id)?;
     let min_tier = optional_tier(l.min_tier, "min_tier")?;
     node.authorize_read(id, &session.caller).map_err(status)?;
+    if !l.timed {
+        session.room_for(1)?;
+    }
     let grant = if l.timed {
         node.config().limits.duration("duration_ms", l.duration_ms)?;
         node.acquire(id, min_tier, !l.best_effort, l.duration_ms).await
