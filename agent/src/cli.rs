@@ -124,8 +124,9 @@ pub struct StandaloneArgs {
     /// After answering on an idle native connection, poll it this long
     /// (microseconds) for the next request before parking: a parked thread's
     /// wake-up can cost more than the round trip. 0 turns polling off (less
-    /// CPU on a busy node, slower back-to-back calls).
-    #[arg(long, env = "PM_NATIVE_SPIN_US", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    /// CPU on a busy node, slower back-to-back calls). One connection polls
+    /// at a time, so at most one worker thread is held.
+    #[arg(long, env = "PM_NATIVE_SPIN_US", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1_000))]
     pub native_spin_us: u64,
     #[command(flatten)]
     pub object: crate::object::args::ObjectArgs,

@@ -25,7 +25,9 @@ thread_local! {
 fn random_uuid() -> Uuid {
     POOL.with_borrow_mut(|pool| {
         if pool.next + 16 > BUFFER {
-            fill(&mut pool.bytes);
+            if !fill(&mut pool.bytes) {
+                return Uuid::new_v4();
+            }
             pool.next = 0;
         }
         let mut bytes = [0u8; 16];
@@ -37,21 +39,23 @@ fn random_uuid() -> Uuid {
     })
 }
 
-fn fill(buf: &mut [u8]) {
+/// Fills `buf` from the kernel; false if it cannot (a sandbox without
+/// `getrandom`), and then ids come from `Uuid::new_v4`, which has fallbacks.
+fn fill(buf: &mut [u8]) -> bool {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
         // SAFETY: the pointer and length describe `rest`, which we own mutably.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if n < 0 {
-            let err = std::io::Error::last_os_error();
-            // EINTR is the only transient error; anything else means the
-            // kernel cannot give randomness, and ids must not be predictable.
-            assert!(err.kind() == std::io::ErrorKind::Interrupted, "getrandom failed: {err}");
-            continue;
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
         }
         filled += n as usize;
     }
+    true
 }
 
 pub fn lease() -> LeaseId {

@@ -633,5 +633,16 @@ async fn many_leases_in_one_call_answer_in_order_and_end_with_the_connection() {
     })
     .await;
     client.delete(ids[0], false).await.unwrap();
+    // Past a native call's 1,000 ids the client splits the list.
+    let many = vec![ids[1]; 1500];
+    let granted: Vec<_> = client
+        .lease_many(&many)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(client.stats().await.unwrap().active_leases, 1500);
+    assert_eq!(client.release_leases(&granted).await.unwrap(), 1500);
     agent.kill9();
 }

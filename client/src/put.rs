@@ -198,14 +198,19 @@ pub(crate) async fn native_abort(conn: &Native, id: PayloadId) -> Result<()> {
     conn.call(Op::Abort(abort), None).await.map(drop)
 }
 
+/// Releases leases, in calls of at most [`wire::MAX_BATCH`].
 pub(crate) async fn native_release(conn: &Native, leases: &[Uuid]) -> Result<u32> {
-    let release = wire::Release {
-        lease_ids: leases.iter().map(|l| l.as_bytes().to_vec()).collect(),
-    };
-    match conn.call(Op::Release(release), None).await? {
-        (Answer::Released(r), _) => Ok(r.released),
-        _ => Err(unexpected("release")),
+    let mut released = 0;
+    for chunk in leases.chunks(wire::MAX_BATCH) {
+        let release = wire::Release {
+            lease_ids: chunk.iter().map(|l| l.as_bytes().to_vec()).collect(),
+        };
+        match conn.call(Op::Release(release), None).await? {
+            (Answer::Released(r), _) => released += r.released,
+            _ => return Err(unexpected("release")),
+        }
     }
+    Ok(released)
 }
 
 pub(crate) async fn native_lease(
@@ -268,24 +273,25 @@ pub(crate) async fn native_lease(
 
 /// Session leases on many payloads in one call: a lease id each, or why not.
 pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
-    let leases = wire::Leases {
-        payload_ids: ids.iter().map(|id| id.as_bytes().to_vec()).collect(),
-    };
-    let (answer, _) = conn.call(Op::Leases(leases), None).await?;
-    let Answer::LeasedMany(many) = answer else {
-        return Err(unexpected("batch lease"));
-    };
-    if many.granted.len() != ids.len() {
-        return Err(ClientError::Protocol(
-            "the agent answered a batch lease with another count".into(),
-        ));
-    }
-    Ok(many
-        .granted
-        .into_iter()
-        .map(|g| match g.error_code {
+    let mut out = Vec::with_capacity(ids.len());
+    // In calls of at most MAX_BATCH ids, whose answers always fit a frame.
+    for chunk in ids.chunks(wire::MAX_BATCH) {
+        let leases = wire::Leases {
+            payload_ids: chunk.iter().map(|id| id.as_bytes().to_vec()).collect(),
+        };
+        let (answer, _) = conn.call(Op::Leases(leases), None).await?;
+        let Answer::LeasedMany(many) = answer else {
+            return Err(unexpected("batch lease"));
+        };
+        if many.granted.len() != chunk.len() {
+            return Err(ClientError::Protocol(
+                "the agent answered a batch lease with another count".into(),
+            ));
+        }
+        out.extend(many.granted.into_iter().map(|g| match g.error_code {
             0 => parse_id(&g.lease_id, "batch lease"),
             code => Err(tonic::Status::new(tonic::Code::from(code), g.error_message).into()),
-        })
-        .collect())
+        }));
+    }
+    Ok(out)
 }

@@ -19,6 +19,12 @@ pub use crate::generated::payload::native::*;
 pub const MAX_FRAME: usize = 128 << 10;
 /// Payloads up to this size travel inline in a put or a lease.
 pub const INLINE_MAX: usize = 64 << 10;
+/// The most ids one batch lease or release carries: its answer, refusals
+/// included (their messages are cut to [`BATCH_MESSAGE_MAX`]), always fits
+/// in a frame. Clients split longer lists.
+pub const MAX_BATCH: usize = 1000;
+/// The longest refusal message of one item of a batch answer.
+pub const BATCH_MESSAGE_MAX: usize = 96;
 /// The most descriptors one frame carries.
 pub const MAX_FDS: usize = 1;
 

@@ -10,6 +10,7 @@ mod ops;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use payload_catalog::LeaseId;
@@ -72,6 +73,9 @@ struct Connection {
 /// Who is on a connection, and the leases it holds: released when the
 /// last of the connection and its calls lets go of it, however that
 /// happens (a close, a panic, an abort at shutdown).
+/// Whether some connection is polling now (see `Connection::run`).
+static SPINNING: AtomicBool = AtomicBool::new(false);
+
 pub(crate) struct Session {
     pub caller: Caller,
     node: Arc<Node>,
@@ -94,7 +98,13 @@ impl Session {
     /// own sizes at most (they are capped too).
     pub fn room_for(&self, n: usize) -> Result<(), tonic::Status> {
         let cap = self.node.config().limits.session_leases;
-        let held = lock(&self.leases).len();
+        let mut leases = lock(&self.leases);
+        if leases.len().saturating_add(n) > cap {
+            // Leases ended elsewhere (a forced delete, a gRPC release) leave
+            // their ids here: drop those before refusing.
+            leases.retain(|lease| self.node.lease_is_live(lease));
+        }
+        let held = leases.len();
         if held.saturating_add(n) > cap {
             return Err(tonic::Status::resource_exhausted(format!(
                 "this connection holds {held} session leases and asks for {n} more; the limit is {cap} \
@@ -140,8 +150,15 @@ impl Connection {
             }
             // With nothing under way the next request is likely the peer's
             // reply to our answer: poll briefly before parking.
-            let spun = match calls.is_empty() && !spin.is_zero() {
-                true => self.socket.spin_recv(&mut buf, spin),
+            // One connection polls at a time, so polling holds at most one
+            // of the agent's worker threads.
+            let spinning = calls.is_empty() && !spin.is_zero() && !SPINNING.swap(true, Ordering::AcqRel);
+            let spun = match spinning {
+                true => {
+                    let spun = self.socket.spin_recv(&mut buf, spin);
+                    SPINNING.store(false, Ordering::Release);
+                    spun
+                }
                 false => Err(std::io::ErrorKind::WouldBlock.into()),
             };
             let frame = match spun {
@@ -225,8 +242,26 @@ fn decode(bytes: &[u8], frame: &wire::Frame) -> Result<wire::Request, wire::Resp
     Ok(request)
 }
 
-async fn send(socket: &Socket, response: &wire::Response, fd: Option<std::os::fd::RawFd>) {
-    let bytes = response.encode_to_vec();
+async fn send(socket: &Socket, response: &wire::Response, mut fd: Option<std::os::fd::RawFd>) {
+    let mut bytes = response.encode_to_vec();
+    if bytes.len() > wire::MAX_FRAME {
+        // Never expected (batches are capped to fit); if it happens, the
+        // caller gets an error instead of a cut frame or no answer at all.
+        let refusal = wire::Response {
+            id: response.id,
+            error: Some(wire::Error {
+                code: tonic::Code::Internal as i32,
+                message: format!(
+                    "the answer is {} bytes, more than a native frame holds ({}); ask for less in one call",
+                    bytes.len(),
+                    wire::MAX_FRAME
+                ),
+            }),
+            result: None,
+        };
+        bytes = refusal.encode_to_vec();
+        fd = None;
+    }
     let fds: Vec<_> = fd.into_iter().collect();
     if let Err(e) = socket.send(&bytes, &fds).await {
         // The peer went away; its session ends with the connection.

@@ -106,7 +106,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
         }
         Op::Lease(l) => lease(node, session, l).await,
         Op::Leases(l) => {
-            node.config().limits.batch("payload_ids", l.payload_ids.len())?;
+            batch_size("payload_ids", l.payload_ids.len())?;
             session.room_for(l.payload_ids.len())?;
             // A bad id answers in place; the read rule is checked under
             // each payload's lock as its lease is granted.
@@ -131,7 +131,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
                         }
                         Err(st) => wire::Granted {
                             error_code: st.code() as i32,
-                            error_message: st.message().to_string(),
+                            error_message: cut(st.message(), wire::BATCH_MESSAGE_MAX),
                             ..Default::default()
                         },
                     }
@@ -140,7 +140,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
             Ok((Answer::LeasedMany(wire::LeasedMany { granted }), None))
         }
         Op::Release(r) => {
-            node.config().limits.batch("lease_ids", r.lease_ids.len())?;
+            batch_size("lease_ids", r.lease_ids.len())?;
             let leases = r
                 .lease_ids
                 .iter()
@@ -158,6 +158,26 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
             Ok((Answer::Renewed(wire::Renewed { expires_at_ms }), None))
         }
     }
+}
+
+/// A batch of at most [`wire::MAX_BATCH`] ids, so its answer fits a frame.
+fn batch_size(what: &str, n: usize) -> Result<(), Status> {
+    if n > wire::MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "{what} has {n} items; a native call takes at most {} (its answer must fit a frame): split the batch",
+            wire::MAX_BATCH
+        )));
+    }
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(Answer, Out), Status> {

@@ -227,6 +227,8 @@ impl Node {
         let entry = self.entry(id).map_err(Grant::Failed)?;
         let now = self.now_ms();
         let mut e = lock(&entry);
+        // First, so a caller who may not read learns only that.
+        let taken = take(&e.rec).map_err(Grant::Failed)?;
         if !e.rec.state.is_readable() {
             return Err(Grant::Failed(AgentError::InvalidState(format!(
                 "payload {id} is {}; only committed payloads can be leased (commit it first)",
@@ -252,7 +254,6 @@ impl Node {
                 "payload {id} has {cap} live leases, the limit (--max-leases-per-payload); release some first"
             ))));
         }
-        let taken = take(&e.rec).map_err(Grant::Failed)?;
         let lease = crate::ids::lease();
         let expires_ms = match lasts {
             Lasts::Ms(ms) => now.saturating_add(self.lease_duration(ms)),
@@ -276,6 +277,11 @@ impl Node {
     /// most `--lease-max-ms` from when it was last written.
     fn journaled_expiry(&self, expires_ms: u64) -> u64 {
         expires_ms.min(self.now_ms().saturating_add(self.cfg.lease_max_ms))
+    }
+
+    /// Whether `lease` is still in the lease table (not released or revoked).
+    pub fn lease_is_live(&self, lease: &LeaseId) -> bool {
+        matches!(self.leases.shard(lease).get(lease), Some(LeaseSlot::Live { .. }))
     }
 
     /// Releases a lease; unknown or expired leases are fine (idempotent).
