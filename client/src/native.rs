@@ -33,18 +33,20 @@ pub struct Native {
     /// The runtime that drives the connection (the client's I/O thread's):
     /// a new connection is made there, whichever runtime the call came on.
     runtime: tokio::runtime::Handle,
-    /// Counts the connections made, so leases of a closed one are told apart.
-    generation: AtomicU64,
+    /// Moves when a connection closes (its reader sees it) and when a new
+    /// one is made, so leases of a closed one are told apart.
+    generation: Arc<AtomicU64>,
 }
 
 impl Native {
     /// Connects; must run inside the runtime that drives the connection.
     pub fn connect(path: &Path) -> std::io::Result<Native> {
+        let generation = Arc::new(AtomicU64::new(0));
         Ok(Native {
             path: path.to_path_buf(),
-            conn: std::sync::RwLock::new(Arc::new(Conn::connect(path)?)),
+            conn: std::sync::RwLock::new(Arc::new(Conn::connect(path, generation.clone())?)),
             runtime: tokio::runtime::Handle::current(),
-            generation: AtomicU64::new(0),
+            generation,
         })
     }
 
@@ -60,7 +62,7 @@ impl Native {
             let mut current = self.conn.write().unwrap_or_else(|p| p.into_inner());
             if Arc::ptr_eq(&current, &conn) {
                 let _driven_there = self.runtime.enter();
-                if let Ok(fresh) = Conn::connect(&self.path) {
+                if let Ok(fresh) = Conn::connect(&self.path, self.generation.clone()) {
                     *current = Arc::new(fresh);
                     self.generation.fetch_add(1, Ordering::AcqRel);
                 }
@@ -88,11 +90,11 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    fn connect(path: &Path) -> std::io::Result<Conn> {
+    fn connect(path: &Path, generation: Arc<AtomicU64>) -> std::io::Result<Conn> {
         let socket = Arc::new(Socket::connect(path)?);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let next = Arc::new(AtomicU64::new(1));
-        let reader = tokio::spawn(read_loop(socket.clone(), pending.clone(), next.clone()));
+        let reader = tokio::spawn(read_loop(socket.clone(), pending.clone(), next.clone(), generation));
         Ok(Conn {
             socket,
             next,
@@ -177,7 +179,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>) {
+async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>, generation: Arc<AtomicU64>) {
     let mut buf = Vec::new();
     loop {
         let frame = match socket.recv(&mut buf).await {
@@ -188,8 +190,10 @@ async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>) 
             break;
         }
     }
-    // Every waiting call learns the connection is gone.
+    // Every waiting call learns the connection is gone, and leases held
+    // on it are no longer handed out from the client's cache.
     lock(&pending).take();
+    generation.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Hands a response to the call waiting for it; false when the connection
