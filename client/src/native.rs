@@ -16,12 +16,12 @@ use tokio::sync::oneshot;
 use crate::error::{ClientError, Result};
 
 type Reply = (wire::Response, Option<OwnedFd>);
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
 /// How long a lone call polls for its answer before waiting to be woken:
 /// longer than a small put or get takes the agent, far shorter than a
 /// thread wake-up on a loaded machine.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
 /// The agent's native socket: one connection at a time, made again after
 /// the agent closes one (a restart). The call that meets the closed

@@ -271,7 +271,8 @@ pub(crate) async fn native_lease(
     })
 }
 
-/// Session leases on many payloads in one call: a lease id each, or why not.
+/// Session leases on many payloads, in calls of at most [`wire::MAX_BATCH`]
+/// ids: a lease id each, or why not, in order.
 pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
     let mut out = Vec::with_capacity(ids.len());
     // In calls of at most MAX_BATCH ids, whose answers always fit a frame.

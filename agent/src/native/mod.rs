@@ -70,12 +70,12 @@ struct Connection {
     session: Arc<Session>,
 }
 
-/// Who is on a connection, and the leases it holds: released when the
-/// last of the connection and its calls lets go of it, however that
-/// happens (a close, a panic, an abort at shutdown).
 /// Whether some connection is polling now (see `Connection::run`).
 static SPINNING: AtomicBool = AtomicBool::new(false);
 
+/// Who is on a connection, and the leases it holds: released when the
+/// last of the connection and its calls lets go of it, however that
+/// happens (a close, a panic, an abort at shutdown).
 pub(crate) struct Session {
     pub caller: Caller,
     node: Arc<Node>,
@@ -149,9 +149,8 @@ impl Connection {
                 continue;
             }
             // With nothing under way the next request is likely the peer's
-            // reply to our answer: poll briefly before parking.
-            // One connection polls at a time, so polling holds at most one
-            // of the agent's worker threads.
+            // reply to our answer: poll briefly before parking. One
+            // connection polls at a time, so polling holds one worker at most.
             let spinning = calls.is_empty() && !spin.is_zero() && !SPINNING.swap(true, Ordering::AcqRel);
             let spun = match spinning {
                 true => {

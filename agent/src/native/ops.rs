@@ -106,7 +106,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
         }
         Op::Lease(l) => lease(node, session, l).await,
         Op::Leases(l) => {
-            batch_size("payload_ids", l.payload_ids.len())?;
+            batch_size(node, "payload_ids", l.payload_ids.len())?;
             session.room_for(l.payload_ids.len())?;
             // A bad id answers in place; the read rule is checked under
             // each payload's lock as its lease is granted.
@@ -140,7 +140,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
             Ok((Answer::LeasedMany(wire::LeasedMany { granted }), None))
         }
         Op::Release(r) => {
-            batch_size("lease_ids", r.lease_ids.len())?;
+            batch_size(node, "lease_ids", r.lease_ids.len())?;
             let leases = r
                 .lease_ids
                 .iter()
@@ -160,8 +160,10 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
     }
 }
 
-/// A batch of at most [`wire::MAX_BATCH`] ids, so its answer fits a frame.
-fn batch_size(what: &str, n: usize) -> Result<(), Status> {
+/// A batch within `--max-batch-items` and of at most [`wire::MAX_BATCH`]
+/// ids, so its answer fits a frame.
+fn batch_size(node: &Node, what: &str, n: usize) -> Result<(), Status> {
+    node.config().limits.batch(what, n)?;
     if n > wire::MAX_BATCH {
         return Err(Status::invalid_argument(format!(
             "{what} has {n} items; a native call takes at most {} (its answer must fit a frame): split the batch",

@@ -128,7 +128,6 @@ impl Entry {
 
 pub(crate) type EntryRef = Arc<Mutex<Entry>>;
 
-/// A map split into independently locked shards.
 /// Maps keyed by payload and lease ids, on the lease hot path. foldhash
 /// (randomly seeded per process) hashes a 16-byte id several times faster
 /// than SipHash; the ids are random UUIDs, so flooding one bucket would
@@ -136,6 +135,7 @@ pub(crate) type EntryRef = Arc<Mutex<Entry>>;
 pub(crate) type IdMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 pub(crate) type IdSet<K> = std::collections::HashSet<K, foldhash::quality::RandomState>;
 
+/// A map split into independently locked shards.
 pub(crate) struct Sharded<K, V> {
     shards: Vec<Mutex<IdMap<K, V>>>,
 }
