@@ -110,11 +110,16 @@ impl Caller {
     /// Whether this caller may change `rec` (commit, abort, delete, pin,
     /// spill, promote, metadata): its owner, or the agent's own uid.
     pub fn may_change(&self, rec: &PayloadRecord, what: &str) -> Result<(), AgentError> {
-        match &rec.owner {
+        self.may_change_owned(rec.owner.as_deref(), format_args!("{what} payload {}", rec.id))
+    }
+
+    /// [`Caller::may_change`] of anything with an owner (a stream too);
+    /// `what` says what was asked ("deleting stream ns/s").
+    pub fn may_change_owned(&self, owner: Option<&str>, what: fmt::Arguments<'_>) -> Result<(), AgentError> {
+        match owner {
             Some(owner) if !self.owns(owner) && !self.is_agent() => Err(AgentError::PermissionDenied(format!(
-                "{what} payload {} is for its owner ({owner}) only, and this caller is {self}: only the owner \
-                 and the agent's own user may change a payload",
-                rec.id
+                "{what} is for its owner ({owner}) only, and this caller is {self}: only the owner and the \
+                 agent's own user may change it"
             ))),
             _ => Ok(()),
         }
@@ -122,7 +127,17 @@ impl Caller {
 
     /// Whether this caller may read `rec` under `rule`.
     pub fn may_read(&self, rec: &PayloadRecord, rule: ReadAccess) -> Result<(), AgentError> {
-        let Some(owner) = &rec.owner else { return Ok(()) };
+        self.may_read_owned(rec.owner.as_deref(), rule, format_args!("reading payload {}", rec.id))
+    }
+
+    /// [`Caller::may_read`] of anything with an owner.
+    pub fn may_read_owned(
+        &self,
+        owner: Option<&str>,
+        rule: ReadAccess,
+        what: fmt::Arguments<'_>,
+    ) -> Result<(), AgentError> {
+        let Some(owner) = owner else { return Ok(()) };
         let allowed = self.owns(owner)
             || self.is_agent()
             || rule == ReadAccess::Node
@@ -131,9 +146,8 @@ impl Caller {
             return Ok(());
         }
         Err(AgentError::PermissionDenied(format!(
-            "reading payload {} is refused by the read rule --read-access {} (owner {owner}, caller {self}); \
-             ask the node's operator for --read-access group or node",
-            rec.id,
+            "{what} is refused by the read rule --read-access {} (owner {owner}, caller {self}); ask the \
+             node's operator for --read-access group or node",
             rule.flag()
         )))
     }

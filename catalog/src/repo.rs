@@ -191,9 +191,22 @@ pub trait Repository: Send + Sync + 'static {
     /// from when more follow.
     async fn metadata_history(&self, id: PayloadId, after: u64, limit: u32) -> Result<EventPage>;
 
-    async fn create_stream(&self, key: &StreamKey, retention: Retention, now_ms: u64) -> Result<()>;
-    /// Removes a stream with its entries and offsets; a missing one is fine.
-    async fn delete_stream(&self, key: &StreamKey) -> Result<()>;
+    /// Creates a stream owned by `owner` (as a payload's owner is written;
+    /// `None`: open to every caller).
+    async fn create_stream(
+        &self,
+        key: &StreamKey,
+        retention: Retention,
+        owner: Option<&str>,
+        now_ms: u64,
+    ) -> Result<()>;
+    /// The stream's owner (`None` for one created before owners were
+    /// recorded); `NotFound` when there is no such stream.
+    async fn stream_owner(&self, key: &StreamKey) -> Result<Option<String>>;
+    /// Removes a stream with its entries and offsets, only while `owner`
+    /// (what [`Repository::stream_owner`] said) still owns it: one deleted
+    /// and made again by someone else meanwhile stays. A missing one is fine.
+    async fn delete_stream(&self, key: &StreamKey, owner: Option<&str>) -> Result<()>;
     /// Appends in order and returns the first and last offsets given. Every
     /// payload must exist. No items: `(0, 0)` and nothing written.
     async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)>;

@@ -15,9 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{payload_id, pb_payload_id, status};
+use super::convert::{caller, payload_id, pb_payload_id, status};
 use crate::appender::Appender;
 use crate::clock::{millis, timestamp};
+use crate::identity::Caller;
 use crate::limits::Limits;
 use crate::node::Node;
 
@@ -122,11 +123,34 @@ impl StreamService {
     fn limits(&self) -> &Limits {
         &self.node.config().limits
     }
+
+    /// The stream's owner, once `caller` is found to be it (or the agent's
+    /// own user): appending, deleting. The owner never changes while the
+    /// stream lives; a delete is conditional on it, so a stream deleted and
+    /// made again by someone else between this check and the delete stays.
+    async fn may_change(&self, caller: &Caller, key: &StreamKey, what: &str) -> Result<Option<String>, Status> {
+        let owner = self.repo().stream_owner(key).await.map_err(status)?;
+        caller
+            .may_change_owned(owner.as_deref(), format_args!("{what} stream {key}"))
+            .map_err(status)?;
+        Ok(owner)
+    }
+
+    /// Whether `caller` may read the stream under the node's read rule:
+    /// reading, subscribing, and a consumer group's offsets.
+    async fn may_read(&self, caller: &Caller, key: &StreamKey) -> Result<(), Status> {
+        let owner = self.repo().stream_owner(key).await.map_err(status)?;
+        let rule = self.node.config().read_access;
+        caller
+            .may_read_owned(owner.as_deref(), rule, format_args!("reading stream {key}"))
+            .map_err(status)
+    }
 }
 
 #[tonic::async_trait]
 impl PayloadStreamService for StreamService {
     async fn create_stream(&self, request: Request<runtime::CreateStreamRequest>) -> Result<Response<()>, Status> {
+        let owner = caller(&request).principal();
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
         let retention = Retention {
@@ -134,15 +158,25 @@ impl PayloadStreamService for StreamService {
             max_age_ms: req.retention_max_age_sec.saturating_mul(1_000),
         };
         self.repo()
-            .create_stream(&key, retention, self.node.now_ms())
+            .create_stream(&key, retention, Some(&owner), self.node.now_ms())
             .await
             .map_err(status)?;
         Ok(Response::new(()))
     }
 
     async fn delete_stream(&self, request: Request<runtime::DeleteStreamRequest>) -> Result<Response<()>, Status> {
+        let caller = caller(&request);
         let key = self.key(request.into_inner().stream.as_ref())?;
-        self.repo().delete_stream(&key).await.map_err(status)?;
+        let owner = match self.may_change(&caller, &key, "deleting").await {
+            Ok(owner) => owner,
+            // Deleting a missing stream is fine.
+            Err(st) if st.code() == tonic::Code::NotFound => return Ok(Response::new(())),
+            Err(st) => return Err(st),
+        };
+        self.repo()
+            .delete_stream(&key, owner.as_deref())
+            .await
+            .map_err(status)?;
         Ok(Response::new(()))
     }
 
@@ -150,6 +184,7 @@ impl PayloadStreamService for StreamService {
         &self,
         request: Request<runtime::AppendRequest>,
     ) -> Result<Response<runtime::AppendResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
         let now = self.node.now_ms();
@@ -168,6 +203,7 @@ impl PayloadStreamService for StreamService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        self.may_change(&caller, &key, "appending to").await?;
         // Payloads committed a moment ago may still be on their way to the
         // catalog; the existence check must see them.
         self.node.flush().await.map_err(status)?;
@@ -179,8 +215,10 @@ impl PayloadStreamService for StreamService {
     }
 
     async fn read(&self, request: Request<runtime::ReadRequest>) -> Result<Response<runtime::ReadResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
+        self.may_read(&caller, &key).await?;
         let query = ReadQuery {
             start: req.start_offset,
             end: None,
@@ -197,8 +235,10 @@ impl PayloadStreamService for StreamService {
         &self,
         request: Request<runtime::SubscribeRequest>,
     ) -> Result<Response<BoxStream<runtime::SubscribeResponse>>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
+        self.may_read(&caller, &key).await?;
         let repo = self.repo();
         let head = repo.stream_head(&key).await.map_err(status)?;
         let start = match req.start {
@@ -227,8 +267,10 @@ impl PayloadStreamService for StreamService {
     }
 
     async fn commit(&self, request: Request<runtime::CommitRequest>) -> Result<Response<()>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
+        self.may_read(&caller, &key).await?;
         self.limits().name("consumer_group", &req.consumer_group)?;
         self.repo()
             .commit_offset(&key, &req.consumer_group, req.offset, self.node.now_ms())
@@ -241,8 +283,10 @@ impl PayloadStreamService for StreamService {
         &self,
         request: Request<runtime::GetCommittedRequest>,
     ) -> Result<Response<runtime::GetCommittedResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
+        self.may_read(&caller, &key).await?;
         self.limits().name("consumer_group", &req.consumer_group)?;
         let committed = self
             .repo()
@@ -259,8 +303,10 @@ impl PayloadStreamService for StreamService {
         &self,
         request: Request<runtime::GetRangeRequest>,
     ) -> Result<Response<runtime::GetRangeResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
+        self.may_read(&caller, &key).await?;
         let (start, end) = (req.start_offset, req.end_offset);
         if end < start {
             return Err(Status::invalid_argument(format!(

@@ -602,16 +602,23 @@ impl Repository for Repo {
         Ok(page)
     }
 
-    async fn create_stream(&self, key: &StreamKey, retention: Retention, now_ms: u64) -> Result<()> {
+    async fn create_stream(
+        &self,
+        key: &StreamKey,
+        retention: Retention,
+        owner: Option<&str>,
+        now_ms: u64,
+    ) -> Result<()> {
         let done = sqlx::query(
-            "INSERT INTO streams (namespace, name, retention_max_entries, retention_max_age_ms, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (namespace, name) DO NOTHING",
+            "INSERT INTO streams (namespace, name, retention_max_entries, retention_max_age_ms, created_at_ms, owner) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (namespace, name) DO NOTHING",
         )
         .bind(&key.namespace)
         .bind(&key.name)
         .bind(to_i64(retention.max_entries))
         .bind(to_i64(retention.max_age_ms))
         .bind(to_i64(now_ms))
+        .bind(owner)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
@@ -620,13 +627,26 @@ impl Repository for Repo {
         Ok(())
     }
 
-    async fn delete_stream(&self, key: &StreamKey) -> Result<()> {
-        let mut tx = begin_write(&self.pool).await?;
-        let deleted = sqlx::query("DELETE FROM streams WHERE namespace = $1 AND name = $2 RETURNING id")
+    async fn stream_owner(&self, key: &StreamKey) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT owner FROM streams WHERE namespace = $1 AND name = $2")
             .bind(&key.namespace)
             .bind(&key.name)
-            .fetch_optional(&mut *tx)
-            .await?;
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("stream {key} not found; create it first")))?;
+        Ok(row.try_get("owner")?)
+    }
+
+    async fn delete_stream(&self, key: &StreamKey, owner: Option<&str>) -> Result<()> {
+        let mut tx = begin_write(&self.pool).await?;
+        let deleted = sqlx::query(
+            "DELETE FROM streams WHERE namespace = $1 AND name = $2 AND owner IS NOT DISTINCT FROM $3 RETURNING id",
+        )
+        .bind(&key.namespace)
+        .bind(&key.name)
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = deleted else {
             return Ok(());
         };

@@ -35,7 +35,7 @@ async fn appends_get_contiguous_offsets_in_request_order(b: Backend) {
     let rec = record(1, Tier::Ram, &[]);
     insert(repo, std::slice::from_ref(&rec)).await;
     let s = key("events");
-    repo.create_stream(&s, Retention::default(), 50).await.unwrap();
+    repo.create_stream(&s, Retention::default(), None, 50).await.unwrap();
     assert_eq!(
         repo.append(&s, &[item(rec.id, 0), item(rec.id, 1)], 100).await.unwrap(),
         (0, 1)
@@ -100,9 +100,9 @@ async fn bad_stream_requests_get_precise_errors(b: Backend) {
         repo.get_committed(&ghost, "g").await,
         Err(CatalogError::NotFound(_))
     ));
-    repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     assert!(matches!(
-        repo.create_stream(&s, Retention::default(), 1).await,
+        repo.create_stream(&s, Retention::default(), None, 1).await,
         Err(CatalogError::AlreadyExists(_))
     ));
     let unknown = [item(rec.id, 0), item(PayloadId::random(), 1)];
@@ -147,7 +147,7 @@ async fn retention_trims_by_count_and_by_age(b: Backend) {
         max_entries: 3,
         max_age_ms: 0,
     };
-    repo.create_stream(&by_count, three, 1).await.unwrap();
+    repo.create_stream(&by_count, three, None, 1).await.unwrap();
     for n in 0..5 {
         repo.append(&by_count, &[item(rec.id, n)], 10).await.unwrap();
     }
@@ -159,7 +159,7 @@ async fn retention_trims_by_count_and_by_age(b: Backend) {
         max_entries: 0,
         max_age_ms: 1_000,
     };
-    repo.create_stream(&by_age, second, 1).await.unwrap();
+    repo.create_stream(&by_age, second, None, 1).await.unwrap();
     repo.append(&by_age, &[item(rec.id, 0)], 10_000).await.unwrap();
     repo.append(&by_age, &[item(rec.id, 1)], 10_500).await.unwrap();
     repo.append(&by_age, &[item(rec.id, 2)], 11_200).await.unwrap();
@@ -172,7 +172,7 @@ async fn consumer_offsets_tell_nothing_committed_from_zero(b: Backend) {
     let rec = record(1, Tier::Ram, &[]);
     insert(repo, std::slice::from_ref(&rec)).await;
     let s = key("s");
-    repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     repo.append(&s, &[item(rec.id, 0), item(rec.id, 1)], 1).await.unwrap();
     assert_eq!(repo.get_committed(&s, "g").await.unwrap(), None);
     repo.commit_offset(&s, "g", 0, 1).await.unwrap();
@@ -182,9 +182,9 @@ async fn consumer_offsets_tell_nothing_committed_from_zero(b: Backend) {
     assert_eq!(repo.get_committed(&s, "other").await.unwrap(), None);
 
     // Deleting cascades to entries and offsets; deleting again is fine.
-    repo.delete_stream(&s).await.unwrap();
-    repo.delete_stream(&s).await.unwrap();
-    repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    repo.delete_stream(&s, None).await.unwrap();
+    repo.delete_stream(&s, None).await.unwrap();
+    repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     assert_eq!(repo.get_committed(&s, "g").await.unwrap(), None);
     assert!(repo.read_stream(&s, read_from(0)).await.unwrap().is_empty());
 }
@@ -193,7 +193,7 @@ async fn concurrent_appenders_never_share_an_offset(b: Backend) {
     let rec = record(1, Tier::Ram, &[]);
     insert(&*b.repo, std::slice::from_ref(&rec)).await;
     let s = key("busy");
-    b.repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    b.repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     let other = b.open("standalone").await;
     let writers = [b.repo.clone(), other].map(|repo| {
         let s = s.clone();
@@ -221,7 +221,7 @@ async fn watchers_wake_on_append_and_on_delete(b: Backend) {
     let rec = record(1, Tier::Ram, &[]);
     insert(repo, std::slice::from_ref(&rec)).await;
     let s = key("s");
-    repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     let head = repo.stream_head(&s).await.unwrap();
     let mut rx = repo.watch_stream(head);
     assert_eq!(*rx.borrow_and_update(), 0);
@@ -231,7 +231,7 @@ async fn watchers_wake_on_append_and_on_delete(b: Backend) {
         .expect("woken by the append")
         .unwrap();
     assert_eq!(*rx.borrow_and_update(), 1);
-    repo.delete_stream(&s).await.unwrap();
+    repo.delete_stream(&s, None).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), rx.changed())
         .await
         .expect("woken by the delete")
@@ -239,7 +239,30 @@ async fn watchers_wake_on_append_and_on_delete(b: Backend) {
     assert!(matches!(repo.stream_head(&s).await, Err(CatalogError::NotFound(_))));
 }
 
+async fn streams_keep_their_owner_and_delete_only_as_theirs(b: Backend) {
+    let repo = &*b.repo;
+    let s = key("owned");
+    assert!(matches!(repo.stream_owner(&s).await, Err(CatalogError::NotFound(_))));
+    repo.create_stream(&s, Retention::default(), Some("unix:1000:1000"), 1)
+        .await
+        .unwrap();
+    assert_eq!(repo.stream_owner(&s).await.unwrap().as_deref(), Some("unix:1000:1000"));
+    // A delete checked against another owner (the stream was made again
+    // meanwhile) leaves it.
+    repo.delete_stream(&s, Some("unix:1001:1001")).await.unwrap();
+    repo.delete_stream(&s, None).await.unwrap();
+    repo.stream_head(&s).await.unwrap();
+    repo.delete_stream(&s, Some("unix:1000:1000")).await.unwrap();
+    assert!(matches!(repo.stream_head(&s).await, Err(CatalogError::NotFound(_))));
+    let open = key("open");
+    repo.create_stream(&open, Retention::default(), None, 1).await.unwrap();
+    assert_eq!(repo.stream_owner(&open).await.unwrap(), None);
+    repo.delete_stream(&open, None).await.unwrap();
+    assert!(matches!(repo.stream_head(&open).await, Err(CatalogError::NotFound(_))));
+}
+
 parity!(
+    streams_keep_their_owner_and_delete_only_as_theirs,
     appends_get_contiguous_offsets_in_request_order,
     bad_stream_requests_get_precise_errors,
     retention_trims_by_count_and_by_age,
@@ -258,7 +281,7 @@ async fn postgres_appends_through_one_agent_wake_watchers_on_another() {
     let rec = record(1, Tier::Ram, &[]);
     insert(&*b.repo, std::slice::from_ref(&rec)).await;
     let s = key("shared");
-    b.repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    b.repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     let mut rx = other.watch_stream(other.stream_head(&s).await.unwrap());
     rx.borrow_and_update();
     b.repo.append(&s, &[item(rec.id, 0), item(rec.id, 1)], 1).await.unwrap();

@@ -10,7 +10,7 @@ async fn a_batch_is_applied_whole_or_not_at_all(b: Backend) {
     let parent = record(1, Tier::Ram, &[]);
     insert(repo, std::slice::from_ref(&parent)).await;
     let s = StreamKey::new("", "s").unwrap();
-    repo.create_stream(&s, Retention::default(), 1).await.unwrap();
+    repo.create_stream(&s, Retention::default(), None, 1).await.unwrap();
     repo.append(
         &s,
         &[AppendItem {
