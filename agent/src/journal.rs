@@ -26,6 +26,8 @@ const BODY: usize = 1 + 16 + 16 + 8;
 const RECORD: usize = BODY + 4;
 /// Rewrite the file once it holds this many records more than are live.
 const COMPACT_SLACK: u64 = 100_000;
+/// Grants held for a later write at most; the one past it writes them all.
+const LATER_MAX: usize = 4096;
 
 /// A lease as the journal remembers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +49,33 @@ struct Inner {
     records: u64,
     /// Live leases at the last compaction.
     live: u64,
+    /// Grants not written yet ([`Journal::grant_later`]).
+    later: crate::node::IdMap<LeaseId, JournaledLease>,
+}
+
+impl Inner {
+    fn append(&mut self, tag: u8, leases: &[JournaledLease]) -> io::Result<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(leases.len() * RECORD);
+        for lease in leases {
+            encode(&mut buf, tag, lease);
+        }
+        if let Err(e) = self.file.write_all(&buf) {
+            let len = self.len;
+            let _ = self.file.set_len(len);
+            return Err(e);
+        }
+        self.len += buf.len() as u64;
+        self.records += leases.len() as u64;
+        Ok(())
+    }
+
+    fn flush_later(&mut self) -> io::Result<()> {
+        let later: Vec<JournaledLease> = self.later.drain().map(|(_, l)| l).collect();
+        self.append(GRANT, &later)
+    }
 }
 
 /// CRC-32 (IEEE); hardware-accelerated, as every lease grant and release
@@ -133,6 +162,7 @@ impl Journal {
                 len,
                 records: leases.len() as u64,
                 live: leases.len() as u64,
+                later: Default::default(),
             }),
         };
         Ok((journal, leases))
@@ -153,31 +183,49 @@ impl Journal {
         Ok((replaced.file, buf.len() as u64))
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn grant(&self, leases: &[JournaledLease]) -> io::Result<()> {
-        self.append(GRANT, leases)
+        let mut inner = self.lock();
+        // A renewal written now must not be overtaken by the first grant.
+        for lease in leases {
+            inner.later.remove(&lease.lease);
+        }
+        inner.append(GRANT, leases)
+    }
+
+    /// Keeps a grant to write with the next [`Journal::flush_later`]
+    /// rather than now, for a session lease whose bytes went out inline: it
+    /// guards no mapping, and a release before the flush cancels both, so
+    /// a tight loop of small gets does not write the journal at all. Lost
+    /// if the agent dies before the flush, which only lets the payload go
+    /// sooner after a restart (the reader has its copy). True when the
+    /// caller is to schedule the flush (the first grant kept since one).
+    pub fn grant_later(&self, lease: JournaledLease) -> io::Result<bool> {
+        let mut inner = self.lock();
+        inner.later.insert(lease.lease, lease);
+        match inner.later.len() {
+            1 => Ok(true),
+            n if n >= LATER_MAX => inner.flush_later().map(|()| false),
+            _ => Ok(false),
+        }
+    }
+
+    /// Writes the grants kept by [`Journal::grant_later`].
+    pub fn flush_later(&self) -> io::Result<()> {
+        self.lock().flush_later()
     }
 
     pub fn release(&self, leases: &[JournaledLease]) -> io::Result<()> {
-        self.append(RELEASE, leases)
-    }
-
-    fn append(&self, tag: u8, leases: &[JournaledLease]) -> io::Result<()> {
-        if leases.is_empty() {
-            return Ok(());
-        }
-        let mut buf = Vec::with_capacity(leases.len() * RECORD);
-        for lease in leases {
-            encode(&mut buf, tag, lease);
-        }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = inner.file.write_all(&buf) {
-            let len = inner.len;
-            let _ = inner.file.set_len(len);
-            return Err(e);
-        }
-        inner.len += buf.len() as u64;
-        inner.records += leases.len() as u64;
-        Ok(())
+        let mut inner = self.lock();
+        let written: Vec<JournaledLease> = leases
+            .iter()
+            .filter(|l| inner.later.remove(&l.lease).is_none())
+            .copied()
+            .collect();
+        inner.append(RELEASE, &written)
     }
 
     /// Rewrites the file with only `live` if it has grown well past it.
@@ -188,7 +236,7 @@ impl Journal {
     /// nothing is missed. Blocking; one compaction at a time (the sweeper's).
     pub fn maybe_compact(&self, live: impl FnOnce() -> Vec<JournaledLease>) -> io::Result<()> {
         let from = {
-            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let inner = self.lock();
             if inner.records < COMPACT_SLACK.max(2 * inner.live) {
                 return Ok(());
             }
@@ -205,7 +253,7 @@ impl Journal {
         file.write_all(&buf)?;
         file.sync_data()?;
         crate::failpoint!("mid-compaction");
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.lock();
         // Everything appended since, to the end of the file (a torn record
         // there is skipped by its checksum when read). No fsync under the
         // lock: leases need to survive SIGKILL only.
@@ -214,11 +262,19 @@ impl Journal {
         let mut tail = vec![0; (end - from) as usize];
         current.read_exact_at(&mut tail, from)?;
         file.write_all(&tail)?;
+        // Grants kept for later are written now: the live set copied above
+        // may hold them, and a release must then be written, not cancelled.
+        let mut later = Vec::with_capacity(inner.later.len() * RECORD);
+        for lease in inner.later.values() {
+            encode(&mut later, GRANT, lease);
+        }
+        file.write_all(&later)?;
         let appender = OpenOptions::new().append(true).open(&tmp)?;
         fs::rename(&tmp, &self.path)?;
         inner.file = appender;
-        inner.len = (buf.len() + tail.len()) as u64;
-        inner.records = (leases.len() + tail.len() / RECORD) as u64;
+        inner.len = (buf.len() + tail.len() + later.len()) as u64;
+        inner.records = (leases.len() + (tail.len() + later.len()) / RECORD) as u64;
+        inner.later.clear();
         inner.live = leases.len() as u64;
         drop(inner);
         if let Err(e) = durable::fsync_parent(&self.path) {
@@ -238,6 +294,49 @@ mod tests {
             payload: PayloadId::random(),
             expires_ms,
         }
+    }
+
+    #[test]
+    fn grants_kept_for_later_are_written_by_a_flush_or_cancelled_by_a_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases.journal");
+        let (kept, cancelled, renewed) = (lease(10), lease(20), lease(30));
+        {
+            let (journal, _) = Journal::open(&path).unwrap();
+            assert!(journal.grant_later(kept).unwrap(), "the first asks for a flush");
+            assert!(!journal.grant_later(cancelled).unwrap());
+            journal.grant_later(renewed).unwrap();
+            let written = fs::metadata(&path).unwrap().len();
+            journal.release(&[cancelled]).unwrap();
+            let longer = JournaledLease {
+                expires_ms: 99,
+                ..renewed
+            };
+            journal.grant(&[longer]).unwrap();
+            assert_eq!(
+                fs::metadata(&path).unwrap().len(),
+                written + RECORD as u64,
+                "only the renewal is written; the cancelled pair never is"
+            );
+            journal.flush_later().unwrap();
+            assert!(
+                journal.grant_later(lease(40)).unwrap(),
+                "after a flush the next asks again"
+            );
+        }
+        let (_journal, mut live) = Journal::open(&path).unwrap();
+        live.sort_by_key(|l| l.expires_ms);
+        // The one kept after the flush was never written: lost with the process.
+        assert_eq!(
+            live,
+            vec![
+                kept,
+                JournaledLease {
+                    expires_ms: 99,
+                    ..renewed
+                }
+            ]
+        );
     }
 
     #[test]
@@ -324,17 +423,21 @@ mod tests {
         let churn: Vec<_> = (0..COMPACT_SLACK).map(|_| lease(1)).collect();
         journal.grant(&churn).unwrap();
         journal.release(&churn).unwrap();
-        let (during, gone) = (lease(20), lease(30));
+        let (during, gone, later) = (lease(20), lease(30), lease(40));
         journal.grant(&[gone]).unwrap();
         journal
             .maybe_compact(|| {
                 // A grant and a release land while the live set is read
-                // (which already missed the release).
+                // (which already missed the release); a grant kept for
+                // later is in the live set too.
                 journal.grant(&[during]).unwrap();
                 journal.release(&[gone]).unwrap();
-                vec![kept, gone]
+                journal.grant_later(later).unwrap();
+                vec![kept, gone, later]
             })
             .unwrap();
+        // Written by the compaction, so its release is written too.
+        journal.release(&[later]).unwrap();
         assert!(
             std::fs::metadata(&path).unwrap().len() < 10 * RECORD as u64,
             "compacted"

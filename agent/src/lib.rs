@@ -21,6 +21,7 @@ pub mod native;
 pub mod node;
 pub mod object;
 pub mod server;
+pub mod smallmaps;
 pub mod state;
 pub mod store;
 pub mod tiers;

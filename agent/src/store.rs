@@ -45,6 +45,8 @@ pub struct FileStore {
     memfds: Mutex<HashMap<PayloadId, Arc<File>>>,
     /// Holds a copy of every memfd, so they outlive an agent crash.
     keeper: Option<crate::keeper::Keeper>,
+    /// Mappings of small sealed memfds, for inline answers.
+    small: crate::smallmaps::SmallMaps,
     /// The most memfd regions at once: each holds a descriptor.
     max_memfds: usize,
     /// Memfds made ahead of small puts, their pages allocated (RAM): one
@@ -118,6 +120,7 @@ impl FileStore {
             used: AtomicU64::new(0),
             memfds: Mutex::new(HashMap::new()),
             keeper: None,
+            small: Default::default(),
             max_memfds: memfd_budget(crate::memfd::raise_fd_limit()),
             pool: Mutex::new(Default::default()),
             refilling: std::sync::atomic::AtomicBool::new(false),
@@ -365,6 +368,12 @@ impl FileStore {
         self.memfds().get(&id).cloned()
     }
 
+    /// The bytes of the small sealed memfd of `id`, from a mapping kept for
+    /// inline answers (see [`crate::smallmaps`]); `None`: read it instead.
+    pub fn copy_small(&self, id: PayloadId, memfd: &File, size: usize) -> Option<Vec<u8>> {
+        self.small.copy(id, memfd, size)
+    }
+
     /// How many memfd regions are sealed (committed), and their bytes.
     pub fn memfd_usage(&self) -> (u64, u64) {
         // Copied out first: no descriptor calls under the lock.
@@ -416,6 +425,7 @@ impl FileStore {
     /// Removes the region; a region already gone is not an error.
     pub fn remove(&self, id: PayloadId) -> io::Result<()> {
         if self.memfds().remove(&id).is_some() {
+            self.small.forget(id);
             if let Some(keeper) = &self.keeper {
                 keeper.forget(id);
             }

@@ -193,7 +193,7 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
         node.config().limits.duration("duration_ms", l.duration_ms)?;
         node.acquire(id, min_tier, !l.best_effort, l.duration_ms).await
     } else {
-        node.acquire_session(id, min_tier, !l.best_effort).await
+        node.acquire_session(id, min_tier, !l.best_effort, inline_max(&l)).await
     }
     .map_err(status)?;
     if !l.timed {
@@ -202,13 +202,26 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
     let opened = open_copy(node, grant.rec.tier, id);
     let read = opened.and_then(|(file, sealed)| {
         let size = grant.rec.size_bytes;
-        if size > l.inline_max_bytes.min(wire::INLINE_MAX as u64) {
+        if size > inline_max(&l) {
             let out = if sealed { reopen_read_only(&file)? } else { file };
             return Ok((Vec::new(), Some(out), sealed));
         }
-        let mut data = vec![0u8; size as usize];
-        file.read_exact_at(&mut data, 0)
-            .map_err(|e| io_error("reading the payload", e))?;
+        let mapped = match sealed {
+            true => node
+                .tier(grant.rec.tier)?
+                .regions()
+                .and_then(|r| r.copy_small(id, &file, size as usize)),
+            false => None,
+        };
+        let data = match mapped {
+            Some(data) => data,
+            None => {
+                let mut data = vec![0u8; size as usize];
+                file.read_exact_at(&mut data, 0)
+                    .map_err(|e| io_error("reading the payload", e))?;
+                data
+            }
+        };
         Ok((data, None, sealed))
     });
     match read {
@@ -229,6 +242,11 @@ async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(A
             Err(status(err))
         }
     }
+}
+
+/// The largest payload whose bytes the answer to `l` carries.
+fn inline_max(l: &wire::Lease) -> u64 {
+    l.inline_max_bytes.min(wire::INLINE_MAX as u64)
 }
 
 /// The leased copy, read-only (a memfd is sent as it is: its seals make it

@@ -42,6 +42,9 @@ enum Lasts {
 
 /// The in-memory expiry of a session lease.
 const SESSION_EXPIRY: u64 = u64::MAX;
+/// How long the journal may keep the grant of an inline session lease
+/// before writing it.
+const JOURNAL_LATER: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Node {
     fn lease_duration(&self, requested_ms: u64) -> u64 {
@@ -63,18 +66,25 @@ impl Node {
         blocking: bool,
         duration_ms: u64,
     ) -> Result<LeaseGrant, AgentError> {
-        self.acquire_for(id, min_tier, blocking, Lasts::Ms(duration_ms)).await
+        self.acquire_for(id, min_tier, blocking, Lasts::Ms(duration_ms), 0)
+            .await
     }
 
     /// [`Node::acquire`] of a session lease: no expiry while its holder's
     /// connection lives; the caller releases it when the connection closes.
+    /// A payload of at most `inline_max` bytes goes out inline, so its
+    /// lease is journaled a moment later (see [`Journal::grant_later`]).
+    ///
+    /// [`Journal::grant_later`]: crate::journal::Journal::grant_later
     pub async fn acquire_session(
         self: &std::sync::Arc<Self>,
         id: PayloadId,
         min_tier: Option<Tier>,
         blocking: bool,
+        inline_max: u64,
     ) -> Result<LeaseGrant, AgentError> {
-        self.acquire_for(id, min_tier, blocking, Lasts::Session).await
+        self.acquire_for(id, min_tier, blocking, Lasts::Session, inline_max)
+            .await
     }
 
     async fn acquire_for(
@@ -83,6 +93,7 @@ impl Node {
         min_tier: Option<Tier>,
         blocking: bool,
         lasts: Lasts,
+        inline_max: u64,
     ) -> Result<LeaseGrant, AgentError> {
         let mut promoted = false;
         loop {
@@ -119,11 +130,21 @@ impl Node {
                             return Err(err);
                         }
                     }
-                    let journaled = self.journal.grant(&[JournaledLease {
+                    let record = JournaledLease {
                         lease: grant.lease,
                         payload: id,
                         expires_ms: self.journaled_expiry(grant.expires_ms),
-                    }]);
+                    };
+                    let journaled = match lasts {
+                        Lasts::Session if grant.rec.size_bytes <= inline_max => {
+                            self.journal.grant_later(record).map(|first| {
+                                if first {
+                                    self.flush_journal_soon();
+                                }
+                            })
+                        }
+                        _ => self.journal.grant(&[record]),
+                    };
                     if let Err(e) = journaled {
                         // A lease the journal does not hold would not survive a restart: take it back.
                         self.release(grant.lease);
@@ -270,6 +291,20 @@ impl Node {
             },
         );
         Ok((lease, expires_ms, taken))
+    }
+
+    /// Writes the grants the journal keeps for later within
+    /// [`JOURNAL_LATER`].
+    fn flush_journal_soon(self: &std::sync::Arc<Self>) {
+        let node = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(JOURNAL_LATER).await;
+            if let Some(node) = node.upgrade() {
+                if let Err(e) = node.journal.flush_later() {
+                    tracing::warn!(%e, "could not write session leases to the lease journal");
+                }
+            }
+        });
     }
 
     /// A session lease has no expiry while its connection lives; after a
