@@ -610,23 +610,31 @@ async fn many_leases_in_one_call_answer_in_order_and_end_with_the_connection() {
     for n in 0..20u8 {
         ids.push(put(&client, &pattern(1000, n), Tier::Ram).await.unwrap().0);
     }
-    let missing = uuid::Uuid::new_v4();
     let mut asked = ids.clone();
-    asked.insert(5, missing);
+    asked.insert(5, uuid::Uuid::new_v4());
+    asked.insert(12, uuid::Uuid::new_v4());
     let holder = payload_client::Client::connect(dirs.socket().to_str().unwrap())
         .await
         .unwrap();
     let granted = holder.lease_many(&asked).await.unwrap();
-    assert_eq!(granted.len(), 21);
-    assert!(matches!(granted[5], Err(ClientError::NotFound(_))), "{:?}", granted[5]);
-    assert_eq!(granted.iter().filter(|g| g.is_ok()).count(), 20);
+    assert_eq!(granted.len(), 22);
+    for (n, g) in granted.iter().enumerate() {
+        assert_eq!(g.is_err(), n == 5 || n == 12, "answer {n}: {g:?}");
+    }
+    assert!(
+        matches!(granted[12], Err(ClientError::NotFound(_))),
+        "{:?}",
+        granted[12]
+    );
     assert_eq!(client.stats().await.unwrap().active_leases, 20);
-    assert!(matches!(
-        client.delete(ids[0], false).await,
-        Err(ClientError::Aborted(_))
-    ));
-    let some: Vec<_> = granted[..3].iter().filter_map(|g| g.as_ref().ok().copied()).collect();
-    assert_eq!(holder.release_leases(&some).await.unwrap(), 3);
+    // Each lease is on the payload asked for in its place: releasing the
+    // 8th answer frees exactly the 8th id asked (ids[6]), no other.
+    let eighth = *granted[7].as_ref().unwrap();
+    assert_eq!(holder.release_leases(&[eighth]).await.unwrap(), 1);
+    client.delete(ids[6], false).await.unwrap();
+    for held in [ids[5], ids[7]] {
+        assert!(matches!(client.delete(held, false).await, Err(ClientError::Aborted(_))));
+    }
     drop(holder);
     eventually("the rest end with the holder's connection", || async {
         client.stats().await.unwrap().active_leases == 0

@@ -18,10 +18,42 @@ use crate::error::{ClientError, Result};
 type Reply = (wire::Response, Option<OwnedFd>);
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
-/// How long a lone call polls for its answer before waiting to be woken:
-/// longer than a small put or get takes the agent, far shorter than a
-/// thread wake-up on a loaded machine.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+/// How long a lone quick call polls for its answer before waiting to be
+/// woken: longer than a small put or get takes the agent, far shorter than
+/// a thread wake-up on a loaded machine.
+const SPIN_US: u64 = 200;
+/// The most `PAYLOAD_CLIENT_SPIN_US` may ask for.
+const SPIN_MAX_US: u64 = 10_000;
+/// Calls moving more than this are not polled for: the agent takes long
+/// enough over them that a wake-up costs nothing by comparison.
+const QUICK_BYTES: u64 = 1 << 20;
+
+/// The poll, from `PAYLOAD_CLIENT_SPIN_US` (0 turns it off), read once.
+fn spin() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("PAYLOAD_CLIENT_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(SPIN_US);
+        std::time::Duration::from_micros(us.min(SPIN_MAX_US))
+    })
+}
+
+/// Whether the agent answers `op` in microseconds: no hashing, syncing,
+/// uploading or large region on the way.
+fn quick(op: &Op) -> bool {
+    let plain = |o: &Option<wire::Options>| {
+        o.as_ref()
+            .is_none_or(|o| !o.sync && !o.object_durable && o.expected_sha256.is_empty())
+    };
+    match op {
+        Op::Put(p) => p.size_bytes <= QUICK_BYTES && plain(&p.options),
+        Op::Allocate(a) => a.size_bytes <= QUICK_BYTES,
+        Op::Commit(c) => plain(&c.options),
+        Op::Abort(_) | Op::Lease(_) | Op::Release(_) | Op::Renew(_) | Op::Leases(_) => true,
+    }
+}
 
 /// The agent's native socket: one connection at a time, made again after
 /// the agent closes one (a restart). The call that meets the closed
@@ -81,6 +113,8 @@ struct Conn {
     reader: tokio::task::JoinHandle<()>,
     /// The buffer of the call that polls the socket itself (one at a time).
     spin_buf: Mutex<Vec<u8>>,
+    /// Where gives-back of answers nobody waits for are sent from.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for Conn {
@@ -94,18 +128,20 @@ impl Conn {
         let socket = Arc::new(Socket::connect(path)?);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let next = Arc::new(AtomicU64::new(1));
-        let reader = tokio::spawn(read_loop(socket.clone(), pending.clone(), next.clone(), generation));
+        let runtime = tokio::runtime::Handle::current();
+        let reader = runtime.spawn(read_loop(socket.clone(), pending.clone(), next.clone(), generation));
         Ok(Conn {
             socket,
             next,
             pending,
             reader,
             spin_buf: Mutex::new(Vec::new()),
+            runtime,
         })
     }
 
     /// A lone call in flight polls the socket itself for a while (see
-    /// [`SPIN`]) instead of waiting for the reader task: that costs a
+    /// [`SPIN_US`]) instead of waiting for the reader task: that costs a
     /// wake-up of the reader's thread and another of the caller's. With
     /// other calls under way the reader is busy anyway and nobody spins.
     fn spin_for(&self, rx: &mut oneshot::Receiver<Reply>) {
@@ -115,12 +151,18 @@ impl Conn {
         let Ok(mut buf) = self.spin_buf.try_lock() else {
             return;
         };
-        let deadline = std::time::Instant::now() + SPIN;
+        let deadline = std::time::Instant::now() + spin();
         // The reader task may take the answer first: the loop watches `rx`.
         while rx.is_empty() && std::time::Instant::now() < deadline {
             match self.socket.try_recv(&mut buf) {
                 Ok(Some(frame)) => {
-                    if !deliver(&self.socket, &self.pending, &self.next, &buf[..frame.len], frame.fds) {
+                    let from = Reader {
+                        socket: &self.socket,
+                        pending: &self.pending,
+                        next: &self.next,
+                        runtime: &self.runtime,
+                    };
+                    if !from.deliver(&buf[..frame.len], frame.fds) {
                         lock(&self.pending).take();
                         return;
                     }
@@ -139,6 +181,7 @@ impl Conn {
     /// Sends one request (with a descriptor, for a put) and waits for its answer.
     pub async fn call(&self, op: Op, fd: Option<RawFd>) -> Result<(Answer, Option<OwnedFd>)> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let polls = quick(&op) && !spin().is_zero();
         let (tx, mut rx) = oneshot::channel();
         lock(&self.pending).as_mut().ok_or_else(closed)?.insert(id, tx);
         let frame = wire::Request { id, op: Some(op) }.encode_to_vec();
@@ -159,7 +202,9 @@ impl Conn {
             }
             return Err(ClientError::io("sending to the agent's native socket", e));
         }
-        self.spin_for(&mut rx);
+        if polls {
+            self.spin_for(&mut rx);
+        }
         let (response, fd) = rx.await.map_err(|_| closed())?;
         if let Some(err) = response.error {
             return Err(tonic::Status::new(tonic::Code::from(err.code), err.message).into());
@@ -181,12 +226,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>, generation: Arc<AtomicU64>) {
     let mut buf = Vec::new();
+    let runtime = tokio::runtime::Handle::current();
+    let from = Reader {
+        socket: &socket,
+        pending: &pending,
+        next: &next,
+        runtime: &runtime,
+    };
+    // Registered once, for reading only (see `Socket`).
+    let waiter = socket.waiter();
     loop {
-        let frame = match socket.recv(&mut buf).await {
+        let Ok(waiter) = &waiter else { break };
+        let frame = match socket.recv_on(waiter, &mut buf).await {
             Ok(Some(frame)) => frame,
             Ok(None) | Err(_) => break,
         };
-        if !deliver(&socket, &pending, &next, &buf[..frame.len], frame.fds) {
+        if !from.deliver(&buf[..frame.len], frame.fds) {
             break;
         }
     }
@@ -196,40 +251,75 @@ async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>, 
     generation.fetch_add(1, Ordering::AcqRel);
 }
 
-/// Hands a response to the call waiting for it; false when the connection
-/// is not to be trusted further.
-fn deliver(socket: &Arc<Socket>, pending: &Pending, next: &AtomicU64, bytes: &[u8], fds: Vec<OwnedFd>) -> bool {
-    let Ok(response) = wire::Response::decode(bytes) else {
-        return false;
-    };
-    let waiter = lock(pending).as_mut().and_then(|map| map.remove(&response.id));
-    match waiter {
-        Some(tx) => {
-            if let Err((response, _)) = tx.send((response, fds.into_iter().next())) {
-                // Its caller went away (a dropped future): a lease it was
-                // granted is given back rather than held until the
-                // connection closes.
-                if let Some(Answer::Leased(leased)) = response.result {
-                    let release = wire::Request {
-                        id: next.fetch_add(1, Ordering::Relaxed),
-                        op: Some(Op::Release(wire::Release {
-                            lease_ids: vec![leased.lease_id],
-                        })),
-                    };
-                    // Sent by a task of its own: the reader never waits on
-                    // a send, or a full socket could stall both sides.
-                    let socket = socket.clone();
-                    tokio::spawn(async move {
-                        let _ = socket.send(&release.encode_to_vec(), &[]).await;
-                    });
+/// What hands answers to their calls: the reader task, or a polling call.
+struct Reader<'a> {
+    socket: &'a Arc<Socket>,
+    pending: &'a Pending,
+    next: &'a AtomicU64,
+    /// The connection's runtime: a give-back is sent from there, not from
+    /// a polling caller's runtime, which may end first.
+    runtime: &'a tokio::runtime::Handle,
+}
+
+impl Reader<'_> {
+    /// Hands a response to the call waiting for it; false when the
+    /// connection is not to be trusted further.
+    fn deliver(&self, bytes: &[u8], fds: Vec<OwnedFd>) -> bool {
+        let Ok(response) = wire::Response::decode(bytes) else {
+            return false;
+        };
+        let waiter = lock(self.pending).as_mut().and_then(|map| map.remove(&response.id));
+        match waiter {
+            Some(tx) => {
+                if let Err((response, _)) = tx.send((response, fds.into_iter().next())) {
+                    // Its caller went away (a dropped future): what it was
+                    // granted is given back rather than held until the
+                    // connection closes.
+                    if let Some(op) = response.result.and_then(give_back) {
+                        self.send_later(op);
+                    }
                 }
+                true
             }
-            true
+            // Id 0 answers a frame the agent could not read: ours are never
+            // malformed, so the connection is not to be trusted further.
+            None => response.id != 0,
         }
-        // Id 0 answers a frame the agent could not read: ours are never
-        // malformed, so the connection is not to be trusted further.
-        None => response.id != 0,
     }
+
+    /// Sent by a task of its own: the reader never waits on a send, or a
+    /// full socket could stall both sides.
+    fn send_later(&self, op: Op) {
+        let request = wire::Request {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            op: Some(op),
+        };
+        let socket = self.socket.clone();
+        self.runtime.spawn(async move {
+            let _ = socket.send(&request.encode_to_vec(), &[]).await;
+        });
+    }
+}
+
+/// What undoes an answer nobody took: the leases it granted released, the
+/// region it allocated aborted.
+fn give_back(answer: Answer) -> Option<Op> {
+    let lease_ids = match answer {
+        Answer::Leased(leased) => vec![leased.lease_id],
+        Answer::LeasedMany(many) => many
+            .granted
+            .into_iter()
+            .filter(|g| g.error_code == 0)
+            .map(|g| g.lease_id)
+            .collect(),
+        Answer::Allocated(allocated) => {
+            return Some(Op::Abort(wire::Abort {
+                payload_id: allocated.payload_id,
+            }))
+        }
+        _ => return None,
+    };
+    (!lease_ids.is_empty()).then_some(Op::Release(wire::Release { lease_ids }))
 }
 
 /// Whether `answer` is the variant `want`, or a protocol error naming it.
@@ -248,4 +338,59 @@ pub fn beside(target: &str) -> Option<std::path::PathBuf> {
         .or_else(|| target.starts_with('/').then_some(target))?;
     let native = wire::socket_path(Path::new(socket));
     native.exists().then_some(native)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_nobody_took_is_given_back() {
+        let granted = |lease: u8, error_code: i32| wire::Granted {
+            lease_id: vec![lease; 16],
+            error_code,
+            ..Default::default()
+        };
+        let many = Answer::LeasedMany(wire::LeasedMany {
+            granted: vec![granted(1, 0), granted(2, 5), granted(3, 0)],
+        });
+        let Some(Op::Release(release)) = give_back(many) else {
+            panic!("a batch of leases is released")
+        };
+        assert_eq!(release.lease_ids, vec![vec![1u8; 16], vec![3u8; 16]]);
+        let refused = Answer::LeasedMany(wire::LeasedMany {
+            granted: vec![granted(0, 5)],
+        });
+        assert!(give_back(refused).is_none(), "nothing granted, nothing sent");
+        let allocated = Answer::Allocated(wire::Allocated {
+            payload_id: vec![9; 16],
+        });
+        let Some(Op::Abort(abort)) = give_back(allocated) else {
+            panic!("an allocation is aborted")
+        };
+        assert_eq!(abort.payload_id, vec![9u8; 16]);
+        assert!(give_back(Answer::Done(wire::Done {})).is_none());
+    }
+
+    #[test]
+    fn only_calls_the_agent_answers_at_once_poll() {
+        let put = |size_bytes, sync| {
+            Op::Put(wire::Put {
+                size_bytes,
+                options: Some(wire::Options {
+                    sync,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        assert!(quick(&put(4096, false)));
+        assert!(!quick(&put(4096, true)), "a synced put waits for the disk");
+        assert!(!quick(&put(QUICK_BYTES + 1, false)));
+        assert!(!quick(&Op::Allocate(wire::Allocate {
+            size_bytes: 256 << 20,
+            options: None
+        })));
+        assert!(quick(&Op::Lease(wire::Lease::default())));
+    }
 }

@@ -48,9 +48,21 @@ pub struct Frame {
 }
 
 /// A connected (or listening) non-blocking seqpacket socket.
+///
+/// It is registered with the runtime's poller only for what a caller
+/// waits for: a registered socket wakes the poller's thread for every
+/// frame that arrives (and, registered for writing, every frame the peer
+/// takes off it), even while a polling caller ([`Socket::spin_recv`])
+/// takes the frames itself, and on a small machine that wake-up costs
+/// more than the round trip. A reader that parks often keeps a
+/// [`Waiter`] (registered for reading only) and drops it while it polls;
+/// other waits register a duplicate descriptor for their length.
 pub struct Socket {
-    fd: AsyncFd<OwnedFd>,
+    fd: OwnedFd,
 }
+
+/// A socket's registration with the poller for reading (see [`Socket`]).
+pub struct Waiter(AsyncFd<OwnedFd>);
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -111,31 +123,72 @@ pub fn listen_fd(path: &Path, nonblocking: bool) -> io::Result<OwnedFd> {
 }
 
 impl Socket {
-    fn wrap(fd: OwnedFd) -> io::Result<Self> {
-        // SAFETY: the OwnedFd is open, and only this AsyncFd owns it until dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(Self { fd })
+    /// Runs `op` until it stops answering `WouldBlock`, waiting for
+    /// `interest` in between.
+    async fn retry<T>(&self, interest: Interest, mut op: impl FnMut(RawFd) -> io::Result<T>) -> io::Result<T> {
+        loop {
+            match op(self.fd.as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.ready(interest).await?,
+                other => return other,
+            }
+        }
+    }
+
+    /// A registration for reading, for [`Socket::recv_on`].
+    pub fn waiter(&self) -> io::Result<Waiter> {
+        // SAFETY: the duplicate is open, and only this AsyncFd owns it until dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(self.fd.try_clone()?, Interest::READABLE) }?;
+        Ok(Waiter(fd))
+    }
+
+    /// [`Socket::recv`], waiting on `waiter` (made by this socket's
+    /// [`Socket::waiter`]) instead of a registration of its own.
+    pub async fn recv_on(&self, waiter: &Waiter, buf: &mut Vec<u8>) -> io::Result<Option<Frame>> {
+        if buf.len() < MAX_FRAME {
+            buf.resize(MAX_FRAME, 0);
+        }
+        let fd = self.fd.as_raw_fd();
+        loop {
+            let mut ready = waiter.0.readable().await?;
+            // A `WouldBlock` clears the readiness, so the next wait parks.
+            if let Ok(frame) = ready.try_io(|_| recv_frame(fd, buf)) {
+                return frame;
+            }
+        }
+    }
+
+    /// Waits until the socket may be ready for `interest`. A registration
+    /// of its own, so waits for reading and writing can run at once; one
+    /// made while the socket is ready already reports at once.
+    async fn ready(&self, interest: Interest) -> io::Result<()> {
+        // SAFETY: the duplicate is open, and only this AsyncFd owns it until dropped.
+        let waiter = unsafe { AsyncFd::register_with_interest(self.fd.try_clone()?, interest) }?;
+        let _ready = waiter.ready(interest).await?;
+        Ok(())
     }
 
     /// Connects to a listening native socket.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        Self::wrap(connect_fd(path, true)?)
+        Ok(Self {
+            fd: connect_fd(path, true)?,
+        })
     }
 
     /// Binds and listens on `path` (which must not exist).
     pub fn listen(path: &Path) -> io::Result<Self> {
-        Self::wrap(listen_fd(path, true)?)
+        Ok(Self {
+            fd: listen_fd(path, true)?,
+        })
     }
 
     /// Accepts one connection.
     pub async fn accept(&self) -> io::Result<Socket> {
         let fd = self
-            .fd
-            .async_io(Interest::READABLE, |fd| {
+            .retry(Interest::READABLE, |fd| {
                 // SAFETY: accept4 with no address out-parameters.
                 let conn = cvt(unsafe {
                     libc::accept4(
-                        fd.as_raw_fd(),
+                        fd,
                         std::ptr::null_mut(),
                         std::ptr::null_mut(),
                         libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
@@ -145,7 +198,7 @@ impl Socket {
                 Ok(unsafe { OwnedFd::from_raw_fd(conn) })
             })
             .await?;
-        Socket::wrap(fd)
+        Ok(Socket { fd })
     }
 
     /// The peer's uid, gid and pid, as the kernel recorded them at connect.
@@ -167,9 +220,7 @@ impl Socket {
 
     /// Sends one frame with the given descriptors.
     pub async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-        self.fd
-            .async_io(Interest::WRITABLE, |fd| send_frame(fd.as_raw_fd(), bytes, fds))
-            .await
+        self.retry(Interest::WRITABLE, |fd| send_frame(fd, bytes, fds)).await
     }
 
     /// Receives one frame into `buf` (grown to [`MAX_FRAME`] once and
@@ -179,9 +230,7 @@ impl Socket {
         if buf.len() < MAX_FRAME {
             buf.resize(MAX_FRAME, 0);
         }
-        self.fd
-            .async_io(Interest::READABLE, |fd| recv_frame(fd.as_raw_fd(), buf))
-            .await
+        self.retry(Interest::READABLE, |fd| recv_frame(fd, buf)).await
     }
 
     /// Receives one frame if it arrives within `spin`, polling instead of

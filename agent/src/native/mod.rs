@@ -141,6 +141,7 @@ impl Connection {
         let mut calls = JoinSet::new();
         let in_flight = (self.node.config().limits.calls_per_connection as usize).max(1);
         let spin = self.node.config().native_spin;
+        let mut waiter = None;
         loop {
             if calls.len() >= in_flight {
                 // A peer that sends and never reads waits here: nothing more
@@ -154,6 +155,8 @@ impl Connection {
             let spinning = calls.is_empty() && !spin.is_zero() && !SPINNING.swap(true, Ordering::AcqRel);
             let spun = match spinning {
                 true => {
+                    // Unregistered while polling: see `Socket`.
+                    waiter = None;
                     let spun = self.socket.spin_recv(&mut buf, spin);
                     SPINNING.store(false, Ordering::Release);
                     spun
@@ -161,10 +164,22 @@ impl Connection {
                 false => Err(std::io::ErrorKind::WouldBlock.into()),
             };
             let frame = match spun {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::select! {
-                    frame = self.socket.recv(&mut buf) => frame,
-                    Some(_) = calls.join_next(), if !calls.is_empty() => continue,
-                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let parked = match &waiter {
+                        Some(parked) => parked,
+                        None => match self.socket.waiter() {
+                            Ok(made) => waiter.insert(made),
+                            Err(e) => {
+                                tracing::warn!(%e, "could not wait on a native connection; closed");
+                                break;
+                            }
+                        },
+                    };
+                    tokio::select! {
+                        frame = self.socket.recv_on(parked, &mut buf) => frame,
+                        Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+                    }
+                }
                 spun => spun,
             };
             let frame = match frame {
