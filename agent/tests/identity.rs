@@ -108,6 +108,35 @@ async fn identity_helper() {
         "prefetch={}",
         outcome(catalog.prefetch(prefetch).await.map_err(ClientError::from))
     );
+    // The first user's stream: appending and deleting are its owner's;
+    // reading follows the rule.
+    let mut streams = client.streams();
+    let append = payload_proto::runtime::AppendRequest {
+        stream: owned_stream(),
+        items: vec![payload_proto::runtime::AppendItem {
+            payload_id: Some(payload_proto::core::PayloadId {
+                value: id.as_bytes().to_vec(),
+            }),
+            ..Default::default()
+        }],
+    };
+    println!(
+        "append={}",
+        outcome(streams.append(append).await.map_err(ClientError::from))
+    );
+    let delete = payload_proto::runtime::DeleteStreamRequest { stream: owned_stream() };
+    println!(
+        "delete-stream={}",
+        outcome(streams.delete_stream(delete).await.map_err(ClientError::from))
+    );
+    let read = payload_proto::runtime::ReadRequest {
+        stream: owned_stream(),
+        ..Default::default()
+    };
+    println!(
+        "read-stream={}",
+        outcome(streams.read(read).await.map_err(ClientError::from))
+    );
     // Its own payloads are its own.
     let own = client.put(b"nobody's").await;
     println!(
@@ -117,6 +146,13 @@ async fn identity_helper() {
     if let Ok(own) = own {
         println!("delete-own={}", outcome(client.delete(own, false).await));
     }
+}
+
+fn owned_stream() -> Option<payload_proto::runtime::StreamId> {
+    Some(payload_proto::runtime::StreamId {
+        namespace: "identity".into(),
+        name: "owned".into(),
+    })
 }
 
 fn line<'a>(out: &'a str, key: &str) -> &'a str {
@@ -156,10 +192,25 @@ async fn another_user_changes_nothing_and_reads_only_as_the_rule_allows() {
     // restart dropped the uncommitted allocation: make another.)
     let (agent, client) = start(&dirs, &socket, "node").await;
     let (_, allocation) = first_users_payloads(&client).await;
+    let create = payload_proto::runtime::CreateStreamRequest {
+        stream: owned_stream(),
+        ..Default::default()
+    };
+    client.streams().create_stream(create).await.unwrap();
     let out = as_nobody(&socket, NOBODY, id, allocation);
     assert_eq!(line(&out, "native"), "true", "{out}");
     assert_eq!(line(&out, "get"), "ok", "{out}");
-    for op in ["delete", "pin", "spill", "abort", "commit", "prefetch"] {
+    assert_eq!(line(&out, "read-stream"), "ok", "{out}");
+    for op in [
+        "delete",
+        "pin",
+        "spill",
+        "abort",
+        "commit",
+        "prefetch",
+        "append",
+        "delete-stream",
+    ] {
         assert_eq!(line(&out, op), "PermissionDenied", "{op}: {out}");
     }
     assert_eq!(line(&out, "put"), "ok", "{out}");
@@ -168,6 +219,16 @@ async fn another_user_changes_nothing_and_reads_only_as_the_rule_allows() {
     let stat = client.stat(id).await.unwrap().payload.unwrap();
     assert!(!stat.pinned);
     assert_eq!(stat.tier, Tier::Ram as i32);
+    let head = client
+        .streams()
+        .read(payload_proto::runtime::ReadRequest {
+            stream: owned_stream(),
+            ..Default::default()
+        })
+        .await
+        .expect("the stream is still there")
+        .into_inner();
+    assert!(head.entries.is_empty(), "nobody appended nothing");
     client
         .abort(allocation)
         .await
