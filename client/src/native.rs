@@ -233,16 +233,13 @@ async fn read_loop(socket: Arc<Socket>, pending: Pending, next: Arc<AtomicU64>, 
         next: &next,
         runtime: &runtime,
     };
-    // Registered once, for reading only (see `Socket`).
-    let waiter = socket.waiter();
-    loop {
-        let Ok(waiter) = &waiter else { break };
-        let frame = match socket.recv_on(waiter, &mut buf).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) | Err(_) => break,
-        };
-        if !from.deliver(&buf[..frame.len], frame.fds) {
-            break;
+    // Registered once, for reading only (see `Socket`); without it the
+    // connection is given up like a failed one.
+    if let Ok(waiter) = socket.waiter() {
+        while let Ok(Some(frame)) = socket.recv_on(&waiter, &mut buf).await {
+            if !from.deliver(&buf[..frame.len], frame.fds) {
+                break;
+            }
         }
     }
     // Every waiting call learns the connection is gone, and leases held
