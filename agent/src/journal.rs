@@ -12,6 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use payload_catalog::{LeaseId, PayloadId};
@@ -40,6 +41,8 @@ pub struct JournaledLease {
 pub struct Journal {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// A flush of the grants kept for later is scheduled.
+    flush_due: AtomicBool,
 }
 
 struct Inner {
@@ -51,6 +54,9 @@ struct Inner {
     live: u64,
     /// Grants not written yet ([`Journal::grant_later`]).
     later: crate::node::IdMap<LeaseId, JournaledLease>,
+    /// A compaction is reading the live set, which may hold grants kept for
+    /// later: their releases are written then, not cancelled.
+    compacting: bool,
 }
 
 impl Inner {
@@ -72,9 +78,12 @@ impl Inner {
         Ok(())
     }
 
+    /// Kept until written: a failed write leaves them for the next flush.
     fn flush_later(&mut self) -> io::Result<()> {
-        let later: Vec<JournaledLease> = self.later.drain().map(|(_, l)| l).collect();
-        self.append(GRANT, &later)
+        let later: Vec<JournaledLease> = self.later.values().copied().collect();
+        self.append(GRANT, &later)?;
+        self.later.clear();
+        Ok(())
     }
 }
 
@@ -163,7 +172,9 @@ impl Journal {
                 records: leases.len() as u64,
                 live: leases.len() as u64,
                 later: Default::default(),
+                compacting: false,
             }),
+            flush_due: AtomicBool::new(false),
         };
         Ok((journal, leases))
     }
@@ -202,27 +213,29 @@ impl Journal {
     /// a tight loop of small gets does not write the journal at all. Lost
     /// if the agent dies before the flush, which only lets the payload go
     /// sooner after a restart (the reader has its copy). True when the
-    /// caller is to schedule the flush (the first grant kept since one).
+    /// caller is to schedule the flush (none is scheduled).
     pub fn grant_later(&self, lease: JournaledLease) -> io::Result<bool> {
         let mut inner = self.lock();
         inner.later.insert(lease.lease, lease);
-        match inner.later.len() {
-            1 => Ok(true),
-            n if n >= LATER_MAX => inner.flush_later().map(|()| false),
-            _ => Ok(false),
+        if inner.later.len() >= LATER_MAX {
+            inner.flush_later()?;
         }
+        Ok(!self.flush_due.swap(true, Ordering::AcqRel))
     }
 
-    /// Writes the grants kept by [`Journal::grant_later`].
+    /// Writes the grants kept by [`Journal::grant_later`]; the next kept
+    /// one schedules another flush.
     pub fn flush_later(&self) -> io::Result<()> {
+        self.flush_due.store(false, Ordering::Release);
         self.lock().flush_later()
     }
 
     pub fn release(&self, leases: &[JournaledLease]) -> io::Result<()> {
         let mut inner = self.lock();
+        let compacting = inner.compacting;
         let written: Vec<JournaledLease> = leases
             .iter()
-            .filter(|l| inner.later.remove(&l.lease).is_none())
+            .filter(|l| inner.later.remove(&l.lease).is_none() || compacting)
             .copied()
             .collect();
         inner.append(RELEASE, &written)
@@ -236,13 +249,19 @@ impl Journal {
     /// nothing is missed. Blocking; one compaction at a time (the sweeper's).
     pub fn maybe_compact(&self, live: impl FnOnce() -> Vec<JournaledLease>) -> io::Result<()> {
         let from = {
-            let inner = self.lock();
+            let mut inner = self.lock();
             if inner.records < COMPACT_SLACK.max(2 * inner.live) {
                 return Ok(());
             }
+            inner.compacting = true;
             inner.len
         };
-        let leases = live();
+        let swapped = self.compact_from(from, live());
+        self.lock().compacting = false;
+        swapped
+    }
+
+    fn compact_from(&self, from: u64, leases: Vec<JournaledLease>) -> io::Result<()> {
         let mut buf = Vec::with_capacity(MAGIC.len() + leases.len() * RECORD);
         buf.extend_from_slice(MAGIC);
         for lease in &leases {
@@ -423,17 +442,21 @@ mod tests {
         let churn: Vec<_> = (0..COMPACT_SLACK).map(|_| lease(1)).collect();
         journal.grant(&churn).unwrap();
         journal.release(&churn).unwrap();
-        let (during, gone, later) = (lease(20), lease(30), lease(40));
+        let (during, gone, later, racing) = (lease(20), lease(30), lease(40), lease(50));
         journal.grant(&[gone]).unwrap();
+        journal.grant_later(racing).unwrap();
         journal
             .maybe_compact(|| {
                 // A grant and a release land while the live set is read
-                // (which already missed the release); a grant kept for
-                // later is in the live set too.
+                // (which already missed the release); grants kept for
+                // later are in the live set too, and one of them is
+                // released meanwhile: that release must be written.
                 journal.grant(&[during]).unwrap();
                 journal.release(&[gone]).unwrap();
                 journal.grant_later(later).unwrap();
-                vec![kept, gone, later]
+                let live = vec![kept, gone, later, racing];
+                journal.release(&[racing]).unwrap();
+                live
             })
             .unwrap();
         // Written by the compaction, so its release is written too.

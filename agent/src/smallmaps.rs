@@ -24,28 +24,31 @@ pub struct SmallMaps {
 }
 
 impl SmallMaps {
-    /// The first `size` bytes of `memfd`, the sealed region of `id`, from
-    /// its mapping (made on first use); `None` when it is too large or no
-    /// mapping can be kept (then read it with `pread`).
-    pub fn copy(&self, id: PayloadId, memfd: &File, size: usize) -> Option<Vec<u8>> {
+    /// The first `size` bytes of the region of `id`, if it is mapped.
+    pub fn cached(&self, id: PayloadId, size: usize) -> Option<Vec<u8>> {
+        let map = lock(&self.maps).get(&id).cloned()?;
+        map.get(..size).map(<[u8]>::to_vec)
+    }
+
+    /// Maps `memfd`, the sealed region of `id`, and copies its first `size`
+    /// bytes; `None` when it is too large or no more mappings are kept (then
+    /// read it with `pread`). The caller makes sure the region is still the
+    /// payload's, under a lock its removal takes too, so no mapping outlives it.
+    pub fn map(&self, id: PayloadId, memfd: &File, size: usize) -> Option<Vec<u8>> {
         if size > MAX_BYTES {
             return None;
         }
-        let known = lock(&self.maps).get(&id).cloned();
-        let map = match known {
-            Some(map) => map,
-            None => {
-                if lock(&self.maps).len() >= MAX_MAPS {
-                    return None;
-                }
-                // Private and read-only: always allowed on a write-sealed
-                // memfd, and it shares the region's pages (never written).
-                // SAFETY: the memfd is sealed, so its bytes never change
-                // and it cannot shrink under the mapping.
-                let map = Arc::new(unsafe { MmapOptions::new().len(size).map_copy_read_only(memfd) }.ok()?);
-                lock(&self.maps).entry(id).or_insert(map).clone()
-            }
-        };
+        let mut maps = lock(&self.maps);
+        if maps.len() >= MAX_MAPS && !maps.contains_key(&id) {
+            return None;
+        }
+        // Private and read-only: always allowed on a write-sealed memfd,
+        // and it shares the region's pages (never written).
+        // SAFETY: the memfd is sealed, so its bytes never change and it
+        // cannot shrink under the mapping.
+        let made = Arc::new(unsafe { MmapOptions::new().len(size).map_copy_read_only(memfd) }.ok()?);
+        let map = maps.entry(id).or_insert(made).clone();
+        drop(maps);
         map.get(..size).map(<[u8]>::to_vec)
     }
 
@@ -66,10 +69,11 @@ mod tests {
         crate::memfd::seal(&file).unwrap();
         let maps = SmallMaps::default();
         let id = PayloadId::random();
-        assert_eq!(maps.copy(id, &file, 4096).unwrap(), vec![7u8; 4096]);
-        assert_eq!(maps.copy(id, &file, 100).unwrap(), vec![7u8; 100], "the kept mapping");
-        assert!(maps.copy(id, &file, MAX_BYTES + 1).is_none(), "too large to map");
+        assert!(maps.cached(id, 4096).is_none());
+        assert_eq!(maps.map(id, &file, 4096).unwrap(), vec![7u8; 4096]);
+        assert_eq!(maps.cached(id, 100).unwrap(), vec![7u8; 100], "the kept mapping");
+        assert!(maps.map(id, &file, MAX_BYTES + 1).is_none(), "too large to map");
         maps.forget(id);
-        assert!(lock(&maps.maps).is_empty());
+        assert!(maps.cached(id, 4096).is_none());
     }
 }

@@ -370,8 +370,17 @@ impl FileStore {
 
     /// The bytes of the small sealed memfd of `id`, from a mapping kept for
     /// inline answers (see [`crate::smallmaps`]); `None`: read it instead.
-    pub fn copy_small(&self, id: PayloadId, memfd: &File, size: usize) -> Option<Vec<u8>> {
-        self.small.copy(id, memfd, size)
+    pub fn copy_small(&self, id: PayloadId, memfd: &Arc<File>, size: usize) -> Option<Vec<u8>> {
+        if let Some(bytes) = self.small.cached(id, size) {
+            return Some(bytes);
+        }
+        // Mapped only while the region is still the payload's, under the
+        // lock `remove` takes: a mapping never outlives its payload.
+        let memfds = self.memfds();
+        if !memfds.get(&id).is_some_and(|held| Arc::ptr_eq(held, memfd)) {
+            return None;
+        }
+        self.small.map(id, memfd, size)
     }
 
     /// How many memfd regions are sealed (committed), and their bytes.
@@ -424,8 +433,14 @@ impl FileStore {
 
     /// Removes the region; a region already gone is not an error.
     pub fn remove(&self, id: PayloadId) -> io::Result<()> {
-        if self.memfds().remove(&id).is_some() {
+        let removed = {
+            let mut memfds = self.memfds();
+            let removed = memfds.remove(&id).is_some();
+            // Under the same lock as `copy_small`'s check.
             self.small.forget(id);
+            removed
+        };
+        if removed {
             if let Some(keeper) = &self.keeper {
                 keeper.forget(id);
             }

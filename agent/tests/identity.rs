@@ -290,3 +290,80 @@ async fn tcp_refuses_calls_without_the_token() {
     let refused = Agent::refused(&Dirs::new(), &["--listen", "0.0.0.0:0"]);
     assert!(refused.contains("--tcp-token-file"), "{refused}");
 }
+
+/// Streams of a Unix caller, tried by the anonymous TCP identity (no root
+/// needed): appending, deleting, reading and moving offsets are refused
+/// under `--read-access owner`; its own stream is its own.
+#[tokio::test]
+async fn the_tcp_identity_cannot_touch_a_unix_callers_stream() {
+    use payload_proto::runtime;
+    use payload_proto::services::payload_stream_service_client::PayloadStreamServiceClient;
+    let dirs = Dirs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let (agent, client) = Agent::start_with(&dirs, &["--listen", listen.as_str()]).await;
+    let stream = |name: &str| {
+        Some(runtime::StreamId {
+            namespace: "identity".into(),
+            name: name.into(),
+        })
+    };
+    let (id, _) = put(&client, &pattern(64, 3), Tier::Ram).await.unwrap();
+    let item = || runtime::AppendItem {
+        payload_id: Some(payload_proto::core::PayloadId {
+            value: id.as_bytes().to_vec(),
+        }),
+        ..Default::default()
+    };
+    let mut owner = client.streams();
+    let create = |name: &str| runtime::CreateStreamRequest {
+        stream: stream(name),
+        ..Default::default()
+    };
+    owner.create_stream(create("unix")).await.unwrap();
+    let append = |name: &str| runtime::AppendRequest {
+        stream: stream(name),
+        items: vec![item()],
+    };
+    owner.append(append("unix")).await.unwrap();
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tcp = PayloadStreamServiceClient::new(channel);
+    let denied = |outcome: Result<tonic::Response<_>, tonic::Status>, what: &str| {
+        let status = outcome.map(drop).expect_err(what);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{what}: {status}");
+        assert!(status.message().contains("stream identity/unix"), "{what}: {status}");
+    };
+    denied(
+        tcp.append(append("unix")).await.map(drop).map(tonic::Response::new),
+        "append",
+    );
+    let delete = runtime::DeleteStreamRequest { stream: stream("unix") };
+    denied(tcp.delete_stream(delete).await, "delete");
+    let read = runtime::ReadRequest {
+        stream: stream("unix"),
+        ..Default::default()
+    };
+    denied(tcp.read(read.clone()).await.map(drop).map(tonic::Response::new), "read");
+    let commit = runtime::CommitRequest {
+        stream: stream("unix"),
+        consumer_group: "g".into(),
+        offset: 0,
+    };
+    denied(tcp.commit(commit).await, "commit offset");
+    // Its own stream is its own.
+    tcp.create_stream(create("tcp")).await.unwrap();
+    tcp.append(append("tcp")).await.unwrap();
+    // The owner's stream is as it was.
+    let entries = owner.read(read).await.unwrap().into_inner().entries;
+    assert_eq!(entries.len(), 1);
+    agent.kill9();
+}

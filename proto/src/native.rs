@@ -56,9 +56,15 @@ pub struct Frame {
 /// takes the frames itself, and on a small machine that wake-up costs
 /// more than the round trip. A reader that parks often keeps a
 /// [`Waiter`] (registered for reading only) and drops it while it polls;
-/// other waits register a duplicate descriptor for their length.
+/// senders share one registration for writing, made at the first send that
+/// would block; other waits register a duplicate descriptor for their length.
 pub struct Socket {
     fd: OwnedFd,
+    /// The runtime the socket was made in: registrations are made with its
+    /// poller, whichever runtime's task waits on them.
+    runtime: Option<tokio::runtime::Handle>,
+    /// Every sender's registration for writing (see above).
+    writes: std::sync::OnceLock<AsyncFd<OwnedFd>>,
 }
 
 /// A socket's registration with the poller for reading (see [`Socket`]).
@@ -123,6 +129,29 @@ pub fn listen_fd(path: &Path, nonblocking: bool) -> io::Result<OwnedFd> {
 }
 
 impl Socket {
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            writes: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A duplicate of the descriptor registered for `interest`.
+    fn register(&self, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+        let _made_there = self.runtime.as_ref().map(|r| r.enter());
+        // SAFETY: the duplicate is open, and only this AsyncFd owns it until dropped.
+        let registered = unsafe { AsyncFd::register_with_interest(self.fd.try_clone()?, interest) }?;
+        Ok(registered)
+    }
+
+    /// Shuts both directions: the peer reads end-of-file, and this side's
+    /// waits end.
+    pub fn shutdown(&self) {
+        // SAFETY: shutdown on a descriptor we own.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
     /// Runs `op` until it stops answering `WouldBlock`, waiting for
     /// `interest` in between.
     async fn retry<T>(&self, interest: Interest, mut op: impl FnMut(RawFd) -> io::Result<T>) -> io::Result<T> {
@@ -136,9 +165,7 @@ impl Socket {
 
     /// A registration for reading, for [`Socket::recv_on`].
     pub fn waiter(&self) -> io::Result<Waiter> {
-        // SAFETY: the duplicate is open, and only this AsyncFd owns it until dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(self.fd.try_clone()?, Interest::READABLE) }?;
-        Ok(Waiter(fd))
+        self.register(Interest::READABLE).map(Waiter)
     }
 
     /// [`Socket::recv`], waiting on `waiter` (made by this socket's
@@ -161,24 +188,19 @@ impl Socket {
     /// of its own, so waits for reading and writing can run at once; one
     /// made while the socket is ready already reports at once.
     async fn ready(&self, interest: Interest) -> io::Result<()> {
-        // SAFETY: the duplicate is open, and only this AsyncFd owns it until dropped.
-        let waiter = unsafe { AsyncFd::register_with_interest(self.fd.try_clone()?, interest) }?;
+        let waiter = self.register(interest)?;
         let _ready = waiter.ready(interest).await?;
         Ok(())
     }
 
     /// Connects to a listening native socket.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            fd: connect_fd(path, true)?,
-        })
+        Ok(Self::new(connect_fd(path, true)?))
     }
 
     /// Binds and listens on `path` (which must not exist).
     pub fn listen(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            fd: listen_fd(path, true)?,
-        })
+        Ok(Self::new(listen_fd(path, true)?))
     }
 
     /// Accepts one connection.
@@ -198,7 +220,7 @@ impl Socket {
                 Ok(unsafe { OwnedFd::from_raw_fd(conn) })
             })
             .await?;
-        Ok(Socket { fd })
+        Ok(Socket::new(fd))
     }
 
     /// The peer's uid, gid and pid, as the kernel recorded them at connect.
@@ -220,7 +242,27 @@ impl Socket {
 
     /// Sends one frame with the given descriptors.
     pub async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-        self.retry(Interest::WRITABLE, |fd| send_frame(fd, bytes, fds)).await
+        let fd = self.fd.as_raw_fd();
+        match send_frame(fd, bytes, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            sent => return sent,
+        }
+        // The peer is not reading: wait, on the one registration every
+        // sender of this socket shares (one per blocked send could hold a
+        // descriptor each for hundreds of calls in flight).
+        if self.writes.get().is_none() {
+            let _ = self.writes.set(self.register(Interest::WRITABLE)?);
+        }
+        let writes = self
+            .writes
+            .get()
+            .ok_or_else(|| io::Error::other("the socket's registration for writing was not kept"))?;
+        loop {
+            let mut ready = writes.writable().await?;
+            if let Ok(sent) = ready.try_io(|_| send_frame(fd, bytes, fds)) {
+                return sent;
+            }
+        }
     }
 
     /// Receives one frame into `buf` (grown to [`MAX_FRAME`] once and

@@ -278,7 +278,10 @@ async fn send(socket: &Socket, response: &wire::Response, mut fd: Option<std::os
     }
     let fds: Vec<_> = fd.into_iter().collect();
     if let Err(e) = socket.send(&bytes, &fds).await {
-        // The peer went away; its session ends with the connection.
-        tracing::debug!(%e, "could not answer on a native connection");
+        // Usually the peer went away. Whatever the reason, an answer was
+        // lost: the connection is shut, so the peer learns it (its calls
+        // fail) instead of waiting for ever, and its session ends.
+        tracing::debug!(%e, "could not answer on a native connection; shutting it");
+        socket.shutdown();
     }
 }
