@@ -15,6 +15,9 @@ const MAX_BATCH_ITEMS: usize = 10_000;
 type Reply = oneshot::Sender<Result<(u64, u64), CatalogError>>;
 
 struct Pending {
+    /// The stream's row id, when the caller checked it (see
+    /// [`Repository::append_to`]).
+    stream: Option<i64>,
     items: Vec<AppendItem>,
     now_ms: u64,
     reply: Reply,
@@ -37,15 +40,21 @@ impl Appender {
         }
     }
 
-    /// As [`Repository::append`], batched with concurrent appends to `key`.
+    /// As [`Repository::append_to`], batched with concurrent appends to `key`.
     pub async fn append(
         &self,
         key: StreamKey,
+        stream: Option<i64>,
         items: Vec<AppendItem>,
         now_ms: u64,
     ) -> Result<(u64, u64), CatalogError> {
         let (reply, done) = oneshot::channel();
-        let pending = Pending { items, now_ms, reply };
+        let pending = Pending {
+            stream,
+            items,
+            now_ms,
+            reply,
+        };
         {
             // Sent under the lock the drain task takes to retire an empty
             // queue: a send never lands in a queue nobody drains.
@@ -94,14 +103,20 @@ async fn drain(repo: Arc<dyn Repository>, queues: Queues, key: StreamKey, mut rx
 }
 
 async fn append_batch(repo: &dyn Repository, key: &StreamKey, batch: Vec<Pending>) {
-    if batch.len() == 1 {
-        let one = batch.into_iter().next().expect("one pending append");
-        let _ = one.reply.send(repo.append(key, &one.items, one.now_ms).await);
+    let stream = batch[0].stream;
+    // One transaction only for calls checked against the same stream.
+    if batch.len() == 1 || batch.iter().any(|p| p.stream != stream) {
+        for pending in batch {
+            let appended = repo
+                .append_to(key, pending.stream, &pending.items, pending.now_ms)
+                .await;
+            let _ = pending.reply.send(appended);
+        }
         return;
     }
     let items: Vec<AppendItem> = batch.iter().flat_map(|p| p.items.iter().cloned()).collect();
     let now_ms = batch.iter().map(|p| p.now_ms).max().unwrap_or_default();
-    match repo.append(key, &items, now_ms).await {
+    match repo.append_to(key, stream, &items, now_ms).await {
         Ok((first, _)) => {
             let mut next = first;
             for pending in batch {
@@ -115,9 +130,10 @@ async fn append_batch(repo: &dyn Repository, key: &StreamKey, batch: Vec<Pending
         // its own answer.
         Err(_) => {
             for pending in batch {
-                let _ = pending
-                    .reply
-                    .send(repo.append(key, &pending.items, pending.now_ms).await);
+                let appended = repo
+                    .append_to(key, pending.stream, &pending.items, pending.now_ms)
+                    .await;
+                let _ = pending.reply.send(appended);
             }
         }
     }

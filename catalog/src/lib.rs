@@ -19,7 +19,7 @@ pub use objects::{BlockHash, BlockState, BlockStats, CopyRecord, Manifest, BLOCK
 pub use repo::{EventPage, ListQuery, MetadataEvent, Page, PageToken, Repository, Write};
 pub use sql::postgres::PgRepository;
 pub use sql::sqlite::SqliteRepository;
-pub use stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
+pub use stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};
 
 /// A catalog URL fit for logs and error messages: any password replaced
 /// by `***`.

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use crate::error::{CatalogError, Result};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
 use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
-use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey};
+use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};
 
 /// One step of a multi-step update; [`Repository::write_batch`] applies a
 /// batch of them atomically. Payload writes are idempotent (inserts are
@@ -200,16 +200,27 @@ pub trait Repository: Send + Sync + 'static {
         owner: Option<&str>,
         now_ms: u64,
     ) -> Result<()>;
-    /// The stream's owner (`None` for one created before owners were
-    /// recorded); `NotFound` when there is no such stream.
-    async fn stream_owner(&self, key: &StreamKey) -> Result<Option<String>>;
+    /// The stream's owner and row id; `NotFound` when there is no such stream.
+    async fn stream_owner(&self, key: &StreamKey) -> Result<StreamOwner>;
     /// Removes a stream with its entries and offsets, only while `owner`
     /// (what [`Repository::stream_owner`] said) still owns it: one deleted
     /// and made again by someone else meanwhile stays. A missing one is fine.
     async fn delete_stream(&self, key: &StreamKey, owner: Option<&str>) -> Result<()>;
     /// Appends in order and returns the first and last offsets given. Every
     /// payload must exist. No items: `(0, 0)` and nothing written.
-    async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)>;
+    async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)> {
+        self.append_to(key, None, items, now_ms).await
+    }
+    /// [`Repository::append`], and with `stream` (a row id from
+    /// [`Repository::stream_owner`]) only while the name still holds that
+    /// stream: one deleted and made again since is `NotFound`.
+    async fn append_to(
+        &self,
+        key: &StreamKey,
+        stream: Option<i64>,
+        items: &[AppendItem],
+        now_ms: u64,
+    ) -> Result<(u64, u64)>;
     async fn read_stream(&self, key: &StreamKey, query: ReadQuery) -> Result<Vec<StreamEntry>>;
     /// Up to `max` entries from offset `start` of the stream with row id
     /// `stream_id`, in one query and without checking that the stream still

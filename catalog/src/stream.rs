@@ -65,6 +65,15 @@ pub struct StreamEntry {
     pub tags: BTreeMap<String, String>,
 }
 
+/// Who owns a stream, and which stream of its name it is (row ids are
+/// never reused, so one deleted and made again has another).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamOwner {
+    pub id: i64,
+    /// `None` for a stream created before owners were recorded.
+    pub owner: Option<String>,
+}
+
 /// Where a stream stands: its row id (the key subscriptions watch) and the
 /// offset its next entry will get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

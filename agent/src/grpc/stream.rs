@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use payload_catalog::stream::MAX_READ;
-use payload_catalog::{AppendItem, CatalogError, ReadQuery, Repository, Retention, StreamEntry, StreamHead, StreamKey};
+use payload_catalog::{
+    AppendItem, CatalogError, ReadQuery, Repository, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner,
+};
 use payload_proto::runtime;
 use payload_proto::runtime::subscribe_request::Start;
 use payload_proto::services::payload_stream_service_server::PayloadStreamService;
@@ -126,23 +128,24 @@ impl StreamService {
 
     /// The stream's owner, once `caller` is found to be it (or the agent's
     /// own user): appending, deleting. The owner never changes while the
-    /// stream lives; a delete is conditional on it, so a stream deleted and
-    /// made again by someone else between this check and the delete stays.
-    async fn may_change(&self, caller: &Caller, key: &StreamKey, what: &str) -> Result<Option<String>, Status> {
-        let owner = self.repo().stream_owner(key).await.map_err(status)?;
+    /// stream lives; a delete is conditional on it and an append on the
+    /// stream's row id, so a stream deleted and made again by someone else
+    /// after this check is left alone.
+    async fn may_change(&self, caller: &Caller, key: &StreamKey, what: &str) -> Result<StreamOwner, Status> {
+        let owned = self.repo().stream_owner(key).await.map_err(status)?;
         caller
-            .may_change_owned(owner.as_deref(), format_args!("{what} stream {key}"))
+            .may_change_owned(owned.owner.as_deref(), format_args!("{what} stream {key}"))
             .map_err(status)?;
-        Ok(owner)
+        Ok(owned)
     }
 
     /// Whether `caller` may read the stream under the node's read rule:
     /// reading, subscribing, and a consumer group's offsets.
     async fn may_read(&self, caller: &Caller, key: &StreamKey) -> Result<(), Status> {
-        let owner = self.repo().stream_owner(key).await.map_err(status)?;
+        let owned = self.repo().stream_owner(key).await.map_err(status)?;
         let rule = self.node.config().read_access;
         caller
-            .may_read_owned(owner.as_deref(), rule, format_args!("reading stream {key}"))
+            .may_read_owned(owned.owner.as_deref(), rule, format_args!("reading stream {key}"))
             .map_err(status)
     }
 }
@@ -167,14 +170,14 @@ impl PayloadStreamService for StreamService {
     async fn delete_stream(&self, request: Request<runtime::DeleteStreamRequest>) -> Result<Response<()>, Status> {
         let caller = caller(&request);
         let key = self.key(request.into_inner().stream.as_ref())?;
-        let owner = match self.may_change(&caller, &key, "deleting").await {
-            Ok(owner) => owner,
+        let owned = match self.may_change(&caller, &key, "deleting").await {
+            Ok(owned) => owned,
             // Deleting a missing stream is fine.
             Err(st) if st.code() == tonic::Code::NotFound => return Ok(Response::new(())),
             Err(st) => return Err(st),
         };
         self.repo()
-            .delete_stream(&key, owner.as_deref())
+            .delete_stream(&key, owned.owner.as_deref())
             .await
             .map_err(status)?;
         Ok(Response::new(()))
@@ -203,11 +206,15 @@ impl PayloadStreamService for StreamService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        self.may_change(&caller, &key, "appending to").await?;
+        let owned = self.may_change(&caller, &key, "appending to").await?;
         // Payloads committed a moment ago may still be on their way to the
         // catalog; the existence check must see them.
         self.node.flush().await.map_err(status)?;
-        let (first_offset, last_offset) = self.appender.append(key, items, now).await.map_err(status)?;
+        let (first_offset, last_offset) = self
+            .appender
+            .append(key, Some(owned.id), items, now)
+            .await
+            .map_err(status)?;
         Ok(Response::new(runtime::AppendResponse {
             first_offset,
             last_offset,

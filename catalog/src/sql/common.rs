@@ -627,14 +627,17 @@ impl Repository for Repo {
         Ok(())
     }
 
-    async fn stream_owner(&self, key: &StreamKey) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT owner FROM streams WHERE namespace = $1 AND name = $2")
+    async fn stream_owner(&self, key: &StreamKey) -> Result<StreamOwner> {
+        let row = sqlx::query("SELECT id, owner FROM streams WHERE namespace = $1 AND name = $2")
             .bind(&key.namespace)
             .bind(&key.name)
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| CatalogError::NotFound(format!("stream {key} not found; create it first")))?;
-        Ok(row.try_get("owner")?)
+        Ok(StreamOwner {
+            id: row.try_get("id")?,
+            owner: row.try_get("owner")?,
+        })
     }
 
     async fn delete_stream(&self, key: &StreamKey, owner: Option<&str>) -> Result<()> {
@@ -661,9 +664,21 @@ impl Repository for Repo {
         Ok(())
     }
 
-    async fn append(&self, key: &StreamKey, items: &[AppendItem], now_ms: u64) -> Result<(u64, u64)> {
+    async fn append_to(
+        &self,
+        key: &StreamKey,
+        stream: Option<i64>,
+        items: &[AppendItem],
+        now_ms: u64,
+    ) -> Result<(u64, u64)> {
         let mut tx = begin_write(&self.pool).await?;
         let (head, retention) = stream_row(&mut tx, key, Some(items.len() as u64)).await?;
+        if stream.is_some_and(|id| id != head.id) {
+            // Rolled back with the transaction, the reservation too.
+            return Err(CatalogError::NotFound(format!(
+                "stream {key} was deleted and made again since it was checked; append again"
+            )));
+        }
         if items.is_empty() {
             return Ok((0, 0));
         }

@@ -246,7 +246,8 @@ async fn streams_keep_their_owner_and_delete_only_as_theirs(b: Backend) {
     repo.create_stream(&s, Retention::default(), Some("unix:1000:1000"), 1)
         .await
         .unwrap();
-    assert_eq!(repo.stream_owner(&s).await.unwrap().as_deref(), Some("unix:1000:1000"));
+    let owned = repo.stream_owner(&s).await.unwrap();
+    assert_eq!(owned.owner.as_deref(), Some("unix:1000:1000"));
     // A delete checked against another owner (the stream was made again
     // meanwhile) leaves it.
     repo.delete_stream(&s, Some("unix:1001:1001")).await.unwrap();
@@ -256,7 +257,26 @@ async fn streams_keep_their_owner_and_delete_only_as_theirs(b: Backend) {
     assert!(matches!(repo.stream_head(&s).await, Err(CatalogError::NotFound(_))));
     let open = key("open");
     repo.create_stream(&open, Retention::default(), None, 1).await.unwrap();
-    assert_eq!(repo.stream_owner(&open).await.unwrap(), None);
+    assert_eq!(repo.stream_owner(&open).await.unwrap().owner, None);
+    // An append checked against a stream that was deleted and made again
+    // since goes nowhere.
+    let rec = record(1, Tier::Ram, &[]);
+    insert(repo, std::slice::from_ref(&rec)).await;
+    repo.delete_stream(&s, Some("unix:1000:1000")).await.ok();
+    repo.create_stream(&s, Retention::default(), Some("unix:1001:1001"), 1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        repo.append_to(&s, Some(owned.id), &[item(rec.id, 0)], 1).await,
+        Err(CatalogError::NotFound(_))
+    ));
+    assert!(repo.read_stream(&s, read_from(0)).await.unwrap().is_empty());
+    let now = repo.stream_owner(&s).await.unwrap();
+    assert_ne!(now.id, owned.id);
+    assert_eq!(
+        repo.append_to(&s, Some(now.id), &[item(rec.id, 0)], 1).await.unwrap(),
+        (0, 0)
+    );
     repo.delete_stream(&open, None).await.unwrap();
     assert!(matches!(repo.stream_head(&open).await, Err(CatalogError::NotFound(_))));
 }
