@@ -46,7 +46,7 @@ impl SmallMaps {
         // and it shares the region's pages (never written).
         // SAFETY: the memfd is sealed, so its bytes never change and it
         // cannot shrink under the mapping.
-        let made = Arc::new(unsafe { MmapOptions::new().len(size).map_copy_read_only(memfd) }.ok()?);
+        let made = Arc::new(unsafe { MmapOptions::new().len(size).populate().map_copy_read_only(memfd) }.ok()?);
         let map = maps.entry(id).or_insert(made).clone();
         drop(maps);
         map.get(..size).map(<[u8]>::to_vec)
