@@ -630,3 +630,31 @@ pub fn io_error(what: &str, err: io::Error) -> AgentError {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(bytes: &[u8]) -> File {
+        let file = crate::memfd::create("test", bytes.len() as u64).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0).unwrap();
+        crate::memfd::seal(&file).unwrap();
+        file
+    }
+
+    #[test]
+    fn small_mappings_are_of_held_regions_and_go_with_their_payload() {
+        let root = tempfile::tempdir_in("/dev/shm").unwrap();
+        let store = FileStore::ram(root.path(), "pm-test", "node", 1 << 20).unwrap();
+        let id = PayloadId::random();
+        let memfd = store.adopt_memfd(id, sealed(&[5; 4096])).unwrap();
+        assert_eq!(store.copy_small(id, &memfd, 4096).unwrap(), vec![5; 4096]);
+        assert_eq!(store.small.cached(id, 4096).unwrap(), vec![5; 4096], "kept");
+        store.remove(id).unwrap();
+        assert!(store.small.cached(id, 4096).is_none(), "unmapped with its payload");
+        // A region that is no longer the payload's (removed while a get
+        // was under way) is read, never mapped.
+        assert!(store.copy_small(id, &memfd, 4096).is_none());
+        assert!(store.small.cached(id, 4096).is_none());
+    }
+}
