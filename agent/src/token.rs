@@ -11,7 +11,8 @@ use tonic::codegen::http;
 use tonic::Status;
 use tower::{Layer, Service};
 
-#[derive(Clone, Debug)]
+/// Not `Debug`: it holds the token, which must not reach a log.
+#[derive(Clone)]
 pub struct TokenLayer {
     /// `Bearer <token>`, as the header carries it.
     expected: Arc<Vec<u8>>,
@@ -36,7 +37,7 @@ impl<S> Layer<S> for TokenLayer {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TokenCheck<S> {
     inner: S,
     expected: Arc<Vec<u8>>,

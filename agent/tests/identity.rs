@@ -274,6 +274,25 @@ async fn tcp_refuses_calls_without_the_token() {
         .metadata_mut()
         .insert("authorization", "Bearer s3cret-token".parse().unwrap());
     admin.stats(right).await.expect("the token lets the call through");
+
+    // The Rust client sends it with every call when given one.
+    let addr = format!("http://{listen}");
+    let with = payload_client::Client::connect_with_token(&addr, "s3cret-token")
+        .await
+        .unwrap();
+    let id = with.put(b"over tcp").await.expect("a put with the token");
+    assert_eq!(with.get(id).await.unwrap().bytes(), b"over tcp");
+    let without = payload_client::Client::connect(&addr).await.unwrap();
+    match without.stats().await {
+        Err(payload_client::ClientError::Other(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}")
+        }
+        other => panic!("a client without the token got {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(
+        payload_client::Client::connect_with_token(&addr, "two words").await,
+        Err(payload_client::ClientError::InvalidArgument(_))
+    ));
     agent.kill9();
 
     // Reachable from other hosts without a token: refused at start.

@@ -8,11 +8,11 @@ use std::time::Duration;
 use common::{Capacity, Dirs, Served};
 use payload_agent::node::NodeConfig;
 use payload_catalog::PgRepository;
+use payload_client::Transport;
 use payload_proto::core as pb;
 use payload_proto::runtime::subscribe_request::Start;
 use payload_proto::runtime::*;
 use payload_proto::services::payload_stream_service_client::PayloadStreamServiceClient;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 /// Generous: only a hang fails on it, never a slow machine.
@@ -25,7 +25,7 @@ fn sid(name: &str) -> Option<StreamId> {
     })
 }
 
-async fn create(streams: &mut PayloadStreamServiceClient<Channel>, name: &str) {
+async fn create(streams: &mut PayloadStreamServiceClient<Transport>, name: &str) {
     streams
         .create_stream(CreateStreamRequest {
             stream: sid(name),
@@ -36,7 +36,7 @@ async fn create(streams: &mut PayloadStreamServiceClient<Channel>, name: &str) {
 }
 
 async fn append(
-    streams: &mut PayloadStreamServiceClient<Channel>,
+    streams: &mut PayloadStreamServiceClient<Transport>,
     name: &str,
     id: &pb::PayloadId,
     n: usize,
@@ -60,7 +60,7 @@ async fn append(
 }
 
 async fn subscribe(
-    streams: &mut PayloadStreamServiceClient<Channel>,
+    streams: &mut PayloadStreamServiceClient<Transport>,
     name: &str,
     start: Start,
     max_inflight: u32,

@@ -4,16 +4,88 @@ use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
 use crate::error::{ClientError, Result};
 
-pub async fn channel(target: &str) -> Result<Channel> {
-    let socket = target
+/// What every generated client of a [`crate::Client`] sends through: the
+/// channel, with the agent's TCP token added to each call when one is set.
+pub type Transport = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call (an agent listening
+/// on TCP with `--tcp-token-file` refuses calls without it). Its `Debug`
+/// does not show the token.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// The header for `token`, which must be printable ASCII with no spaces
+    /// (as the agent's `--tcp-token-file` requires).
+    pub(crate) fn new(token: &str) -> Result<Bearer> {
+        if !is_token(token) {
+            return Err(ClientError::InvalidArgument(
+                "a TCP token must be one word of printable ASCII (as in the agent's --tcp-token-file)".into(),
+            ));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::InvalidArgument("the TCP token cannot be sent as a header".into()))?;
+        // Never indexed by HPACK, and printed as `Sensitive`.
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+
+    /// The token for `target`: sent to TCP addresses only, never down a
+    /// Unix socket (whose agent knows its callers by their credentials).
+    pub(crate) fn for_target(target: &str, token: &str) -> Result<Bearer> {
+        let bearer = Bearer::new(token)?;
+        Ok(if unix_socket(target).is_some() {
+            Bearer::default()
+        } else {
+            bearer
+        })
+    }
+}
+
+/// Whether `token` is one a TCP agent can be given: one word of printable
+/// ASCII, as its `--tcp-token-file` requires.
+pub fn is_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(<redacted>)"
+        } else {
+            "Bearer(None)"
+        })
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The socket path of a Unix `target`, None for a TCP address.
+fn unix_socket(target: &str) -> Option<&str> {
+    target
         .strip_prefix("unix://")
         .or_else(|| target.strip_prefix("unix:"))
-        .or_else(|| target.starts_with('/').then_some(target));
+        .or_else(|| target.starts_with('/').then_some(target))
+}
+
+pub async fn channel(target: &str) -> Result<Channel> {
+    let socket = unix_socket(target);
     let connect_err = |source| ClientError::Connect {
         target: target.to_string(),
         source,
@@ -38,5 +110,26 @@ pub async fn channel(target: &str) -> Result<Channel> {
             })?;
             endpoint.tcp_nodelay(true).connect().await.map_err(connect_err)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bearer_never_prints_its_token() {
+        let bearer = Bearer::new("s3cret").unwrap();
+        assert!(bearer.0.is_some());
+        assert!(!format!("{bearer:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_token_goes_to_tcp_addresses_only() {
+        assert!(Bearer::for_target("http://10.0.0.1:50051", "t").unwrap().0.is_some());
+        for unix in ["unix:///run/agent.sock", "unix:/run/agent.sock", "/run/agent.sock"] {
+            assert!(Bearer::for_target(unix, "t").unwrap().0.is_none(), "{unix}");
+        }
+        assert!(Bearer::for_target("/run/agent.sock", "two words").is_err());
     }
 }

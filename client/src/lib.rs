@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+pub use connect::{is_token, Bearer, Transport};
 pub use error::{ClientError, Result};
 use lease::{Held, HeldLeases, View};
 pub use lease::{Lease, WritableRegion};
@@ -87,10 +88,10 @@ pub struct LeaseOptions {
 /// mapping cache and the background releaser.
 #[derive(Clone)]
 pub struct Client {
-    data: PayloadDataServiceClient<Channel>,
-    catalog: PayloadCatalogServiceClient<Channel>,
-    admin: PayloadAdminServiceClient<Channel>,
-    streams: PayloadStreamServiceClient<Channel>,
+    data: PayloadDataServiceClient<Transport>,
+    catalog: PayloadCatalogServiceClient<Transport>,
+    admin: PayloadAdminServiceClient<Transport>,
+    streams: PayloadStreamServiceClient<Transport>,
     maps: Arc<mapping::MappingCache>,
     releases: mpsc::UnboundedSender<Uuid>,
     /// The agent's native socket, when it serves one beside a Unix socket.
@@ -141,9 +142,21 @@ impl Client {
     /// instead of hopping between workers, which cuts a call from about
     /// 120 µs to 80 µs on a 2-core machine.
     pub async fn connect(target: &str) -> Result<Client> {
+        Self::connect_with(target, Bearer::default()).await
+    }
+
+    /// Connects as [`Client::connect`] does, sending `token` with every gRPC
+    /// call when `target` is a TCP address: an agent listening on TCP with
+    /// `--tcp-token-file` needs it. A Unix socket never gets it. TCP is
+    /// clear text: the token and the bytes are for a trusted network.
+    pub async fn connect_with_token(target: &str, token: &str) -> Result<Client> {
+        Self::connect_with(target, Bearer::for_target(target, token)?).await
+    }
+
+    async fn connect_with(target: &str, bearer: Bearer) -> Result<Client> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
-            return Self::open(target).await;
+            return Self::open(target, bearer).await;
         }
         let (ready, connected) = tokio::sync::oneshot::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -159,7 +172,7 @@ impl Client {
                     }
                 };
                 runtime.block_on(async move {
-                    let client = Client::open(&target).await;
+                    let client = Client::open(&target, bearer).await;
                     if ready.send(client).is_ok() {
                         let _ = stopped.await;
                     }
@@ -181,8 +194,8 @@ impl Client {
 
     /// The gRPC channel, and the native socket beside a Unix socket when
     /// the agent serves one (an older agent without it is used over gRPC).
-    async fn open(target: &str) -> Result<Client> {
-        let mut client = Self::from_channel(connect::channel(target).await?);
+    async fn open(target: &str, bearer: Bearer) -> Result<Client> {
+        let mut client = Self::with_bearer(connect::channel(target).await?, bearer);
         // A socket that is there but refuses us leaves gRPC carrying
         // everything, as for an older agent without one (`is_native` tells).
         if let Some(conn) = native::beside(target).and_then(|path| Native::connect(&path).ok()) {
@@ -200,7 +213,13 @@ impl Client {
         self.native.is_some()
     }
 
+    /// A gRPC-only client on a channel the caller dialled.
     pub fn from_channel(channel: Channel) -> Client {
+        Self::with_bearer(channel, Bearer::default())
+    }
+
+    fn with_bearer(channel: Channel, bearer: Bearer) -> Client {
+        let channel = Transport::new(channel, bearer);
         let data = PayloadDataServiceClient::new(channel.clone());
         let (releases, rx) = mpsc::unbounded_channel();
         tokio::spawn(release_loop(data.clone(), rx));
@@ -620,7 +639,7 @@ impl Client {
 
     /// The stream service (create, append, read, subscribe, offsets): its
     /// messages map one to one onto the wire, so it is handed out as is.
-    pub fn streams(&self) -> PayloadStreamServiceClient<Channel> {
+    pub fn streams(&self) -> PayloadStreamServiceClient<Transport> {
         self.streams.clone()
     }
 
@@ -628,9 +647,9 @@ impl Client {
     pub fn raw(
         &self,
     ) -> (
-        PayloadDataServiceClient<Channel>,
-        PayloadCatalogServiceClient<Channel>,
-        PayloadAdminServiceClient<Channel>,
+        PayloadDataServiceClient<Transport>,
+        PayloadCatalogServiceClient<Transport>,
+        PayloadAdminServiceClient<Transport>,
     ) {
         (self.data.clone(), self.catalog.clone(), self.admin.clone())
     }
@@ -656,7 +675,7 @@ async fn native_release_loop(conn: std::sync::Weak<Native>, mut rx: mpsc::Unboun
 
 /// Sends dropped leases back in batches: a tight loop of gets pays one
 /// release call per few milliseconds instead of one per get.
-async fn release_loop(mut data: PayloadDataServiceClient<Channel>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
+async fn release_loop(mut data: PayloadDataServiceClient<Transport>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         tokio::time::sleep(RELEASE_GATHER).await;

@@ -61,6 +61,11 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
+        Self::start_with(&["--listen", "off"])
+    }
+
+    /// An agent started with `flags` (which must say where it listens).
+    fn start_with(flags: &[&str]) -> Agent {
         let state = tempfile::tempdir().expect("state dir");
         let ram = tempfile::Builder::new()
             .prefix("pmctl-test-")
@@ -71,7 +76,8 @@ impl Agent {
             .arg("standalone")
             .arg("--state-dir")
             .arg(state.path())
-            .args(["--listen", "off", "--shm-prefix", "pm"])
+            .args(flags)
+            .args(["--shm-prefix", "pm"])
             .arg("--ram-root")
             .arg(ram.path())
             .stdout(Stdio::null())
@@ -93,6 +99,23 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("agent socket did not appear within 10 s; log:\n{}", agent.log());
+    }
+
+    /// Waits for the TCP port, bound just after the Unix socket appears.
+    fn wait_for_tcp(&mut self, listen: &str) {
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(listen).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited with {status} before listening on {listen}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not listen on {listen} within 10 s; log:\n{}", self.log());
     }
 
     fn socket(&self) -> PathBuf {
@@ -140,6 +163,7 @@ fn payloadctl(args: &[&str], stdin: Option<&[u8]>) -> Output {
         .args(args)
         .env_remove("PM_AGENT")
         .env_remove("PM_OUTPUT")
+        .env_remove("PM_TOKEN_FILE")
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -390,4 +414,60 @@ fn streams_are_created_appended_read_and_their_offsets_kept() {
     fails_with(&agent.ctl(&["stream", "read", "nope"]), 3);
     ok(&agent.ctl(&["stream", "rm", "events"]));
     fails_with(&agent.ctl(&["stream", "read", "events"]), 3);
+}
+
+/// An agent's TCP port with a token takes payloadctl given `--token-file`
+/// (a put and a get go through), and refuses it without, naming the flag.
+#[test]
+fn a_token_file_lets_payloadctl_through_an_agents_tcp_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "tcp-s3cret\n").unwrap();
+    let token = token.to_str().unwrap();
+    let mut agent = Agent::start_with(&["--listen", &listen, "--tcp-token-file", token]);
+    agent.wait_for_tcp(&listen);
+    let addr = format!("http://{listen}");
+    let bytes = pattern(10_000);
+    let id = ok(&payloadctl(
+        &["--agent", &addr, "--token-file", token, "put", "-"],
+        Some(&bytes),
+    ));
+    let got = ok_bytes(&payloadctl(
+        &["--agent", &addr, "--token-file", token, "get", id.trim()],
+        None,
+    ));
+    assert_eq!(got, bytes);
+
+    let refused = fails_with(&payloadctl(&["--agent", &addr, "stats"], None), 1);
+    assert!(refused.contains("--token-file"), "{refused}");
+    let wrong = secrets.path().join("wrong");
+    std::fs::write(&wrong, "guess\n").unwrap();
+    let wrong = wrong.to_str().unwrap();
+    let refused = fails_with(
+        &payloadctl(&["--agent", &addr, "--token-file", wrong, "stats"], None),
+        1,
+    );
+    assert!(refused.contains("not this agent's"), "{refused}");
+    let empty = secrets.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let usage = fails_with(
+        &payloadctl(
+            &["--agent", &addr, "--token-file", empty.to_str().unwrap(), "stats"],
+            None,
+        ),
+        2,
+    );
+    assert!(usage.contains("no token"), "{usage}");
+    std::fs::write(&wrong, "two words\n").unwrap();
+    let usage = fails_with(
+        &payloadctl(&["--agent", &addr, "--token-file", wrong, "stats"], None),
+        2,
+    );
+    assert!(usage.contains("one word of printable ASCII"), "{usage}");
 }

@@ -118,8 +118,20 @@ impl Session {
         lock(&self.leases).insert(lease);
     }
 
+    /// Adds a batch's leases under one lock.
+    pub fn add_many(&self, leases: impl Iterator<Item = LeaseId>) {
+        lock(&self.leases).extend(leases);
+    }
+
     pub fn remove(&self, lease: &LeaseId) {
         lock(&self.leases).remove(lease);
+    }
+
+    pub fn remove_many(&self, leases: &[LeaseId]) {
+        let mut held = lock(&self.leases);
+        for lease in leases {
+            held.remove(lease);
+        }
     }
 }
 

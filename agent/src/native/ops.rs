@@ -113,22 +113,19 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
             let parsed: Vec<Result<PayloadId, Status>> = l.payload_ids.iter().map(|raw| payload_id(raw)).collect();
             let valid: Vec<PayloadId> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
             let rule = node.config().read_access;
-            let mut grants = node
-                .acquire_many_session(&valid, |rec| session.caller.may_read(rec, rule))
-                .into_iter();
+            let grants = node.acquire_many_session(&valid, |rec| session.caller.may_read(rec, rule));
+            session.add_many(grants.iter().filter_map(|g| g.as_ref().ok().map(|(lease, _)| *lease)));
+            let mut grants = grants.into_iter();
             let granted = parsed
                 .into_iter()
                 .map(|parsed| {
                     let grant = parsed.and_then(|_| grants.next().expect("one grant per valid id").map_err(status));
                     match grant {
-                        Ok((lease, size_bytes)) => {
-                            session.add(lease);
-                            wire::Granted {
-                                lease_id: lease.as_bytes().to_vec(),
-                                size_bytes,
-                                ..Default::default()
-                            }
-                        }
+                        Ok((lease, size_bytes)) => wire::Granted {
+                            lease_id: lease.as_bytes().to_vec(),
+                            size_bytes,
+                            ..Default::default()
+                        },
                         Err(st) => wire::Granted {
                             error_code: st.code() as i32,
                             error_message: cut(st.message(), wire::BATCH_MESSAGE_MAX),
@@ -146,9 +143,7 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
                 .iter()
                 .map(|l| LeaseId::from_slice(l).map_err(status))
                 .collect::<Result<Vec<_>, _>>()?;
-            for lease in &leases {
-                session.remove(lease);
-            }
+            session.remove_many(&leases);
             let released = node.release_many(&leases) as u32;
             Ok((Answer::Released(wire::Released { released }), None))
         }

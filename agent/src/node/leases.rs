@@ -133,7 +133,7 @@ impl Node {
                     let record = JournaledLease {
                         lease: grant.lease,
                         payload: id,
-                        expires_ms: self.journaled_expiry(grant.expires_ms),
+                        expires_ms: self.journaled_expiry(grant.expires_ms, self.now_ms()),
                     };
                     let journaled = match lasts {
                         Lasts::Session if grant.rec.size_bytes <= inline_max => {
@@ -188,10 +188,14 @@ impl Node {
         requests: &[(PayloadId, Option<Tier>, Lasts)],
         take: impl Fn(&PayloadRecord) -> Result<T, AgentError>,
     ) -> Vec<Result<(LeaseId, u64, T), AgentError>> {
+        // One reading of the clock for the batch (it costs about as much as
+        // a lookup): a lease granted late in a long batch ends that much
+        // sooner, never later.
+        let now = self.now_ms();
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, lasts)| {
-                let granted = self.try_grant_with(*id, *min_tier, *lasts, |rec| Ok((rec.tier, take(rec)?)));
+                let granted = self.try_grant_with(*id, *min_tier, *lasts, now, |rec| Ok((rec.tier, take(rec)?)));
                 let (lease, expires_ms, (tier, taken)) = granted.map_err(|e| match e {
                     Grant::Failed(err) => err,
                     Grant::TooSlow(target) => AgentError::InvalidState(format!(
@@ -218,7 +222,7 @@ impl Node {
                 r.as_ref().ok().map(|(lease, expires_ms, _)| JournaledLease {
                     lease: *lease,
                     payload: *id,
-                    expires_ms: self.journaled_expiry(*expires_ms),
+                    expires_ms: self.journaled_expiry(*expires_ms, now),
                 })
             })
             .collect();
@@ -232,7 +236,7 @@ impl Node {
     }
 
     fn try_grant(&self, id: PayloadId, min_tier: Option<Tier>, lasts: Lasts) -> Result<LeaseGrant, Grant> {
-        self.try_grant_with(id, min_tier, lasts, |rec| Ok(rec.clone()))
+        self.try_grant_with(id, min_tier, lasts, self.now_ms(), |rec| Ok(rec.clone()))
             .map(|(lease, expires_ms, rec)| LeaseGrant { lease, expires_ms, rec })
     }
 
@@ -243,10 +247,10 @@ impl Node {
         id: PayloadId,
         min_tier: Option<Tier>,
         lasts: Lasts,
+        now: u64,
         take: impl FnOnce(&PayloadRecord) -> Result<T, AgentError>,
     ) -> Result<(LeaseId, u64, T), Grant> {
         let entry = self.entry(id).map_err(Grant::Failed)?;
-        let now = self.now_ms();
         let mut e = lock(&entry);
         // First, so a caller who may not read learns only that.
         let taken = take(&e.rec).map_err(Grant::Failed)?;
@@ -310,8 +314,8 @@ impl Node {
     /// A session lease has no expiry while its connection lives; after a
     /// restart (its connection gone with the agent) it is honoured for at
     /// most `--lease-max-ms` from when it was last written.
-    fn journaled_expiry(&self, expires_ms: u64) -> u64 {
-        expires_ms.min(self.now_ms().saturating_add(self.cfg.lease_max_ms))
+    fn journaled_expiry(&self, expires_ms: u64, now: u64) -> u64 {
+        expires_ms.min(now.saturating_add(self.cfg.lease_max_ms))
     }
 
     /// Whether `lease` is still in the lease table (not released or revoked).
@@ -427,7 +431,7 @@ impl Node {
                     live.push(JournaledLease {
                         lease: *lease,
                         payload: *payload,
-                        expires_ms: self.journaled_expiry(*expires_ms),
+                        expires_ms: self.journaled_expiry(*expires_ms, now),
                     });
                 }
             }

@@ -49,6 +49,10 @@ pub struct GlobalArgs {
     /// ~/.local/state/payload-manager/agent.sock.
     #[arg(long, env = "PM_AGENT", global = true, value_name = "ADDR")]
     pub agent: Option<String>,
+    /// A file whose first line is the token an agent's TCP port asks for
+    /// (its --tcp-token-file); sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "PM_TOKEN_FILE", global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// Output format: `table` for people, `json` for scripts.
     #[arg(long, env = "PM_OUTPUT", global = true, value_name = "FORMAT", value_enum, default_value_t = Format::Table)]
     pub output: Format,

@@ -10,9 +10,10 @@ mod stream;
 mod transfer;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use payload_client::{Client, ClientError};
 
@@ -34,11 +35,28 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(&anyhow::Error::new(err).context("starting the async runtime")),
     };
+    let token_file = cli.global.token_file.clone();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(err) if err.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(EXIT_OK),
+        Err(err) if unauthenticated(&err) => {
+            let hint = match token_file {
+                Some(path) => format!(
+                    "the token in {} (--token-file or PM_TOKEN_FILE) is not this agent's",
+                    path.display()
+                ),
+                None => "this agent's TCP port needs its token: pass --token-file PATH or set PM_TOKEN_FILE".into(),
+            };
+            fail(&err.context(hint))
+        }
         Err(err) => fail(&err),
     }
+}
+
+fn unauthenticated(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Other(s)) if s.code() == tonic::Code::Unauthenticated)
+    })
 }
 
 fn fail(err: &anyhow::Error) -> ExitCode {
@@ -55,14 +73,21 @@ fn fail(err: &anyhow::Error) -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli {
-        global: GlobalArgs { agent, output },
+        global: GlobalArgs {
+            agent,
+            token_file,
+            output,
+        },
         command,
     } = cli;
     let agent = match agent {
         Some(agent) => agent,
         None => default_agent()?,
     };
-    let client = Client::connect(&agent).await?;
+    let client = match token_file {
+        Some(path) => Client::connect_with_token(&agent, &read_token(&path)?).await?,
+        None => Client::connect(&agent).await?,
+    };
     match command {
         Command::Put(args) => transfer::put(&client, args, output).await,
         Command::Get(args) => transfer::get(&client, args, output).await,
@@ -79,6 +104,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => commands::import(&client, args, output).await,
         Command::Stream(command) => stream::run(&client, command, output).await,
     }
+}
+
+/// The token: the first line of `path`, trimmed.
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --token-file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        return Err(UsageError(format!(
+            "--token-file {} has no token on its first line",
+            path.display()
+        ))
+        .into());
+    }
+    if !payload_client::is_token(token) {
+        return Err(UsageError(format!(
+            "--token-file {}: the token on its first line must be one word of printable ASCII",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(token.to_string())
 }
 
 /// The standalone agent's socket, where `payload-agent standalone` puts it by default.
