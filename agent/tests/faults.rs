@@ -45,10 +45,13 @@ async fn workload(client: &payload_client::Client, acked: &mut Acked) -> Result<
     Ok(())
 }
 
-/// Takes a minute-long lease and keeps it past the client's life.
+/// Takes a minute-long lease and keeps it past the client's life: a timed
+/// one, journaled before it is granted (a session lease would end with
+/// the connection, and an inline one is journaled only within 5 ms).
 async fn hold_lease(client: &payload_client::Client, id: Uuid) -> Uuid {
     let opts = LeaseOptions {
         duration_ms: 60_000,
+        timed: true,
         ..Default::default()
     };
     client.get_with(id, opts).await.unwrap().detach()
