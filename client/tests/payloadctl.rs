@@ -464,7 +464,7 @@ fn a_token_file_lets_payloadctl_through_an_agents_tcp_port() {
         2,
     );
     assert!(usage.contains("no token"), "{usage}");
-    std::fs::write(&wrong, "two words\n").unwrap();
+    std::fs::write(wrong, "two words\n").unwrap();
     let usage = fails_with(
         &payloadctl(&["--agent", &addr, "--token-file", wrong, "stats"], None),
         2,
