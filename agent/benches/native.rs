@@ -294,7 +294,7 @@ fn raw_lease_release(socket: &Path, id: payload_client::PayloadId, rounds: usize
             panic!("lease failed: {:?}", response.error)
         };
         let release = Op::Release(wire::Release {
-            lease_ids: vec![leased.lease_id],
+            lease_ids: leased.lease_id,
         });
         let frame = wire::Request {
             id: n + 1,

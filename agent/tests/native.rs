@@ -334,6 +334,22 @@ async fn bad_frames_get_precise_errors_and_leak_nothing() {
     let (response, _) = raw.call(lease, &[]).await;
     assert_eq!(error_of(&response).0, tonic::Code::InvalidArgument);
 
+    // Batch ids that are not whole 16-byte ids.
+    for (name, op) in [
+        (
+            "payload_ids",
+            Op::Leases(wire::Leases {
+                payload_ids: vec![7; 17],
+            }),
+        ),
+        ("lease_ids", Op::Release(wire::Release { lease_ids: vec![7; 15] })),
+    ] {
+        let (response, _) = raw.call(op, &[]).await;
+        let (code, msg) = error_of(&response);
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert!(msg.contains(name) && msg.contains("16-byte"), "{msg}");
+    }
+
     // A peer that asks for a lease and goes away before the answer.
     let gone = Raw::connect(&dirs);
     let lease = Op::Lease(wire::Lease {

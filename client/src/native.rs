@@ -302,12 +302,14 @@ impl Reader<'_> {
 /// region it allocated aborted.
 fn give_back(answer: Answer) -> Option<Op> {
     let lease_ids = match answer {
-        Answer::Leased(leased) => vec![leased.lease_id],
+        Answer::Leased(leased) => leased.lease_id,
+        // Refused items are all zeros: no lease has that id.
         Answer::LeasedMany(many) => many
-            .granted
-            .into_iter()
-            .filter(|g| g.error_code == 0)
-            .map(|g| g.lease_id)
+            .lease_ids
+            .chunks_exact(16)
+            .filter(|id| id.iter().any(|b| *b != 0))
+            .flatten()
+            .copied()
             .collect(),
         Answer::Allocated(allocated) => {
             return Some(Op::Abort(wire::Abort {
@@ -343,20 +345,22 @@ mod tests {
 
     #[test]
     fn an_answer_nobody_took_is_given_back() {
-        let granted = |lease: u8, error_code: i32| wire::Granted {
-            lease_id: vec![lease; 16],
-            error_code,
-            ..Default::default()
-        };
+        let packed = |ids: &[u8]| ids.iter().flat_map(|b| [*b; 16]).collect::<Vec<u8>>();
         let many = Answer::LeasedMany(wire::LeasedMany {
-            granted: vec![granted(1, 0), granted(2, 5), granted(3, 0)],
+            lease_ids: packed(&[1, 0, 3]),
+            refused: vec![wire::Refused {
+                index: 1,
+                code: 5,
+                message: "not found".into(),
+            }],
         });
         let Some(Op::Release(release)) = give_back(many) else {
             panic!("a batch of leases is released")
         };
-        assert_eq!(release.lease_ids, vec![vec![1u8; 16], vec![3u8; 16]]);
+        assert_eq!(release.lease_ids, packed(&[1, 3]));
         let refused = Answer::LeasedMany(wire::LeasedMany {
-            granted: vec![granted(0, 5)],
+            lease_ids: packed(&[0]),
+            refused: vec![],
         });
         assert!(give_back(refused).is_none(), "nothing granted, nothing sent");
         let allocated = Answer::Allocated(wire::Allocated {

@@ -202,9 +202,7 @@ pub(crate) async fn native_abort(conn: &Native, id: PayloadId) -> Result<()> {
 pub(crate) async fn native_release(conn: &Native, leases: &[Uuid]) -> Result<u32> {
     let mut released = 0;
     for chunk in leases.chunks(wire::MAX_BATCH) {
-        let release = wire::Release {
-            lease_ids: chunk.iter().map(|l| l.as_bytes().to_vec()).collect(),
-        };
+        let release = wire::Release { lease_ids: pack(chunk) };
         match conn.call(Op::Release(release), None).await? {
             (Answer::Released(r), _) => released += r.released,
             _ => return Err(unexpected("release")),
@@ -271,6 +269,15 @@ pub(crate) async fn native_lease(
     })
 }
 
+/// Ids back to back, as the native batch calls carry them.
+fn pack(ids: &[Uuid]) -> Vec<u8> {
+    let mut packed = Vec::with_capacity(16 * ids.len());
+    for id in ids {
+        packed.extend_from_slice(id.as_bytes());
+    }
+    packed
+}
+
 /// Session leases on many payloads, in calls of at most [`wire::MAX_BATCH`]
 /// ids: a lease id each, or why not, in order.
 pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
@@ -278,21 +285,27 @@ pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Resul
     // In calls of at most MAX_BATCH ids, whose answers always fit a frame.
     for chunk in ids.chunks(wire::MAX_BATCH) {
         let leases = wire::Leases {
-            payload_ids: chunk.iter().map(|id| id.as_bytes().to_vec()).collect(),
+            payload_ids: pack(chunk),
         };
         let (answer, _) = conn.call(Op::Leases(leases), None).await?;
         let Answer::LeasedMany(many) = answer else {
             return Err(unexpected("batch lease"));
         };
-        if many.granted.len() != chunk.len() {
+        if many.lease_ids.len() != 16 * chunk.len() {
             return Err(ClientError::Protocol(
                 "the agent answered a batch lease with another count".into(),
             ));
         }
-        out.extend(many.granted.into_iter().map(|g| match g.error_code {
-            0 => parse_id(&g.lease_id, "batch lease"),
-            code => Err(tonic::Status::new(tonic::Code::from(code), g.error_message).into()),
-        }));
+        let first = out.len();
+        out.extend(many.lease_ids.chunks_exact(16).map(|raw| parse_id(raw, "batch lease")));
+        for refused in many.refused {
+            let Some(slot) = out[first..].get_mut(refused.index as usize) else {
+                return Err(ClientError::Protocol(
+                    "the agent refused a batch lease's item past its end".into(),
+                ));
+            };
+            *slot = Err(tonic::Status::new(tonic::Code::from(refused.code), refused.message).into());
+        }
     }
     Ok(out)
 }

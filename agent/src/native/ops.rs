@@ -106,42 +106,40 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
         }
         Op::Lease(l) => lease(node, session, l).await,
         Op::Leases(l) => {
-            batch_size(node, "payload_ids", l.payload_ids.len())?;
-            session.room_for(l.payload_ids.len())?;
-            // A bad id answers in place; the read rule is checked under
-            // each payload's lock as its lease is granted.
-            let parsed: Vec<Result<PayloadId, Status>> = l.payload_ids.iter().map(|raw| payload_id(raw)).collect();
-            let valid: Vec<PayloadId> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+            let ids = packed(node, "payload_ids", &l.payload_ids)?;
+            session.room_for(ids.len())?;
+            // Every 16 bytes are an id (a payload id is any 16 bytes); the
+            // read rule is checked under each payload's lock as its lease
+            // is granted.
+            let ids: Vec<PayloadId> = ids
+                .map(|raw| PayloadId::from_slice(raw).map_err(status))
+                .collect::<Result<_, _>>()?;
             let rule = node.config().read_access;
-            let grants = node.acquire_many_session(&valid, |rec| session.caller.may_read(rec, rule));
-            session.add_many(grants.iter().filter_map(|g| g.as_ref().ok().map(|(lease, _)| *lease)));
-            let mut grants = grants.into_iter();
-            let granted = parsed
-                .into_iter()
-                .map(|parsed| {
-                    let grant = parsed.and_then(|_| grants.next().expect("one grant per valid id").map_err(status));
-                    match grant {
-                        Ok((lease, size_bytes)) => wire::Granted {
-                            lease_id: lease.as_bytes().to_vec(),
-                            size_bytes,
-                            ..Default::default()
-                        },
-                        Err(st) => wire::Granted {
-                            error_code: st.code() as i32,
-                            error_message: cut(st.message(), wire::BATCH_MESSAGE_MAX),
-                            ..Default::default()
-                        },
+            let grants = node.acquire_many_session(&ids, |rec| session.caller.may_read(rec, rule));
+            session.add_many(grants.iter().filter_map(|g| g.as_ref().ok().copied()));
+            let mut many = wire::LeasedMany {
+                lease_ids: Vec::with_capacity(16 * grants.len()),
+                refused: Vec::new(),
+            };
+            for (index, grant) in grants.into_iter().enumerate() {
+                match grant {
+                    Ok(lease) => many.lease_ids.extend_from_slice(lease.as_bytes()),
+                    Err(err) => {
+                        let st = status(err);
+                        many.lease_ids.extend_from_slice(&[0; 16]);
+                        many.refused.push(wire::Refused {
+                            index: index as u32,
+                            code: st.code() as i32,
+                            message: cut(st.message(), wire::BATCH_MESSAGE_MAX),
+                        });
                     }
-                })
-                .collect();
-            Ok((Answer::LeasedMany(wire::LeasedMany { granted }), None))
+                }
+            }
+            Ok((Answer::LeasedMany(many), None))
         }
         Op::Release(r) => {
-            batch_size(node, "lease_ids", r.lease_ids.len())?;
-            let leases = r
-                .lease_ids
-                .iter()
-                .map(|l| LeaseId::from_slice(l).map_err(status))
+            let leases = packed(node, "lease_ids", &r.lease_ids)?
+                .map(|raw| LeaseId::from_slice(raw).map_err(status))
                 .collect::<Result<Vec<_>, _>>()?;
             session.remove_many(&leases);
             let released = node.release_many(&leases) as u32;
@@ -155,17 +153,24 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
     }
 }
 
-/// A batch within `--max-batch-items` and of at most [`wire::MAX_BATCH`]
-/// ids, so its answer fits a frame.
-fn batch_size(node: &Node, what: &str, n: usize) -> Result<(), Status> {
+/// The 16-byte ids packed in `bytes`: a batch within `--max-batch-items`
+/// and of at most [`wire::MAX_BATCH`] ids, so its answer fits a frame.
+fn packed<'a>(node: &Node, what: &str, bytes: &'a [u8]) -> Result<std::slice::ChunksExact<'a, u8>, Status> {
+    if !bytes.len().is_multiple_of(16) {
+        return Err(Status::invalid_argument(format!(
+            "{what} is {} bytes, not a whole number of 16-byte ids; is the client the agent's version?",
+            bytes.len()
+        )));
+    }
+    let n = bytes.len() / 16;
     node.config().limits.batch(what, n)?;
     if n > wire::MAX_BATCH {
         return Err(Status::invalid_argument(format!(
-            "{what} has {n} items; a native call takes at most {} (its answer must fit a frame): split the batch",
+            "{what} has {n} ids; a native call takes at most {} (its answer must fit a frame): split the batch",
             wire::MAX_BATCH
         )));
     }
-    Ok(())
+    Ok(bytes.chunks_exact(16))
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.

@@ -169,17 +169,16 @@ impl Node {
     }
 
     /// [`Node::acquire_many`] of session leases (the native socket's), each
-    /// granted only where `check` (the caller's right to read) allows;
-    /// returns each lease and its payload's size.
+    /// granted only where `check` (the caller's right to read) allows.
     pub fn acquire_many_session(
         &self,
         ids: &[PayloadId],
         check: impl Fn(&PayloadRecord) -> Result<(), AgentError>,
-    ) -> Vec<Result<(LeaseId, u64), AgentError>> {
+    ) -> Vec<Result<LeaseId, AgentError>> {
         let requests: Vec<_> = ids.iter().map(|id| (*id, None, Lasts::Session)).collect();
-        self.acquire_many_for(&requests, |rec| check(rec).map(|()| rec.size_bytes))
+        self.acquire_many_for(&requests, check)
             .into_iter()
-            .map(|r| r.map(|(lease, _, size)| (lease, size)))
+            .map(|r| r.map(|(lease, _, ())| lease))
             .collect()
     }
 
