@@ -8,7 +8,7 @@ BENCH_VENV ?= $(CURDIR)/.venv-bench
 # Where `make run` keeps its state; override to start afresh.
 STATE_DIR ?= $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/payload-manager
 
-.PHONY: build run test test-rust test-python lint bench bench-peers clean venv
+.PHONY: build run test test-rust test-python lint crds bench bench-peers clean venv
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -34,7 +34,7 @@ TEST_FEATURES = --features payload-agent/failpoints
 # moto_server, the S3-compatible server the object-tier tests start.
 venv:
 	@[ -x "$(VENV)/bin/python" ] || python3 -m venv "$(VENV)"
-	@"$(VENV)/bin/python" -c 'import grpc_tools, pytest, moto' 2>/dev/null || \
+	@"$(VENV)/bin/python" -c 'import grpc_tools, pytest, moto, kubernetes_validate, jsonschema, yaml' 2>/dev/null || \
 		"$(VENV)/bin/pip" install --quiet --disable-pip-version-check -r e2e/python/requirements.txt
 
 test-rust: venv
@@ -49,8 +49,13 @@ test-python:
 	VENV="$(VENV)" PM_AGENT_BIN="$(CURDIR)/target/debug/payload-agent" \
 		PM_PAYLOADCTL_BIN="$(CURDIR)/target/debug/payloadctl" bash e2e/python/run.sh
 
+## The CRDs in crds/, generated from the operator's Rust types.
+crds:
+	$(CARGO) run -q -p payload-operator --bin crdgen -- crds
+
 lint:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) run -q -p payload-operator --bin crdgen -- --check crds
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps

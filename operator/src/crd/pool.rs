@@ -1,0 +1,262 @@
+//! `PayloadPool` (cluster-scoped): which nodes run an agent, what each tier
+//! there may hold, and how the agents are run. The operator turns a pool
+//! into the agent DaemonSet and its ConfigMap, ServiceAccount and RBAC.
+//!
+//! What the schema cannot say is said in CEL rules (`x-kubernetes-
+//! validations`), so the API server refuses a bad pool at `kubectl apply`;
+//! the controller checks the rest and reports it in the pool's status.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A set of nodes whose agents keep payloads in RAM, on disk, on GPUs and
+/// in an object store.
+// Each printcolumn(...) repeats keys such as `type_`; clippy reads them as
+// one attribute given twice.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "payload-manager.io",
+    version = "v1alpha1",
+    kind = "PayloadPool",
+    plural = "payloadpools",
+    shortname = "ppool",
+    category = "payload-manager",
+    status = "PayloadPoolStatus",
+    cel,
+    doc = "A set of nodes whose agents keep immutable payloads in RAM, on disk, on GPUs and in an object store",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "integer",
+        json_path = ".status.nodesReady",
+        description = "nodes whose agent is ready"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.nodesDesired",
+        description = "nodes selected"
+    ),
+    printcolumn(name = "RAM", type_ = "string", json_path = ".spec.ram.capacity", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("!has(oldSelf.disk) || (has(self.disk) && self.disk.path == oldSelf.disk.path)")
+    .message("disk.path cannot change or be removed: the payloads stored there would be lost; make a new pool instead"))]
+#[serde(rename_all = "camelCase")]
+pub struct PayloadPoolSpec {
+    /// Labels a node must have to run an agent of this pool (as a Pod's
+    /// nodeSelector). Empty: every node the tolerations allow.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the agents tolerate, as in a Pod's tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// The RAM tier: shared memory the agent owns and pods map.
+    #[serde(default)]
+    pub ram: RamTier,
+    /// The disk tier: a host directory that survives agent restarts and
+    /// upgrades. Unset: no disk tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskTier>,
+    /// The GPU tier: device memory shared by CUDA IPC. Unset: no GPU tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuTier>,
+    /// The object tier: an S3-compatible bucket. Unset: no object tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<ObjectTier>,
+    /// When the agents spill payloads to a slower tier.
+    #[serde(default)]
+    pub watermarks: Watermarks,
+    /// How the agent pods are run.
+    #[serde(default)]
+    pub agent: AgentSpec,
+    /// The PostgreSQL catalog this pool's payloads are listed in. Unset:
+    /// the operator's own catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogConnection>,
+}
+
+/// The RAM tier of every agent in the pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(cel)]
+#[serde(rename_all = "camelCase")]
+pub struct RamTier {
+    /// Bytes of RAM each agent may hold (a quantity: 8Gi, 512Mi). The
+    /// agent reserves the pages it hands out, and its memory limit is sized
+    /// from this.
+    #[x_kube(validation = super::positive_quantity("ram.capacity", "8Gi"))]
+    pub capacity: Quantity,
+    /// Back the RAM root with huge pages where the host's tmpfs has them.
+    #[serde(default)]
+    pub huge_pages: bool,
+}
+
+impl Default for RamTier {
+    fn default() -> Self {
+        RamTier {
+            capacity: Quantity("1Gi".into()),
+            huge_pages: false,
+        }
+    }
+}
+
+/// The disk tier of every agent in the pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskTier {
+    /// The host directory that holds the disk tier (mounted into the agent
+    /// as a hostPath). Once set it cannot change or go: the payloads
+    /// stored there would be left behind.
+    #[schemars(regex(pattern = r"^/"), length(min = 2, max = 4096))]
+    pub path: String,
+    /// Bytes of disk each agent may use (a quantity: 500Gi).
+    #[x_kube(validation = super::positive_quantity("disk.capacity", "500Gi"))]
+    pub capacity: Quantity,
+}
+
+/// The GPU tier of every agent in the pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("!(has(self.fraction) && has(self.capacity))")
+    .message("set gpu.fraction or gpu.capacity, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct GpuTier {
+    /// The devices the pool may use, by CUDA ordinal ("0") or UUID
+    /// ("GPU-…"). Empty: every device on the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub devices: Vec<String>,
+    /// The share of each device's memory the pool may use, above 0 and at
+    /// most 1. Unset (and no capacity): 0.9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.01, max = 1.0))]
+    pub fraction: Option<f64>,
+    /// Bytes of each device the pool may use (a quantity: 40Gi), instead
+    /// of a fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = super::positive_quantity("gpu.capacity", "40Gi"))]
+    pub capacity: Option<Quantity>,
+}
+
+/// The object tier: where payloads go to outlive their nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectTier {
+    /// The bucket and key prefix: s3://BUCKET/PREFIX.
+    #[schemars(regex(pattern = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"))]
+    pub url: String,
+    /// The endpoint of an S3-compatible store (MinIO, Ceph). Unset: AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && (url(self).getScheme() == 'https' || url(self).getScheme() == 'http')")
+        .message("objectStore.endpoint must be an http or https URL"))]
+    pub endpoint: Option<String>,
+    /// The bucket's region. Unset: from the endpoint, or us-east-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// A Secret in the operator's namespace holding AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY. Unset: the node's own credentials (an
+    /// instance role, a workload identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// Fractions of a tier's capacity: above `high` the agent spills to the
+/// next slower tier until use is back under `low`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.low < self.high").message("watermarks.low must be below watermarks.high"))]
+#[serde(rename_all = "camelCase")]
+pub struct Watermarks {
+    /// Start spilling above this share of capacity (0 to 1).
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub high: f64,
+    /// Stop spilling once under this share of capacity (0 to 1).
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub low: f64,
+}
+
+impl Default for Watermarks {
+    fn default() -> Self {
+        Watermarks { high: 0.9, low: 0.75 }
+    }
+}
+
+/// How the agent pods run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// The agent's container image. Unset: the image the operator was
+    /// installed with (its --agent-image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The agent container's resources. Unset: sized from the pool (memory
+    /// at least the RAM capacity, requests equal to limits, so the agent
+    /// runs with Guaranteed QoS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// The agents' PriorityClass. Unset: system-node-critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// A PostgreSQL catalog, reached through a Secret only the operator reads.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogConnection {
+    /// A Secret in the operator's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub dsn_secret: String,
+    /// The Secret's key that holds the DSN (postgres://…).
+    #[serde(default = "dsn_key")]
+    pub dsn_key: String,
+}
+
+fn dsn_key() -> String {
+    "dsn".into()
+}
+
+/// What the operator last saw of the pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PayloadPoolStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing and Degraded, each with a reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Nodes the pool selects.
+    #[serde(default)]
+    pub nodes_desired: i32,
+    /// Nodes whose agent is running and sending heartbeats.
+    #[serde(default)]
+    pub nodes_ready: i32,
+    /// Capacity and use of each tier, summed over the agents' heartbeats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["tier".into()]))]
+    pub tiers: Vec<TierUsage>,
+}
+
+/// One tier's capacity and use across the pool.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TierUsage {
+    /// The tier.
+    pub tier: super::Tier,
+    /// Bytes the agents may hold in this tier.
+    pub capacity_bytes: i64,
+    /// Bytes they hold now.
+    pub used_bytes: i64,
+}
