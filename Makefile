@@ -45,9 +45,11 @@ test-rust: venv
 	fi
 
 test-python:
-	$(CARGO) build -p payload-agent -p payload-client $(TEST_FEATURES) --bin payload-agent --bin payloadctl
+	$(CARGO) build -p payload-agent -p payload-client -p payload-operator $(TEST_FEATURES) \
+		--bin payload-agent --bin payloadctl --bin payload-operator
 	VENV="$(VENV)" PM_AGENT_BIN="$(CURDIR)/target/debug/payload-agent" \
-		PM_PAYLOADCTL_BIN="$(CURDIR)/target/debug/payloadctl" bash e2e/python/run.sh
+		PM_PAYLOADCTL_BIN="$(CURDIR)/target/debug/payloadctl" \
+		PM_OPERATOR_BIN="$(CURDIR)/target/debug/payload-operator" bash e2e/python/run.sh
 
 ## The CRDs in crds/, generated from the operator's Rust types.
 crds:

@@ -1,9 +1,12 @@
-"""The Kubernetes manifests in the tree, checked without a cluster: the CRDs
-in crds/ against the API's own schema for CustomResourceDefinition (by
-kubernetes-validate), and the example resources in docs/examples/ against
-the schemas those CRDs declare."""
+"""The Kubernetes manifests, checked without a cluster: the CRDs in crds/
+against the API's own schema for CustomResourceDefinition (by
+kubernetes-validate), the example resources in docs/examples/ against the
+schemas those CRDs declare, and the objects `payload-operator render`
+builds for a pool against the API's schemas."""
 
+import os
 import pathlib
+import subprocess
 
 import jsonschema
 import kubernetes_validate
@@ -58,3 +61,37 @@ def test_the_pool_schema_refuses_a_bad_bucket_and_a_relative_disk_path():
         bad = {**pool, "spec": {**pool["spec"], field: value}}
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+def rendered(pool_file):
+    """The objects `payload-operator render` prints for a pool file."""
+    binary = os.environ.get("PM_OPERATOR_BIN")
+    if not binary:
+        pytest.skip("PM_OPERATOR_BIN is not set (make test-python sets it)")
+    out = subprocess.run([binary, "render", str(pool_file)], check=True, capture_output=True, text=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def test_what_a_pool_becomes_is_valid_kubernetes(tmp_path):
+    objects = rendered(REPO / "docs/examples/payloadpool.yaml")
+    assert [o["kind"] for o in objects] == ["ServiceAccount", "ConfigMap", "DaemonSet"]
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    # A bare pool (every default) too.
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("apiVersion: payload-manager.io/v1alpha1\nkind: PayloadPool\nmetadata: {name: bare}\nspec: {}\n")
+    for obj in rendered(bare):
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_render_refuses_a_pool_it_cannot_build(tmp_path):
+    if not os.environ.get("PM_OPERATOR_BIN"):
+        pytest.skip("PM_OPERATOR_BIN is not set (make test-python sets it)")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: payload-manager.io/v1alpha1\nkind: PayloadPool\nmetadata: {name: bad}\n"
+        "spec: {ram: {capacity: 100m}}\n"
+    )
+    out = subprocess.run([os.environ["PM_OPERATOR_BIN"], "render", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "ram.capacity" in out.stderr and "fraction of a byte" in out.stderr

@@ -1,4 +1,6 @@
 //! The Kubernetes side of Payload Manager: the `PayloadPool` and
-//! `PayloadPolicy` resources.
+//! `PayloadPolicy` resources, and what a pool becomes on the cluster.
 
 pub mod crd;
+pub mod pool;
+pub mod quantity;

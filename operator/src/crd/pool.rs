@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
     category = "payload-manager",
     status = "PayloadPoolStatus",
     cel,
+    validation = Rule::new("size(self.metadata.name) <= 49")
+        .message("a pool's name is at most 49 characters: its agents' objects are named payload-agent-<pool>, within Kubernetes' 63"),
     doc = "A set of nodes whose agents keep immutable payloads in RAM, on disk, on GPUs and in an object store",
     printcolumn(
         name = "Ready",
@@ -66,7 +68,8 @@ pub struct PayloadPoolSpec {
     #[serde(default)]
     pub ram: RamTier,
     /// The disk tier: a host directory that survives agent restarts and
-    /// upgrades. Unset: no disk tier.
+    /// upgrades. Unset: 10Gi in the agent's state directory on the host
+    /// (/var/lib/payload-manager/<pool>).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskTier>,
     /// The GPU tier: device memory shared by CUDA IPC. Unset: no GPU tier.

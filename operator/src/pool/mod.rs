@@ -1,0 +1,3 @@
+//! The `PayloadPool` controller's steps, one file each.
+
+pub mod desired;
