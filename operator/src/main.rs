@@ -1,6 +1,7 @@
-//! `payload-operator`: the Kubernetes operator of Payload Manager. Today it
-//! renders what it would apply for a pool; the controllers and the catalog
-//! service come next (docs/kubernetes.md).
+//! `payload-operator`: the Kubernetes operator of Payload Manager. `run`
+//! reconciles PayloadPools into their agents' objects; `render` prints what
+//! it would apply for a pool. The catalog service, the PayloadPolicy
+//! controller and leader election come next (docs/kubernetes.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,8 +18,48 @@ struct Cli {
     command: Command,
 }
 
+/// Where the agents run and what they run: shared by `run` and `render`.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The namespace the agents run in (the operator's).
+    #[arg(long, env = "PM_NAMESPACE", default_value = "payload-manager")]
+    namespace: String,
+    /// The agent image, for pools that name none.
+    #[arg(long, env = "PM_AGENT_IMAGE", default_value = "payload-manager/agent:latest")]
+    agent_image: String,
+    /// The catalog service the agents report to.
+    #[arg(
+        long,
+        env = "PM_CATALOG_URL",
+        default_value = "http://payload-operator.payload-manager.svc:50052"
+    )]
+    catalog_url: String,
+}
+
+impl AgentArgs {
+    fn settings(self) -> Settings {
+        let AgentArgs {
+            namespace,
+            agent_image,
+            catalog_url,
+        } = self;
+        Settings {
+            namespace,
+            agent_image,
+            catalog_url,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Reconciles every PayloadPool into its agents' ServiceAccount,
+    /// ConfigMap and DaemonSet, and writes each pool's status, until SIGTERM.
+    /// Uses the in-cluster ServiceAccount, or the kubeconfig outside a cluster.
+    Run {
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
     /// Prints the objects the operator applies for a PayloadPool (its
     /// ServiceAccount, ConfigMap and DaemonSet) as YAML, without a cluster.
     /// A pool read from a file has no uid: a placeholder stands in for it
@@ -26,19 +67,8 @@ enum Command {
     Render {
         /// A PayloadPool manifest (YAML).
         pool: PathBuf,
-        /// The namespace the agents run in (the operator's).
-        #[arg(long, env = "PM_NAMESPACE", default_value = "payload-manager")]
-        namespace: String,
-        /// The agent image, for pools that name none.
-        #[arg(long, env = "PM_AGENT_IMAGE", default_value = "payload-manager/agent:latest")]
-        agent_image: String,
-        /// The catalog service the agents report to.
-        #[arg(
-            long,
-            env = "PM_CATALOG_URL",
-            default_value = "http://payload-operator.payload-manager.svc:50052"
-        )]
-        catalog_url: String,
+        #[command(flatten)]
+        agents: AgentArgs,
     },
 }
 
@@ -53,25 +83,36 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Render {
-        pool,
-        namespace,
-        agent_image,
-        catalog_url,
-    } = cli.command;
-    let text = std::fs::read_to_string(&pool).with_context(|| format!("reading {}", pool.display()))?;
+    match cli.command {
+        Command::Run { agents } => controllers(agents.settings()),
+        Command::Render { pool, agents } => render(&pool, &agents.settings()),
+    }
+}
+
+fn controllers(settings: Settings) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in a cluster, or through KUBECONFIG)")?;
+        tracing::info!(namespace = %settings.namespace, "reconciling PayloadPools");
+        payload_operator::pool::run(payload_operator::pool::reconcile::Context { client, settings }).await;
+        Ok(())
+    })
+}
+
+fn render(pool: &std::path::Path, settings: &Settings) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(pool).with_context(|| format!("reading {}", pool.display()))?;
     let mut parsed: PayloadPool =
         serde_saphyr::from_str(&text).with_context(|| format!("{} is not a PayloadPool", pool.display()))?;
     parsed
         .metadata
         .uid
         .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
-    let settings = Settings {
-        namespace,
-        agent_image,
-        catalog_url,
-    };
-    let objects = desired(&parsed, &settings).map_err(anyhow::Error::msg)?;
+    let objects = desired(&parsed, settings).map_err(anyhow::Error::msg)?;
     let docs = [
         serde_saphyr::to_string(&objects.service_account)?,
         serde_saphyr::to_string(&objects.config_map)?,

@@ -69,7 +69,7 @@ pub struct PayloadPoolSpec {
     pub ram: RamTier,
     /// The disk tier: a host directory that survives agent restarts and
     /// upgrades. Unset: 10Gi in the agent's state directory on the host
-    /// (/var/lib/payload-manager/<pool>).
+    /// (/var/lib/payload-manager/POOL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskTier>,
     /// The GPU tier: device memory shared by CUDA IPC. Unset: no GPU tier.
