@@ -34,7 +34,7 @@ TEST_FEATURES = --features payload-agent/failpoints
 # moto_server, the S3-compatible server the object-tier tests start.
 venv:
 	@[ -x "$(VENV)/bin/python" ] || python3 -m venv "$(VENV)"
-	@"$(VENV)/bin/python" -c 'import grpc_tools, pytest, moto, kubernetes_validate, jsonschema, yaml' 2>/dev/null || \
+	@"$(VENV)/bin/python" -c 'import grpc_tools, pytest, moto, kubernetes_validate, jsonschema, yaml, helm_python' 2>/dev/null || \
 		"$(VENV)/bin/pip" install --quiet --disable-pip-version-check -r e2e/python/requirements.txt
 
 test-rust: venv
@@ -51,13 +51,14 @@ test-python:
 		PM_PAYLOADCTL_BIN="$(CURDIR)/target/debug/payloadctl" \
 		PM_OPERATOR_BIN="$(CURDIR)/target/debug/payload-operator" bash e2e/python/run.sh
 
-## The CRDs in crds/, generated from the operator's Rust types.
+## The CRDs in crds/ and in the chart, generated from the operator's Rust types.
+CRD_DIRS = crds charts/payload-manager/crds
 crds:
-	$(CARGO) run -q -p payload-operator --bin crdgen -- crds
+	for dir in $(CRD_DIRS); do $(CARGO) run -q -p payload-operator --bin crdgen -- $$dir || exit 1; done
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) run -q -p payload-operator --bin crdgen -- --check crds
+	for dir in $(CRD_DIRS); do $(CARGO) run -q -p payload-operator --bin crdgen -- --check $$dir || exit 1; done
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps

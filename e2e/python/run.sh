@@ -14,7 +14,7 @@ cd "$REPO"
 VENV="${VENV:-$REPO/.venv}"
 PY="$VENV/bin/python"
 
-if ! [ -x "$PY" ] || ! "$PY" -c 'import grpc_tools, grpc, pytest, kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; then
+if ! [ -x "$PY" ] || ! "$PY" -c 'import grpc_tools, grpc, pytest, kubernetes_validate, jsonschema, yaml, helm_python' >/dev/null 2>&1; then
     echo "run.sh: setting up $VENV" >&2
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install --quiet --upgrade pip

@@ -1,0 +1,94 @@
+"""The Helm chart, with Helm's own engine (helm-python-sdk, no cluster):
+it lints clean, renders with its defaults and with overrides, every object
+it renders is valid Kubernetes (kubernetes-validate), its values are
+checked by its schema, and it carries the CRDs crds/ holds."""
+
+import pathlib
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CHART = REPO / "charts/payload-manager"
+KUBERNETES = "1.34"
+
+
+def render(values=None, namespace="payload-manager"):
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values, name="pm", namespace=namespace, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs, kind):
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, [d["kind"] for d in docs]
+    return found[0]
+
+
+def test_the_chart_lints_clean():
+    report = helm.lint(str(CHART), strict=True, kube_version="v1.34.0")
+    assert report["errors"] == []
+    # Severity 2 is a warning, 3 an error; 1 (info) is Helm's advice.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [None, {"catalogUrl": "https://catalog.example:50052", "operator": {"image": {"repository": "r/op", "tag": "1.2"}}}],
+    ids=["defaults", "overrides"],
+)
+def test_every_rendered_object_is_valid_kubernetes(values):
+    docs = render(values)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_operator_runs_the_controller_with_the_release_settings():
+    docs = render({"agent": {"image": {"repository": "reg/agent", "tag": "9"}}}, namespace="pm-system")
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    operator = pod["containers"][0]
+    assert operator["args"] == ["run"]
+    assert operator["image"] == "payload-manager/operator:0.1.0", "the tag defaults to appVersion"
+    env = {e["name"]: e for e in operator["env"]}
+    assert env["PM_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["PM_AGENT_IMAGE"]["value"] == "reg/agent:9"
+    assert env["PM_CATALOG_URL"]["value"] == "http://pm-payload-manager.pm-system.svc:50052"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["serviceAccountName"] == by_kind(docs, "ServiceAccount")["metadata"]["name"]
+
+
+def test_rbac_grants_what_the_controller_calls_and_no_more():
+    docs = render(namespace="pm-system")
+    cluster = by_kind(docs, "ClusterRole")["rules"]
+    assert {(r["resources"][0], tuple(r["verbs"])) for r in cluster} == {
+        ("payloadpools", ("get", "list", "watch")),
+        ("payloadpools/status", ("get", "patch")),
+    }
+    role = by_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == "pm-system", "the agents' objects only in the release namespace"
+    granted = {(res, verb) for r in role["rules"] for res in r["resources"] for verb in r["verbs"]}
+    for resource in ["daemonsets", "configmaps", "serviceaccounts"]:
+        for verb in ["get", "list", "watch", "patch"]:
+            assert (resource, verb) in granted
+    assert not any(verb in ("delete", "*") for _, verb in granted), "deletion is the garbage collector's"
+
+
+def test_the_values_schema_refuses_a_typo():
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError):
+        chart.render({"operator": {"image": {"repository": "r", "pullPolicy": "Sometimes"}}}, name="pm", namespace="ns")
+    with pytest.raises(helm.HelmError):
+        chart.render({"catalogurl": "http://x"}, name="pm", namespace="ns")
+
+
+def test_the_chart_carries_the_generated_crds():
+    for crd in sorted((REPO / "crds").glob("*.yaml")):
+        assert (CHART / "crds" / crd.name).read_text() == crd.read_text(), f"run `make crds` ({crd.name})"
