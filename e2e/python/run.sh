@@ -31,7 +31,7 @@ fi
 export PM_AGENT_BIN
 
 set +e
-"$PY" -m pytest -q -p no:cacheprovider e2e/python "$@"
+"$PY" -m pytest -q -rs -p no:cacheprovider e2e/python "$@"
 status=$?
 set -e
 exit "$status"
