@@ -69,7 +69,7 @@ def test_the_api_server_enforces_the_cel_rules(crds):
     pool = example("payloadpool.yaml")
     pool["spec"]["ram"]["capacity"] = "lots"
     out = dry_run(pool)
-    assert out.returncode != 0 and "ram.capacity must be a positive quantity" in out.stderr, out.stderr
+    assert out.returncode != 0 and "ram.capacity must be a positive whole number of bytes" in out.stderr, out.stderr
 
 
 def test_kubectl_explain_documents_the_fields(crds):

@@ -1,7 +1,7 @@
 //! The CRDs as the API server sees them: the files in `crds/` are what the
 //! types generate, every field is documented, conditions merge by type, and
-//! the CEL rules refuse what they should (evaluated by kube-cel, as the API
-//! server would) with the message they give.
+//! the CEL rules refuse what they should (evaluated by kube-cel, a Rust
+//! implementation of Kubernetes' CEL libraries) with the message they give.
 
 use kube::CustomResourceExt;
 use payload_operator::crd::{self, PayloadPolicy, PayloadPool};
@@ -120,22 +120,32 @@ fn pool_rules_refuse_bad_capacities_watermarks_and_endpoints() {
         (
             "/spec/ram/capacity",
             json!("0"),
-            "ram.capacity must be a positive quantity",
+            "ram.capacity must be a positive whole number of bytes",
         ),
         (
             "/spec/ram/capacity",
             json!("lots"),
-            "ram.capacity must be a positive quantity",
+            "ram.capacity must be a positive whole number of bytes",
         ),
         (
             "/spec/ram/capacity",
             json!(0),
-            "ram.capacity must be a positive quantity",
+            "ram.capacity must be a positive whole number of bytes",
         ),
         (
             "/spec/disk/capacity",
             json!("-1Gi"),
-            "disk.capacity must be a positive quantity",
+            "disk.capacity must be a positive whole number of bytes",
+        ),
+        (
+            "/spec/disk/capacity",
+            json!("1.5"),
+            "disk.capacity must be a positive whole number of bytes",
+        ),
+        (
+            "/spec/ram/capacity",
+            json!("100m"),
+            "ram.capacity must be a positive whole number of bytes",
         ),
         (
             "/spec/watermarks/low",
@@ -166,24 +176,93 @@ fn pool_rules_refuse_bad_capacities_watermarks_and_endpoints() {
 }
 
 #[test]
-fn a_pools_disk_path_cannot_move_or_go() {
+fn a_pools_disk_tier_cannot_be_added_moved_or_removed() {
     let pool: PayloadPool = example("payloadpool.yaml");
     let bigger = edit(&pool, "/spec/disk/capacity", json!("2Ti"));
     assert_eq!(broken(bigger.validate_cel_update(&pool)), "", "the capacity may change");
-    for changed in [
-        edit(&pool, "/spec/disk/path", json!("/mnt/other")),
-        edit(&pool, "/spec/disk", Value::Null),
-    ] {
-        let errors = broken(changed.validate_cel_update(&pool));
-        assert!(errors.contains("disk.path cannot change or be removed"), "{errors}");
-        assert_eq!(broken(changed.validate_cel()), "", "a new pool may have any path");
-    }
     let diskless = edit(&pool, "/spec/disk", Value::Null);
-    assert_eq!(
-        broken(pool.validate_cel_update(&diskless)),
-        "",
-        "a disk tier may be added"
+    // Unset, the disk tier lives in the state directory: adding one moves it.
+    for (old, new) in [
+        (&pool, edit(&pool, "/spec/disk/path", json!("/mnt/other"))),
+        (&pool, diskless.clone()),
+        (&diskless, pool.clone()),
+    ] {
+        let errors = broken(new.validate_cel_update(old));
+        assert!(errors.contains("disk cannot be added, removed or moved"), "{errors}");
+        assert_eq!(broken(new.validate_cel()), "", "a new pool may have any path");
+    }
+}
+
+#[test]
+fn a_disk_path_is_a_plain_absolute_path() {
+    let pool: PayloadPool = example("payloadpool.yaml");
+    for path in ["/mnt/../etc", "/mnt/./nvme", "/..", "/mnt/nvme/."] {
+        let errors = broken(edit(&pool, "/spec/disk/path", json!(path)).validate_cel());
+        assert!(
+            errors.contains("must not contain . or .. components"),
+            "{path}: {errors}"
+        );
+    }
+    for path in ["/mnt/nvme0", "/mnt/.hidden", "/data/..x"] {
+        let errors = broken(edit(&pool, "/spec/disk/path", json!(path)).validate_cel());
+        assert_eq!(errors, "", "{path}");
+    }
+    // The schema's pattern (not CEL) refuses relative paths and empty components.
+    let schema = serde_json::to_value(&PayloadPool::crd().spec.versions[0].schema).unwrap();
+    let path = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["disk"]["properties"]["path"];
+    assert_eq!(path["pattern"], "^(/[^/]+)+$");
+}
+
+#[test]
+fn the_agents_memory_limit_must_hold_the_ram_tier() {
+    let pool = edit(
+        &example::<PayloadPool>("payloadpool.yaml"),
+        "/spec/ram/hugePages",
+        json!(false),
     );
+    let capacity = "/spec/agent/resources";
+    let small = edit(&pool, capacity, json!({"limits": {"memory": "1Gi"}}));
+    let errors = broken(small.validate_cel());
+    assert!(
+        errors.contains("agent.resources.limits must hold ram.capacity"),
+        "{errors}"
+    );
+    let enough = edit(&pool, capacity, json!({"limits": {"memory": "1Ti", "cpu": "2"}}));
+    assert_eq!(broken(enough.validate_cel()), "");
+    let cpu_only = edit(&pool, capacity, json!({"limits": {"cpu": "2"}}));
+    assert_eq!(
+        broken(cpu_only.validate_cel()),
+        "",
+        "no memory limit: the operator sizes it"
+    );
+    // With huge pages the tier is charged to hugepages-2Mi instead.
+    let huge = edit(&small, "/spec/ram/hugePages", json!(true));
+    assert_eq!(broken(huge.validate_cel()), "", "memory need not hold a huge-page tier");
+    let few_pages = edit(&huge, capacity, json!({"limits": {"hugepages-2Mi": "2Mi"}}));
+    let errors = broken(few_pages.validate_cel());
+    assert!(
+        errors.contains("agent.resources.limits must hold ram.capacity"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn defaults_are_on_the_leaves_so_partial_applies_are_complete() {
+    let schema = serde_json::to_value(&PayloadPool::crd().spec.versions[0].schema).unwrap();
+    let spec = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    assert_eq!(spec["ram"]["properties"]["capacity"]["default"], "1Gi");
+    assert_eq!(spec["watermarks"]["properties"]["high"]["default"], 0.9);
+    assert_eq!(spec["watermarks"]["properties"]["low"]["default"], 0.75);
+    for object in ["ram", "watermarks"] {
+        assert!(spec[object].get("required").is_none(), "{object}: {}", spec[object]);
+    }
+    let only_huge: PayloadPool = serde_json::from_value(json!({
+        "apiVersion": "payload-manager.io/v1alpha1", "kind": "PayloadPool",
+        "metadata": {"name": "p"}, "spec": {"ram": {"hugePages": true}, "watermarks": {"low": 0.5}},
+    }))
+    .unwrap();
+    assert_eq!(only_huge.spec.ram.capacity.0, "1Gi");
+    assert_eq!(only_huge.spec.watermarks.high, 0.9);
 }
 
 #[test]
@@ -193,10 +272,20 @@ fn policy_rules_refuse_contradictions_and_bad_quotas() {
     assert!(broken(never.validate_cel()).contains("never expires"));
     let forever = edit(&never, "/spec/ttlSeconds", Value::Null);
     assert_eq!(broken(forever.validate_cel()), "");
-    let elsewhere = edit(&policy, "/spec/minLeaseTier", json!("OBJECT"));
-    assert!(broken(elsewhere.validate_cel()).contains("minLeaseTier must be one of the tiers in tierPreference"));
-    let negative = edit(&policy, "/spec/quotas", json!([{"tier": "RAM", "bytes": "-5Gi"}]));
-    assert!(broken(negative.validate_cel()).contains("a quota must be a quantity of at least 0"));
+    // Placed on disk, leased from RAM: the lease promotes.
+    let disk_first = edit(&policy, "/spec/tierPreference", json!(["DISK"]));
+    let promoting = edit(&disk_first, "/spec/minLeaseTier", json!("RAM"));
+    assert_eq!(broken(promoting.validate_cel()), "");
+    let twice = edit(&policy, "/spec/tierPreference", json!(["RAM", "DISK", "RAM"]));
+    assert!(broken(twice.validate_cel()).contains("tierPreference names each tier at most once"));
+    for bytes in [json!("-5Gi"), json!("0.5")] {
+        let bad = edit(&policy, "/spec/quotas", json!([{"tier": "RAM", "bytes": bytes}]));
+        let errors = broken(bad.validate_cel());
+        assert!(
+            errors.contains("a quota must be a whole number of bytes of at least 0"),
+            "{errors}"
+        );
+    }
     let zero = edit(&policy, "/spec/quotas", json!([{"tier": "DISK", "bytes": 0}]));
     assert_eq!(broken(zero.validate_cel()), "", "a zero quota forbids the tier");
 }
@@ -211,5 +300,5 @@ fn the_schema_refuses_what_serde_would_refuse() {
     let schema = serde_json::to_value(&PayloadPolicy::crd().spec.versions[0].schema).unwrap();
     let tiers = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["tierPreference"];
     assert_eq!(tiers["items"]["enum"], json!(["GPU", "RAM", "DISK", "OBJECT"]));
-    assert_eq!(tiers["x-kubernetes-list-type"], "set");
+    assert_eq!(tiers["x-kubernetes-list-type"], "atomic", "the order is the meaning");
 }

@@ -31,12 +31,15 @@ pub enum Tier {
     Object,
 }
 
-/// The rule of a capacity: a positive quantity (`8Gi`), or a positive
-/// integer (a quantity field takes either).
+/// The rule of a capacity: a positive whole number of bytes, as a quantity
+/// (`8Gi`) or an integer (a quantity field takes either).
 fn positive_quantity(field: &str, example: &str) -> kube::core::Rule {
-    kube::core::Rule::new("isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))").message(
-        kube::core::Message::Message(format!("{field} must be a positive quantity, such as {example}")),
+    kube::core::Rule::new(
+        "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0')) && quantity(string(self)).isInteger()",
     )
+    .message(kube::core::Message::Message(format!(
+        "{field} must be a positive whole number of bytes, such as {example}"
+    )))
 }
 
 /// Every CRD the operator serves, with the file name `crdgen` gives it.

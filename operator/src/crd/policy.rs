@@ -37,8 +37,6 @@ use super::Tier;
 )]
 #[x_kube(validation = Rule::new("!(has(self.ttlSeconds) && has(self.evictionPriority) && self.evictionPriority == 'Never')")
     .message("a payload whose evictionPriority is Never never expires: drop ttlSeconds or choose another priority"))]
-#[x_kube(validation = Rule::new("!has(self.minLeaseTier) || !has(self.tierPreference) || self.minLeaseTier in self.tierPreference")
-    .message("minLeaseTier must be one of the tiers in tierPreference"))]
 #[serde(rename_all = "camelCase")]
 pub struct PayloadPolicySpec {
     /// Which payloads of the namespace the policy governs, by their labels.
@@ -48,19 +46,25 @@ pub struct PayloadPolicySpec {
     /// What a commit waits for before it is acknowledged.
     #[serde(default)]
     pub durability: Durability,
-    /// The tiers new payloads are placed in, fastest first; a payload goes
-    /// to the first with room. Unset: the agent's default (RAM).
+    /// The tiers new payloads are placed in, in order of preference, each
+    /// at most once; a payload goes to the first with room. Unset: the
+    /// agent's default (RAM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4))]
-    #[x_kube(merge_strategy = ListMerge::Set)]
+    // The order is the meaning: replaced whole, never merged as a set.
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u == t))")
+        .message("tierPreference names each tier at most once"))]
     pub tier_preference: Option<Vec<Tier>>,
-    /// The slowest tier a lease may read from: a payload below it is
-    /// promoted before the lease is granted.
+    /// The slowest tier a lease may read from: a payload below it (where
+    /// it was placed, or spilled) is promoted before the lease is granted.
+    /// It need not be in tierPreference: place on DISK, lease from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_lease_tier: Option<Tier>,
-    /// Seconds a payload lives after its commit. Unset: until deleted.
+    /// Seconds a payload lives after its commit, at most ten years. Unset:
+    /// until deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 315_360_000))]
     pub ttl_seconds: Option<u64>,
     /// The longest lease a reader may take, in seconds. Unset: the agent's
     /// --lease-max-ms.
@@ -112,9 +116,9 @@ pub enum EvictionPriority {
 pub struct TierQuota {
     /// The tier.
     pub tier: Tier,
-    /// The most bytes (a quantity: 100Gi).
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && !quantity(string(self)).isLessThan(quantity('0'))")
-        .message("a quota must be a quantity of at least 0, such as 100Gi"))]
+    /// The most bytes (a quantity: 100Gi), a whole number of them.
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && !quantity(string(self)).isLessThan(quantity('0')) && quantity(string(self)).isInteger()")
+        .message("a quota must be a whole number of bytes of at least 0, such as 100Gi"))]
     pub bytes: Quantity,
 }
 

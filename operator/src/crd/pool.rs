@@ -15,6 +15,16 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// True unless the agent's own limit for the RAM tier's resource is set
+/// below `ram.capacity`.
+const AGENT_LIMIT_HOLDS_RAM: &str = "!has(self.agent.resources) || !has(self.agent.resources.limits) \
+    || !isQuantity(string(self.ram.capacity)) \
+    || (self.ram.hugePages \
+        ? !('hugepages-2Mi' in self.agent.resources.limits) \
+          || !quantity(string(self.agent.resources.limits['hugepages-2Mi'])).isLessThan(quantity(string(self.ram.capacity))) \
+        : !('memory' in self.agent.resources.limits) \
+          || !quantity(string(self.agent.resources.limits.memory)).isLessThan(quantity(string(self.ram.capacity))))";
+
 /// A set of nodes whose agents keep payloads in RAM, on disk, on GPUs and
 /// in an object store.
 // Each printcolumn(...) repeats keys such as `type_`; clippy reads them as
@@ -50,11 +60,14 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.nodesDesired",
         description = "nodes selected"
     ),
-    printcolumn(name = "RAM", type_ = "string", json_path = ".spec.ram.capacity", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[x_kube(validation = Rule::new("!has(oldSelf.disk) || (has(self.disk) && self.disk.path == oldSelf.disk.path)")
-    .message("disk.path cannot change or be removed: the payloads stored there would be lost; make a new pool instead"))]
+// Unset, the disk tier is in the state directory: adding one later moves it too.
+#[x_kube(validation = Rule::new("has(oldSelf.disk) == has(self.disk) && (!has(self.disk) || self.disk.path == oldSelf.disk.path)")
+    .message("disk cannot be added, removed or moved to another path after the pool is created: the payloads stored in the old place would be lost; make a new pool instead"))]
+// With huge pages the RAM tier is charged to hugepages-2Mi, not memory.
+#[x_kube(validation = Rule::new(AGENT_LIMIT_HOLDS_RAM)
+    .message("agent.resources.limits must hold ram.capacity (memory, or hugepages-2Mi with ram.hugePages): the agent is charged for the pages it reserves"))]
 #[serde(rename_all = "camelCase")]
 pub struct PayloadPoolSpec {
     /// Labels a node must have to run an agent of this pool (as a Pod's
@@ -98,6 +111,7 @@ pub struct RamTier {
     /// Bytes of RAM each agent may hold (a quantity: 8Gi, 512Mi). The
     /// agent reserves the pages it hands out, and its memory limit is sized
     /// from this.
+    #[serde(default = "one_gibibyte")]
     #[x_kube(validation = super::positive_quantity("ram.capacity", "8Gi"))]
     pub capacity: Quantity,
     /// Back the RAM root with huge pages where the host's tmpfs has them.
@@ -105,13 +119,19 @@ pub struct RamTier {
     pub huge_pages: bool,
 }
 
+// Defaults on the leaves, not the object: a server-side apply that sets
+// only `hugePages` still gets a capacity.
 impl Default for RamTier {
     fn default() -> Self {
         RamTier {
-            capacity: Quantity("1Gi".into()),
+            capacity: one_gibibyte(),
             huge_pages: false,
         }
     }
+}
+
+fn one_gibibyte() -> Quantity {
+    Quantity("1Gi".into())
 }
 
 /// The disk tier of every agent in the pool.
@@ -121,7 +141,9 @@ pub struct DiskTier {
     /// The host directory that holds the disk tier (mounted into the agent
     /// as a hostPath). Once set it cannot change or go: the payloads
     /// stored there would be left behind.
-    #[schemars(regex(pattern = r"^/"), length(min = 2, max = 4096))]
+    #[schemars(regex(pattern = r"^(/[^/]+)+$"), length(min = 2, max = 4096))]
+    #[x_kube(validation = Rule::new("!self.matches('/[.][.]?(/|$)')")
+        .message("disk.path must not contain . or .. components: give the directory's own absolute path"))]
     pub path: String,
     /// Bytes of disk each agent may use (a quantity: 500Gi).
     #[x_kube(validation = super::positive_quantity("disk.capacity", "500Gi"))]
@@ -140,8 +162,8 @@ pub struct GpuTier {
     #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub devices: Vec<String>,
-    /// The share of each device's memory the pool may use, above 0 and at
-    /// most 1. Unset (and no capacity): 0.9.
+    /// The share of each device's memory the pool may use, from 0.01 to 1.
+    /// Unset (and no capacity): 0.9.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.01, max = 1.0))]
     pub fraction: Option<f64>,
@@ -181,18 +203,31 @@ pub struct ObjectTier {
 #[x_kube(validation = Rule::new("self.low < self.high").message("watermarks.low must be below watermarks.high"))]
 #[serde(rename_all = "camelCase")]
 pub struct Watermarks {
-    /// Start spilling above this share of capacity (0 to 1).
+    /// Start spilling above this share of capacity (0 to 1). Unset: 0.9.
+    #[serde(default = "high")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub high: f64,
-    /// Stop spilling once under this share of capacity (0 to 1).
+    /// Stop spilling once under this share of capacity (0 to 1). Unset: 0.75.
+    #[serde(default = "low")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub low: f64,
 }
 
 impl Default for Watermarks {
     fn default() -> Self {
-        Watermarks { high: 0.9, low: 0.75 }
+        Watermarks {
+            high: high(),
+            low: low(),
+        }
     }
+}
+
+fn high() -> f64 {
+    0.9
+}
+
+fn low() -> f64 {
+    0.75
 }
 
 /// How the agent pods run.
