@@ -350,6 +350,17 @@ async fn bad_frames_get_precise_errors_and_leak_nothing() {
         assert!(msg.contains(name) && msg.contains("16-byte"), "{msg}");
     }
 
+    // An empty batch (what an older client's ids decode as) is not a no-op.
+    for (name, op) in [
+        ("payload_ids", Op::Leases(wire::Leases { payload_ids: vec![] })),
+        ("lease_ids", Op::Release(wire::Release { lease_ids: vec![] })),
+    ] {
+        let (response, _) = raw.call(op, &[]).await;
+        let (code, msg) = error_of(&response);
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert!(msg.contains(name) && msg.contains("agent's version"), "{msg}");
+    }
+
     // A peer that asks for a lease and goes away before the answer.
     let gone = Raw::connect(&dirs);
     let lease = Op::Lease(wire::Lease {
@@ -615,6 +626,31 @@ async fn a_connection_holds_at_most_its_session_lease_limit() {
     assert!(holder.lease_many(&ids[4..]).await.unwrap()[0].is_ok());
     assert!(client.lease_many(&ids[..4]).await.unwrap().iter().all(Result::is_ok));
     assert_eq!(client.stats().await.unwrap().active_leases, 8);
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_batch_refused_part_way_gives_back_what_its_earlier_calls_were_granted() {
+    let dirs = Dirs::new();
+    // 1,500 ids go in two calls: the first (1,000) fits, the second does not.
+    let (agent, client) = Agent::start_with(&dirs, &["--max-session-leases", "1200"]).await;
+    let (id, _) = put(&client, b"popular", Tier::Ram).await.unwrap();
+    let holder = payload_client::Client::connect(dirs.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    let refused = holder.lease_many(&vec![id; 1500]).await;
+    assert!(
+        matches!(&refused, Err(ClientError::ResourceExhausted(m)) if m.contains("--max-session-leases")),
+        "{refused:?}"
+    );
+    eventually("the first call's 1,000 leases are released", || async {
+        client.stats().await.unwrap().active_leases == 0
+    })
+    .await;
+    // The holder's connection is still open and has its room back.
+    let granted = holder.lease_many(&vec![id; 1200]).await.unwrap();
+    assert!(granted.iter().all(Result::is_ok));
+    client.delete(id, false).await.unwrap_err();
     agent.kill9();
 }
 

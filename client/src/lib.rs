@@ -443,7 +443,7 @@ impl Client {
     /// timed leases of the agent's default length.
     pub async fn lease_many(&self, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
         if let Some(native) = &self.native {
-            return put::native_lease_many(native, ids).await;
+            return put::native_lease_many(native, ids, &self.native_releases).await;
         }
         let requests = ids
             .iter()

@@ -279,9 +279,18 @@ fn pack(ids: &[Uuid]) -> Vec<u8> {
 }
 
 /// Session leases on many payloads, in calls of at most [`wire::MAX_BATCH`]
-/// ids: a lease id each, or why not, in order.
-pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Result<Vec<Result<Uuid>>> {
-    let mut out = Vec::with_capacity(ids.len());
+/// ids: a lease id each, or why not, in order. When a later call fails,
+/// or the caller drops the future, the leases earlier calls were granted
+/// go back through `releases`.
+pub(crate) async fn native_lease_many(
+    conn: &Native,
+    ids: &[PayloadId],
+    releases: &mpsc::UnboundedSender<Uuid>,
+) -> Result<Vec<Result<Uuid>>> {
+    let mut granted = Granted {
+        out: Vec::with_capacity(ids.len()),
+        releases,
+    };
     // In calls of at most MAX_BATCH ids, whose answers always fit a frame.
     for chunk in ids.chunks(wire::MAX_BATCH) {
         let leases = wire::Leases {
@@ -296,16 +305,50 @@ pub(crate) async fn native_lease_many(conn: &Native, ids: &[PayloadId]) -> Resul
                 "the agent answered a batch lease with another count".into(),
             ));
         }
-        let first = out.len();
-        out.extend(many.lease_ids.chunks_exact(16).map(|raw| parse_id(raw, "batch lease")));
+        let mut refusals: Vec<Option<wire::Refused>> = vec![None; chunk.len()];
+        let mut broken = None;
         for refused in many.refused {
-            let Some(slot) = out[first..].get_mut(refused.index as usize) else {
-                return Err(ClientError::Protocol(
-                    "the agent refused a batch lease's item past its end".into(),
-                ));
-            };
-            *slot = Err(tonic::Status::new(tonic::Code::from(refused.code), refused.message).into());
+            match refusals.get_mut(refused.index as usize) {
+                Some(slot @ None) => *slot = Some(refused),
+                _ => broken = Some("the agent refused a batch lease's item twice or past its end"),
+            }
+        }
+        for (raw, refusal) in many.lease_ids.chunks_exact(16).zip(refusals) {
+            let granted_here = raw.iter().any(|b| *b != 0);
+            granted.out.push(match (refusal, granted_here) {
+                (None, true) => parse_id(raw, "batch lease"),
+                (Some(r), false) => Err(tonic::Status::new(tonic::Code::from(r.code), r.message).into()),
+                // Kept as granted, so that it is released with the rest.
+                (Some(_), true) => {
+                    broken = Some("the agent both granted and refused a batch lease's item");
+                    parse_id(raw, "batch lease")
+                }
+                (None, false) => {
+                    broken = Some("the agent neither granted nor refused a batch lease's item");
+                    Err(ClientError::Protocol("no lease id".into()))
+                }
+            });
+        }
+        if let Some(broken) = broken {
+            return Err(ClientError::Protocol(broken.into()));
         }
     }
-    Ok(out)
+    Ok(std::mem::take(&mut granted.out))
+}
+
+/// A batch lease's answers so far: dropped before they are returned, its
+/// leases are released.
+struct Granted<'a> {
+    out: Vec<Result<Uuid>>,
+    releases: &'a mpsc::UnboundedSender<Uuid>,
+}
+
+impl Drop for Granted<'_> {
+    fn drop(&mut self) {
+        for lease in self.out.iter().filter_map(|r| r.as_ref().ok()) {
+            // The release loop is gone only with the connection, which
+            // ends every session lease anyway.
+            let _ = self.releases.send(*lease);
+        }
+    }
 }

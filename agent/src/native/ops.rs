@@ -153,9 +153,16 @@ async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>)
     }
 }
 
-/// The 16-byte ids packed in `bytes`: a batch within `--max-batch-items`
+/// The 16-byte ids packed in `bytes`: a batch of at least one, within `--max-batch-items`
 /// and of at most [`wire::MAX_BATCH`] ids, so its answer fits a frame.
 fn packed<'a>(node: &Node, what: &str, bytes: &'a [u8]) -> Result<std::slice::ChunksExact<'a, u8>, Status> {
+    // Before the ids were packed they had other field numbers: an older
+    // client's batch arrives here empty, and must not pass for a no-op.
+    if bytes.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{what} is empty: a batch names at least one id; is the client the agent's version?"
+        )));
+    }
     if !bytes.len().is_multiple_of(16) {
         return Err(Status::invalid_argument(format!(
             "{what} is {} bytes, not a whole number of 16-byte ids; is the client the agent's version?",
