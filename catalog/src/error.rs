@@ -2,7 +2,8 @@
 //! status at the service edge; messages tell the caller what to do.
 
 /// Errors from catalog and lifecycle operations.
-#[derive(Debug, thiserror::Error)]
+// Serde: a remote catalog (the operator's) sends them to agents as they are.
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum CatalogError {
     #[error("{0}")]
     NotFound(String),

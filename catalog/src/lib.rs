@@ -7,6 +7,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod model;
 pub mod objects;
+pub mod remote;
 pub mod repo;
 pub mod sql;
 pub mod stream;

@@ -71,7 +71,7 @@ impl Manifest {
 }
 
 /// What the catalog knows of one block a manifest claims.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub hash: BlockHash,
     pub size_bytes: u64,
@@ -83,7 +83,7 @@ pub struct BlockState {
 }
 
 /// Totals over the block table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockStats {
     pub blocks: u64,
     pub bytes: u64,

@@ -1,6 +1,7 @@
 //! The repository trait: the one interface every catalog backend implements.
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CatalogError, Result};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
@@ -43,7 +44,7 @@ pub enum Write {
 }
 
 /// One page of [`Repository::metadata_history`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventPage {
     pub events: Vec<MetadataEvent>,
     /// Pass as `after` for the next page; `None` on the last page.
@@ -52,7 +53,7 @@ pub struct EventPage {
 
 /// Filters and paging for [`Repository::list_payloads`]. Results are newest
 /// first; the page token is a keyset position, stable under inserts.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListQuery {
     pub tier: Option<Tier>,
     pub state: Option<PayloadState>,
@@ -65,7 +66,7 @@ pub struct ListQuery {
 
 /// A keyset position: the last row of the previous page, and the total the
 /// first page counted (a listing reports one total throughout).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageToken {
     pub created_at_ms: u64,
     pub id: PayloadId,
@@ -134,7 +135,7 @@ pub fn parse_label_selector(selector: &str) -> Result<Vec<(String, String)>> {
 }
 
 /// One page of a listing.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Page {
     pub items: Vec<PayloadRecord>,
     pub next: Option<PageToken>,

@@ -39,14 +39,14 @@ impl fmt::Display for StreamKey {
 }
 
 /// How much of a stream is kept; 0 = unlimited. Applied on every append.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {
     pub max_entries: u64,
     pub max_age_ms: u64,
 }
 
 /// One entry to append.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendItem {
     pub payload_id: PayloadId,
     pub event_time_ms: u64,
@@ -55,7 +55,7 @@ pub struct AppendItem {
 }
 
 /// An entry as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamEntry {
     pub offset: u64,
     pub payload_id: PayloadId,
@@ -67,7 +67,7 @@ pub struct StreamEntry {
 
 /// Who owns a stream, and which stream of its name it is (row ids are
 /// never reused, so one deleted and made again has another).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamOwner {
     pub id: i64,
     /// `None` for a stream created before owners were recorded.
@@ -76,7 +76,7 @@ pub struct StreamOwner {
 
 /// Where a stream stands: its row id (the key subscriptions watch) and the
 /// offset its next entry will get.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHead {
     pub id: i64,
     pub next_offset: u64,
@@ -85,7 +85,7 @@ pub struct StreamHead {
 /// Which entries a read returns: offsets from `start` (inclusive) up to
 /// `end` (inclusive, None = the head), at most `max` of them, appended at or
 /// after `not_before_ms`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadQuery {
     pub start: u64,
     pub end: Option<u64>,

@@ -24,6 +24,9 @@ pub struct Backend {
 enum Target {
     Sqlite(tempfile::TempDir),
     Postgres(String),
+    /// SQLite reached through the remote encoding, as agents reach the
+    /// operator's catalog.
+    Remote(tempfile::TempDir),
 }
 
 impl Backend {
@@ -33,6 +36,15 @@ impl Backend {
         Backend {
             repo: Arc::new(repo),
             target: Target::Sqlite(dir),
+        }
+    }
+
+    pub async fn remote() -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::Remote(dir);
+        Backend {
+            repo: remote_sqlite(&target, "standalone").await.unwrap(),
+            target,
         }
     }
 
@@ -57,6 +69,7 @@ impl Backend {
                 Arc::new(SqliteRepository::open_url(&url, node).await?)
             }
             Target::Postgres(url) => Arc::new(PgRepository::connect(url, node).await?),
+            Target::Remote(_) => remote_sqlite(&self.target, node).await?,
         })
     }
 
@@ -66,7 +79,7 @@ impl Backend {
                              VALUES ($1, 'from a newer binary', TRUE, $2, 0)";
         let checksum = vec![0u8; 48];
         match &self.target {
-            Target::Sqlite(dir) => {
+            Target::Sqlite(dir) | Target::Remote(dir) => {
                 let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
                 let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
                 sqlx::query(STAMP)
@@ -87,6 +100,18 @@ impl Backend {
             }
         }
     }
+}
+
+/// A repository of node `node` on the SQLite catalog in `target`'s
+/// directory, every call encoded, dispatched and decoded on the way.
+async fn remote_sqlite(target: &Target, node: &str) -> Result<Arc<dyn Repository>> {
+    let Target::Remote(dir) = target else {
+        unreachable!("only remote targets")
+    };
+    let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
+    let inner: Arc<dyn Repository> = Arc::new(SqliteRepository::open_url(&url, node).await?);
+    let link = payload_catalog::remote::Loopback(inner);
+    Ok(Arc::new(payload_catalog::remote::RemoteRepository::new(node, link)))
 }
 
 /// A committed RAM payload row.
@@ -113,8 +138,8 @@ pub async fn insert(repo: &dyn Repository, records: &[PayloadRecord]) {
     repo.write_batch(&writes).await.unwrap();
 }
 
-/// Instantiates each named test once per backend: `sqlite::name` and
-/// `postgres::name`.
+/// Instantiates each named test once per backend: `sqlite::name`,
+/// `postgres::name` and `remote::name` (SQLite through the remote encoding).
 macro_rules! parity {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -122,6 +147,14 @@ macro_rules! parity {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::super::Backend::sqlite().await).await;
+                }
+            )*
+        }
+        mod remote {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::super::Backend::remote().await).await;
                 }
             )*
         }
