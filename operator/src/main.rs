@@ -1,7 +1,8 @@
 //! `payload-operator`: the Kubernetes operator of Payload Manager. `run`
 //! reconciles PayloadPools into their agents' objects; `render` prints what
-//! it would apply for a pool. The catalog service, the PayloadPolicy
-//! controller and leader election come next (docs/kubernetes.md).
+//! it would apply for a pool; `catalog` serves the cluster catalog to the
+//! agents. The PayloadPolicy controller and leader election come next
+//! (docs/kubernetes.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,9 @@ enum Command {
         #[command(flatten)]
         agents: AgentArgs,
     },
+    /// Serves the cluster catalog on PostgreSQL to the pools' agents
+    /// (`payload-agent node --operator URL`), until SIGTERM.
+    Catalog(payload_operator::catalog::serve::CatalogArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,13 +90,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { agents } => controllers(agents.settings()),
         Command::Render { pool, agents } => render(&pool, &agents.settings()),
+        Command::Catalog(args) => {
+            logs();
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(args.run())
+        }
     }
 }
 
-fn controllers(settings: Settings) -> anyhow::Result<()> {
+fn logs() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
         .init();
+}
+
+fn controllers(settings: Settings) -> anyhow::Result<()> {
+    logs();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
         let client = kube::Client::try_default()

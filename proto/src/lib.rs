@@ -10,6 +10,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/payload_v1.rs"));
 }
 
+pub use generated::payload::cluster;
 pub use generated::payload::manager::admin::v1 as admin;
 pub use generated::payload::manager::catalog::v1 as catalog;
 pub use generated::payload::manager::core::v1 as core;

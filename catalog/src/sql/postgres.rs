@@ -69,6 +69,18 @@ impl PgRepository {
     }
 }
 
+impl PgRepository {
+    /// The same catalog, connections and append listener, as node `node`:
+    /// the operator serves every node's calls from one pool.
+    pub fn for_node(&self, node: &str) -> PgRepository {
+        PgRepository {
+            pool: self.pool.clone(),
+            node: node.into(),
+            hub: self.hub.clone(),
+        }
+    }
+}
+
 /// Feeds appends announced by every agent into this repository's hub, until
 /// the repository is gone.
 async fn relay_appends(mut listener: PgListener, hub: Weak<StreamHub>) {

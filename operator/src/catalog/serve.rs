@@ -1,0 +1,114 @@
+//! `payload-operator catalog`: its flags, and serving until SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use super::identity::{Gate, Reviewer};
+use super::{CatalogService, ClusterCatalogServer};
+
+#[derive(clap::Args, Debug)]
+pub struct CatalogArgs {
+    /// The PostgreSQL catalog: postgres://USER@HOST:PORT/DB (a password in
+    /// the URL, or PGPASSWORD). Migrations are applied at start.
+    #[arg(long, env = "PM_DATABASE")]
+    pub database: String,
+    /// Where agents connect. Anything but loopback needs --tls-cert.
+    #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+    /// How callers are told apart: `kubernetes` (a projected ServiceAccount
+    /// token, checked by TokenReview, names the caller's node), `none`
+    /// (loopback only: agents name their node themselves) or `auto`
+    /// (kubernetes when its API is reachable, else none on loopback).
+    #[arg(long, env = "PM_AUTH", value_enum, default_value_t = Auth::Auto)]
+    pub auth: Auth,
+    /// The namespace of the agents' ServiceAccounts (the operator's).
+    #[arg(long, env = "PM_NAMESPACE", default_value = "payload-manager")]
+    pub namespace: String,
+    /// The server's certificate chain (PEM); with --tls-key, TLS is served.
+    #[arg(long, env = "PM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, env = "PM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    Auto,
+    Kubernetes,
+    None,
+}
+
+impl CatalogArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let loopback = self.listen.ip().is_loopback();
+        anyhow::ensure!(
+            loopback || self.tls_cert.is_some(),
+            "--listen {} is reachable from other hosts: serve TLS (--tls-cert and --tls-key) or listen on 127.0.0.1",
+            self.listen
+        );
+        let gate = self.gate(loopback).await?;
+        let shown = payload_catalog::redact_url(&self.database);
+        let base = payload_catalog::PgRepository::connect(&self.database, "payload-operator")
+            .await
+            .with_context(|| format!("opening the catalog {shown}"))?;
+        let mut server = Server::builder();
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let identity = Identity::from_pem(read(cert)?, read(key)?);
+            server = server
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .context("the TLS certificate and key")?;
+        }
+        let service = ClusterCatalogServer::new(CatalogService::new(base, gate))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("listening on {}", self.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, catalog = %shown, "payload-operator catalog is serving");
+        server
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped())
+            .await
+            .context("serving the catalog")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    async fn gate(&self, loopback: bool) -> anyhow::Result<Gate> {
+        let open = || {
+            anyhow::ensure!(
+                loopback,
+                "--auth none is for loopback only: agents on other hosts must prove their node (--auth kubernetes)"
+            );
+            tracing::warn!("no Kubernetes API: accepting agents without a token, each naming its own node");
+            Ok(Gate::Open)
+        };
+        match self.auth {
+            Auth::None => open(),
+            Auth::Kubernetes => Ok(Gate::Kubernetes(Reviewer::new(
+                kube::Client::try_default()
+                    .await
+                    .context("--auth kubernetes needs the Kubernetes API (in a cluster, or through KUBECONFIG)")?,
+                &self.namespace,
+            ))),
+            Auth::Auto => match kube::Client::try_default().await {
+                Ok(client) => Ok(Gate::Kubernetes(Reviewer::new(client, &self.namespace))),
+                Err(_) => open(),
+            },
+        }
+    }
+}
+
+async fn stopped() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
