@@ -7,8 +7,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use payload_catalog::remote::RemoteRepository;
+use payload_catalog::Repository;
 use tokio::sync::watch;
 
 use crate::limits::Limits;
@@ -35,6 +39,11 @@ pub enum Command {
     /// agents, with --catalog postgres://...). Serves the v1 gRPC services on
     /// a Unix socket and on TCP.
     Standalone(Box<StandaloneArgs>),
+    /// Run a node of a cluster (what a PayloadPool's DaemonSet runs): the
+    /// agent as standalone, its catalog the operator's (`payload-operator
+    /// catalog`). Its catalog writes wait in the node's log while the
+    /// operator is away, and the node keeps serving.
+    Node(Box<NodeArgs>),
     /// Hold the memfds of sealed RAM payloads across agent restarts (the
     /// agent starts it itself; see docs/native.md).
     #[command(hide = true)]
@@ -46,6 +55,52 @@ pub struct KeeperArgs {
     /// The socket to serve the agent on (`<state-dir>/keeper.sock`).
     #[arg(long)]
     pub socket: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The operator's catalog service: http://HOST:PORT (loopback, or
+    /// inside the cluster's network), or https://HOST:PORT with
+    /// --operator-ca-file.
+    #[arg(long, env = "PM_OPERATOR")]
+    pub operator: String,
+    /// A file holding this agent's projected ServiceAccount token (audience
+    /// payload-manager-catalog), re-read as the kubelet rotates it. Unset:
+    /// no token (an operator outside a cluster, on loopback).
+    #[arg(long, env = "PM_OPERATOR_TOKEN_FILE")]
+    pub operator_token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the operator's, for https.
+    #[arg(long, env = "PM_OPERATOR_CA_FILE")]
+    pub operator_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub agent: StandaloneArgs,
+}
+
+impl NodeArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let NodeArgs {
+            operator,
+            operator_token_file,
+            operator_ca_file,
+            agent,
+        } = self;
+        anyhow::ensure!(
+            agent.catalog.is_none(),
+            "--catalog is for standalone nodes: a cluster node's catalog is the operator's (--operator)"
+        );
+        anyhow::ensure!(
+            agent.node_name != "standalone",
+            "a cluster node needs --node-name (its Kubernetes node's name; the DaemonSet sets PM_NODE_NAME)"
+        );
+        let link = crate::cluster::OperatorLink::new(
+            &operator,
+            &agent.node_name,
+            operator_token_file,
+            operator_ca_file.as_deref(),
+        )?;
+        tracing::info!(%operator, "this node's catalog is the operator's");
+        agent.serve(Some(std::sync::Arc::new(link))).await
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -181,6 +236,12 @@ fn default_state_dir() -> anyhow::Result<PathBuf> {
 impl StandaloneArgs {
     /// Runs the node until SIGTERM or SIGINT, then drains and returns.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.serve(None).await
+    }
+
+    /// Runs the node with its own catalog, or with the operator's through
+    /// `operator`.
+    async fn serve(self, operator: Option<std::sync::Arc<crate::cluster::OperatorLink>>) -> anyhow::Result<()> {
         let StandaloneArgs {
             state_dir,
             socket,
@@ -242,17 +303,10 @@ impl StandaloneArgs {
             !node_name.is_empty() && node_name.len() <= 253 && !node_name.contains('\0'),
             "--node-name must be 1 to 253 bytes without NUL (a host or Kubernetes node name)"
         );
-        // Whatever the catalog creates (a SQLite file and its WAL) is private
-        // from the first byte; the umask only ever takes permissions away.
-        // SAFETY: umask has no preconditions.
-        let umask = unsafe { libc::umask(0o077) };
-        let repo = payload_catalog::open_catalog(&catalog, &node_name).await;
-        // SAFETY: as above.
-        unsafe { libc::umask(umask) };
-        let repo = repo.with_context(|| format!("opening catalog {}", payload_catalog::redact_url(&catalog)))?;
-        if let Some(path) = catalog.strip_prefix("sqlite://") {
-            make_private(Path::new(path.split('?').next().unwrap_or(path)));
-        }
+        let repo = match &operator {
+            Some(link) => Arc::new(RemoteRepository::new(&node_name, link.clone())) as Arc<dyn Repository>,
+            None => open_own_catalog(&catalog, &node_name).await?,
+        };
         let mut ram = FileStore::ram(&ram_root, &shm_prefix, state.node_id(), ram_capacity)?;
         ram.set_sealed_mode(read_access.region_mode());
         let (keeper, kept) = crate::keeper::Keeper::start(&state_dir)?;
@@ -299,6 +353,9 @@ impl StandaloneArgs {
         if node.object().is_ok() {
             tokio::spawn(node.clone().run_collector(stop.clone()));
         }
+        if let Some(link) = operator {
+            tokio::spawn(crate::cluster::heartbeats(node.clone(), link, stop.clone()));
+        }
         tokio::spawn(async move {
             shutdown_signal().await;
             tracing::info!("shutting down: draining in-flight calls");
@@ -308,7 +365,7 @@ impl StandaloneArgs {
             socket = %socket.display(),
             native = %native_socket.display(),
             tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
-            "payload-agent standalone is serving"
+            "payload-agent is serving"
         );
         let mut draining = stop.clone();
         tokio::select! {
@@ -325,6 +382,23 @@ impl StandaloneArgs {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// A standalone node's catalog: SQLite in the state directory, or a
+/// PostgreSQL server shared with other agents.
+async fn open_own_catalog(catalog: &str, node_name: &str) -> anyhow::Result<Arc<dyn Repository>> {
+    // Whatever the catalog creates (a SQLite file and its WAL) is private
+    // from the first byte; the umask only ever takes permissions away.
+    // SAFETY: umask has no preconditions.
+    let umask = unsafe { libc::umask(0o077) };
+    let repo = payload_catalog::open_catalog(catalog, node_name).await;
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
+    let repo = repo.with_context(|| format!("opening catalog {}", payload_catalog::redact_url(catalog)))?;
+    if let Some(path) = catalog.strip_prefix("sqlite://") {
+        make_private(Path::new(path.split('?').next().unwrap_or(path)));
+    }
+    Ok(repo)
 }
 
 /// Tightens a SQLite catalog and its WAL files to 0600 (SQLite creates

@@ -6,6 +6,7 @@ pub mod appender;
 pub mod backoff;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod deadline;
 pub mod durable;
 pub mod error;

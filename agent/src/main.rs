@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = runtime.enable_all().build()?;
     match cli.command {
         Command::Standalone(args) => runtime.block_on(args.run()),
+        Command::Node(args) => runtime.block_on(args.run()),
         Command::Keeper(_) => unreachable!("served above"),
     }
 }

@@ -245,11 +245,7 @@ async fn tcp_refuses_calls_without_the_token() {
     let dirs = Dirs::new();
     let token = dirs.state.path().join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::spare_port();
     let listen = format!("127.0.0.1:{port}");
     let flags = ["--listen", listen.as_str(), "--tcp-token-file", token.to_str().unwrap()];
     let (agent, _client) = Agent::start_with(&dirs, &flags).await;
@@ -308,11 +304,7 @@ async fn the_tcp_identity_cannot_touch_a_unix_callers_stream() {
     use payload_proto::runtime;
     use payload_proto::services::payload_stream_service_client::PayloadStreamServiceClient;
     let dirs = Dirs::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::spare_port();
     let listen = format!("127.0.0.1:{port}");
     let (agent, client) = Agent::start_with(&dirs, &["--listen", listen.as_str()]).await;
     let stream = |name: &str| {

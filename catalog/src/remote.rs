@@ -121,6 +121,20 @@ pub trait Link: Send + Sync + 'static {
     fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// A shared link: the agent's heartbeats use the same connection.
+#[async_trait]
+impl<L: Link> Link for std::sync::Arc<L> {
+    async fn call(&self, call: Vec<u8>) -> Result<Vec<u8>> {
+        self.as_ref().call(call).await
+    }
+    async fn gc_lock(&self) -> Result<GcLock> {
+        self.as_ref().gc_lock().await
+    }
+    fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64> {
+        self.as_ref().watch_stream(head)
+    }
+}
+
 /// A [`Repository`] whose every operation runs on the other end of a
 /// [`Link`], as node `node` (the serving side decides which node's rows a
 /// caller may write; this name is what it is expected to say).

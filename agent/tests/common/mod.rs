@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod noise;
+pub mod operator;
 pub mod process;
 pub mod s3;
 pub mod tmpfs;
@@ -26,6 +27,15 @@ use tokio::sync::watch;
 pub use noise::noise;
 
 pub const MIB: u64 = 1 << 20;
+
+/// A TCP port on 127.0.0.1 that nothing listens on (as of now).
+pub fn spare_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// Directories that outlive one node, so a test can restart on them.
 pub struct Dirs {

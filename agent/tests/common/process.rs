@@ -19,8 +19,13 @@ const AGENT: &str = env!("CARGO_BIN_EXE_payload-agent");
 /// In `env`: a program and its arguments to run the agent under.
 pub const WRAP: &str = "PM_TEST_WRAP";
 
-/// The flags every test agent gets; `extra` may add or override.
+/// The flags every test agent gets; `extra` may add or override. With
+/// `extra` starting `node`, a cluster node (`payload-agent node ...`).
 fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let (mode, extra) = match extra {
+        ["node", rest @ ..] => ("node", rest),
+        _ => ("standalone", extra),
+    };
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -38,7 +43,7 @@ fn command(dirs: &Dirs, extra: &[&str], env: &[(&str, &str)]) -> Command {
     if !wrapper.is_empty() {
         cmd.args(wrapper).arg(AGENT);
     }
-    cmd.arg("standalone").args(extra);
+    cmd.arg(mode).args(extra);
     let ram = dirs.ram.path().display().to_string();
     let state = dirs.state.path().display().to_string();
     let defaults = [

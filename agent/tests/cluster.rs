@@ -1,0 +1,147 @@
+//! Cluster nodes (`payload-agent node`) against the operator's catalog
+//! (`payload-operator catalog`) on a real PostgreSQL: real processes, the
+//! operator killed with SIGKILL and started again.
+
+mod common;
+
+use common::operator::Operator;
+use common::process::{put, Agent};
+use common::{eventually, spare_port, Dirs};
+use payload_catalog::{PayloadId, PayloadState, Repository};
+use payload_client::Tier;
+use payload_proto::cluster::cluster_catalog_client::ClusterCatalogClient;
+use payload_proto::cluster::ListNodesRequest;
+
+async fn node(dirs: &Dirs, operator: &str, name: &str) -> (Agent, payload_client::Client) {
+    Agent::start_with(dirs, &["node", "--operator", operator, "--node-name", name]).await
+}
+
+/// The row the operator's catalog holds for `id`, as node `node` wrote it.
+async fn row(database: &str, node: &str, id: uuid::Uuid) -> Option<payload_catalog::PayloadRecord> {
+    let repo = payload_catalog::PgRepository::connect(database, node).await.unwrap();
+    repo.get_payload(PayloadId(id)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
+    let Some(database) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let operator = Operator::start(&database, spare_port(), logs.path()).await;
+    let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
+    let (a, a_client) = node(&a_dirs, &operator.url(), "node-a").await;
+    let (b, _b_client) = node(&b_dirs, &operator.url(), "node-b").await;
+
+    let (id, _) = put(&a_client, b"weights", Tier::Ram).await.unwrap();
+    eventually("the commit is in the operator's catalog, on node-a's rows", || async {
+        row(&database, "node-a", id)
+            .await
+            .is_some_and(|r| r.state == PayloadState::Active)
+    })
+    .await;
+    let on = |node: &'static str| {
+        let database = database.clone();
+        async move {
+            let repo = payload_catalog::PgRepository::connect(&database, node).await.unwrap();
+            repo.load_payloads()
+                .await
+                .unwrap()
+                .iter()
+                .any(|r| r.id == PayloadId(id))
+        }
+    };
+    assert!(on("node-a").await && !on("node-b").await, "on node-a's rows only");
+    // Reads of the catalog go through the operator too.
+    let listed = a_client.list(Default::default()).await.unwrap();
+    assert_eq!(listed.payloads.len(), 1, "{listed:?}");
+
+    let mut client = ClusterCatalogClient::connect(operator.url()).await.unwrap();
+    eventually("both nodes have sent a heartbeat", || {
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(ListNodesRequest {});
+            request
+                .metadata_mut()
+                .insert("x-payload-node", "probe".parse().unwrap());
+            let nodes = client.list_nodes(request).await.unwrap().into_inner().nodes;
+            nodes.iter().filter(|n| n.live).count() == 2
+        }
+    })
+    .await;
+    let mut request = tonic::Request::new(ListNodesRequest {});
+    request
+        .metadata_mut()
+        .insert("x-payload-node", "probe".parse().unwrap());
+    let nodes = client.list_nodes(request).await.unwrap().into_inner().nodes;
+    let a_info = nodes.iter().find(|n| n.name == "node-a").unwrap();
+    let ram = a_info.tiers.iter().find(|t| t.tier == Tier::Ram as i32).unwrap();
+    assert_eq!(ram.capacity_bytes, 128 << 20, "{a_info:?}");
+
+    // A caller that names no node is refused, saying what calls this service.
+    let refused = client.list_nodes(ListNodesRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("payload-agent node"), "{refused:?}");
+    a.kill9();
+    b.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_while_the_operator_is_down_and_catches_up() {
+    let Some(database) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let port = spare_port();
+    let operator = Operator::start(&database, port, logs.path()).await;
+    let dirs = Dirs::new();
+    let (agent, client) = node(&dirs, &operator.url(), "node-a").await;
+    let (before, _) = put(&client, b"before", Tier::Ram).await.unwrap();
+    operator.kill9();
+
+    // Puts and gets go on: the writes wait in the node's log.
+    let mut during = Vec::new();
+    for n in 0..5u8 {
+        during.push(put(&client, &[n; 100], Tier::Ram).await.unwrap().0);
+    }
+    for (n, id) in during.iter().enumerate() {
+        assert_eq!(client.get(*id).await.unwrap().bytes(), &[n as u8; 100]);
+    }
+    assert!(client.stats().await.unwrap().catalog_backlog > 0);
+
+    let _operator = Operator::start(&database, port, logs.path()).await;
+    for id in std::iter::once(before).chain(during) {
+        eventually("what was committed meanwhile reaches the operator", || async {
+            row(&database, "node-a", id).await.is_some()
+        })
+        .await;
+    }
+    eventually("the node's log is empty again", || async {
+        client.stats().await.unwrap().catalog_backlog == 0
+    })
+    .await;
+    agent.kill9();
+}
+
+#[tokio::test]
+async fn a_cluster_node_refuses_flags_that_belong_to_standalone() {
+    let dirs = Dirs::new();
+    let operator = "http://127.0.0.1:1";
+    let out = Agent::refused(&dirs, &["node", "--operator", operator]);
+    assert!(out.contains("needs --node-name"), "{out}");
+    let out = Agent::refused(
+        &dirs,
+        &[
+            "node",
+            "--operator",
+            operator,
+            "--node-name",
+            "n",
+            "--catalog",
+            "sqlite://x",
+        ],
+    );
+    assert!(out.contains("--catalog is for standalone nodes"), "{out}");
+    let out = Agent::refused(&dirs, &["node", "--operator", "https://op:1", "--node-name", "n"]);
+    assert!(out.contains("--operator-ca-file"), "{out}");
+}
