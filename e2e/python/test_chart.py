@@ -13,6 +13,7 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts/payload-manager"
 KUBERNETES = "1.34"
+CATALOG = {"catalog": {"databaseSecret": "pm-db", "tlsSecret": "pm-catalog-tls"}}
 
 
 def render(values=None, namespace="payload-manager"):
@@ -40,13 +41,14 @@ def test_the_chart_lints_clean():
 
 @pytest.mark.parametrize(
     "values",
-    [None, {"catalogUrl": "https://catalog.example:50052", "operator": {"image": {"repository": "r/op", "tag": "1.2"}}}],
-    ids=["defaults", "overrides"],
+    [None, {"catalogUrl": "https://catalog.example:50052", "operator": {"image": {"repository": "r/op", "tag": "1.2"}}}, CATALOG],
+    ids=["defaults", "overrides", "catalog"],
 )
 def test_every_rendered_object_is_valid_kubernetes(values):
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
+    base = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
+    assert kinds == sorted(base + (["Service"] if values is CATALOG else [])), kinds
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
@@ -60,9 +62,38 @@ def test_the_operator_runs_the_controller_with_the_release_settings():
     env = {e["name"]: e for e in operator["env"]}
     assert env["PM_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["PM_AGENT_IMAGE"]["value"] == "reg/agent:9"
-    assert env["PM_CATALOG_URL"]["value"] == "http://pm-payload-manager.pm-system.svc:50052"
+    assert env["PM_CATALOG_URL"]["value"] == "https://pm-payload-manager.pm-system.svc:50052"
+    assert "PM_CATALOG_CA_SECRET" not in env
+    assert len(pod["containers"]) == 1, "no catalog without a database"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["serviceAccountName"] == by_kind(docs, "ServiceAccount")["metadata"]["name"]
+
+
+def test_the_catalog_serves_tls_with_the_database_secret_and_reviews_tokens():
+    docs = render(CATALOG, namespace="pm-system")
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    operator, catalog = pod["containers"]
+    assert catalog["args"] == ["catalog"]
+    env = {e["name"]: e for e in catalog["env"]}
+    assert env["PM_DATABASE"]["valueFrom"]["secretKeyRef"] == {"name": "pm-db", "key": "dsn"}
+    assert env["PM_AUTH"]["value"] == "kubernetes"
+    assert env["PM_LISTEN"]["value"] == "0.0.0.0:50052"
+    assert env["PM_TLS_CERT"]["value"].startswith(catalog["volumeMounts"][0]["mountPath"])
+    assert pod["volumes"][0]["secret"]["secretName"] == "pm-catalog-tls"
+    # The controller hands the agents the CA (and only it) of the same Secret.
+    operator_env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert operator_env["PM_CATALOG_CA_SECRET"] == "pm-catalog-tls"
+    service = by_kind(docs, "Service")
+    assert service["spec"]["ports"][0]["port"] == 50052
+    assert service["spec"]["selector"] == by_kind(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    rules = by_kind(docs, "ClusterRole")["rules"]
+    assert {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]} in rules
+
+
+def test_a_catalog_without_tls_is_refused_at_install():
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError, match="catalog.tlsSecret is required"):
+        chart.render({"catalog": {"databaseSecret": "pm-db"}}, name="pm", namespace="ns")
 
 
 def test_rbac_grants_what_the_controller_calls_and_no_more():

@@ -35,6 +35,11 @@ struct AgentArgs {
         default_value = "http://payload-operator.payload-manager.svc:50052"
     )]
     catalog_url: String,
+    /// A Secret (this namespace) whose ca.crt signed the catalog's TLS
+    /// certificate; the agents get that key only. Unset: agents verify
+    /// nothing (use with an http:// catalog URL only).
+    #[arg(long, env = "PM_CATALOG_CA_SECRET")]
+    catalog_ca_secret: Option<String>,
 }
 
 impl AgentArgs {
@@ -43,11 +48,13 @@ impl AgentArgs {
             namespace,
             agent_image,
             catalog_url,
+            catalog_ca_secret,
         } = self;
         Settings {
             namespace,
             agent_image,
             catalog_url,
+            catalog_ca_secret: catalog_ca_secret.filter(|s| !s.is_empty()),
         }
     }
 }

@@ -19,6 +19,7 @@ fn settings() -> Settings {
         namespace: "payload-manager".into(),
         agent_image: "registry.example/payload-agent:1.0".into(),
         catalog_url: "https://payload-operator.payload-manager.svc:50052".into(),
+        catalog_ca_secret: Some("payload-manager-catalog-tls".into()),
     }
 }
 
@@ -90,6 +91,8 @@ fn the_agents_run_where_the_pool_says_with_its_settings() {
     assert_eq!(env["PM_OBJECT_STORE"], "s3://models-cache/payloads");
     assert_eq!(env["PM_OPERATOR"], settings().catalog_url);
     assert_eq!(env["PM_LISTEN"], "off", "pods reach the agent through its socket only");
+    assert_eq!(env["PM_OPERATOR_TOKEN_FILE"], "/var/run/secrets/payload-manager/token");
+    assert_eq!(env["PM_OPERATOR_CA_FILE"], "/var/run/secrets/payload-manager/ca.crt");
     // The credentials come from the Secret, never through the ConfigMap.
     assert!(env
         .keys()
@@ -108,6 +111,28 @@ fn the_agents_run_where_the_pool_says_with_its_settings() {
             ("payload-s3", "AWS_SECRET_ACCESS_KEY")
         ]
     );
+}
+
+#[test]
+fn the_agents_get_their_catalog_token_and_only_the_ca_of_the_catalogs_secret() {
+    let objects = build(&example());
+    let volumes = pod(&objects.daemon_set).volumes.as_ref().unwrap();
+    let token = volumes.iter().find(|v| v.name == "token").unwrap();
+    let sources = token.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    let minted = sources[0].service_account_token.as_ref().unwrap();
+    assert_eq!(minted.audience.as_deref(), Some("payload-manager-catalog"));
+    let secret = sources[1].secret.as_ref().unwrap();
+    assert_eq!(secret.name, "payload-manager-catalog-tls");
+    let keys: Vec<_> = secret.items.iter().flatten().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys, ["ca.crt"], "never the catalog's private key");
+    // Without a CA Secret, the token alone (an http:// catalog).
+    let mut plain = settings();
+    plain.catalog_ca_secret = None;
+    let objects = payload_operator::pool::desired::desired(&example(), &plain).unwrap();
+    let volumes = pod(&objects.daemon_set).volumes.clone().unwrap();
+    let token = volumes.iter().find(|v| v.name == "token").unwrap();
+    assert_eq!(token.projected.as_ref().unwrap().sources.as_ref().unwrap().len(), 1);
+    assert!(!objects.config_map.data.unwrap().contains_key("PM_OPERATOR_CA_FILE"));
 }
 
 #[test]

@@ -34,6 +34,7 @@ fn context() -> (Arc<Context>, ApiServer) {
         namespace: "payload-manager".into(),
         agent_image: "registry.example/payload-agent:1.0".into(),
         catalog_url: "https://payload-operator.payload-manager.svc:50052".into(),
+        catalog_ca_secret: Some("payload-manager-catalog-tls".into()),
     };
     let client = Client::new(service, "default");
     (Arc::new(Context { client, settings }), handle)

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapEnvSource, Container, EnvFromSource, EnvVar, EnvVarSource, HostPathVolumeSource,
+    ConfigMap, ConfigMapEnvSource, Container, EnvFromSource, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath,
     ObjectFieldSelector, PodSpec, PodTemplateSpec, ProjectedVolumeSource, ResourceRequirements, SecretKeySelector,
-    ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    SecretProjection, ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -43,6 +43,10 @@ pub struct Settings {
     pub agent_image: String,
     /// The catalog service the agents report to.
     pub catalog_url: String,
+    /// A Secret in the operator's namespace whose `ca.crt` signed the
+    /// catalog's certificate: projected into the agents (that key only),
+    /// which then verify the catalog's TLS.
+    pub catalog_ca_secret: Option<String>,
 }
 
 /// The objects of one pool, in the order they are applied.
@@ -147,6 +151,9 @@ fn agent_env(pool: &PayloadPool, settings: &Settings) -> Result<BTreeMap<String,
             quantity::bytes("ram.capacity", &spec.ram.capacity)?.to_string(),
         ),
     ]);
+    if settings.catalog_ca_secret.is_some() {
+        env.insert("PM_OPERATOR_CA_FILE".into(), format!("{TOKEN_DIR}/ca.crt"));
+    }
     let marks = &spec.watermarks;
     for tier in ["RAM", "DISK"] {
         env.insert(format!("PM_{tier}_HIGH_WATERMARK"), marks.high.to_string());
@@ -180,6 +187,34 @@ fn agent_env(pool: &PayloadPool, settings: &Settings) -> Result<BTreeMap<String,
     Ok(env)
 }
 
+/// The agent's token for the catalog, and the CA that signed the catalog's
+/// certificate (only that key of its Secret: never the private key).
+fn catalog_credentials(settings: &Settings) -> Vec<VolumeProjection> {
+    let mut sources = vec![VolumeProjection {
+        service_account_token: Some(ServiceAccountTokenProjection {
+            audience: Some(TOKEN_AUDIENCE.into()),
+            expiration_seconds: Some(3600),
+            path: "token".into(),
+        }),
+        ..Default::default()
+    }];
+    if let Some(secret) = &settings.catalog_ca_secret {
+        sources.push(VolumeProjection {
+            secret: Some(SecretProjection {
+                name: secret.clone(),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".into(),
+                    path: "ca.crt".into(),
+                    mode: None,
+                }]),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        });
+    }
+    sources
+}
+
 fn pod_template(
     pool: &PayloadPool,
     name: &str,
@@ -203,14 +238,7 @@ fn pod_template(
         Volume {
             name: "token".into(),
             projected: Some(ProjectedVolumeSource {
-                sources: Some(vec![VolumeProjection {
-                    service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some(TOKEN_AUDIENCE.into()),
-                        expiration_seconds: Some(3600),
-                        path: "token".into(),
-                    }),
-                    ..Default::default()
-                }]),
+                sources: Some(catalog_credentials(settings)),
                 ..Default::default()
             }),
             ..Default::default()
