@@ -69,6 +69,8 @@ bench: venv
 	$(CARGO) bench -p payload-agent --bench catalog
 	$(CARGO) bench -p payload-agent --bench objects
 	$(CARGO) bench -p payload-agent --bench native
+	$(CARGO) build --release -p payload-operator --bin payload-operator
+	$(CARGO) bench -p payload-agent --bench cluster
 
 ## Ours beside Vineyard and Ray's object store (PyPI, in .venv-bench) on the
 ## same workloads, one run, one table in docs/benchmarks.md.

@@ -6,7 +6,7 @@
 //! the operator the node is alive and what its tiers hold.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,7 +32,7 @@ const FIRST_INTERVAL: Duration = Duration::from_secs(5);
 pub struct OperatorLink {
     client: ClusterCatalogClient<Channel>,
     node: MetadataValue<tonic::metadata::Ascii>,
-    token: Option<Token>,
+    token: Option<Arc<Token>>,
 }
 
 struct Token {
@@ -53,7 +53,12 @@ impl OperatorLink {
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("--operator {url:?} is not a URL such as http://HOST:PORT"))?
             .timeout(CALL_TIMEOUT)
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            // A half-open connection (the operator's node gone) is noticed,
+            // and long calls (watches, the GC lock) are not left hanging.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
         if url.starts_with("https://") {
             let ca = ca_file
                 .context("--operator https://… needs --operator-ca-file (the CA that signed its certificate)")?;
@@ -75,21 +80,32 @@ impl OperatorLink {
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             node,
-            token: token_file.map(|path| Token {
-                path,
-                read: Mutex::new(None),
+            token: token_file.map(|path| {
+                Arc::new(Token {
+                    path,
+                    read: Mutex::new(None),
+                })
             }),
         })
     }
 
     fn request<T>(&self, body: T) -> Result<tonic::Request<T>, CatalogError> {
-        let mut request = tonic::Request::new(body);
-        request.metadata_mut().insert("x-payload-node", self.node.clone());
-        if let Some(token) = &self.token {
-            request.metadata_mut().insert("authorization", token.header()?);
-        }
-        Ok(request)
+        stamp(&self.node, self.token.as_deref(), body)
     }
+}
+
+/// A request carrying the node's name and its current token.
+fn stamp<T>(
+    node: &MetadataValue<tonic::metadata::Ascii>,
+    token: Option<&Token>,
+    body: T,
+) -> Result<tonic::Request<T>, CatalogError> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert("x-payload-node", node.clone());
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", token.header()?);
+    }
+    Ok(request)
 }
 
 impl Token {
@@ -151,32 +167,34 @@ impl Link for OperatorLink {
 
     fn watch_stream(&self, head: StreamHead) -> watch::Receiver<u64> {
         let (tx, rx) = watch::channel(head.next_offset);
-        let client = self.client.clone();
-        let request = self.request(Envelope {
+        let (client, node, token) = (self.client.clone(), self.node.clone(), self.token.clone());
+        let body = Envelope {
             json: serde_json::to_vec(&head).expect("a head serializes"),
-        });
+        };
         tokio::spawn(async move {
-            let Ok(request) = request else { return };
-            let (metadata, body) = (request.metadata().clone(), request.into_inner());
-            // Until every subscriber is gone; a lost call is made again,
-            // and a wake-up then makes subscribers re-read what they missed.
+            // Until every subscriber is gone. A lost call is made again
+            // (with the token of the moment: it rotates), and a wake-up
+            // then makes subscribers re-read whatever they missed.
             while !tx.is_closed() {
-                let mut request = tonic::Request::new(body.clone());
-                *request.metadata_mut() = metadata.clone();
-                if let Ok(answer) = client.clone().watch_stream(request).await {
-                    let mut nexts = answer.into_inner();
-                    loop {
-                        tokio::select! {
-                            next = nexts.message() => match next {
-                                Ok(Some(next)) => { tx.send_replace(next.next_offset); }
-                                _ => break,
-                            },
-                            _ = tx.closed() => return,
+                if let Ok(request) = stamp(&node, token.as_deref(), body.clone()) {
+                    if let Ok(answer) = client.clone().watch_stream(request).await {
+                        let mut nexts = answer.into_inner();
+                        loop {
+                            tokio::select! {
+                                next = nexts.message() => match next {
+                                    Ok(Some(next)) => { tx.send_replace(next.next_offset); }
+                                    _ => break,
+                                },
+                                _ = tx.closed() => return,
+                            }
                         }
                     }
                 }
                 tx.send_modify(|_| {});
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
             }
         });
         rx

@@ -19,12 +19,14 @@ use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
 use crate::repo::{EventPage, GcLock, ListQuery, MetadataEvent, Page, Repository, Write};
 use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};
 
+/// Rows per page when an agent loads its node's rows (a few MiB of JSON).
+const LOAD_PAGE: u32 = 5_000;
+
 /// One repository operation, by the [`Repository`] method of its name.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Call {
     WriteBatch(Vec<Write>),
     GetPayload(PayloadId),
-    LoadPayloads,
     ListPayloads(ListQuery),
     AddLineage(PayloadId, Vec<LineageEdge>),
     GetLineage(PayloadId, bool, u32),
@@ -66,6 +68,12 @@ fn json<T: Serialize>(value: T) -> Result<serde_json::Value> {
     serde_json::to_value(value).map_err(|e| CatalogError::Storage(format!("encoding a catalog answer: {e}")))
 }
 
+/// The encoded answer of a call refused before it ran.
+pub fn refusal(err: CatalogError) -> Vec<u8> {
+    let answer: std::result::Result<serde_json::Value, CatalogError> = Err(err);
+    serde_json::to_vec(&answer).expect("an answer always serializes")
+}
+
 /// Runs `call` on `repo` and encodes its answer for the caller.
 pub async fn dispatch(repo: &dyn Repository, call: Call) -> Vec<u8> {
     let answer = run(repo, call).await;
@@ -76,7 +84,6 @@ async fn run(repo: &dyn Repository, call: Call) -> Result<serde_json::Value> {
     match call {
         Call::WriteBatch(writes) => json(repo.write_batch(&writes).await?),
         Call::GetPayload(id) => json(repo.get_payload(id).await?),
-        Call::LoadPayloads => json(repo.load_payloads().await?),
         Call::ListPayloads(query) => json(repo.list_payloads(&query).await?),
         Call::AddLineage(child, edges) => json(repo.add_lineage(child, &edges).await?),
         Call::GetLineage(id, upstream, depth) => json(repo.get_lineage(id, upstream, depth).await?),
@@ -171,8 +178,21 @@ impl<L: Link> Repository for RemoteRepository<L> {
     async fn get_payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>> {
         self.call(Call::GetPayload(id)).await
     }
+    // In pages: a node's rows may be far more than one message holds.
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>> {
-        self.call(Call::LoadPayloads).await
+        let mut query = ListQuery {
+            page_size: LOAD_PAGE,
+            ..Default::default()
+        };
+        let mut all = Vec::new();
+        loop {
+            let page: Page = self.call(Call::ListPayloads(query.clone())).await?;
+            all.extend(page.items);
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
     async fn list_payloads(&self, query: &ListQuery) -> Result<Page> {
         self.call(Call::ListPayloads(query.clone())).await

@@ -49,6 +49,7 @@ async fn review(server: &mut ApiServer, status: Value) -> Value {
 fn agent_on(node: &str) -> Value {
     json!({
         "authenticated": true,
+        "audiences": ["payload-manager-catalog"],
         "user": {
             "username": "system:serviceaccount:payload-manager:payload-agent-gpu",
             "extra": {"authentication.kubernetes.io/node-name": [node]},
@@ -91,13 +92,21 @@ async fn tokens_that_are_not_an_agents_bound_token_are_refused() {
             "token expired",
         ),
         (
-            json!({"authenticated": true, "user": {"username": "system:serviceaccount:default:builder",
+            json!({"authenticated": true, "user": {"username": "system:serviceaccount:payload-manager:payload-agent-x",
+                "extra": {"authentication.kubernetes.io/node-name": ["n"]}}}),
+            Code::Unauthenticated,
+            "not for audience payload-manager-catalog",
+        ),
+        (
+            json!({"authenticated": true, "audiences": ["payload-manager-catalog"],
+                "user": {"username": "system:serviceaccount:default:builder",
                 "extra": {"authentication.kubernetes.io/node-name": ["n"]}}}),
             Code::PermissionDenied,
             "not a pool's agent",
         ),
         (
-            json!({"authenticated": true, "user": {"username": "system:serviceaccount:payload-manager:payload-agent-x"}}),
+            json!({"authenticated": true, "audiences": ["payload-manager-catalog"],
+                "user": {"username": "system:serviceaccount:payload-manager:payload-agent-x"}}),
             Code::PermissionDenied,
             "not bound to a node",
         ),

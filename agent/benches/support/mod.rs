@@ -11,12 +11,17 @@ use payload_client::Client;
 /// Starts `payload-agent standalone` on `state` with its RAM tier in `ram`;
 /// `extra` adds flags (a `--catalog`, a `--node-name`).
 pub fn spawn(state: &Path, ram: &Path, ram_capacity: &str, extra: &[&str]) -> Child {
+    spawn_mode("standalone", state, ram, ram_capacity, extra)
+}
+
+/// As [`spawn`], as `payload-agent MODE` (`node`, say).
+pub fn spawn_mode(mode: &str, state: &Path, ram: &Path, ram_capacity: &str, extra: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_payload-agent"));
     // PM_BENCH_AGENT_THREADS: the agent's worker threads (its --worker-threads).
     if let Ok(threads) = std::env::var("PM_BENCH_AGENT_THREADS") {
         cmd.arg("--worker-threads").arg(threads);
     }
-    cmd.arg("standalone")
+    cmd.arg(mode)
         .arg("--state-dir")
         .arg(state)
         .arg("--ram-root")

@@ -76,13 +76,13 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
          priority = excluded.priority, spill_target = excluded.spill_target, \
          min_residency_tier = excluded.min_residency_tier, require_durable = excluded.require_durable, \
          labels = excluded.labels, sha256 = excluded.sha256, version = excluded.version, \
-         pinned_until_ms = excluded.pinned_until_ms, node = excluded.node, copies = excluded.copies, \
-         owner = excluded.owner"
+         pinned_until_ms = excluded.pinned_until_ms, copies = excluded.copies, \
+         owner = excluded.owner WHERE payloads.node = excluded.node"
     } else {
         "UPDATE payloads SET tier = $2, state = $3, size_bytes = $4, created_at_ms = $5, expires_at_ms = $6, \
          write_deadline_ms = $7, priority = $8, spill_target = $9, min_residency_tier = $10, \
-         require_durable = $11, labels = $12, sha256 = $13, version = $14, pinned_until_ms = $15, node = $16, \
-         copies = $17, owner = $18 WHERE id = $1"
+         require_durable = $11, labels = $12, sha256 = $13, version = $14, pinned_until_ms = $15, \
+         copies = $17, owner = $18 WHERE id = $1 AND node = $16"
     };
     let done = sqlx::query(sql)
         .bind(rec.id.as_bytes().as_slice())
@@ -106,7 +106,15 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
         .execute(&mut *conn)
         .await?;
     if done.rows_affected() == 0 {
-        return Err(CatalogError::NotFound(format!("payload {} not found", rec.id)));
+        // Rows belong to the node that made them: another node's row is
+        // neither taken over (an insert of its id) nor changed.
+        return Err(match exists(conn, rec.id).await? {
+            true => CatalogError::Conflict(format!(
+                "payload {} belongs to another node; a node writes only its own rows",
+                rec.id
+            )),
+            false => CatalogError::NotFound(format!("payload {} not found", rec.id)),
+        });
     }
     sqlx::query("DELETE FROM payload_labels WHERE payload_id = $1")
         .bind(rec.id.as_bytes().as_slice())
@@ -421,9 +429,11 @@ async fn apply(conn: &mut Conn, node: &str, write: &Write) -> Result<()> {
     match write {
         Write::Insert(rec) => upsert(conn, node, rec, true).await,
         Write::Update(rec) => upsert(conn, node, rec, false).await,
+        // Another node's row stays (a replayed delete of one already gone is fine).
         Write::Delete(id) => {
-            sqlx::query("DELETE FROM payloads WHERE id = $1")
+            sqlx::query("DELETE FROM payloads WHERE id = $1 AND node = $2")
                 .bind(id.as_bytes().as_slice())
+                .bind(node)
                 .execute(&mut *conn)
                 .await?;
             Ok(())

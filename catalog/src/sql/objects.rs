@@ -164,8 +164,9 @@ impl Repo {
     }
 
     async fn objects_complete(&self, id: PayloadId) -> Result<()> {
-        let done = sqlx::query("UPDATE object_manifests SET complete = TRUE WHERE payload_id = $1")
+        let done = sqlx::query("UPDATE object_manifests SET complete = TRUE WHERE payload_id = $1 AND node = $2")
             .bind(id.as_bytes().as_slice())
+            .bind(&*self.node)
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 0 {

@@ -193,7 +193,31 @@ async fn the_largest_labels_the_agent_accepts_fit_the_label_index(b: Backend) {
     assert_eq!(repo.list_payloads(&found).await.unwrap().items.len(), 1);
 }
 
+async fn a_node_cannot_take_over_change_or_delete_another_nodes_rows(b: Backend) {
+    let a = b.repo.clone();
+    let other = b.open("node-b").await;
+    let mine = record(100, Tier::Ram, &[("k", "v")]);
+    insert(a.as_ref(), std::slice::from_ref(&mine)).await;
+    let mut changed = mine.clone();
+    changed.size_bytes = 1;
+    for write in [Write::Insert(changed.clone()), Write::Update(changed)] {
+        let refused = other.write_batch(&[write]).await;
+        assert!(
+            matches!(&refused, Err(CatalogError::Conflict(m)) if m.contains("belongs to another node")),
+            "{refused:?}"
+        );
+    }
+    other.write_batch(&[Write::Delete(mine.id)]).await.unwrap();
+    assert_eq!(a.get_payload(mine.id).await.unwrap(), Some(mine.clone()), "untouched");
+    assert_eq!(a.load_payloads().await.unwrap(), vec![mine.clone()]);
+    assert!(other.load_payloads().await.unwrap().is_empty());
+    // Its owner still changes and deletes it.
+    a.write_batch(&[Write::Delete(mine.id)]).await.unwrap();
+    assert_eq!(a.get_payload(mine.id).await.unwrap(), None);
+}
+
 parity!(
+    a_node_cannot_take_over_change_or_delete_another_nodes_rows,
     the_largest_labels_the_agent_accepts_fit_the_label_index,
     rows_round_trip_and_updates_of_missing_rows_fail,
     listing_filters_and_pages_stay_stable_while_rows_are_inserted,

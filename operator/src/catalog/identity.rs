@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
+use sha2::{Digest, Sha256};
 use tonic::{metadata::MetadataMap, Status};
 
 /// The audience of the agents' projected tokens (the pool's DaemonSet asks
@@ -22,7 +23,8 @@ pub const NODE_HEADER: &str = "x-payload-node";
 const NODE_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// How long a reviewed token is trusted before it is reviewed again.
 const REVIEW_TTL: Duration = Duration::from_secs(60);
-/// Reviewed tokens remembered at most (the cache is emptied past it).
+/// Reviewed tokens remembered at most (past it, expired ones are dropped,
+/// then all).
 const REVIEW_CACHE: usize = 4096;
 
 pub enum Gate {
@@ -35,7 +37,9 @@ pub struct Reviewer {
     client: kube::Client,
     /// The namespace the agents' ServiceAccounts are in (the operator's).
     namespace: String,
-    cache: Mutex<HashMap<String, (String, Instant)>>,
+    /// Reviewed tokens by their SHA-256 (the tokens themselves are not
+    /// kept), with the node each names and when it was reviewed.
+    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
 }
 
 impl Reviewer {
@@ -98,7 +102,8 @@ fn bearer(headers: &MetadataMap) -> Result<&str, Status> {
 
 impl Reviewer {
     async fn review(&self, token: &str) -> Result<String, Status> {
-        if let Some((node, at)) = crate::lock(&self.cache).get(token) {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((node, at)) = crate::lock(&self.cache).get(&key) {
             if at.elapsed() < REVIEW_TTL {
                 return Ok(node.clone());
             }
@@ -117,9 +122,12 @@ impl Reviewer {
         let node = self.node_in(reviewed)?;
         let mut cache = crate::lock(&self.cache);
         if cache.len() >= REVIEW_CACHE {
+            cache.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
+        }
+        if cache.len() >= REVIEW_CACHE {
             cache.clear();
         }
-        cache.insert(token.to_string(), (node.clone(), Instant::now()));
+        cache.insert(key, (node.clone(), Instant::now()));
         Ok(node)
     }
 
@@ -130,6 +138,12 @@ impl Reviewer {
             let why = status.error.unwrap_or_else(|| "not authenticated".into());
             return Err(Status::unauthenticated(format!(
                 "the API server did not accept the caller's token for audience {AUDIENCE}: {why}"
+            )));
+        }
+        // Reviewed for our audience, not merely the API server's own.
+        if !status.audiences.iter().flatten().any(|a| a == AUDIENCE) {
+            return Err(Status::unauthenticated(format!(
+                "the caller's token is not for audience {AUDIENCE}: mount the agent's projected token"
             )));
         }
         let user = status.user.unwrap_or_default();

@@ -9,18 +9,18 @@ pub mod identity;
 pub mod nodes;
 pub mod serve;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
-use payload_catalog::remote::{dispatch, Call};
+use payload_catalog::remote::{dispatch, refusal, Call};
 use payload_catalog::{CatalogError, PgRepository, Repository, StreamHead};
 use payload_proto::cluster::cluster_catalog_server::ClusterCatalog;
 use payload_proto::cluster::{
     Envelope, HeartbeatReply, HeartbeatRequest, ListNodesReply, ListNodesRequest, StreamNext,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -32,25 +32,46 @@ pub struct CatalogService {
     repos: Mutex<HashMap<String, Arc<dyn Repository>>>,
     gate: identity::Gate,
     nodes: nodes::Nodes,
+    /// Nodes holding (or waiting for) the GC lock: one call each. A
+    /// collection's steps are refused to a node not in it, so one whose
+    /// lock went with an operator restart stops instead of racing the next.
+    collecting: Arc<Mutex<HashSet<String>>>,
+    /// Ends the long calls (watches, GC locks) when the server stops.
+    stop: watch::Receiver<bool>,
 }
 
 impl CatalogService {
-    pub fn new(base: PgRepository, gate: identity::Gate) -> Self {
+    pub fn new(base: PgRepository, gate: identity::Gate, stop: watch::Receiver<bool>) -> Self {
         CatalogService {
             base,
             repos: Mutex::default(),
             gate,
             nodes: nodes::Nodes::default(),
+            collecting: Arc::default(),
+            stop,
         }
     }
 
-    async fn repo<T>(&self, request: &Request<T>) -> Result<Arc<dyn Repository>, Status> {
+    async fn repo<T>(&self, request: &Request<T>) -> Result<(String, Arc<dyn Repository>), Status> {
         let node = self.gate.node_of(request.metadata()).await?;
         let mut repos = crate::lock(&self.repos);
-        Ok(repos
-            .entry(node)
+        let repo = repos
+            .entry(node.clone())
             .or_insert_with_key(|node| Arc::new(self.base.for_node(node)))
-            .clone())
+            .clone();
+        Ok((node, repo))
+    }
+}
+
+/// Takes `node`'s place among the collectors until dropped.
+struct Collecting {
+    node: String,
+    set: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        crate::lock(&self.set).remove(&self.node);
     }
 }
 
@@ -60,12 +81,18 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A catalog failure as the agent's writer reads it: storage trouble is
-/// worth retrying (UNAVAILABLE), the rest is an answer.
+/// A catalog failure outside a call's answer (the GC lock, a malformed
+/// call). The agent's link treats every status as an outage to wait out.
 fn status(err: CatalogError) -> Status {
     match err {
         CatalogError::Storage(m) => Status::unavailable(m),
-        other => Status::invalid_argument(other.to_string()),
+        CatalogError::NotFound(m) => Status::not_found(m),
+        CatalogError::AlreadyExists(m) => Status::already_exists(m),
+        CatalogError::InvalidState(m) => Status::failed_precondition(m),
+        CatalogError::Conflict(m) => Status::aborted(m),
+        CatalogError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        CatalogError::InvalidArgument(m) => Status::invalid_argument(m),
+        CatalogError::OutOfRange(m) => Status::out_of_range(m),
     }
 }
 
@@ -74,31 +101,56 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static
 #[tonic::async_trait]
 impl ClusterCatalog for CatalogService {
     async fn call(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
-        let repo = self.repo(&request).await?;
+        let (node, repo) = self.repo(&request).await?;
         let call = Call::decode(&request.into_inner().json).map_err(status)?;
+        let collecting = matches!(call, Call::GcBegin(..) | Call::GcFinish(..));
+        if collecting && !crate::lock(&self.collecting).contains(&node) {
+            let lost = CatalogError::Storage(
+                "this node does not hold the catalog's GC lock (it was lost: did the operator restart?); \
+                 the collection stops and runs again later"
+                    .into(),
+            );
+            return Ok(Response::new(Envelope { json: refusal(lost) }));
+        }
         let json = dispatch(repo.as_ref(), call).await;
         Ok(Response::new(Envelope { json }))
     }
 
     async fn hold_gc_lock(&self, request: Request<Envelope>) -> Result<Response<Streamed<Envelope>>, Status> {
-        let repo = self.repo(&request).await?;
+        let (node, repo) = self.repo(&request).await?;
+        if !crate::lock(&self.collecting).insert(node.clone()) {
+            return Err(Status::resource_exhausted(format!(
+                "node {node} already holds or waits for the GC lock: one collection per node"
+            )));
+        }
+        let place = Collecting {
+            node,
+            set: self.collecting.clone(),
+        };
         let lock = repo.gc_lock().await.map_err(status)?;
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.send(Ok(Envelope::default())).await;
-        // Held until the caller ends the call (or its connection drops).
+        let mut stop = self.stop.clone();
+        // Held until the caller ends the call, its connection drops (the
+        // server's keepalive notices a dead peer) or the server stops.
         tokio::spawn(async move {
-            tx.closed().await;
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            drop(place);
             drop(lock);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn watch_stream(&self, request: Request<Envelope>) -> Result<Response<Streamed<StreamNext>>, Status> {
-        let repo = self.repo(&request).await?;
+        let (_, repo) = self.repo(&request).await?;
         let head: StreamHead = serde_json::from_slice(&request.into_inner().json)
             .map_err(|e| Status::invalid_argument(format!("not a stream head: {e}")))?;
         let mut woken = repo.watch_stream(head);
         let (tx, rx) = mpsc::channel(4);
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
                 let next_offset = *woken.borrow_and_update();
@@ -108,6 +160,7 @@ impl ClusterCatalog for CatalogService {
                 tokio::select! {
                     changed = woken.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => return,
                 }
             }
         });
@@ -116,7 +169,15 @@ impl ClusterCatalog for CatalogService {
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let node = self.gate.node_of(request.metadata()).await?;
-        self.nodes.beat(&node, request.into_inner(), now_ms());
+        let beat = request.into_inner();
+        if beat.tiers.len() > nodes::MAX_TIERS || beat.version.len() > nodes::MAX_VERSION {
+            return Err(Status::invalid_argument(format!(
+                "a heartbeat reports at most {} tiers and a version of {} bytes",
+                nodes::MAX_TIERS,
+                nodes::MAX_VERSION
+            )));
+        }
+        self.nodes.beat(&node, beat, now_ms());
         Ok(Response::new(HeartbeatReply {
             interval_ms: nodes::INTERVAL.as_millis() as u64,
         }))

@@ -10,6 +10,9 @@ use payload_proto::cluster::{HeartbeatRequest, NodeInfo};
 
 /// How often agents are asked to send heartbeats.
 pub const INTERVAL: Duration = Duration::from_secs(5);
+/// The most a heartbeat may carry.
+pub const MAX_TIERS: usize = 8;
+pub const MAX_VERSION: usize = 64;
 /// Heartbeats missed before a node is no longer live.
 const MISSED: u64 = 3;
 

@@ -55,7 +55,10 @@ impl CatalogArgs {
         let base = payload_catalog::PgRepository::connect(&self.database, "payload-operator")
             .await
             .with_context(|| format!("opening the catalog {shown}"))?;
-        let mut server = Server::builder();
+        // A dead peer is noticed, so the GC lock and watches it held end.
+        let mut server = Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
             let identity = Identity::from_pem(read(cert)?, read(key)?);
@@ -63,7 +66,8 @@ impl CatalogArgs {
                 .tls_config(ServerTlsConfig::new().identity(identity))
                 .context("the TLS certificate and key")?;
         }
-        let service = ClusterCatalogServer::new(CatalogService::new(base, gate))
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let service = ClusterCatalogServer::new(CatalogService::new(base, gate, stop))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let listener = tokio::net::TcpListener::bind(self.listen)
@@ -72,7 +76,11 @@ impl CatalogArgs {
         tracing::info!(listen = %listener.local_addr()?, catalog = %shown, "payload-operator catalog is serving");
         server
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped())
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                stopped().await;
+                // The long calls end too, or the drain would wait on them.
+                let _ = stop_tx.send(true);
+            })
             .await
             .context("serving the catalog")?;
         tracing::info!("stopped");
