@@ -89,6 +89,10 @@ fn main() {
             .unwrap()
             .port();
         let mut op = operator(&served, port);
+        // A node loads its rows from the operator at start: wait for it.
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let url = format!("http://127.0.0.1:{port}");
         let (state, ram) = dirs();
         let mut node = spawn_mode(
