@@ -31,7 +31,7 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let operator = Operator::start(&database, spare_port(), logs.path()).await;
     let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
     let (a, a_client) = node(&a_dirs, &operator.url(), "node-a").await;
-    let (b, _b_client) = node(&b_dirs, &operator.url(), "node-b").await;
+    let (b, b_client) = node(&b_dirs, &operator.url(), "node-b").await;
 
     let (id, _) = put(&a_client, b"weights", Tier::Ram).await.unwrap();
     eventually("the commit is in the operator's catalog, on node-a's rows", || async {
@@ -52,9 +52,41 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
         }
     };
     assert!(on("node-a").await && !on("node-b").await, "on node-a's rows only");
-    // Reads of the catalog go through the operator too.
+    // Reads of the catalog go through the operator too: this node's
+    // payloads, another node's, or the cluster's, each with its node.
+    let (on_b, _) = put(&b_client, b"tokenizer", Tier::Ram).await.unwrap();
     let listed = a_client.list(Default::default()).await.unwrap();
     assert_eq!(listed.payloads.len(), 1, "{listed:?}");
+    eventually("node-b's commit is in the catalog", || async {
+        row(&database, "node-b", on_b).await.is_some()
+    })
+    .await;
+    let scoped = |filter: &str| {
+        let request = payload_proto::runtime::ListPayloadsRequest {
+            node_filter: filter.into(),
+            ..Default::default()
+        };
+        let client = a_client.clone();
+        async move {
+            let page = client.list(request).await.unwrap();
+            let mut seen: Vec<_> = page
+                .payloads
+                .iter()
+                .map(|p| {
+                    (
+                        uuid::Uuid::from_slice(&p.id.as_ref().unwrap().value).unwrap(),
+                        p.node.clone(),
+                    )
+                })
+                .collect();
+            seen.sort();
+            seen
+        }
+    };
+    assert_eq!(scoped("node-b").await, [(on_b, "node-b".to_string())]);
+    let mut both = vec![(id, "node-a".to_string()), (on_b, "node-b".to_string())];
+    both.sort();
+    assert_eq!(scoped("*").await, both);
 
     let mut client = ClusterCatalogClient::connect(operator.url()).await.unwrap();
     eventually("both nodes have sent a heartbeat", || {

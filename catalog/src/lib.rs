@@ -17,7 +17,7 @@ pub mod testing;
 pub use error::{CatalogError, Result};
 pub use model::*;
 pub use objects::{BlockHash, BlockState, BlockStats, CopyRecord, Manifest, BLOCK_SIZE};
-pub use repo::{EventPage, ListQuery, MetadataEvent, Page, PageToken, Repository, Write};
+pub use repo::{EventPage, ListQuery, MetadataEvent, Page, PageToken, Repository, Scope, Write};
 pub use sql::postgres::PgRepository;
 pub use sql::sqlite::SqliteRepository;
 pub use stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};

@@ -62,6 +62,19 @@ pub struct ListQuery {
     pub created_before_ms: Option<u64>,
     pub page_size: u32,
     pub after: Option<PageToken>,
+    /// Whose rows: this node's (the default), another node's, or every
+    /// node's (the cluster view).
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+/// Which nodes' rows a listing covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scope {
+    #[default]
+    Own,
+    Node(String),
+    Cluster,
 }
 
 /// A keyset position: the last row of the previous page, and the total the
@@ -138,6 +151,9 @@ pub fn parse_label_selector(selector: &str) -> Result<Vec<(String, String)>> {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Page {
     pub items: Vec<PayloadRecord>,
+    /// The node each item's row belongs to, in order.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     pub next: Option<PageToken>,
     /// Rows matching the filters when the listing began (first page).
     pub total: u64,

@@ -274,6 +274,13 @@ fn stdin_put_is_listed_and_its_bytes_read_back() {
     let table = ok(&agent.ctl(&["ls"]));
     assert!(table.starts_with("ID "), "{table}");
     assert!(table.contains(&id), "{table}");
+
+    // The catalog's view: every node's payloads, each with its node.
+    let everyone = ok(&agent.ctl(&["ls", "--all-nodes"]));
+    assert!(everyone.starts_with("ID ") && everyone.contains(" NODE "), "{everyone}");
+    assert!(everyone.contains("standalone"), "{everyone}");
+    let elsewhere = json(&agent.ctl(&["ls", "--node", "node-b", "--output", "json"]));
+    assert_eq!(elsewhere, Value::Array(vec![]), "no such node, no payloads");
 }
 
 #[test]

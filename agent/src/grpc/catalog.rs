@@ -6,6 +6,7 @@ use std::sync::Arc;
 use payload_catalog::repo::parse_label_selector;
 use payload_catalog::{
     CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken, PayloadState, Priority,
+    Scope,
 };
 use payload_proto::catalog as pbc;
 use payload_proto::core::{MetadataUpdateMode, PromotionPolicy, SpillPolicy};
@@ -428,16 +429,31 @@ impl PayloadCatalogService for CatalogService {
                 "" => None,
                 token => Some(PageToken::decode(token).map_err(status)?),
             },
+            scope: match req.node_filter.as_str() {
+                "" => Scope::Own,
+                "*" => Scope::Cluster,
+                name => Scope::Node(name.to_string()),
+            },
         };
+        no_nul("node_filter", &req.node_filter)?;
         let page = self.repo().await?.list_payloads(&query).await.map_err(status)?;
         let now = self.node.now_ms();
+        let own = &self.node.config().node_name;
         let payloads = page
             .items
             .iter()
-            .map(|rec| {
-                // The node's view is fresher than the row (tier moves, leases).
-                let (rec, leases) = self.node.get(rec.id).unwrap_or_else(|_| (rec.clone(), 0));
-                summary(&self.node, &rec, leases, now)
+            .zip(page.nodes.iter().map(String::as_str).chain(std::iter::repeat("")))
+            .map(|(rec, node)| {
+                let mut out = if node.is_empty() || node == own {
+                    // The node's view is fresher than the row (tier moves, leases).
+                    let (rec, leases) = self.node.get(rec.id).unwrap_or_else(|_| (rec.clone(), 0));
+                    summary(&self.node, &rec, leases, now)
+                } else {
+                    // Another node's: its leases are that node's to know.
+                    summary(&self.node, rec, 0, now)
+                };
+                out.node = node.to_string();
+                out
             })
             .collect();
         Ok(Response::new(runtime::ListPayloadsResponse {

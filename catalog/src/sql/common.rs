@@ -142,21 +142,31 @@ async fn upsert(conn: &mut Conn, node: &str, rec: &PayloadRecord, insert: bool) 
 /// listing.
 fn push_listing<'a>(
     qb: &mut QueryBuilder<'a, Db>,
-    node: &'a str,
+    own: &'a str,
     query: &'a ListQuery,
 ) -> (&'static str, &'static str) {
+    let node = match &query.scope {
+        Scope::Own => Some(own),
+        Scope::Node(other) => Some(other.as_str()),
+        Scope::Cluster => None,
+    };
     let driver = match query.labels.first() {
         Some((key, value)) => {
             qb.push(" FROM payload_labels d JOIN payloads p ON p.id = d.payload_id WHERE d.key = ")
                 .push_bind(key.as_str())
                 .push(" AND d.value = ")
-                .push_bind(value.as_str())
-                .push(" AND d.node = ")
-                .push_bind(node);
+                .push_bind(value.as_str());
+            if let Some(node) = node {
+                qb.push(" AND d.node = ").push_bind(node);
+            }
             ("d", "payload_id")
         }
         None => {
-            qb.push(" FROM payloads p WHERE p.node = ").push_bind(node);
+            qb.push(" FROM payloads p WHERE ");
+            match node {
+                Some(node) => qb.push("p.node = ").push_bind(node),
+                None => qb.push("TRUE"),
+            };
             ("p", "id")
         }
     };
@@ -504,7 +514,7 @@ impl Repository for Repo {
         };
 
         let page_size = query.page_size.max(1) as usize;
-        let mut select = QueryBuilder::<Db>::new(format!("SELECT {}", qualified_columns()));
+        let mut select = QueryBuilder::<Db>::new(format!("SELECT {}, p.node AS row_node", qualified_columns()));
         let (d, id) = push_listing(&mut select, &self.node, query);
         if let Some(after) = query.after {
             // A row-value comparison lets the planner seek the index instead
@@ -521,8 +531,13 @@ impl Repository for Repo {
             .push_bind(page_size as i64 + 1);
         let rows = select.build().fetch_all(&self.pool).await?;
         let mut items = rows.iter().map(record_from_row).collect::<Result<Vec<_>>>()?;
+        let mut nodes = rows
+            .iter()
+            .map(|row| row.try_get::<String, _>("row_node"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let next = if items.len() > page_size {
             items.truncate(page_size);
+            nodes.truncate(page_size);
             items.last().map(|r| PageToken {
                 created_at_ms: r.created_at_ms,
                 id: r.id,
@@ -531,7 +546,12 @@ impl Repository for Repo {
         } else {
             None
         };
-        Ok(Page { items, next, total })
+        Ok(Page {
+            items,
+            nodes,
+            next,
+            total,
+        })
     }
 
     async fn add_lineage(&self, child: PayloadId, edges: &[LineageEdge]) -> Result<()> {

@@ -216,7 +216,56 @@ async fn a_node_cannot_take_over_change_or_delete_another_nodes_rows(b: Backend)
     assert_eq!(a.get_payload(mine.id).await.unwrap(), None);
 }
 
+async fn listings_cover_this_node_another_or_the_whole_catalog(b: Backend) {
+    let a = b.repo.clone();
+    let other = b.open("node-b").await;
+    let mine = record(100, Tier::Ram, &[("model", "m")]);
+    let theirs = record(200, Tier::Disk, &[("model", "m")]);
+    insert(a.as_ref(), std::slice::from_ref(&mine)).await;
+    insert(other.as_ref(), std::slice::from_ref(&theirs)).await;
+    let list = |scope: Scope, labels: bool| {
+        let a = a.clone();
+        async move {
+            let query = ListQuery {
+                scope,
+                page_size: 1,
+                labels: if labels {
+                    vec![("model".into(), "m".into())]
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            };
+            let mut seen = Vec::new();
+            let mut query = query;
+            loop {
+                let page = a.list_payloads(&query).await.unwrap();
+                assert_eq!(page.items.len(), page.nodes.len());
+                seen.extend(page.items.iter().map(|r| r.id).zip(page.nodes.clone()));
+                match page.next {
+                    Some(next) => query.after = Some(next),
+                    None => return (seen, page.total),
+                }
+            }
+        }
+    };
+    for labels in [false, true] {
+        let (own, total) = list(Scope::Own, labels).await;
+        assert_eq!((own, total), (vec![(mine.id, "standalone".to_string())], 1));
+        let (theirs_only, _) = list(Scope::Node("node-b".into()), labels).await;
+        assert_eq!(theirs_only, vec![(theirs.id, "node-b".to_string())]);
+        // Newest first, each with its node, over pages of one.
+        let (all, total) = list(Scope::Cluster, labels).await;
+        assert_eq!(total, 2);
+        assert_eq!(
+            all,
+            vec![(theirs.id, "node-b".to_string()), (mine.id, "standalone".to_string())]
+        );
+    }
+}
+
 parity!(
+    listings_cover_this_node_another_or_the_whole_catalog,
     a_node_cannot_take_over_change_or_delete_another_nodes_rows,
     the_largest_labels_the_agent_accepts_fit_the_label_index,
     rows_round_trip_and_updates_of_missing_rows_fail,

@@ -258,6 +258,13 @@ pub struct LsArgs {
     /// Follow every page instead of stopping after the first.
     #[arg(long)]
     pub all: bool,
+    /// Another node's payloads, as the catalog lists them (a node of the
+    /// same cluster, or of a PostgreSQL catalog shared by standalone agents).
+    #[arg(long, value_name = "NAME", conflicts_with = "all_nodes")]
+    pub node: Option<String>,
+    /// Every node's payloads in the catalog, each with its node.
+    #[arg(long)]
+    pub all_nodes: bool,
 }
 
 #[derive(Args, Debug)]

@@ -23,8 +23,17 @@ pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result
         labels,
         limit,
         all,
+        node,
+        all_nodes,
     } = args;
+    let node_filter = match (node, all_nodes) {
+        (_, true) => "*".to_string(),
+        (Some(node), false) => node,
+        (None, false) => String::new(),
+    };
+    let other_nodes = !node_filter.is_empty();
     let mut request = ListPayloadsRequest {
+        node_filter,
         tier_filter: tier.map(|t| payload_client::Tier::from(t) as i32).unwrap_or(0),
         state_filter: state.map(|s| PayloadState::from(s) as i32).unwrap_or(0),
         page_size: limit.unwrap_or(0),
@@ -47,11 +56,13 @@ pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result
     if format == Format::Json {
         return print_json(&Value::Array(payloads.iter().map(summary_json).collect()));
     }
-    let mut table = Table::new(vec![
-        "ID", "TIER", "STATE", "SIZE", "LEASES", "PINNED", "CREATED", "LABELS",
-    ]);
+    let mut columns = vec!["ID", "TIER", "STATE", "SIZE", "LEASES", "PINNED", "CREATED", "LABELS"];
+    if other_nodes {
+        columns.insert(1, "NODE");
+    }
+    let mut table = Table::new(columns);
     for p in &payloads {
-        table.row(vec![
+        let mut row = vec![
             id_text(p.id.as_ref()),
             tier_name(p.tier).into(),
             state_name(p.state).into(),
@@ -60,7 +71,11 @@ pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result
             yes_no(p.pinned),
             time_or(p.created_at_ms, "-"),
             labels_text(&p.labels),
-        ]);
+        ];
+        if other_nodes {
+            row.insert(1, p.node.clone());
+        }
+        table.row(row);
     }
     print(&table.render())?;
     if more {

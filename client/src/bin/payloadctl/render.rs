@@ -233,6 +233,9 @@ pub fn summary_json(s: &PayloadSummary) -> Value {
         "pinned": s.pinned,
         "labels": labels,
     });
+    if !s.node.is_empty() {
+        value["node"] = Value::String(s.node.clone());
+    }
     if !s.sha256.is_empty() {
         value["sha256"] = Value::String(hex::encode(&s.sha256));
     }
