@@ -128,6 +128,16 @@ impl Token {
     }
 }
 
+/// Ends the GC lock's call when the lock is dropped (the task that reads
+/// the call owns it).
+struct EndsCall(tokio::task::AbortHandle);
+
+impl Drop for EndsCall {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Every failure to reach the operator is an outage the writer waits out:
 /// a refused token, say, is fixed by whoever runs the cluster, and the
 /// writes it holds must not be set aside meanwhile.
@@ -156,13 +166,20 @@ impl Link for OperatorLink {
             .await
             .map_err(outage)?
             .into_inner();
-        // The first message says the lock is held; ending the call frees it.
-        match held.message().await.map_err(outage)? {
-            Some(_) => Ok(GcLock::new(held)),
-            None => Err(CatalogError::Storage(
+        // The first message says the lock is held; ending the call frees
+        // it, and the call ending otherwise (the operator restarted, the
+        // connection died) means it is lost.
+        if held.message().await.map_err(outage)?.is_none() {
+            return Err(CatalogError::Storage(
                 "the operator ended the GC lock call at once".into(),
-            )),
+            ));
         }
+        let (lost_tx, lost) = watch::channel(false);
+        let watcher = tokio::spawn(async move {
+            while let Ok(Some(_)) = held.message().await {}
+            let _ = lost_tx.send(true);
+        });
+        Ok(GcLock::losable(EndsCall(watcher.abort_handle()), lost))
     }
 
     fn watch_stream(&self, head: StreamHead) -> watch::Receiver<u64> {

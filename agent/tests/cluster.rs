@@ -177,3 +177,34 @@ async fn a_cluster_node_refuses_flags_that_belong_to_standalone() {
     let out = Agent::refused(&dirs, &["node", "--operator", "https://op:1", "--node-name", "n"]);
     assert!(out.contains("--operator-ca-file"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_lock_held_through_the_operator_is_lost_with_it() {
+    let Some(database) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let port = spare_port();
+    let operator = Operator::start(&database, port, logs.path()).await;
+    let link = payload_agent::cluster::OperatorLink::new(&operator.url(), "node-a", None, None).unwrap();
+    let repo = payload_catalog::remote::RemoteRepository::new("node-a", link);
+    let lock = repo.gc_lock().await.unwrap();
+    let mut lost = lock.lost().expect("a lock held through the operator can be lost");
+    assert!(!*lost.borrow());
+    assert!(repo.gc_begin(0, 10).await.unwrap().is_empty(), "the holder collects");
+    let second = repo.gc_lock().await.err().expect("one collection per node");
+    assert!(second.to_string().contains("one collection per node"), "{second}");
+
+    operator.kill9();
+    tokio::time::timeout(std::time::Duration::from_secs(60), lost.wait_for(|l| *l))
+        .await
+        .expect("the lock is known lost once its call ends")
+        .unwrap();
+    let _operator = Operator::start(&database, port, logs.path()).await;
+    let refused = repo.gc_begin(0, 10).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("does not hold the catalog's GC lock"),
+        "{refused}"
+    );
+    drop(lock);
+}

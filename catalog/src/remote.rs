@@ -19,8 +19,10 @@ use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
 use crate::repo::{EventPage, GcLock, ListQuery, MetadataEvent, Page, Repository, Write};
 use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};
 
-/// Rows per page when an agent loads its node's rows (a few MiB of JSON).
-const LOAD_PAGE: u32 = 5_000;
+/// Rows per page when an agent loads its node's rows: 200 of the largest
+/// rows the agent accepts (64 labels of 2 KiB values) stay well inside a
+/// 64 MiB message; typical rows make pages of a few hundred KiB.
+const LOAD_PAGE: u32 = 200;
 
 /// One repository operation, by the [`Repository`] method of its name.
 #[derive(Debug, Serialize, Deserialize)]

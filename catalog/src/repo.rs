@@ -124,11 +124,31 @@ impl PageToken {
 /// Held for the whole of a garbage collection; see [`Repository::gc_lock`].
 pub struct GcLock {
     _held: Box<dyn Send>,
+    /// Set when a lock held through another process (the operator's) is
+    /// gone before it was dropped: the collection must stop.
+    lost: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl GcLock {
     pub fn new(held: impl Send + 'static) -> Self {
-        Self { _held: Box::new(held) }
+        Self {
+            _held: Box::new(held),
+            lost: None,
+        }
+    }
+
+    /// A lock that can be taken away while held: `lost` turns true then.
+    pub fn losable(held: impl Send + 'static, lost: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            _held: Box::new(held),
+            lost: Some(lost),
+        }
+    }
+
+    /// What turns true if the lock is lost (`None`: it cannot be, while
+    /// held): check it before each step that relies on the lock.
+    pub fn lost(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.lost.clone()
     }
 }
 

@@ -436,6 +436,11 @@ impl PayloadCatalogService for CatalogService {
             },
         };
         no_nul("node_filter", &req.node_filter)?;
+        if req.node_filter.len() > 253 {
+            return Err(Status::invalid_argument(
+                "node_filter is a node name (at most 253 bytes), or \"*\" for every node",
+            ));
+        }
         let page = self.repo().await?.list_payloads(&query).await.map_err(status)?;
         let now = self.node.now_ms();
         let own = &self.node.config().node_name;

@@ -179,16 +179,35 @@ impl ObjectTier {
     pub async fn collect_garbage(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
         let _one = self.collecting.lock().await;
         // And one across every agent of the catalog.
-        let _catalog = self.repo.gc_lock().await?;
-        let collected = self.collect(now_ms, grace_ms).await;
+        let catalog = self.repo.gc_lock().await?;
+        let collected = self.collect(catalog.lost(), now_ms, grace_ms).await;
+        drop(catalog);
         // What it changed shows in the next Stats.
         *crate::node::lock(&self.block_stats) = None;
         collected
     }
 
-    async fn collect(&self, now_ms: u64, grace_ms: u64) -> Result<GcReport, AgentError> {
+    async fn collect(
+        &self,
+        lost: Option<tokio::sync::watch::Receiver<bool>>,
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> Result<GcReport, AgentError> {
         let mut report = GcReport::default();
+        // A lock held through the operator can go mid-collection: then
+        // another collector may take over, and no block is deleted here.
+        let lost = &lost;
+        let held = move || {
+            match lost.as_ref().is_some_and(|l| *l.borrow()) {
+            false => Ok(()),
+            true => Err(AgentError::Unavailable(
+                "the catalog's GC lock was lost mid-collection (the operator restarted?); it stops and runs again later"
+                    .into(),
+            )),
+        }
+        };
         loop {
+            held()?;
             let doomed = self.repo.gc_begin(now_ms.saturating_sub(grace_ms), GC_BATCH).await?;
             if doomed.is_empty() {
                 return Ok(report);
@@ -196,13 +215,15 @@ impl ObjectTier {
             use futures_util::{StreamExt, TryStreamExt};
             futures_util::stream::iter(doomed.iter().copied())
                 .map(|hash| async move {
+                    held()?;
                     let key = block_key(&hash);
-                    self.retry(|| self.bucket.delete(&key)).await
+                    self.retry(|| self.bucket.delete(&key))
+                        .await
+                        .map_err(|e| store_error("collecting unreferenced blocks", e))
                 })
                 .buffer_unordered(self.concurrency)
                 .try_collect::<Vec<()>>()
-                .await
-                .map_err(|e| store_error("collecting unreferenced blocks", e))?;
+                .await?;
             crate::failpoint!("gc-after-delete");
             self.repo.gc_finish(&doomed).await?;
             report.blocks += doomed.len() as u64;

@@ -146,11 +146,18 @@ async fn gc_lock(repo: &Repo) -> Result<GcLock> {
             tracing::warn!(%err, setting, "the collection lock's connection has no keepalive");
         }
     }
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GC_LOCK_KEY)
-        .execute(conn.acquire().await?)
-        .await?;
-    Ok(GcLock::new(conn))
+    // Tried, not waited for: a caller that gives up (drops this future)
+    // leaves no session queued on the server for the lock.
+    loop {
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(GC_LOCK_KEY)
+            .fetch_one(conn.acquire().await?)
+            .await?;
+        if taken {
+            return Ok(GcLock::new(conn));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The advisory lock key of collections ("pm-gc" in ASCII).
