@@ -441,7 +441,15 @@ impl PayloadCatalogService for CatalogService {
                 "node_filter is a node name (at most 253 bytes), or \"*\" for every node",
             ));
         }
+        let scoped = query.scope != Scope::Own;
         let page = self.repo().await?.list_payloads(&query).await.map_err(status)?;
+        if scoped && page.nodes.len() != page.items.len() {
+            // An older operator ignores the scope and lists this node's rows.
+            return Err(Status::failed_precondition(
+                "the catalog did not say whose rows these are: it does not know node_filter (an older operator?); \
+                 upgrade the operator first",
+            ));
+        }
         let now = self.node.now_ms();
         let own = &self.node.config().node_name;
         let payloads = page
