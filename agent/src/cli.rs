@@ -354,6 +354,7 @@ impl StandaloneArgs {
             tokio::spawn(node.clone().run_collector(stop.clone()));
         }
         if let Some(link) = operator {
+            node.join(link.clone());
             tokio::spawn(crate::cluster::heartbeats(node.clone(), link, stop.clone()));
         }
         tokio::spawn(async move {

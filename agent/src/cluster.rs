@@ -218,6 +218,15 @@ impl Link for OperatorLink {
     }
 }
 
+impl OperatorLink {
+    /// Every node the operator has heard from.
+    pub async fn list_nodes(&self) -> Result<Vec<payload_proto::cluster::NodeInfo>, CatalogError> {
+        let request = self.request(payload_proto::cluster::ListNodesRequest {})?;
+        let reply = self.client.clone().list_nodes(request).await.map_err(outage)?;
+        Ok(reply.into_inner().nodes)
+    }
+}
+
 /// Sends the node's heartbeats until `stop`: it registers the node, and
 /// its tier use reaches the pool's status.
 pub async fn heartbeats(

@@ -110,6 +110,17 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let ram = a_info.tiers.iter().find(|t| t.tier == Tier::Ram as i32).unwrap();
     assert_eq!(ram.capacity_bytes, 128 << 20, "{a_info:?}");
 
+    // Any node's agent lists the cluster's nodes (payloadctl nodes).
+    let listed = b_client.nodes().await.unwrap();
+    assert!(listed.cluster);
+    let names: Vec<_> = listed
+        .nodes
+        .iter()
+        .filter(|n| n.live)
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+
     // A caller that names no node is refused, saying what calls this service.
     let refused = client.list_nodes(ListNodesRequest {}).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);

@@ -633,6 +633,13 @@ impl Client {
             .blocks_deleted)
     }
 
+    /// The nodes of the agent's catalog, as the operator last heard from
+    /// them (a standalone agent answers with itself alone).
+    pub async fn nodes(&self) -> Result<payload_proto::admin::ListNodesResponse> {
+        let request = payload_proto::admin::ListNodesRequest {};
+        Ok(self.admin.clone().list_nodes(request).await?.into_inner())
+    }
+
     pub async fn stats(&self) -> Result<StatsResponse> {
         Ok(self.admin.clone().stats(StatsRequest {}).await?.into_inner())
     }

@@ -281,6 +281,23 @@ fn stdin_put_is_listed_and_its_bytes_read_back() {
     assert!(everyone.contains("standalone"), "{everyone}");
     let elsewhere = json(&agent.ctl(&["ls", "--node", "node-b", "--output", "json"]));
     assert_eq!(elsewhere, Value::Array(vec![]), "no such node, no payloads");
+
+    // A standalone agent is the only node it knows.
+    let nodes = json(&agent.ctl(&["nodes", "--output", "json"]));
+    assert_eq!(nodes["cluster"], false);
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 1, "{nodes}");
+    assert_eq!(nodes["nodes"][0]["name"], "standalone");
+    assert_eq!(nodes["nodes"][0]["live"], true);
+    let ram = nodes["nodes"][0]["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tier"] == "ram")
+        .cloned();
+    assert!(
+        ram.is_some_and(|t| t["bytes"].as_u64() >= Some(bytes.len() as u64)),
+        "{nodes}"
+    );
 }
 
 #[test]

@@ -40,6 +40,35 @@ impl PayloadAdminService for AdminService {
         Ok(Response::new(stats))
     }
 
+    async fn list_nodes(
+        &self,
+        _request: Request<admin::ListNodesRequest>,
+    ) -> Result<Response<admin::ListNodesResponse>, Status> {
+        let Some(operator) = self.node.operator() else {
+            let stats = self.node.stats();
+            let me = admin::NodeSummary {
+                name: stats.node_name,
+                live: true,
+                last_seen_ms: self.node.now_ms(),
+                tiers: stats.tiers,
+                version: env!("CARGO_PKG_VERSION").into(),
+                catalog_backlog: stats.catalog_backlog,
+            };
+            return Ok(Response::new(admin::ListNodesResponse {
+                nodes: vec![me],
+                cluster: false,
+            }));
+        };
+        let nodes = operator
+            .list_nodes()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(admin::ListNodesResponse {
+            nodes: nodes.into_iter().map(summary).collect(),
+            cluster: true,
+        }))
+    }
+
     async fn collect_garbage(
         &self,
         request: Request<admin::CollectGarbageRequest>,
@@ -57,6 +86,27 @@ impl PayloadAdminService for AdminService {
         Ok(Response::new(admin::CollectGarbageResponse {
             blocks_deleted: report.blocks,
         }))
+    }
+}
+
+/// A node as `ListNodes` shows it, from its heartbeat.
+fn summary(info: payload_proto::cluster::NodeInfo) -> admin::NodeSummary {
+    admin::NodeSummary {
+        name: info.name,
+        live: info.live,
+        last_seen_ms: info.last_seen_ms,
+        tiers: info
+            .tiers
+            .into_iter()
+            .map(|t| admin::TierUsage {
+                tier: t.tier as u32,
+                capacity_bytes: t.capacity_bytes,
+                bytes: t.used_bytes,
+                ..Default::default()
+            })
+            .collect(),
+        version: info.version,
+        catalog_backlog: info.backlog,
     }
 }
 

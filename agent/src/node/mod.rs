@@ -206,9 +206,20 @@ pub struct Node {
     pub(crate) hashing: tokio::sync::Semaphore,
     /// Committed payloads waiting for the hashing thread (bounded).
     pub(crate) digests: tokio::sync::mpsc::Sender<PayloadId>,
+    /// The operator, on a cluster node (`payload-agent node`).
+    pub(crate) operator: std::sync::OnceLock<Arc<crate::cluster::OperatorLink>>,
 }
 
 impl Node {
+    /// Makes this a cluster node, whose catalog is `operator`'s.
+    pub fn join(&self, operator: Arc<crate::cluster::OperatorLink>) {
+        let _ = self.operator.set(operator);
+    }
+
+    pub fn operator(&self) -> Option<&Arc<crate::cluster::OperatorLink>> {
+        self.operator.get()
+    }
+
     /// The tier's store, or an error saying it is not configured here.
     pub fn tier(&self, tier: Tier) -> Result<&dyn TierStore, AgentError> {
         if tier == Tier::Void {

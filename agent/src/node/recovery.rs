@@ -129,6 +129,7 @@ impl Node {
             spill_wanted: Notify::new(),
             hashing: Semaphore::new(1),
             digests,
+            operator: std::sync::OnceLock::new(),
         };
         let mut report = Recovery::default();
         let rebooted = node.state.rebooted() == Some(true);

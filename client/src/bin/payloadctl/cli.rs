@@ -88,6 +88,9 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Show usage per tier and the number of live leases.
     Stats,
+    /// List the cluster's nodes, live or not, with each one's tier use, as
+    /// the operator last heard from them (a standalone agent: itself).
+    Nodes,
     /// Delete object-store blocks no payload has named for the grace period.
     Gc(GcArgs),
     /// Adopt an object uploaded to s3://BUCKET/PREFIX/uploads/ID as payload ID

@@ -390,6 +390,53 @@ async fn hold_lease(
         .with_context(|| format!("releasing the lease on {id}"))
 }
 
+pub async fn nodes(client: &Client, format: Format) -> anyhow::Result<()> {
+    let listed = client.nodes().await.context("listing the catalog's nodes")?;
+    let use_of = |n: &payload_proto::admin::NodeSummary, tier: Tier| {
+        n.tiers
+            .iter()
+            .find(|t| t.tier == tier as u32)
+            .map(|t| (t.bytes, t.capacity_bytes))
+    };
+    if format == Format::Json {
+        let nodes: Vec<Value> = listed
+            .nodes
+            .iter()
+            .map(|n| {
+                let tiers: Vec<Value> = n
+                    .tiers
+                    .iter()
+                    .map(|t| json!({"tier": tier_name(t.tier as i32), "bytes": t.bytes, "capacity_bytes": t.capacity_bytes}))
+                    .collect();
+                json!({"name": n.name, "live": n.live, "last_seen_ms": n.last_seen_ms, "version": n.version,
+                       "catalog_backlog": n.catalog_backlog, "tiers": tiers})
+            })
+            .collect();
+        return print_json(&json!({"cluster": listed.cluster, "nodes": nodes}));
+    }
+    let mut table = Table::new(vec!["NODE", "LIVE", "LAST SEEN", "RAM", "DISK", "BACKLOG", "VERSION"]);
+    let shown = |u: Option<(u64, u64)>| match u {
+        Some((used, cap)) => format!("{} / {}", human_size(used), human_size(cap)),
+        None => "-".into(),
+    };
+    for n in &listed.nodes {
+        table.row(vec![
+            n.name.clone(),
+            yes_no(n.live),
+            time_or(n.last_seen_ms, "-"),
+            shown(use_of(n, Tier::Ram)),
+            shown(use_of(n, Tier::Disk)),
+            n.catalog_backlog.to_string(),
+            n.version.clone(),
+        ]);
+    }
+    print(&table.render())?;
+    if !listed.cluster {
+        eprintln_quiet("a standalone node: it is the only node its agent knows");
+    }
+    Ok(())
+}
+
 pub async fn stats(client: &Client, format: Format) -> anyhow::Result<()> {
     let stats = client.stats().await.context("reading agent stats")?;
     if format == Format::Json {

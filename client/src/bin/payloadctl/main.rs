@@ -100,6 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Promote(args) => commands::promote(&client, args, output).await,
         Command::Lease(args) => commands::lease(&client, args, output).await,
         Command::Stats => commands::stats(&client, output).await,
+        Command::Nodes => commands::nodes(&client, output).await,
         Command::Gc(args) => commands::gc(&client, args, output).await,
         Command::Import(args) => commands::import(&client, args, output).await,
         Command::Stream(command) => stream::run(&client, command, output).await,
