@@ -219,6 +219,12 @@ impl Link for OperatorLink {
 }
 
 impl OperatorLink {
+    /// The nodes whose heartbeats the operator hears now.
+    pub async fn live_nodes(&self) -> Result<std::collections::HashSet<String>, CatalogError> {
+        let nodes = self.list_nodes().await?;
+        Ok(nodes.into_iter().filter(|n| n.live).map(|n| n.name).collect())
+    }
+
     /// Every node the operator has heard from.
     pub async fn list_nodes(&self) -> Result<Vec<payload_proto::cluster::NodeInfo>, CatalogError> {
         let request = self.request(payload_proto::cluster::ListNodesRequest {})?;
@@ -261,7 +267,7 @@ pub async fn heartbeats(
                     tracing::info!("the operator answers heartbeats again");
                 }
                 reported_down = false;
-                let ms = reply.into_inner().interval_ms.clamp(500, 60_000);
+                let ms = reply.into_inner().interval_ms.clamp(100, 60_000);
                 interval = Duration::from_millis(ms);
             }
             Err(err) if !reported_down => {

@@ -219,3 +219,60 @@ async fn a_gc_lock_held_through_the_operator_is_lost_with_it() {
     );
     drop(lock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_nodes_payloads_are_listed_unavailable_and_its_node_not_live() {
+    let Some(database) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let fast = ["--heartbeat-interval-ms", "100"];
+    let operator = Operator::start_with(&database, spare_port(), logs.path(), &fast).await;
+    let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
+    let (a, a_client) = node(&a_dirs, &operator.url(), "node-a").await;
+    let (b, b_client) = node(&b_dirs, &operator.url(), "node-b").await;
+    let (on_a, _) = put(&a_client, b"here", Tier::Ram).await.unwrap();
+    let (on_b, _) = put(&b_client, b"there", Tier::Ram).await.unwrap();
+    eventually("node-b's commit is in the catalog", || async {
+        row(&database, "node-b", on_b).await.is_some()
+    })
+    .await;
+    let cluster = || {
+        let client = a_client.clone();
+        async move {
+            let request = payload_proto::runtime::ListPayloadsRequest {
+                node_filter: "*".into(),
+                ..Default::default()
+            };
+            client.list(request).await.unwrap().payloads
+        }
+    };
+    let unavailable = |payloads: &[payload_proto::runtime::PayloadSummary], id: uuid::Uuid| {
+        payloads
+            .iter()
+            .find(|p| p.id.as_ref().unwrap().value == id.as_bytes())
+            .unwrap()
+            .unavailable
+    };
+    let listed = cluster().await;
+    assert!(
+        !unavailable(&listed, on_a) && !unavailable(&listed, on_b),
+        "both nodes are live"
+    );
+
+    b.kill9();
+    eventually("node-b is no longer live", || async {
+        a_client
+            .nodes()
+            .await
+            .unwrap()
+            .nodes
+            .iter()
+            .any(|n| n.name == "node-b" && !n.live)
+    })
+    .await;
+    let listed = cluster().await;
+    assert!(unavailable(&listed, on_b), "its only copy was on node-b");
+    assert!(!unavailable(&listed, on_a), "node-a is up");
+    a.kill9();
+}

@@ -452,6 +452,17 @@ impl PayloadCatalogService for CatalogService {
         }
         let now = self.node.now_ms();
         let own = &self.node.config().node_name;
+        // Another node's payload with no copy elsewhere is unavailable
+        // while that node is down (known only on a cluster node).
+        let live = match (scoped, self.node.operator()) {
+            (true, Some(operator)) => Some(
+                operator
+                    .live_nodes()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?,
+            ),
+            _ => None,
+        };
         let payloads = page
             .items
             .iter()
@@ -463,7 +474,11 @@ impl PayloadCatalogService for CatalogService {
                     summary(&self.node, &rec, leases, now)
                 } else {
                     // Another node's: its leases are that node's to know.
-                    summary(&self.node, rec, 0, now)
+                    let mut out = summary(&self.node, rec, 0, now);
+                    out.unavailable = live
+                        .as_ref()
+                        .is_some_and(|live| !live.contains(node) && !rec.in_object_store());
+                    out
                 };
                 out.node = node.to_string();
                 out

@@ -171,5 +171,6 @@ pub fn summary(node: &Node, rec: &PayloadRecord, active_leases: usize, now_ms: u
         sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
         sealed: node.is_sealed(rec),
         node: String::new(),
+        unavailable: false,
     }
 }

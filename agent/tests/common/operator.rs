@@ -26,6 +26,11 @@ fn binary() -> PathBuf {
 impl Operator {
     /// Serves `database` on 127.0.0.1:`port` and waits until it accepts.
     pub async fn start(database: &str, port: u16, log_dir: &Path) -> Operator {
+        Self::start_with(database, port, log_dir, &[]).await
+    }
+
+    /// As [`Operator::start`], with `extra` flags.
+    pub async fn start_with(database: &str, port: u16, log_dir: &Path, extra: &[&str]) -> Operator {
         let log = log_dir.join("operator.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -35,6 +40,7 @@ impl Operator {
         let mut cmd = Command::new(binary());
         cmd.args(["catalog", "--auth", "none", "--database", database])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(out);
         // SAFETY: prctl is async-signal-safe; nothing else runs in the child.

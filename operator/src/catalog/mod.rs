@@ -41,12 +41,17 @@ pub struct CatalogService {
 }
 
 impl CatalogService {
-    pub fn new(base: PgRepository, gate: identity::Gate, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        base: PgRepository,
+        gate: identity::Gate,
+        heartbeats: std::time::Duration,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
         CatalogService {
             base,
             repos: Mutex::default(),
             gate,
-            nodes: nodes::Nodes::default(),
+            nodes: nodes::Nodes::new(heartbeats),
             collecting: Arc::default(),
             stop,
         }
@@ -179,7 +184,7 @@ impl ClusterCatalog for CatalogService {
         }
         self.nodes.beat(&node, beat, now_ms());
         Ok(Response::new(HeartbeatReply {
-            interval_ms: nodes::INTERVAL.as_millis() as u64,
+            interval_ms: self.nodes.interval.as_millis() as u64,
         }))
     }
 

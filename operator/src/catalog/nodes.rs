@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use payload_proto::cluster::{HeartbeatRequest, NodeInfo};
 
-/// How often agents are asked to send heartbeats.
+/// How often agents are asked to send heartbeats, unless told otherwise.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 /// The most a heartbeat may carry.
 pub const MAX_TIERS: usize = 8;
@@ -16,12 +16,20 @@ pub const MAX_VERSION: usize = 64;
 /// Heartbeats missed before a node is no longer live.
 const MISSED: u64 = 3;
 
-#[derive(Default)]
 pub struct Nodes {
     known: Mutex<BTreeMap<String, NodeInfo>>,
+    /// How often agents send heartbeats.
+    pub interval: Duration,
 }
 
 impl Nodes {
+    pub fn new(interval: Duration) -> Self {
+        Nodes {
+            known: Mutex::default(),
+            interval,
+        }
+    }
+
     pub fn beat(&self, node: &str, beat: HeartbeatRequest, now_ms: u64) {
         let info = NodeInfo {
             name: node.to_string(),
@@ -36,7 +44,7 @@ impl Nodes {
 
     /// Every node, with `live` false for those whose heartbeats stopped.
     pub fn list(&self, now_ms: u64) -> Vec<NodeInfo> {
-        let expiry = MISSED * INTERVAL.as_millis() as u64;
+        let expiry = MISSED * self.interval.as_millis() as u64;
         crate::lock(&self.known)
             .values()
             .map(|info| NodeInfo {
@@ -53,7 +61,7 @@ mod tests {
 
     #[test]
     fn a_node_whose_heartbeats_stop_is_listed_as_not_live() {
-        let nodes = Nodes::default();
+        let nodes = Nodes::new(INTERVAL);
         nodes.beat("a", HeartbeatRequest::default(), 1_000);
         nodes.beat("b", HeartbeatRequest::default(), 14_000);
         let listed = nodes.list(16_500);

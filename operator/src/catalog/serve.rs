@@ -33,6 +33,11 @@ pub struct CatalogArgs {
     /// The server's private key (PEM).
     #[arg(long, env = "PM_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// How often agents send heartbeats (milliseconds); a node whose
+    /// heartbeats stop for three of these is no longer live.
+    #[arg(long, env = "PM_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub heartbeat_interval_ms: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,9 +72,14 @@ impl CatalogArgs {
                 .context("the TLS certificate and key")?;
         }
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let service = ClusterCatalogServer::new(CatalogService::new(base, gate, stop))
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let service = ClusterCatalogServer::new(CatalogService::new(
+            base,
+            gate,
+            std::time::Duration::from_millis(self.heartbeat_interval_ms),
+            stop,
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .with_context(|| format!("listening on {}", self.listen))?;

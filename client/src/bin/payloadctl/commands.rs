@@ -65,7 +65,11 @@ pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result
         let mut row = vec![
             id_text(p.id.as_ref()),
             tier_name(p.tier).into(),
-            state_name(p.state).into(),
+            match p.unavailable {
+                // Its node is down and no other copy exists.
+                true => format!("{} (node down)", state_name(p.state)),
+                false => state_name(p.state).into(),
+            },
             human_size(p.size_bytes),
             p.active_leases.to_string(),
             yes_no(p.pinned),

@@ -236,6 +236,9 @@ pub fn summary_json(s: &PayloadSummary) -> Value {
     if !s.node.is_empty() {
         value["node"] = Value::String(s.node.clone());
     }
+    if s.unavailable {
+        value["unavailable"] = Value::Bool(true);
+    }
     if !s.sha256.is_empty() {
         value["sha256"] = Value::String(hex::encode(&s.sha256));
     }
