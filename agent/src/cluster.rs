@@ -219,10 +219,11 @@ impl Link for OperatorLink {
 }
 
 impl OperatorLink {
-    /// The nodes whose heartbeats the operator hears now.
-    pub async fn live_nodes(&self) -> Result<std::collections::HashSet<String>, CatalogError> {
+    /// The nodes the operator knows whose heartbeats have stopped (one it
+    /// has not heard from since it started is not among them).
+    pub async fn down_nodes(&self) -> Result<std::collections::HashSet<String>, CatalogError> {
         let nodes = self.list_nodes().await?;
-        Ok(nodes.into_iter().filter(|n| n.live).map(|n| n.name).collect())
+        Ok(nodes.into_iter().filter(|n| !n.live).map(|n| n.name).collect())
     }
 
     /// Every node the operator has heard from.
@@ -267,7 +268,7 @@ pub async fn heartbeats(
                     tracing::info!("the operator answers heartbeats again");
                 }
                 reported_down = false;
-                let ms = reply.into_inner().interval_ms.clamp(100, 60_000);
+                let ms = reply.into_inner().interval_ms.clamp(500, 60_000);
                 interval = Duration::from_millis(ms);
             }
             Err(err) if !reported_down => {

@@ -453,14 +453,15 @@ impl PayloadCatalogService for CatalogService {
         let now = self.node.now_ms();
         let own = &self.node.config().node_name;
         // Another node's payload with no copy elsewhere is unavailable
-        // while that node is down (known only on a cluster node).
-        let live = match (scoped, self.node.operator()) {
-            (true, Some(operator)) => Some(
-                operator
-                    .live_nodes()
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?,
-            ),
+        // while that node is down (known only on a cluster node). Without
+        // the operator's answer the page is still worth having.
+        let others = page.nodes.iter().any(|n| n != own);
+        let down = match (others, self.node.operator()) {
+            (true, Some(operator)) => operator
+                .down_nodes()
+                .await
+                .inspect_err(|err| tracing::warn!(%err, "no node list from the operator: availability not shown"))
+                .ok(),
             _ => None,
         };
         let payloads = page
@@ -475,9 +476,9 @@ impl PayloadCatalogService for CatalogService {
                 } else {
                     // Another node's: its leases are that node's to know.
                     let mut out = summary(&self.node, rec, 0, now);
-                    out.unavailable = live
+                    out.unavailable = down
                         .as_ref()
-                        .is_some_and(|live| !live.contains(node) && !rec.in_object_store());
+                        .is_some_and(|down| down.contains(node) && !rec.in_object_store());
                     out
                 };
                 out.node = node.to_string();

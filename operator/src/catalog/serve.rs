@@ -36,7 +36,7 @@ pub struct CatalogArgs {
     /// How often agents send heartbeats (milliseconds); a node whose
     /// heartbeats stop for three of these is no longer live.
     #[arg(long, env = "PM_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+          value_parser = clap::value_parser!(u64).range(500..=60_000))]
     pub heartbeat_interval_ms: u64,
 }
 

@@ -88,8 +88,8 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Show usage per tier and the number of live leases.
     Stats,
-    /// List the cluster's nodes, live or not, with each one's tier use, as
-    /// the operator last heard from them (a standalone agent: itself).
+    /// List the nodes the operator has heard from since it started, live or
+    /// not, with each one's tier use (a standalone agent: itself).
     Nodes,
     /// Delete object-store blocks no payload has named for the grace period.
     Gc(GcArgs),
