@@ -16,10 +16,16 @@ async fn node(dirs: &Dirs, operator: &str, name: &str) -> (Agent, payload_client
     Agent::start_with(dirs, &["node", "--operator", operator, "--node-name", name]).await
 }
 
-/// The row the operator's catalog holds for `id`, as node `node` wrote it.
-async fn row(database: &str, node: &str, id: uuid::Uuid) -> Option<payload_catalog::PayloadRecord> {
-    let repo = payload_catalog::PgRepository::connect(database, node).await.unwrap();
-    repo.get_payload(PayloadId(id)).await.unwrap()
+/// The operator's PostgreSQL, read directly (one pool for the whole test).
+async fn catalog(database: &str) -> payload_catalog::PgRepository {
+    payload_catalog::PgRepository::connect(database, "test-reader")
+        .await
+        .unwrap()
+}
+
+/// The row the operator's catalog holds for `id`, whichever node wrote it.
+async fn row(catalog: &payload_catalog::PgRepository, id: uuid::Uuid) -> Option<payload_catalog::PayloadRecord> {
+    catalog.get_payload(PayloadId(id)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,6 +33,7 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let Some(database) = payload_catalog::testing::fresh_database().await else {
         return;
     };
+    let db = catalog(&database).await;
     let logs = tempfile::tempdir().unwrap();
     let operator = Operator::start(&database, spare_port(), logs.path()).await;
     let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
@@ -35,9 +42,7 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
 
     let (id, _) = put(&a_client, b"weights", Tier::Ram).await.unwrap();
     eventually("the commit is in the operator's catalog, on node-a's rows", || async {
-        row(&database, "node-a", id)
-            .await
-            .is_some_and(|r| r.state == PayloadState::Active)
+        row(&db, id).await.is_some_and(|r| r.state == PayloadState::Active)
     })
     .await;
     let on = |node: &'static str| {
@@ -58,7 +63,7 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let listed = a_client.list(Default::default()).await.unwrap();
     assert_eq!(listed.payloads.len(), 1, "{listed:?}");
     eventually("node-b's commit is in the catalog", || async {
-        row(&database, "node-b", on_b).await.is_some()
+        row(&db, on_b).await.is_some()
     })
     .await;
     let scoped = |filter: &str| {
@@ -134,6 +139,7 @@ async fn a_node_serves_while_the_operator_is_down_and_catches_up() {
     let Some(database) = payload_catalog::testing::fresh_database().await else {
         return;
     };
+    let db = catalog(&database).await;
     let logs = tempfile::tempdir().unwrap();
     let port = spare_port();
     let operator = Operator::start(&database, port, logs.path()).await;
@@ -155,7 +161,7 @@ async fn a_node_serves_while_the_operator_is_down_and_catches_up() {
     let _operator = Operator::start(&database, port, logs.path()).await;
     for id in std::iter::once(before).chain(during) {
         eventually("what was committed meanwhile reaches the operator", || async {
-            row(&database, "node-a", id).await.is_some()
+            row(&db, id).await.is_some()
         })
         .await;
     }
@@ -225,6 +231,7 @@ async fn a_down_nodes_payloads_are_listed_unavailable_and_its_node_not_live() {
     let Some(database) = payload_catalog::testing::fresh_database().await else {
         return;
     };
+    let db = catalog(&database).await;
     let logs = tempfile::tempdir().unwrap();
     let fast = ["--heartbeat-interval-ms", "500"];
     let operator = Operator::start_with(&database, spare_port(), logs.path(), &fast).await;
@@ -234,7 +241,7 @@ async fn a_down_nodes_payloads_are_listed_unavailable_and_its_node_not_live() {
     let (on_a, _) = put(&a_client, b"here", Tier::Ram).await.unwrap();
     let (on_b, _) = put(&b_client, b"there", Tier::Ram).await.unwrap();
     eventually("node-b's commit is in the catalog", || async {
-        row(&database, "node-b", on_b).await.is_some()
+        row(&db, on_b).await.is_some()
     })
     .await;
     let cluster_from = |client: &payload_client::Client| {

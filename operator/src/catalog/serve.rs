@@ -35,7 +35,7 @@ pub struct CatalogArgs {
     pub tls_key: Option<PathBuf>,
     /// How often agents send heartbeats (milliseconds); a node whose
     /// heartbeats stop for three of these is no longer live.
-    #[arg(long, env = "PM_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000,
+    #[arg(long, env = "PM_HEARTBEAT_INTERVAL_MS", default_value_t = super::nodes::INTERVAL.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(500..=60_000))]
     pub heartbeat_interval_ms: u64,
 }
