@@ -13,7 +13,12 @@ use payload_proto::cluster::cluster_catalog_client::ClusterCatalogClient;
 use payload_proto::cluster::ListNodesRequest;
 
 async fn node(dirs: &Dirs, operator: &str, name: &str) -> (Agent, payload_client::Client) {
-    Agent::start_with(dirs, &["node", "--operator", operator, "--node-name", name]).await
+    node_with(dirs, operator, &["--node-name", name]).await
+}
+
+async fn node_with(dirs: &Dirs, operator: &str, flags: &[&str]) -> (Agent, payload_client::Client) {
+    let all: Vec<&str> = ["node", "--operator", operator].iter().chain(flags).copied().collect();
+    Agent::start_with(dirs, &all).await
 }
 
 /// The operator's PostgreSQL, read directly (one pool for the whole test).
@@ -282,4 +287,94 @@ async fn a_down_nodes_payloads_are_listed_unavailable_and_its_node_not_live() {
     assert!(unavailable(&listed, on_b), "its only copy was on node-b");
     assert!(!unavailable(&listed, on_a), "node-a is up");
     a.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_on_another_nodes_payload_reads_its_object_copy_or_names_its_node() {
+    let Some(database) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let Some(s3) = common::s3::server() else { return };
+    let store = format!("s3://{}/cluster", s3.bucket().await);
+    let db = catalog(&database).await;
+    let logs = tempfile::tempdir().unwrap();
+    let operator = Operator::start(&database, spare_port(), logs.path()).await;
+    let (a_dirs, b_dirs, c_dirs) = (Dirs::new(), Dirs::new(), Dirs::new());
+    let with_store = |name: &'static str| ["--node-name", name, "--object-store", store.as_str()];
+    let (a, a_client) = node_with(&a_dirs, &operator.url(), &with_store("node-a")).await;
+    let (b, b_client) = node_with(&b_dirs, &operator.url(), &with_store("node-b")).await;
+    // A node without an object tier cannot read anyone's object copies.
+    let (c, c_client) = node(&c_dirs, &operator.url(), "node-c").await;
+    let bytes = common::noise::noise(5 << 20, 3);
+    let (id, _) = put(&a_client, &bytes, Tier::Ram).await.unwrap();
+    eventually("the commit is in the catalog", || async {
+        row(&db, id).await.is_some()
+    })
+    .await;
+
+    // Only in node-a's RAM: node-b says where it is, over both paths.
+    let v1_b = payload_client::Client::connect_grpc(b_dirs.socket().to_str().unwrap())
+        .await
+        .unwrap();
+    for client in [&b_client, &v1_b] {
+        let refused = client.get(id).await.map(drop).unwrap_err();
+        let payload_client::ClientError::FailedPrecondition(message) = &refused else {
+            panic!("{refused:?}")
+        };
+        assert!(
+            message.contains("node node-a") && message.contains("no object-store copy"),
+            "{message}"
+        );
+    }
+    // Stat names the node; delete is refused, naming it.
+    let stat = b_client.stat(id).await.unwrap();
+    assert_eq!(stat.payload.as_ref().unwrap().node, "node-a");
+    assert!(
+        stat.payload_descriptor.unwrap().location.is_none(),
+        "its bytes are not here"
+    );
+    let refused = b_client.delete(id, false).await.unwrap_err();
+    assert!(
+        matches!(&refused, payload_client::ClientError::FailedPrecondition(m) if m.contains("belongs to node node-a")),
+        "{refused:?}"
+    );
+
+    // Spilled to the object store, any node with that store reads it.
+    a_client.spill(id, Some(Tier::Object), false).await.unwrap();
+    eventually("the object copy is in the catalog", || async {
+        row(&db, id).await.is_some_and(|r| r.in_object_store())
+    })
+    .await;
+    for client in [&b_client, &v1_b] {
+        let lease = client.get(id).await.unwrap();
+        assert!(lease.bytes() == bytes.as_slice(), "node-b reads node-a's bytes");
+    }
+    let cached = b_client.stats().await.unwrap();
+    let object = cached.tiers.iter().find(|t| t.tier == Tier::Object as u32).unwrap();
+    assert!(
+        object.cache_bytes >= bytes.len() as u64,
+        "fetched into node-b's block cache: {object:?}"
+    );
+    assert_eq!(object.payloads, 0, "and not counted as node-b's own payload");
+    // Not promoted on a node that does not own it.
+    let faster = payload_client::LeaseOptions {
+        min_tier: Some(Tier::Ram),
+        ..Default::default()
+    };
+    let refused = b_client.get_with(id, faster).await.map(drop).unwrap_err();
+    assert!(
+        matches!(&refused, payload_client::ClientError::FailedPrecondition(m) if m.contains("object tier only")),
+        "{refused:?}"
+    );
+    let refused = c_client.get(id).await.map(drop).unwrap_err();
+    assert!(
+        matches!(&refused, payload_client::ClientError::FailedPrecondition(m) if m.contains("no object tier")),
+        "{refused:?}"
+    );
+    // Node-a's payload is still node-a's alone.
+    assert_eq!(b_client.list(Default::default()).await.unwrap().payloads.len(), 0);
+    a_client.delete(id, false).await.unwrap();
+    a.kill9();
+    b.kill9();
+    c.kill9();
 }

@@ -444,3 +444,74 @@ async fn a_copy_that_no_longer_matches_its_digest_is_never_made_authoritative() 
         "the claim was released"
     );
 }
+
+/// A second node on the same catalog and object store.
+async fn second_node(s: &Setup, dirs: &Dirs, name: &str) -> Arc<Node> {
+    let db = s._dirs.state.path().join("catalog.db");
+    let url = format!("sqlite://{}", db.display());
+    let repo = Arc::new(SqliteRepository::open_url(&url, name).await.unwrap());
+    let store = S3Bucket::connect(&format!("s3://{}/{PREFIX}", s.bucket)).await.unwrap();
+    let cache = BlockCache::open(&dirs.state.path().join("object-cache"), 64 * MIB).unwrap();
+    let object = ObjectTier::new(Box::new(store), repo.clone(), 8, cache);
+    let cfg = NodeConfig {
+        node_name: name.into(),
+        ..Default::default()
+    };
+    open_node_with(dirs, cfg, &Capacity::default(), repo, Some(object))
+        .await
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_nodes_payload_is_leased_from_its_object_copy_and_forgotten_once_idle() {
+    let Some(s) = setup(Capacity::default(), NodeConfig::default()).await else {
+        return;
+    };
+    let bytes = pattern(3 * MIB as usize + 11, 4);
+    let id = put_on(&s.node, Tier::Ram, &bytes).await;
+    s.node.relocate(id, Tier::Object, false, false).await.unwrap();
+    s.node.flush().await.unwrap();
+    let b_dirs = Dirs::new();
+    let b = second_node(&s, &b_dirs, "node-b").await;
+    let cache = &b.object().unwrap().cache;
+
+    let grant = b.acquire(id, None, true, 100_000).await.unwrap();
+    assert_eq!(grant.rec.tier, Tier::Object);
+    assert_eq!(
+        std::fs::read(cache.path(id)).unwrap(),
+        bytes,
+        "node-b reads node-a's bytes"
+    );
+    let object_usage = |node: &Node| {
+        let usage = node.usage();
+        let t = *usage.tiers.iter().find(|t| t.tier == Tier::Object as u32).unwrap();
+        (t.payloads, t.cache_bytes)
+    };
+    assert_eq!(object_usage(&b), (0, bytes.len() as u64), "cached, not node-b's own");
+    // Leased, it stays however long nobody else asks.
+    b.clock().advance(90_000);
+    b.sweep().await;
+    assert!(cache.is_complete(id), "a live lease keeps the visitor");
+    assert!(b.renew(grant.lease, 0).is_ok());
+    assert!(b.release(grant.lease));
+    b.sweep().await;
+    assert!(cache.is_complete(id), "idle only a moment");
+    // Nothing here moves or deletes node-a's payload.
+    let refused = b.delete(id, false).await.unwrap_err();
+    assert!(
+        matches!(refused, payload_agent::error::AgentError::NotFound(_)),
+        "{refused:?}"
+    );
+    assert!(b.relocate(id, Tier::Ram, false, false).await.is_err());
+
+    b.clock().advance(61_000);
+    b.sweep().await;
+    assert!(!cache.is_complete(id), "forgotten with its cached blocks once idle");
+    assert_eq!(object_usage(&b), (0, 0));
+    // The next lease looks it up and fetches it again.
+    let again = b.acquire(id, None, true, 0).await.unwrap();
+    assert_eq!(std::fs::read(cache.path(id)).unwrap(), bytes);
+    b.release(again.lease);
+    // Node-a's own copy is untouched by all of it.
+    assert_eq!(s.read(id).await, (Tier::Object, bytes));
+}

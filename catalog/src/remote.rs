@@ -29,6 +29,7 @@ const LOAD_PAGE: u32 = 200;
 pub enum Call {
     WriteBatch(Vec<Write>),
     GetPayload(PayloadId),
+    LocatePayload(PayloadId),
     ListPayloads(ListQuery),
     AddLineage(PayloadId, Vec<LineageEdge>),
     GetLineage(PayloadId, bool, u32),
@@ -86,6 +87,7 @@ async fn run(repo: &dyn Repository, call: Call) -> Result<serde_json::Value> {
     match call {
         Call::WriteBatch(writes) => json(repo.write_batch(&writes).await?),
         Call::GetPayload(id) => json(repo.get_payload(id).await?),
+        Call::LocatePayload(id) => json(repo.locate_payload(id).await?),
         Call::ListPayloads(query) => json(repo.list_payloads(&query).await?),
         Call::AddLineage(child, edges) => json(repo.add_lineage(child, &edges).await?),
         Call::GetLineage(id, upstream, depth) => json(repo.get_lineage(id, upstream, depth).await?),
@@ -179,6 +181,9 @@ impl<L: Link> Repository for RemoteRepository<L> {
     }
     async fn get_payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>> {
         self.call(Call::GetPayload(id)).await
+    }
+    async fn locate_payload(&self, id: PayloadId) -> Result<Option<(PayloadRecord, String)>> {
+        self.call(Call::LocatePayload(id)).await
     }
     // In pages: a node's rows may be far more than one message holds.
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>> {

@@ -200,6 +200,9 @@ pub trait Repository: Send + Sync + 'static {
     /// update of a missing row fails with `NotFound`.
     async fn write_batch(&self, writes: &[Write]) -> Result<()>;
     async fn get_payload(&self, id: PayloadId) -> Result<Option<PayloadRecord>>;
+    /// A payload's row and the node it belongs to, whichever node that is
+    /// (a lease on one node of another's payload starts here).
+    async fn locate_payload(&self, id: PayloadId) -> Result<Option<(PayloadRecord, String)>>;
     /// Every payload row of this node, for an agent rebuilding its view.
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>>;
     /// A page of this node's payload rows.

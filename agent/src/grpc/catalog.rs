@@ -97,9 +97,9 @@ impl PayloadCatalogService for CatalogService {
     async fn delete(&self, request: Request<runtime::DeleteRequest>) -> Result<Response<()>, Status> {
         let req = request.get_ref();
         let id = payload_id(req.id.as_ref())?;
-        self.node
-            .authorize_change(id, &caller(&request), "deleting")
-            .map_err(status)?;
+        if let Err(err) = self.node.authorize_change(id, &caller(&request), "deleting") {
+            return Err(self.elsewhere(id, err, "delete").await);
+        }
         self.node.delete(id, req.force).await.map_err(status)?;
         Ok(Response::new(()))
     }
@@ -523,7 +523,11 @@ impl PayloadCatalogService for CatalogService {
         request: Request<runtime::GetPayloadRequest>,
     ) -> Result<Response<runtime::GetPayloadResponse>, Status> {
         let id = payload_id(request.get_ref().id.as_ref())?;
-        let (rec, leases) = self.node.get(id).map_err(status)?;
+        let (rec, leases) = match self.node.get(id) {
+            Ok(found) => found,
+            Err(err @ crate::error::AgentError::NotFound(_)) => return self.get_elsewhere(id, err).await,
+            Err(err) => return Err(status(err)),
+        };
         Ok(Response::new(runtime::GetPayloadResponse {
             payload: Some(summary(&self.node, &rec, leases, self.node.now_ms())),
             payload_descriptor: Some(descriptor_with_object(&self.node, &rec).await),
@@ -532,6 +536,50 @@ impl PayloadCatalogService for CatalogService {
 }
 
 impl CatalogService {
+    /// GetPayload of a payload that is not on this node: the catalog's row
+    /// when another node holds it, with that node's name and no location
+    /// (its bytes are not here), or `missing`.
+    async fn get_elsewhere(
+        &self,
+        id: payload_catalog::PayloadId,
+        missing: crate::error::AgentError,
+    ) -> Result<Response<runtime::GetPayloadResponse>, Status> {
+        let own = &self.node.config().node_name;
+        let located = self.repo().await?.locate_payload(id).await.map_err(status)?;
+        let Some((rec, holder)) = located.filter(|(_, holder)| holder != own) else {
+            return Err(status(missing));
+        };
+        let mut payload = summary(&self.node, &rec, 0, self.node.now_ms());
+        if let Some(operator) = self.node.operator() {
+            let down = operator.down_nodes().await.ok();
+            payload.unavailable = down.is_some_and(|down| down.contains(&holder)) && !rec.in_object_store();
+        }
+        payload.node = holder;
+        let mut payload_descriptor = descriptor_with_object(&self.node, &rec).await;
+        payload_descriptor.location = None;
+        payload_descriptor.sealed = false;
+        Ok(Response::new(runtime::GetPayloadResponse {
+            payload: Some(payload),
+            payload_descriptor: Some(payload_descriptor),
+        }))
+    }
+
+    /// `err` (a change refused here), or, when it is `NotFound` and another
+    /// node holds the payload, a refusal naming that node.
+    async fn elsewhere(&self, id: payload_catalog::PayloadId, err: crate::error::AgentError, what: &str) -> Status {
+        if !matches!(err, crate::error::AgentError::NotFound(_)) {
+            return status(err);
+        }
+        let own = &self.node.config().node_name;
+        match self.node.repo().locate_payload(id).await {
+            Ok(Some((_, holder))) if &holder != own => Status::failed_precondition(format!(
+                "payload {id} belongs to node {holder}; {what} it through that node's agent (payloadctl --agent \
+                 on node {holder})"
+            )),
+            _ => status(err),
+        }
+    }
+
     /// Checks `caller` may change payload `id` when this node holds it
     /// (payloads of other nodes are their agents' to guard).
     fn authorize_local(

@@ -95,9 +95,18 @@ impl Node {
         lasts: Lasts,
         inline_max: u64,
     ) -> Result<LeaseGrant, AgentError> {
-        let mut promoted = false;
+        self.reach(id).await?;
+        let (mut promoted, mut reached) = (false, false);
         loop {
             match self.try_grant(id, min_tier, lasts) {
+                Err(Grant::TooSlow(target)) if self.is_visitor(id) => {
+                    return Err(self.visitor_too_slow(id, target));
+                }
+                Err(Grant::Forgotten) if !reached => {
+                    self.reach(id).await?;
+                    reached = true;
+                }
+                Err(Grant::Forgotten) => return Err(forgotten(id)),
                 Err(Grant::TooSlow(target)) if blocking && !promoted => {
                     self.relocate(id, target, false, false).await?;
                     promoted = true;
@@ -197,6 +206,7 @@ impl Node {
                 let granted = self.try_grant_with(*id, *min_tier, *lasts, now, |rec| Ok((rec.tier, take(rec)?)));
                 let (lease, expires_ms, (tier, taken)) = granted.map_err(|e| match e {
                     Grant::Failed(err) => err,
+                    Grant::Forgotten => forgotten(*id),
                     Grant::TooSlow(target) => AgentError::InvalidState(format!(
                         "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
                         target.name()
@@ -249,7 +259,7 @@ impl Node {
         now: u64,
         take: impl FnOnce(&PayloadRecord) -> Result<T, AgentError>,
     ) -> Result<(LeaseId, u64, T), Grant> {
-        let entry = self.entry(id).map_err(Grant::Failed)?;
+        let entry = self.lease_entry(id).map_err(Grant::Failed)?;
         let mut e = lock(&entry);
         // First, so a caller who may not read learns only that.
         let taken = take(&e.rec).map_err(Grant::Failed)?;
@@ -258,6 +268,10 @@ impl Node {
                 "payload {id} is {}; only committed payloads can be leased (commit it first)",
                 e.rec.state.name()
             ))));
+        }
+        if e.gone {
+            // A visitor forgotten since it was looked up.
+            return Err(Grant::Forgotten);
         }
         if let Some(min) = min_tier {
             if min.faster_than(e.rec.tier) {
@@ -330,11 +344,15 @@ impl Node {
     /// Releases leases; returns how many were live.
     pub fn release_many(&self, leases: &[LeaseId]) -> usize {
         let mut journal = Vec::new();
+        let now = self.now_ms();
         for lease in leases {
             let slot = self.leases.shard(lease).remove(lease);
             if let Some(LeaseSlot::Live { payload, expires_ms }) = slot {
-                if let Ok(entry) = self.entry(payload) {
-                    lock(&entry).leases.remove(lease);
+                if let Ok(entry) = self.lease_entry(payload) {
+                    let mut e = lock(&entry);
+                    e.leases.remove(lease);
+                    // Read until now (a visitor's idle time counts from here).
+                    e.last_access_ms = e.last_access_ms.max(now);
                 }
                 journal.push(JournaledLease {
                     lease: *lease,
@@ -368,7 +386,7 @@ impl Node {
             }
         };
         let expires_ms = now.saturating_add(self.lease_duration(extend_ms));
-        let entry = self.entry(payload)?;
+        let entry = self.lease_entry(payload)?;
         // Under the payload's lock, which a force delete holds while it
         // revokes: a renew either lands before the revoke or sees it.
         let e = &mut *lock(&entry);
@@ -456,8 +474,11 @@ impl Node {
         });
         for (lease, payload) in expired {
             self.leases.shard(&lease).remove(&lease);
-            if let Some(entry) = payload.and_then(|p| self.entry(p).ok()) {
-                lock(&entry).leases.remove(&lease);
+            if let Some(entry) = payload.and_then(|p| self.lease_entry(p).ok()) {
+                let mut e = lock(&entry);
+                if let Some(expired_ms) = e.leases.remove(&lease) {
+                    e.last_access_ms = e.last_access_ms.max(expired_ms);
+                }
             }
         }
     }
@@ -479,5 +500,13 @@ const PRUNE_AT_CAP_MS: u64 = 100;
 
 enum Grant {
     TooSlow(Tier),
+    /// The payload is a visitor the sweeper forgot meanwhile.
+    Forgotten,
     Failed(AgentError),
+}
+
+fn forgotten(id: PayloadId) -> AgentError {
+    AgentError::Unavailable(format!(
+        "payload {id} (another node's) was dropped from this node's cache while it was leased; retry"
+    ))
 }

@@ -10,6 +10,7 @@ mod recovery;
 mod sealed;
 mod sweep;
 mod tiering;
+mod visitors;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -167,6 +168,12 @@ impl<K: ShardKey + Eq + std::hash::Hash, V> Sharded<K, V> {
         lock(&self.shards[key.shard()])
     }
 
+    pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
+        for shard in &self.shards {
+            lock(shard).retain(|k, v| keep(k, v));
+        }
+    }
+
     pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
         for shard in &self.shards {
             for (k, v) in lock(shard).iter() {
@@ -198,6 +205,8 @@ pub struct Node {
     /// its block cache), when `--object-store` names one.
     pub(crate) object: Option<Arc<ObjectTier>>,
     pub(crate) payloads: Sharded<PayloadId, EntryRef>,
+    /// Other nodes' payloads leased here (see `visitors.rs`).
+    pub(crate) visitors: Sharded<PayloadId, EntryRef>,
     pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,
     pub(crate) journal: Journal,
     /// Wakes the spill scheduler when RAM crosses its high watermark.
@@ -266,7 +275,7 @@ impl Node {
     /// Whether anyone holds a live lease on the payload.
     pub(crate) fn is_leased(&self, id: PayloadId) -> bool {
         let now = self.now_ms();
-        self.entry(id).is_ok_and(|e| lock(&e).live_leases(now) > 0)
+        self.lease_entry(id).is_ok_and(|e| lock(&e).live_leases(now) > 0)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -316,7 +325,7 @@ impl Node {
 
     /// Whether `caller` may read payload `id` under the node's read rule.
     pub fn authorize_read(&self, id: PayloadId, caller: &Caller) -> Result<(), AgentError> {
-        let entry = self.entry(id)?;
+        let entry = self.lease_entry(id)?;
         let e = lock(&entry);
         caller.may_read(&e.rec, self.cfg.read_access)
     }

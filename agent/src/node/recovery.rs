@@ -125,6 +125,7 @@ impl Node {
             object,
             payloads: Sharded::new(),
             leases: Sharded::new(),
+            visitors: Sharded::new(),
             journal,
             spill_wanted: Notify::new(),
             hashing: Semaphore::new(1),

@@ -14,6 +14,7 @@ impl Node {
     pub async fn sweep(&self) {
         self.sweep_leases();
         let now = self.now_ms();
+        self.sweep_visitors(now);
         let mut doomed = Vec::new();
         for entry in self.entries() {
             let mut e = lock(&entry);

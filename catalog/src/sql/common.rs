@@ -490,6 +490,16 @@ impl Repository for Repo {
         row.as_ref().map(record_from_row).transpose()
     }
 
+    async fn locate_payload(&self, id: PayloadId) -> Result<Option<(PayloadRecord, String)>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS}, node FROM payloads WHERE id = $1"))
+            .bind(id.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(|row| Ok((record_from_row(row)?, row.try_get::<String, _>("node")?)))
+            .transpose()
+    }
+
     async fn load_payloads(&self) -> Result<Vec<PayloadRecord>> {
         use futures_util::TryStreamExt;
         // Streamed: a million rows are never held twice.

@@ -207,6 +207,14 @@ async fn a_node_cannot_take_over_change_or_delete_another_nodes_rows(b: Backend)
             "{refused:?}"
         );
     }
+    // Any node finds the row and whose it is.
+    let located = Some((mine.clone(), "standalone".to_string()));
+    assert_eq!(other.locate_payload(mine.id).await.unwrap(), located);
+    assert_eq!(a.locate_payload(mine.id).await.unwrap(), located);
+    assert_eq!(
+        other.locate_payload(PayloadId(uuid::Uuid::new_v4())).await.unwrap(),
+        None
+    );
     other.write_batch(&[Write::Delete(mine.id)]).await.unwrap();
     assert_eq!(a.get_payload(mine.id).await.unwrap(), Some(mine.clone()), "untouched");
     assert_eq!(a.load_payloads().await.unwrap(), vec![mine.clone()]);

@@ -128,6 +128,10 @@ pub async fn stat(client: &Client, args: IdArg, format: Format) -> anyhow::Resul
         ("sha256", hex_or_dash(&summary.sha256)),
         ("version", desc.version.to_string()),
     ];
+    if !summary.node.is_empty() {
+        let down = if summary.unavailable { " (node down)" } else { "" };
+        pairs.insert(1, ("node", format!("{}{down}", summary.node)));
+    }
     match &desc.location {
         Some(Location::Ram(ram)) => pairs.push(("shm name", ram.shm_name.clone())),
         Some(Location::Disk(disk)) => pairs.push(("offset", disk.offset_bytes.to_string())),
