@@ -189,8 +189,12 @@ async fn sigkill_on_a_shared_postgres_catalog_spares_the_other_node() {
     );
     for (id, digest) in &on_b {
         assert_eq!(Sha256::digest(b.get(*id).await.unwrap().bytes()).to_vec(), *digest);
+        // A knows whose it is, and does not serve it (no object-store copy).
+        let stat = a.stat(*id).await.unwrap();
+        assert_eq!(stat.payload.unwrap().node, "b");
+        assert!(stat.payload_descriptor.unwrap().location.is_none());
         assert!(
-            matches!(a.stat(*id).await, Err(ClientError::NotFound(_))),
+            matches!(a.get(*id).await.map(drop), Err(ClientError::FailedPrecondition(m)) if m.contains("node b")),
             "a does not serve b's payloads"
         );
     }
