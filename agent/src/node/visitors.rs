@@ -104,9 +104,13 @@ impl Node {
     /// their cached blocks (sweeper).
     pub(crate) fn sweep_visitors(&self, now: u64) {
         let mut forgotten = Vec::new();
+        // A fill may outlive the lease that started it: its blocks stay.
+        let filling = self.object.as_ref().map(|o| o.cache.filling()).unwrap_or_default();
         self.visitors.retain(|id, entry| {
             let mut e = lock(entry);
-            let keep = e.live_leases(now) > 0 || now < e.last_access_ms.saturating_add(VISITOR_IDLE_MS);
+            let keep = e.live_leases(now) > 0
+                || filling.contains(id)
+                || now < e.last_access_ms.saturating_add(VISITOR_IDLE_MS);
             if !keep {
                 // A grant that found it just before sees this and retries.
                 e.gone = true;

@@ -319,6 +319,15 @@ impl BlockCache {
             .map_err(|e| io_error("adopting the staged payload into the cache", e))
     }
 
+    /// Payloads whose fill runs now (its gate is held).
+    pub fn filling(&self) -> std::collections::HashSet<PayloadId> {
+        lock(&self.filling)
+            .iter()
+            .filter(|(_, gate)| gate.try_lock().is_err())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Drops a payload's cached blocks (it was deleted, or promoted).
     pub fn remove(&self, id: PayloadId) {
         lock(&self.filling).remove(&id);
