@@ -545,7 +545,8 @@ impl CatalogService {
         missing: crate::error::AgentError,
     ) -> Result<Response<runtime::GetPayloadResponse>, Status> {
         let own = &self.node.config().node_name;
-        let located = self.repo().await?.locate_payload(id).await.map_err(status)?;
+        // No flush first: rows of this node are not what is looked for.
+        let located = self.node.repo().locate_payload(id).await.map_err(status)?;
         let Some((rec, holder)) = located.filter(|(_, holder)| holder != own) else {
             return Err(status(missing));
         };
