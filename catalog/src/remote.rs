@@ -62,9 +62,17 @@ impl Call {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Call> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| CatalogError::InvalidArgument(format!("not a catalog call of this release: {e}")))
+        serde_json::from_slice(bytes).map_err(|e| CatalogError::InvalidArgument(format!("{UNKNOWN_CALL}: {e}")))
     }
+}
+
+/// How an operator refuses a call it does not know (one of a later
+/// release); the words are fixed, since older operators send them too.
+const UNKNOWN_CALL: &str = "not a catalog call of this release";
+
+/// Whether `err` is an operator's refusal of a call it does not know.
+pub fn is_unknown_call(err: &CatalogError) -> bool {
+    matches!(err, CatalogError::InvalidArgument(m) if m.starts_with(UNKNOWN_CALL))
 }
 
 fn json<T: Serialize>(value: T) -> Result<serde_json::Value> {
@@ -318,5 +326,20 @@ impl Link for Loopback {
     }
     fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64> {
         self.0.watch_stream(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_of_a_later_release_is_told_apart_from_other_refusals() {
+        let unknown = Call::decode(br#"{"LocateEverything":[]}"#).unwrap_err();
+        assert!(is_unknown_call(&unknown), "{unknown}");
+        assert!(!is_unknown_call(&CatalogError::InvalidArgument(
+            "bad page token".into()
+        )));
+        assert!(!is_unknown_call(&CatalogError::Storage(UNKNOWN_CALL.into())));
     }
 }

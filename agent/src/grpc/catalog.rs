@@ -544,10 +544,8 @@ impl CatalogService {
         id: payload_catalog::PayloadId,
         missing: crate::error::AgentError,
     ) -> Result<Response<runtime::GetPayloadResponse>, Status> {
-        let own = &self.node.config().node_name;
         // No flush first: rows of this node are not what is looked for.
-        let located = self.node.repo().locate_payload(id).await.map_err(status)?;
-        let Some((rec, holder)) = located.filter(|(_, holder)| holder != own) else {
+        let Some((rec, holder)) = self.node.locate(id).await.map_err(status)? else {
             return Err(status(missing));
         };
         let mut payload = summary(&self.node, &rec, 0, self.node.now_ms());
@@ -571,13 +569,13 @@ impl CatalogService {
         if !matches!(err, crate::error::AgentError::NotFound(_)) {
             return status(err);
         }
-        let own = &self.node.config().node_name;
-        match self.node.repo().locate_payload(id).await {
-            Ok(Some((_, holder))) if &holder != own => Status::failed_precondition(format!(
+        match self.node.locate(id).await {
+            Ok(Some((_, holder))) => Status::failed_precondition(format!(
                 "payload {id} belongs to node {holder}; {what} it through that node's agent (payloadctl --agent \
                  on node {holder})"
             )),
-            _ => status(err),
+            Ok(None) => status(err),
+            Err(unavailable) => status(unavailable),
         }
     }
 

@@ -69,10 +69,10 @@ impl PayloadDataService for DataService {
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
         check_mode(req.mode)?;
-        self.node.reach(id).await.map_err(status)?;
-        self.node.authorize_read(id, &caller).map_err(status)?;
         let min_tier = optional_tier(req.min_tier, "min_tier")?;
         known_enum("promotion_policy", req.promotion_policy, &[0, 1, 2])?;
+        self.node.reach(id, &caller).await.map_err(status)?;
+        self.node.authorize_read(id, &caller).map_err(status)?;
         let blocking = req.promotion_policy != PromotionPolicy::BestEffort as i32;
         let grant = self
             .node

@@ -192,7 +192,7 @@ fn cut(text: &str, max: usize) -> String {
 async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(Answer, Out), Status> {
     let id = payload_id(&l.payload_id)?;
     let min_tier = optional_tier(l.min_tier, "min_tier")?;
-    node.reach(id).await.map_err(status)?;
+    node.reach(id, &session.caller).await.map_err(status)?;
     node.authorize_read(id, &session.caller).map_err(status)?;
     if !l.timed {
         session.room_for(1)?;

@@ -95,7 +95,7 @@ impl Node {
         lasts: Lasts,
         inline_max: u64,
     ) -> Result<LeaseGrant, AgentError> {
-        self.reach(id).await?;
+        self.reach_as(id, None).await?;
         let (mut promoted, mut reached) = (false, false);
         loop {
             match self.try_grant(id, min_tier, lasts) {
@@ -103,7 +103,7 @@ impl Node {
                     return Err(self.visitor_too_slow(id, target));
                 }
                 Err(Grant::Forgotten) if !reached => {
-                    self.reach(id).await?;
+                    self.reach_as(id, None).await?;
                     reached = true;
                 }
                 Err(Grant::Forgotten) => return Err(forgotten(id)),
@@ -136,7 +136,7 @@ impl Node {
                         .unwrap_or_else(|e| Err(crate::error::task_failed("filling the block cache", e)));
                         if let Err(err) = filled {
                             self.release(grant.lease);
-                            return Err(err);
+                            return Err(self.visitor_unreadable(id, err).await);
                         }
                     }
                     let record = JournaledLease {

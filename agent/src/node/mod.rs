@@ -206,7 +206,10 @@ pub struct Node {
     pub(crate) object: Option<Arc<ObjectTier>>,
     pub(crate) payloads: Sharded<PayloadId, EntryRef>,
     /// Other nodes' payloads leased here (see `visitors.rs`).
-    pub(crate) visitors: Sharded<PayloadId, EntryRef>,
+    pub(crate) visitors: Sharded<PayloadId, Arc<visitors::Visitor>>,
+    /// Payloads the catalog said no other node holds, until when (unix
+    /// ms): see `visitors.rs`.
+    pub(crate) unknown: Mutex<IdMap<PayloadId, u64>>,
     pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,
     pub(crate) journal: Journal,
     /// Wakes the spill scheduler when RAM crosses its high watermark.

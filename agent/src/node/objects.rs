@@ -162,6 +162,9 @@ impl Node {
             Some(entry) => {
                 let mut e = lock(entry);
                 if e.gone {
+                    // Not under the entry's lock: making room in the cache
+                    // takes the cache's lock, then entries' (is_leased).
+                    drop(e);
                     object.cache.remove(id);
                     // The delete's release may have landed before this
                     // import claimed the manifest.

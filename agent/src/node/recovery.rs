@@ -126,6 +126,7 @@ impl Node {
             payloads: Sharded::new(),
             leases: Sharded::new(),
             visitors: Sharded::new(),
+            unknown: Default::default(),
             journal,
             spill_wanted: Notify::new(),
             hashing: Semaphore::new(1),

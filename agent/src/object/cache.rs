@@ -43,6 +43,17 @@ struct Inner {
     used: u64,
     /// A logical clock for recency.
     tick: u64,
+    /// The last generation given to an entry.
+    generation: u64,
+}
+
+impl Inner {
+    /// A new entry: a generation of its own, so that a fill that outlives
+    /// a remove never marks blocks present in the entry made after it.
+    fn fresh(&mut self, size: u64, block_size: u64) -> Cached {
+        self.generation += 1;
+        Cached::new(size, block_size, self.generation)
+    }
 }
 
 struct Cached {
@@ -52,16 +63,23 @@ struct Cached {
     used_at: Vec<u64>,
     /// Bytes counted in `used` for blocks being fetched or staged now.
     pending: u64,
+    generation: u64,
 }
 
 impl Cached {
-    fn new(size: u64, block_size: u64) -> Self {
+    fn new(size: u64, block_size: u64, generation: u64) -> Self {
         Self {
             size,
             block_size,
             used_at: vec![0; size.div_ceil(block_size) as usize],
             pending: 0,
+            generation,
         }
+    }
+
+    /// Whether it was used after tick `since`, or is being filled now.
+    fn used_since(&self, since: u64) -> bool {
+        self.pending > 0 || self.used_at.iter().any(|t| *t > since)
     }
 
     /// Bytes this entry holds in the cache's count.
@@ -116,7 +134,9 @@ impl BlockCache {
             };
             let index = fs::read_to_string(path.with_extension("idx")).ok();
             match index.as_deref().and_then(parse_index) {
-                Some(cached) if fs::metadata(&path).is_ok_and(|m| m.len() == cached.size) => {
+                Some(mut cached) if fs::metadata(&path).is_ok_and(|m| m.len() == cached.size) => {
+                    inner.generation += 1;
+                    cached.generation = inner.generation;
                     inner.used += cached.counted();
                     inner.entries.insert(id, cached);
                 }
@@ -154,10 +174,15 @@ impl BlockCache {
     /// The cache file of payload `id` when every block is present (and
     /// marks it used); `None` when a fill is needed.
     pub fn hit(&self, id: PayloadId) -> Option<PathBuf> {
-        self.is_complete(id).then(|| {
-            self.touch(id);
-            self.path(id)
-        })
+        let mut inner = lock(&self.inner);
+        inner.tick += 1;
+        let tick = inner.tick;
+        let c = inner.entries.get_mut(&id)?;
+        if c.used_at.contains(&0) {
+            return None;
+        }
+        c.used_at.iter_mut().for_each(|t| *t = tick);
+        Some(self.path(id))
     }
 
     /// Whether every block of payload `id` is present.
@@ -181,21 +206,20 @@ impl BlockCache {
         let gate = lock(&self.filling).entry(id).or_default().clone();
         let _filling = gate.lock().await;
         let path = self.path(id);
-        let missing = self.missing(manifest);
-        // An empty payload has no blocks, but its file must exist.
-        if missing.is_empty() && !self.is_complete(id) {
+        let Some(missing) = self.missing_or_touch(manifest) else {
+            return Ok(path);
+        };
+        if missing.is_empty() {
+            // An empty payload has no blocks, but its file must exist.
             open_for_fill(&path, 0).map_err(|e| io_error("creating the cache file", e))?;
             self.adopt(manifest)?;
-        }
-        if missing.is_empty() {
-            self.touch(id);
             return Ok(path);
         }
         let need: u64 = missing
             .iter()
             .map(|i| manifest.range(*i).end - manifest.range(*i).start)
             .sum();
-        self.make_room(need, id, manifest.size_bytes, manifest.block_size, leased)?;
+        let generation = self.make_room(need, id, manifest.size_bytes, manifest.block_size, leased)?;
         let fetched = match open_for_fill(&path, manifest.size_bytes) {
             Ok(file) => {
                 let file = Arc::new(file);
@@ -211,7 +235,7 @@ impl BlockCache {
         if let Err(e) = synced {
             // Space was counted for blocks that did not land.
             let mut inner = lock(&self.inner);
-            if let Some(c) = inner.entries.get_mut(&id) {
+            if let Some(c) = inner.entries.get_mut(&id).filter(|c| c.generation == generation) {
                 c.pending = c.pending.saturating_sub(need);
                 inner.used -= need;
             }
@@ -221,12 +245,16 @@ impl BlockCache {
             let mut inner = lock(&self.inner);
             inner.tick += 1;
             let tick = inner.tick;
-            // A delete may have dropped the entry meanwhile (and its file,
-            // which this fill may have made again).
-            let Some(cached) = inner.entries.get_mut(&id) else {
-                let _ = fs::remove_file(&path);
+            // A delete (or a visitor forgotten) may have dropped the entry
+            // meanwhile, and a fill since may have made another: the
+            // blocks fetched here may be in a file no longer this entry's.
+            let Some(cached) = inner.entries.get_mut(&id).filter(|c| c.generation == generation) else {
+                if !inner.entries.contains_key(&id) {
+                    // This fill may have made the file again.
+                    let _ = fs::remove_file(&path);
+                }
                 return Err(AgentError::NotFound(format!(
-                    "payload {id} was deleted while it was fetched"
+                    "payload {id} was removed from this node's block cache while it was fetched; retry"
                 )));
             };
             for i in &missing {
@@ -297,10 +325,11 @@ impl BlockCache {
             let mut inner = lock(&self.inner);
             inner.tick += 1;
             let tick = inner.tick;
-            let cached = inner
-                .entries
-                .entry(manifest.payload)
-                .or_insert_with(|| Cached::new(manifest.size_bytes, manifest.block_size));
+            if !inner.entries.contains_key(&manifest.payload) {
+                let fresh = inner.fresh(manifest.size_bytes, manifest.block_size);
+                inner.entries.insert(manifest.payload, fresh);
+            }
+            let cached = inner.entries.get_mut(&manifest.payload).expect("inserted above");
             if cached.size != manifest.size_bytes || cached.block_size != manifest.block_size {
                 return Err(AgentError::InvalidState(format!(
                     "the staged copy of payload {} is not the size its manifest says",
@@ -330,12 +359,39 @@ impl BlockCache {
 
     /// Drops a payload's cached blocks (it was deleted, or promoted).
     pub fn remove(&self, id: PayloadId) {
-        lock(&self.filling).remove(&id);
-        {
-            let mut inner = lock(&self.inner);
-            if let Some(old) = inner.entries.remove(&id) {
-                inner.used -= old.counted();
-            }
+        let mut filling = lock(&self.filling);
+        filling.remove(&id);
+        self.forget(&mut lock(&self.inner), id);
+    }
+
+    /// The cache's logical clock now: see [`BlockCache::remove_unused_since`].
+    pub fn tick(&self) -> u64 {
+        lock(&self.inner).tick
+    }
+
+    /// [`BlockCache::remove`], unless payload `id` was used after `tick`
+    /// or is being filled: a visitor forgotten by the sweeper may have been
+    /// found again, and its file handed out, since the sweeper decided.
+    pub fn remove_unused_since(&self, id: PayloadId, tick: u64) -> bool {
+        let mut filling = lock(&self.filling);
+        if filling.get(&id).is_some_and(|gate| gate.try_lock().is_err()) {
+            return false;
+        }
+        let mut inner = lock(&self.inner);
+        if inner.entries.get(&id).is_some_and(|c| c.used_since(tick)) {
+            return false;
+        }
+        filling.remove(&id);
+        self.forget(&mut inner, id);
+        true
+    }
+
+    /// Drops an entry and its files together, under the entries' lock, so
+    /// that no fill or hit sees the entry without its file or the other
+    /// way round.
+    fn forget(&self, inner: &mut Inner, id: PayloadId) {
+        if let Some(old) = inner.entries.remove(&id) {
+            inner.used -= old.counted();
         }
         let path = self.path(id);
         let _ = fs::remove_file(path.with_extension("idx"));
@@ -357,32 +413,28 @@ impl BlockCache {
         gone.len()
     }
 
-    fn missing(&self, manifest: &Manifest) -> Vec<usize> {
-        let inner = lock(&self.inner);
-        match inner.entries.get(&manifest.payload) {
-            Some(c) => c
-                .used_at
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| **t == 0)
-                .map(|(i, _)| i)
-                .collect(),
-            None => (0..manifest.blocks.len()).collect(),
-        }
-    }
-
-    fn touch(&self, id: PayloadId) {
+    /// The blocks of `manifest`'s payload not present, or `None` when it
+    /// is whole, then marked used under the same lock (so that no sweep
+    /// drops it in between).
+    fn missing_or_touch(&self, manifest: &Manifest) -> Option<Vec<usize>> {
         let mut inner = lock(&self.inner);
         inner.tick += 1;
         let tick = inner.tick;
-        if let Some(c) = inner.entries.get_mut(&id) {
-            c.used_at.iter_mut().for_each(|t| *t = tick);
+        let Some(c) = inner.entries.get_mut(&manifest.payload) else {
+            return Some((0..manifest.blocks.len()).collect());
+        };
+        let missing: Vec<usize> = (0..c.used_at.len()).filter(|i| c.used_at[*i] == 0).collect();
+        if !missing.is_empty() {
+            return Some(missing);
         }
+        c.used_at.iter_mut().for_each(|t| *t = tick);
+        None
     }
 
     /// Counts `need` bytes for payload `id` (of `size` bytes in blocks of
     /// `block_size`), punching the coldest blocks of unleased payloads out
-    /// first when the cache would pass capacity.
+    /// first when the cache would pass capacity; returns the generation of
+    /// the entry counted into.
     fn make_room(
         &self,
         need: u64,
@@ -390,7 +442,7 @@ impl BlockCache {
         size: u64,
         block_size: u64,
         leased: &(dyn Fn(PayloadId) -> bool + Sync),
-    ) -> Result<(), AgentError> {
+    ) -> Result<u64, AgentError> {
         let busy: Vec<PayloadId> = lock(&self.filling)
             .iter()
             .filter(|(other, gate)| **other != id && gate.try_lock().is_err())
@@ -456,12 +508,13 @@ impl BlockCache {
             }
         }
         inner.used += need;
-        inner
-            .entries
-            .entry(id)
-            .or_insert_with(|| Cached::new(size, block_size))
-            .pending += need;
-        Ok(())
+        if !inner.entries.contains_key(&id) {
+            let fresh = inner.fresh(size, block_size);
+            inner.entries.insert(id, fresh);
+        }
+        let c = inner.entries.get_mut(&id).expect("inserted above");
+        c.pending += need;
+        Ok(c.generation)
     }
 }
 
@@ -476,7 +529,7 @@ fn parse_index(text: &str) -> Option<Cached> {
     }
     Some(Cached {
         used_at: bits.chars().map(|c| u64::from(c == '1')).collect(),
-        ..Cached::new(size, block_size)
+        ..Cached::new(size, block_size, 0)
     })
 }
 

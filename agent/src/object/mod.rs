@@ -107,6 +107,11 @@ impl ObjectTier {
         }
     }
 
+    /// The store as `--object-store` names it.
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket.bucket(), self.bucket.prefix())
+    }
+
     pub fn bucket_name(&self) -> &str {
         self.bucket.bucket()
     }
