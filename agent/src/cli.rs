@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use payload_catalog::remote::RemoteRepository;
 use payload_catalog::Repository;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::limits::Limits;
@@ -116,6 +117,10 @@ pub struct StandaloneArgs {
     /// TCP address for clients that cannot use the socket, or `off`.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// HTTP address of `/metrics` (Prometheus), `/healthz` and `/readyz`,
+    /// or `off`. They show figures, never payload bytes or names.
+    #[arg(long, env = "PM_METRICS_LISTEN", default_value = "off")]
+    pub metrics_listen: String,
     /// Catalog database URL: sqlite://PATH (the default is
     /// sqlite://<state-dir>/catalog.db) or postgres://USER@HOST:PORT/DB, a
     /// catalog several agents may share (give each a distinct --node-name).
@@ -210,6 +215,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// `HOST:PORT`, or `off` (or empty): `None`.
+fn parse_listen(text: &str, flag: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match text {
+        "off" | "" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{flag} {addr:?} is not host:port or off")),
+    }
+}
+
 /// How long SIGTERM waits for in-flight calls.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -246,6 +262,7 @@ impl StandaloneArgs {
             state_dir,
             socket,
             listen,
+            metrics_listen,
             catalog,
             ram_root,
             shm_prefix,
@@ -280,13 +297,8 @@ impl StandaloneArgs {
         };
         let state = StateDir::open(&state_dir)?;
         let socket = socket.unwrap_or_else(|| state_dir.join("agent.sock"));
-        let tcp: Option<SocketAddr> = match listen.as_str() {
-            "off" | "" => None,
-            addr => Some(
-                addr.parse()
-                    .with_context(|| format!("--listen {addr:?} is not host:port or off"))?,
-            ),
-        };
+        let tcp = parse_listen(&listen, "--listen")?;
+        let metrics_addr = parse_listen(&metrics_listen, "--metrics-listen")?;
         let token = match &tcp_token_file {
             Some(path) => Some(read_token(path)?),
             None => None,
@@ -346,7 +358,23 @@ impl StandaloneArgs {
             Some(addr) => Some(server::bind_tcp(addr).await?),
             None => None,
         };
+        let metrics = match metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {addr}"))?,
+            ),
+            None => None,
+        };
         let (stop_tx, stop) = watch::channel(false);
+        if let Some(listener) = metrics {
+            let (node, stop) = (node.clone(), stop.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(node, listener, stop).await {
+                    tracing::warn!(%e, "the metrics server stopped");
+                }
+            });
+        }
         tokio::spawn(node.clone().run_spiller(stop.clone()));
         tokio::spawn(node.clone().run_sweeper(stop.clone()));
         tokio::spawn(crate::native::serve(node.clone(), native, stop.clone()));
@@ -366,6 +394,7 @@ impl StandaloneArgs {
             socket = %socket.display(),
             native = %native_socket.display(),
             tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
+            metrics = ?metrics_addr,
             "payload-agent is serving"
         );
         let mut draining = stop.clone();

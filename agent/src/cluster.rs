@@ -149,11 +149,22 @@ fn outage(status: tonic::Status) -> CatalogError {
     ))
 }
 
+/// [`outage`], but for a call the operator does not know (it is of an
+/// earlier release), which its caller tells apart
+/// ([`payload_catalog::remote::is_unknown_call`]).
+fn refusal(status: tonic::Status) -> CatalogError {
+    let unknown = CatalogError::InvalidArgument(status.message().to_string());
+    if status.code() == tonic::Code::InvalidArgument && payload_catalog::remote::is_unknown_call(&unknown) {
+        return unknown;
+    }
+    outage(status)
+}
+
 #[async_trait]
 impl Link for OperatorLink {
     async fn call(&self, call: Vec<u8>) -> Result<Vec<u8>, CatalogError> {
         let request = self.request(Envelope { json: call })?;
-        let answer = self.client.clone().call(request).await.map_err(outage)?;
+        let answer = self.client.clone().call(request).await.map_err(refusal)?;
         Ok(answer.into_inner().json)
     }
 
@@ -281,5 +292,22 @@ pub async fn heartbeats(
             _ = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_call_the_operator_does_not_know_is_told_apart_from_an_outage() {
+        let unknown = refusal(tonic::Status::invalid_argument(
+            "not a catalog call of this release: unknown variant `LocatePayload`",
+        ));
+        assert!(payload_catalog::remote::is_unknown_call(&unknown), "{unknown:?}");
+        let other = refusal(tonic::Status::invalid_argument("x-payload-node is not ASCII"));
+        assert!(matches!(other, CatalogError::Storage(_)), "{other:?}");
+        let down = refusal(tonic::Status::unavailable("connection refused"));
+        assert!(matches!(down, CatalogError::Storage(_)), "{down:?}");
     }
 }

@@ -18,6 +18,7 @@ pub mod journal;
 pub mod keeper;
 pub mod limits;
 pub mod memfd;
+pub mod metrics;
 pub mod native;
 pub mod node;
 pub mod object;

@@ -16,6 +16,7 @@ use tonic::transport::Server;
 
 use crate::deadline::DeadlineLayer;
 use crate::grpc::routes;
+use crate::metrics::MetricsLayer;
 use crate::node::Node;
 
 /// How often an idle connection is probed, and how long a probe may wait.
@@ -99,6 +100,7 @@ pub async fn serve_with_token(
         let _ = rx.wait_for(|s| *s).await;
     };
     let limits = node.config().limits.clone();
+    let metrics = node.metrics.clone();
     let builder = move || {
         Server::builder()
             .max_concurrent_streams(Some(limits.calls_per_connection))
@@ -106,6 +108,7 @@ pub async fn serve_with_token(
             .http2_keepalive_interval(Some(KEEPALIVE))
             .http2_keepalive_timeout(Some(KEEPALIVE))
             .tcp_keepalive(Some(KEEPALIVE))
+            .layer(MetricsLayer(metrics.clone()))
             .layer(DeadlineLayer {
                 limit: Duration::from_millis(limits.request_timeout_ms),
             })

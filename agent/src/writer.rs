@@ -130,8 +130,10 @@ async fn attempt(repo: &dyn Repository, writes: &[Write], limit: Duration) -> Op
     tokio::time::timeout(limit, repo.write_batch(writes)).await.ok()
 }
 
+/// An outage, or an operator of an earlier release that cannot take the
+/// write yet: both are waited out (until it is upgraded), never set aside.
 fn transient(err: &CatalogError) -> bool {
-    matches!(err, CatalogError::Storage(_))
+    matches!(err, CatalogError::Storage(_)) || payload_catalog::remote::is_unknown_call(err)
 }
 
 /// How long to keep trying while the catalog is unavailable.

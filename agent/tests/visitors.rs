@@ -138,8 +138,16 @@ async fn a_payload_its_node_deleted_is_refused_here_soon_after_and_its_live_leas
     let trusted = b.acquire(id, None, true, 0).await.unwrap();
     b.release(trusted.lease);
     b.clock().advance(6_000);
+    let batch = b.acquire_many(&[(id, None, 0)]).remove(0).unwrap_err();
+    assert!(
+        matches!(&batch, AgentError::InvalidState(m) if m.contains("use AcquireReadLease")),
+        "a batch lease never asks the catalog, so it refuses a visitor not confirmed lately: {batch:?}"
+    );
     let refused = b.acquire(id, None, true, 0).await.unwrap_err();
-    assert!(matches!(refused, AgentError::NotFound(_)), "{refused:?}");
+    assert!(
+        matches!(&refused, AgentError::NotFound(m) if m.contains("deleted on the node that held it")),
+        "{refused:?}"
+    );
     assert_eq!(
         std::fs::read(cache.path(id)).unwrap(),
         p.bytes,

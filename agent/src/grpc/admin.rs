@@ -16,27 +16,7 @@ pub struct AdminService {
 #[tonic::async_trait]
 impl PayloadAdminService for AdminService {
     async fn stats(&self, _request: Request<admin::StatsRequest>) -> Result<Response<admin::StatsResponse>, Status> {
-        let node = self.node.clone();
-        // A scan of every entry: keep it off the async workers.
-        let mut stats = tokio::task::spawn_blocking(move || node.stats())
-            .await
-            .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
-        if let Ok(ram) = self.node.store(payload_catalog::Tier::Ram) {
-            (stats.sealed_payloads, stats.sealed_bytes) = ram.memfd_usage();
-        }
-        if let Ok(object) = self.node.object() {
-            if let Some(blocks) = object.block_stats().await {
-                stats.object_blocks = blocks.blocks;
-                stats.object_block_bytes = blocks.bytes;
-                stats.object_unreferenced_blocks = blocks.unreferenced;
-            }
-            let t = object.traffic.figures();
-            stats.object_puts = t.puts;
-            stats.object_put_bytes = t.put_bytes;
-            stats.object_gets = t.gets;
-            stats.object_get_bytes = t.get_bytes;
-            stats.object_deletes = t.deletes;
-        }
+        let stats = self.node.report().await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(stats))
     }
 
@@ -111,6 +91,33 @@ fn summary(info: payload_proto::cluster::NodeInfo) -> admin::NodeSummary {
 }
 
 impl Node {
+    /// Everything Stats answers: [`Node::stats`], sealed regions and the
+    /// object store's figures.
+    pub async fn report(self: &Arc<Self>) -> Result<admin::StatsResponse, String> {
+        let node = self.clone();
+        // A scan of every entry: keep it off the async workers.
+        let mut stats = tokio::task::spawn_blocking(move || node.stats())
+            .await
+            .map_err(|e| format!("stats task failed: {e}"))?;
+        if let Ok(ram) = self.store(payload_catalog::Tier::Ram) {
+            (stats.sealed_payloads, stats.sealed_bytes) = ram.memfd_usage();
+        }
+        if let Ok(object) = self.object() {
+            if let Some(blocks) = object.block_stats().await {
+                stats.object_blocks = blocks.blocks;
+                stats.object_block_bytes = blocks.bytes;
+                stats.object_unreferenced_blocks = blocks.unreferenced;
+            }
+            let t = object.traffic.figures();
+            stats.object_puts = t.puts;
+            stats.object_put_bytes = t.put_bytes;
+            stats.object_gets = t.gets;
+            stats.object_get_bytes = t.get_bytes;
+            stats.object_deletes = t.deletes;
+        }
+        Ok(stats)
+    }
+
     pub fn stats(&self) -> admin::StatsResponse {
         let usage = self.usage();
         let mut out = admin::StatsResponse {

@@ -26,6 +26,7 @@ pub(super) async fn handle(
 ) -> (wire::Response, Out) {
     let id = req.id;
     let takes_fd = matches!(&req.op, Some(Op::Put(_)));
+    let (kind, started) = (req.op.as_ref().map_or("unknown", op_name), std::time::Instant::now());
     let outcome = match (req.op, fd) {
         (_, Some(_)) if !takes_fd => Err(Status::invalid_argument(
             "only a put carries a descriptor (its memfd); the one sent was closed",
@@ -35,6 +36,8 @@ pub(super) async fn handle(
         )),
         (Some(op), fd) => serve(node, session, op, fd).await,
     };
+    let code = outcome.as_ref().map_or_else(|st| st.code(), |_| tonic::Code::Ok);
+    node.metrics.native_call(kind, code, started);
     let response = match outcome {
         Ok((result, out)) => {
             return (
@@ -56,6 +59,20 @@ pub(super) async fn handle(
         },
     };
     (response, None)
+}
+
+/// The operation's name in metrics.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Allocate(_) => "allocate",
+        Op::Commit(_) => "commit",
+        Op::Abort(_) => "abort",
+        Op::Lease(_) => "lease",
+        Op::Release(_) => "release",
+        Op::Put(_) => "put",
+        Op::Renew(_) => "renew",
+        Op::Leases(_) => "leases",
+    }
 }
 
 async fn serve(node: &Arc<Node>, session: &Session, op: Op, fd: Option<OwnedFd>) -> Result<(Answer, Out), Status> {
@@ -192,13 +209,14 @@ fn cut(text: &str, max: usize) -> String {
 async fn lease(node: &Arc<Node>, session: &Session, l: wire::Lease) -> Result<(Answer, Out), Status> {
     let id = payload_id(&l.payload_id)?;
     let min_tier = optional_tier(l.min_tier, "min_tier")?;
-    node.reach(id, &session.caller).await.map_err(status)?;
-    node.authorize_read(id, &session.caller).map_err(status)?;
-    if !l.timed {
+    if l.timed {
+        node.config().limits.duration("duration_ms", l.duration_ms)?;
+    } else {
         session.room_for(1)?;
     }
+    node.reach(id, &session.caller).await.map_err(status)?;
+    node.authorize_read(id, &session.caller).map_err(status)?;
     let grant = if l.timed {
-        node.config().limits.duration("duration_ms", l.duration_ms)?;
         node.acquire(id, min_tier, !l.best_effort, l.duration_ms).await
     } else {
         node.acquire_session(id, min_tier, !l.best_effort, inline_max(&l)).await

@@ -203,6 +203,12 @@ impl Node {
         let results: Vec<_> = requests
             .iter()
             .map(|(id, min_tier, lasts)| {
+                if self.visitor_unconfirmed(*id, now) {
+                    return Err(AgentError::InvalidState(format!(
+                        "payload {id} belongs to another node and this node has not asked the catalog about it for \
+                         a while; batch leases never ask, use AcquireReadLease"
+                    )));
+                }
                 let granted = self.try_grant_with(*id, *min_tier, *lasts, now, |rec| Ok((rec.tier, take(rec)?)));
                 let (lease, expires_ms, (tier, taken)) = granted.map_err(|e| match e {
                     Grant::Failed(err) => err,

@@ -207,9 +207,13 @@ pub struct Node {
     pub(crate) payloads: Sharded<PayloadId, EntryRef>,
     /// Other nodes' payloads leased here (see `visitors.rs`).
     pub(crate) visitors: Sharded<PayloadId, Arc<visitors::Visitor>>,
-    /// Payloads the catalog said no other node holds, until when (unix
-    /// ms): see `visitors.rs`.
-    pub(crate) unknown: Mutex<IdMap<PayloadId, u64>>,
+    /// The catalog's answers about other nodes' payloads, until when
+    /// (unix ms), and forgotten visitors whose cached blocks are still to
+    /// go: see `visitors.rs`.
+    pub(crate) located: Mutex<IdMap<PayloadId, (u64, visitors::Located)>>,
+    pub(crate) strays: Mutex<std::collections::HashSet<PayloadId>>,
+    /// What `/metrics` shows of the calls served (see `metrics.rs`).
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,
     pub(crate) journal: Journal,
     /// Wakes the spill scheduler when RAM crosses its high watermark.

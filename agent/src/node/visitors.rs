@@ -25,11 +25,15 @@ pub(crate) const VISITOR_IDLE_MS: u64 = 60_000;
 /// again: a payload deleted on its node is refused here this soon after.
 pub(crate) const VISITOR_RECHECK_MS: u64 = 5_000;
 
-/// How long the catalog's "no other node holds it" is remembered, so that
-/// a client asking for unknown ids costs at most one catalog call per id
-/// this often; and how many such answers are kept.
-const UNKNOWN_MS: u64 = 1_000;
-const UNKNOWN_KEPT: usize = 4_096;
+/// How long the catalog's answer about a payload of no other node, or of
+/// one not leasable here, is remembered, so that a client asking for such
+/// ids costs at most one catalog call per id this often; and how many such
+/// answers are kept.
+const LOCATED_MS: u64 = 1_000;
+const LOCATED_KEPT: usize = 4_096;
+
+/// Another node's payload as the catalog has it, and that node's name.
+pub(crate) type Located = Option<(PayloadRecord, String)>;
 
 /// How often a catalog that cannot answer is logged.
 const WARN_EVERY_MS: u64 = 10_000;
@@ -93,6 +97,9 @@ impl Node {
             located => located?,
         };
         let refused = match located {
+            None if live.is_some() => AgentError::NotFound(format!(
+                "payload {id} is no longer in the catalog: it was deleted on the node that held it"
+            )),
             None => missing,
             Some((rec, holder)) => {
                 if let Some(caller) = caller {
@@ -114,20 +121,20 @@ impl Node {
     /// Which other node holds payload `id`, with its row, by the catalog;
     /// `None` when no other node does (or the operator is of a release
     /// that cannot say).
-    pub(crate) async fn locate(&self, id: PayloadId) -> Result<Option<(PayloadRecord, String)>, AgentError> {
+    pub(crate) async fn locate(&self, id: PayloadId) -> Result<Located, AgentError> {
         let now = self.now_ms();
-        if lock(&self.unknown).get(&id).is_some_and(|until| now < *until) {
-            return Ok(None);
+        if let Some((_, answer)) = lock(&self.located).get(&id).filter(|(until, _)| now < *until) {
+            return Ok(answer.clone());
         }
         match self.repo.locate_payload(id).await {
-            Ok(Some((rec, holder))) if holder != self.cfg.node_name => Ok(Some((rec, holder))),
-            Ok(_) => {
-                let mut unknown = lock(&self.unknown);
-                if unknown.len() >= UNKNOWN_KEPT {
-                    unknown.clear();
+            Ok(answer) => {
+                let answer = answer.filter(|(_, holder)| *holder != self.cfg.node_name);
+                let mut located = lock(&self.located);
+                if located.len() >= LOCATED_KEPT {
+                    located.clear();
                 }
-                unknown.insert(id, now + UNKNOWN_MS);
-                Ok(None)
+                located.insert(id, (now + LOCATED_MS, answer.clone()));
+                Ok(answer)
             }
             Err(err) if payload_catalog::remote::is_unknown_call(&err) => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
@@ -157,28 +164,36 @@ impl Node {
         }
     }
 
-    /// Records `row` as visitor `id`, vouched for at `now`: unless a live
-    /// one is there (just asked again, or made by a concurrent lease), a
-    /// new one, taking over the leases of one given up on.
+    /// Records `row` as visitor `id`, vouched for at `now`: a new one, or
+    /// one given up on taken back (in place: its leases stay where their
+    /// holders find them).
     fn welcome(&self, id: PayloadId, row: PayloadRecord, now: u64) {
         let mut shard = self.visitors.shard(&id);
-        let leases = match shard.get(&id) {
-            Some(v) => {
-                let e = lock(&v.entry);
-                if !e.gone {
-                    return;
-                }
-                e.leases.clone()
+        if let Some(v) = shard.get(&id) {
+            let mut e = lock(&v.entry);
+            if e.gone {
+                // Only a disowned visitor is gone and still here (the
+                // sweeper removes what it forgets at once).
+                e.gone = false;
+                e.rec = row;
+                v.checked_ms.store(now, Ordering::Relaxed);
             }
-            None => Default::default(),
-        };
-        let mut entry = Entry::new(row, now);
-        entry.leases = leases;
+            return;
+        }
         let visitor = Visitor {
-            entry: Arc::new(Mutex::new(entry)),
+            entry: Arc::new(Mutex::new(Entry::new(row, now))),
             checked_ms: AtomicU64::new(now),
         };
         shard.insert(id, Arc::new(visitor));
+    }
+
+    /// Whether payload `id` is a visitor the catalog has not vouched for
+    /// in [`VISITOR_RECHECK_MS`] (batch leases, which never ask, refuse it).
+    pub(crate) fn visitor_unconfirmed(&self, id: PayloadId, now: u64) -> bool {
+        self.visitors
+            .shard(&id)
+            .get(&id)
+            .is_some_and(|v| now >= v.checked_ms.load(Ordering::Relaxed).saturating_add(VISITOR_RECHECK_MS))
     }
 
     /// Stops new leases on visitor `id` (its row is gone or no longer
@@ -227,13 +242,14 @@ impl Node {
         if !matches!(err, AgentError::Integrity(_)) || !self.is_visitor(id) {
             return err;
         }
-        lock(&self.unknown).remove(&id);
+        lock(&self.located).remove(&id);
         match self.locate(id).await {
             Ok(Some((rec, holder))) if rec.in_object_store() => {
                 let store = self.object.as_ref().map(|o| o.url()).unwrap_or_default();
                 AgentError::InvalidState(format!(
                     "payload {id} of node {holder} has an object-store copy, but node {} cannot read it from {store} \
-                     ({err}): give this agent the --object-store of node {holder}",
+                     ({err}): give this agent the --object-store of node {holder}, or, if node {holder} is deleting \
+                     it, retry shortly",
                     self.cfg.node_name
                 ))
             }
@@ -282,10 +298,14 @@ impl Node {
             }
             keep
         });
-        if let Some(object) = &self.object {
-            for id in forgotten {
-                object.cache.remove_unused_since(id, tick);
-            }
-        }
+        let Some(object) = &self.object else { return };
+        // Blocks a fill or a new visitor kept are tried again next sweep,
+        // once nobody uses them.
+        let mut strays = lock(&self.strays);
+        strays.extend(forgotten);
+        strays.retain(|id| {
+            let claimed = self.entry(*id).is_ok() || self.is_visitor(*id);
+            !claimed && !object.cache.remove_unused_since(*id, tick)
+        });
     }
 }

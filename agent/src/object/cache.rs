@@ -64,6 +64,9 @@ struct Cached {
     /// Bytes counted in `used` for blocks being fetched or staged now.
     pending: u64,
     generation: u64,
+    /// When it was last used as a whole (a hit, a fill): an empty
+    /// payload has no blocks to tell.
+    touched: u64,
 }
 
 impl Cached {
@@ -74,12 +77,13 @@ impl Cached {
             used_at: vec![0; size.div_ceil(block_size) as usize],
             pending: 0,
             generation,
+            touched: 0,
         }
     }
 
     /// Whether it was used after tick `since`, or is being filled now.
     fn used_since(&self, since: u64) -> bool {
-        self.pending > 0 || self.used_at.iter().any(|t| *t > since)
+        self.pending > 0 || self.touched > since || self.used_at.iter().any(|t| *t > since)
     }
 
     /// Bytes this entry holds in the cache's count.
@@ -182,6 +186,7 @@ impl BlockCache {
             return None;
         }
         c.used_at.iter_mut().for_each(|t| *t = tick);
+        c.touched = tick;
         Some(self.path(id))
     }
 
@@ -260,6 +265,7 @@ impl BlockCache {
             for i in &missing {
                 cached.used_at[*i] = tick;
             }
+            cached.touched = tick;
             cached.pending = cached.pending.saturating_sub(need);
             cached.index_text()
         };
@@ -338,6 +344,7 @@ impl BlockCache {
             }
             // The staged bytes were counted as pending; now they are present.
             cached.used_at.iter_mut().for_each(|t| *t = tick);
+            cached.touched = tick;
             cached.pending = cached.pending.saturating_sub(manifest.size_bytes);
             cached.index_text()
         };
@@ -360,7 +367,11 @@ impl BlockCache {
     /// Drops a payload's cached blocks (it was deleted, or promoted).
     pub fn remove(&self, id: PayloadId) {
         let mut filling = lock(&self.filling);
-        filling.remove(&id);
+        // A held gate stays: a fill that starts now waits for the one
+        // running (which finds its entry gone) instead of racing it.
+        if filling.get(&id).is_some_and(|gate| gate.try_lock().is_ok()) {
+            filling.remove(&id);
+        }
         self.forget(&mut lock(&self.inner), id);
     }
 
@@ -428,6 +439,7 @@ impl BlockCache {
             return Some(missing);
         }
         c.used_at.iter_mut().for_each(|t| *t = tick);
+        c.touched = tick;
         None
     }
 
