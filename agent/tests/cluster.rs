@@ -40,7 +40,10 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     };
     let db = catalog(&database).await;
     let logs = tempfile::tempdir().unwrap();
-    let operator = Operator::start(&database, spare_port(), logs.path()).await;
+    let metrics = spare_port();
+    let probes = ["--metrics-listen".to_string(), format!("127.0.0.1:{metrics}")];
+    let probes: Vec<&str> = probes.iter().map(String::as_str).collect();
+    let operator = Operator::start_with(&database, spare_port(), logs.path(), &probes).await;
     let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
     let (a, a_client) = node(&a_dirs, &operator.url(), "node-a").await;
     let (b, b_client) = node(&b_dirs, &operator.url(), "node-b").await;
@@ -135,6 +138,18 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let refused = client.list_nodes(ListNodesRequest {}).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(refused.message().contains("payload-agent node"), "{refused:?}");
+
+    // The operator counts the agents' catalog calls.
+    let (code, text) = common::http_get(metrics, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    for line in [
+        r#"payload_operator_catalog_calls_total{call="WriteBatch",result="ok"}"#,
+        r#"payload_operator_catalog_calls_total{call="ListPayloads",result="ok"}"#,
+        r#"payload_operator_catalog_call_seconds_count{call="WriteBatch"}"#,
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    assert_eq!(common::http_get(metrics, "/readyz").0, 200);
     a.kill9();
     b.kill9();
 }

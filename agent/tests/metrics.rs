@@ -4,30 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
 use common::process::{put, v1, Agent};
 use common::*;
 use payload_client::Tier;
-
-/// `GET path` on `port`: (status code, the whole response).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    (code, response)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_calls_by_method_and_outcome_and_show_the_tiers() {
@@ -41,7 +20,7 @@ async fn metrics_count_calls_by_method_and_outcome_and_show_the_tiers() {
     drop(client.get(id).await.unwrap());
     v1(&dirs).await.stats().await.unwrap();
 
-    let (code, text) = get(port, "/metrics");
+    let (code, text) = http_get(port, "/metrics");
     assert_eq!(code, 200, "{text}");
     assert!(text.contains("application/openmetrics-text"), "{text}");
     for line in [
@@ -64,9 +43,9 @@ async fn metrics_count_calls_by_method_and_outcome_and_show_the_tiers() {
     }
     assert!(!text.contains(&id.to_string()), "no payload ids in the metrics");
 
-    assert_eq!(get(port, "/healthz").0, 200);
-    assert_eq!(get(port, "/readyz").0, 200);
-    assert_eq!(get(port, "/nothing").0, 404);
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    assert_eq!(http_get(port, "/readyz").0, 200);
+    assert_eq!(http_get(port, "/nothing").0, 404);
     drop(agent);
 }
 

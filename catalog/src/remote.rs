@@ -61,6 +61,39 @@ impl Call {
         serde_json::to_vec(self).expect("a call always serializes")
     }
 
+    /// The call's name (its [`Repository`] method's), for metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Call::WriteBatch(..) => "WriteBatch",
+            Call::GetPayload(..) => "GetPayload",
+            Call::LocatePayload(..) => "LocatePayload",
+            Call::ListPayloads(..) => "ListPayloads",
+            Call::AddLineage(..) => "AddLineage",
+            Call::GetLineage(..) => "GetLineage",
+            Call::UpdateMetadata(..) => "UpdateMetadata",
+            Call::GetMetadata(..) => "GetMetadata",
+            Call::AppendMetadataEvent(..) => "AppendMetadataEvent",
+            Call::MetadataHistory(..) => "MetadataHistory",
+            Call::CreateStream(..) => "CreateStream",
+            Call::StreamOwner(..) => "StreamOwner",
+            Call::DeleteStream(..) => "DeleteStream",
+            Call::AppendTo(..) => "AppendTo",
+            Call::ReadStream(..) => "ReadStream",
+            Call::ReadEntries(..) => "ReadEntries",
+            Call::StreamHead(..) => "StreamHead",
+            Call::CommitOffset(..) => "CommitOffset",
+            Call::GetCommitted(..) => "GetCommitted",
+            Call::ClaimManifest(..) => "ClaimManifest",
+            Call::MarkBlocksStored(..) => "MarkBlocksStored",
+            Call::CompleteManifest(..) => "CompleteManifest",
+            Call::GetManifest(..) => "GetManifest",
+            Call::NodeManifests => "NodeManifests",
+            Call::GcBegin(..) => "GcBegin",
+            Call::GcFinish(..) => "GcFinish",
+            Call::BlockStats => "BlockStats",
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<Call> {
         serde_json::from_slice(bytes).map_err(|e| CatalogError::InvalidArgument(format!("{UNKNOWN_CALL}: {e}")))
     }

@@ -65,6 +65,10 @@ def test_the_operator_runs_the_controller_with_the_release_settings():
     assert env["PM_CATALOG_URL"]["value"] == "https://pm-payload-manager.pm-system.svc:50052"
     assert "PM_CATALOG_CA_SECRET" not in env
     assert len(pod["containers"]) == 1, "no catalog without a database"
+    assert env["PM_METRICS_LISTEN"]["value"] == "0.0.0.0:9090"
+    assert operator["ports"] == [{"name": "metrics", "containerPort": 9090}]
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert operator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["serviceAccountName"] == by_kind(docs, "ServiceAccount")["metadata"]["name"]
 
@@ -78,6 +82,9 @@ def test_the_catalog_serves_tls_with_the_database_secret_and_reviews_tokens():
     assert env["PM_DATABASE"]["valueFrom"]["secretKeyRef"] == {"name": "pm-db", "key": "dsn"}
     assert env["PM_AUTH"]["value"] == "kubernetes"
     assert env["PM_LISTEN"]["value"] == "0.0.0.0:50052"
+    assert env["PM_METRICS_LISTEN"]["value"] == "0.0.0.0:9091"
+    assert catalog["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "catalog-metrics"}
+    assert catalog["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "catalog-metrics"}
     assert env["PM_TLS_CERT"]["value"].startswith(catalog["volumeMounts"][0]["mountPath"])
     assert pod["volumes"][0]["secret"]["secretName"] == "pm-catalog-tls"
     # The controller hands the agents the CA (and only it) of the same Secret.

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod conditions;
 pub mod crd;
+pub mod metrics;
 pub mod pool;
 pub mod quantity;
 

@@ -67,6 +67,8 @@ enum Command {
     Run {
         #[command(flatten)]
         agents: AgentArgs,
+        #[command(flatten)]
+        probes: payload_operator::metrics::ProbeArgs,
     },
     /// Prints the objects the operator applies for a PayloadPool (its
     /// ServiceAccount, ConfigMap and DaemonSet) as YAML, without a cluster.
@@ -95,7 +97,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { agents } => controllers(agents.settings()),
+        Command::Run { agents, probes } => controllers(agents.settings(), probes),
         Command::Render { pool, agents } => render(&pool, &agents.settings()),
         Command::Catalog(args) => {
             logs();
@@ -112,15 +114,24 @@ fn logs() {
         .init();
 }
 
-fn controllers(settings: Settings) -> anyhow::Result<()> {
+fn controllers(settings: Settings, probes: payload_operator::metrics::ProbeArgs) -> anyhow::Result<()> {
     logs();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
+        let metrics = std::sync::Arc::new(payload_operator::metrics::Metrics::default());
+        let (ready, readiness) = tokio::sync::watch::channel(false);
+        probes.start(metrics.clone(), readiness).await?;
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in a cluster, or through KUBECONFIG)")?;
         tracing::info!(namespace = %settings.namespace, "reconciling PayloadPools");
-        payload_operator::pool::run(payload_operator::pool::reconcile::Context { client, settings }).await;
+        let _ = ready.send(true);
+        let ctx = payload_operator::pool::reconcile::Context {
+            client,
+            settings,
+            metrics,
+        };
+        payload_operator::pool::run(ctx).await;
         Ok(())
     })
 }

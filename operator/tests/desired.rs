@@ -93,6 +93,18 @@ fn the_agents_run_where_the_pool_says_with_its_settings() {
     assert_eq!(env["PM_LISTEN"], "off", "pods reach the agent through its socket only");
     assert_eq!(env["PM_OPERATOR_TOKEN_FILE"], "/var/run/secrets/payload-manager/token");
     assert_eq!(env["PM_OPERATOR_CA_FILE"], "/var/run/secrets/payload-manager/ca.crt");
+    // Its probes and metrics on the port the container names.
+    assert_eq!(env["PM_METRICS_LISTEN"], "0.0.0.0:9464");
+    let port = &agent(ds).ports.as_ref().unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.container_port), (Some("metrics"), 9464));
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        (get.path.clone().unwrap(), get.port.clone())
+    };
+    let named = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into());
+    assert_eq!(path(&agent(ds).readiness_probe), ("/readyz".into(), named.clone()));
+    assert_eq!(path(&agent(ds).liveness_probe), ("/healthz".into(), named.clone()));
+    assert_eq!(path(&agent(ds).startup_probe), ("/healthz".into(), named));
     // The credentials come from the Secret, never through the ConfigMap.
     assert!(env
         .keys()

@@ -37,7 +37,15 @@ fn context() -> (Arc<Context>, ApiServer) {
         catalog_ca_secret: Some("payload-manager-catalog-tls".into()),
     };
     let client = Client::new(service, "default");
-    (Arc::new(Context { client, settings }), handle)
+    let metrics = Default::default();
+    (
+        Arc::new(Context {
+            client,
+            settings,
+            metrics,
+        }),
+        handle,
+    )
 }
 
 /// The next call: its method, path, query and JSON body.
@@ -100,7 +108,7 @@ fn conditions(status_patch: &Value) -> Vec<(String, String, String)> {
 async fn a_pool_is_applied_in_order_and_its_status_counts_the_agents() {
     let (ctx, mut server) = context();
     let watched = Arc::new(DeserializeGuard(Ok(pool())));
-    let run = tokio::spawn(reconcile(watched, ctx));
+    let run = tokio::spawn(reconcile(watched, ctx.clone()));
     let sa = expect_apply(
         &mut server,
         &format!("{NS}/serviceaccounts/payload-agent-gpu-nodes"),
@@ -148,6 +156,14 @@ async fn a_pool_is_applied_in_order_and_its_status_counts_the_agents() {
         Action::requeue(Duration::from_secs(10)),
         "an agent is not ready yet: soon again"
     );
+    let metrics = ctx.metrics.render();
+    for line in [
+        r#"payload_operator_reconciles_total{controller="payloadpool",result="ok"} 1"#,
+        r#"payload_operator_reconciles_in_flight{controller="payloadpool"} 0"#,
+        r#"payload_operator_reconcile_seconds_count{controller="payloadpool"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]
@@ -195,8 +211,14 @@ async fn an_unreadable_pool_is_reported_in_its_status_and_does_not_stop_the_cont
 #[tokio::test]
 async fn an_api_error_is_returned_for_the_retry_policy() {
     let (ctx, mut server) = context();
-    let run = tokio::spawn(reconcile(Arc::new(DeserializeGuard(Ok(pool()))), ctx));
+    let run = tokio::spawn(reconcile(Arc::new(DeserializeGuard(Ok(pool()))), ctx.clone()));
     let (_, path, _, _, reply) = next(&mut server).await;
+    assert!(
+        ctx.metrics
+            .render()
+            .contains(r#"payload_operator_reconciles_in_flight{controller="payloadpool"} 1"#),
+        "running now"
+    );
     assert!(path.ends_with("/serviceaccounts/payload-agent-gpu-nodes"), "{path}");
     let refusal = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
         "message": "serviceaccounts is forbidden", "reason": "Forbidden", "code": 403});
@@ -205,4 +227,9 @@ async fn an_api_error_is_returned_for_the_retry_policy() {
     assert!(matches!(err, Error::Apply { .. }), "{err}");
     assert_eq!(err.category(), "apply");
     assert!(err.to_string().contains("ServiceAccount"), "{err}");
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"payload_operator_reconciles_total{controller="payloadpool",result="apply"} 1"#),
+        "{metrics}"
+    );
 }

@@ -210,3 +210,23 @@ pub async fn lock_sqlite(db: &Path) -> sqlx::SqliteConnection {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
     conn
 }
+
+/// `GET path` on 127.0.0.1:`port` over HTTP/1.1: (status code, the whole
+/// response).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    (code, response)
+}

@@ -38,6 +38,7 @@ pub struct CatalogService {
     collecting: Arc<Mutex<HashSet<String>>>,
     /// Ends the long calls (watches, GC locks) when the server stops.
     stop: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl CatalogService {
@@ -46,6 +47,7 @@ impl CatalogService {
         gate: identity::Gate,
         heartbeats: std::time::Duration,
         stop: watch::Receiver<bool>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         CatalogService {
             base,
@@ -54,6 +56,7 @@ impl CatalogService {
             nodes: nodes::Nodes::new(heartbeats),
             collecting: Arc::default(),
             stop,
+            metrics,
         }
     }
 
@@ -108,6 +111,7 @@ impl ClusterCatalog for CatalogService {
     async fn call(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let (node, repo) = self.repo(&request).await?;
         let call = Call::decode(&request.into_inner().json).map_err(status)?;
+        let (name, started) = (call.name(), std::time::Instant::now());
         let collecting = matches!(call, Call::GcBegin(..) | Call::GcFinish(..));
         if collecting && !crate::lock(&self.collecting).contains(&node) {
             let lost = CatalogError::Storage(
@@ -118,6 +122,8 @@ impl ClusterCatalog for CatalogService {
             return Ok(Response::new(Envelope { json: refusal(lost) }));
         }
         let json = dispatch(repo.as_ref(), call).await;
+        // serde's encoding of the answer's Result: {"Ok":...} or {"Err":...}.
+        self.metrics.catalog_call(name, json.starts_with(b"{\"Ok\""), started);
         Ok(Response::new(Envelope { json }))
     }
 

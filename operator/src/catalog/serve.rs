@@ -38,6 +38,8 @@ pub struct CatalogArgs {
     #[arg(long, env = "PM_HEARTBEAT_INTERVAL_MS", default_value_t = super::nodes::INTERVAL.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(500..=60_000))]
     pub heartbeat_interval_ms: u64,
+    #[command(flatten)]
+    pub probes: crate::metrics::ProbeArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +57,9 @@ impl CatalogArgs {
             "--listen {} is reachable from other hosts: serve TLS (--tls-cert and --tls-key) or listen on 127.0.0.1",
             self.listen
         );
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let (ready, readiness) = tokio::sync::watch::channel(false);
+        self.probes.start(metrics.clone(), readiness).await?;
         let gate = self.gate(loopback).await?;
         let shown = payload_catalog::redact_url(&self.database);
         let base = payload_catalog::PgRepository::connect(&self.database, "payload-operator")
@@ -77,6 +82,7 @@ impl CatalogArgs {
             gate,
             std::time::Duration::from_millis(self.heartbeat_interval_ms),
             stop,
+            metrics,
         ))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -84,10 +90,12 @@ impl CatalogArgs {
             .await
             .with_context(|| format!("listening on {}", self.listen))?;
         tracing::info!(listen = %listener.local_addr()?, catalog = %shown, "payload-operator catalog is serving");
+        let _ = ready.send(true);
         server
             .add_service(service)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
                 stopped().await;
+                let _ = ready.send(false);
                 // The long calls end too, or the drain would wait on them.
                 let _ = stop_tx.send(true);
             })

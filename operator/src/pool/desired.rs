@@ -9,12 +9,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapEnvSource, Container, EnvFromSource, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, ProjectedVolumeSource, ResourceRequirements, SecretKeySelector,
-    SecretProjection, ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SecretKeySelector, SecretProjection, ServiceAccount, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 
@@ -26,6 +28,9 @@ use crate::quantity;
 pub const TOKEN_AUDIENCE: &str = "payload-manager-catalog";
 /// The longest pool name: `payload-agent-<pool>` is a label value (63).
 const MAX_POOL_NAME: usize = 49;
+/// The agent's `/metrics`, `/healthz` and `/readyz` (the pod's own
+/// network: nothing else on the host listens there).
+pub const AGENT_METRICS_PORT: i32 = 9464;
 /// Memory the agent needs besides the RAM tier it holds.
 const AGENT_OVERHEAD: u64 = 512 << 20;
 /// Where things are inside the agent's container.
@@ -144,6 +149,7 @@ fn agent_env(pool: &PayloadPool, settings: &Settings) -> Result<BTreeMap<String,
         ("PM_STATE_DIR".into(), STATE_DIR.into()),
         ("PM_RAM_ROOT".into(), "/dev/shm".into()),
         ("PM_LISTEN".into(), "off".into()),
+        ("PM_METRICS_LISTEN".into(), format!("0.0.0.0:{AGENT_METRICS_PORT}")),
         ("PM_OPERATOR".into(), settings.catalog_url.clone()),
         ("PM_OPERATOR_TOKEN_FILE".into(), format!("{TOKEN_DIR}/token")),
         (
@@ -298,6 +304,16 @@ fn pod_template(
             None => guaranteed(pool)?,
         }),
         volume_mounts: Some(mounts),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: AGENT_METRICS_PORT,
+            ..Default::default()
+        }]),
+        // Recovery (reading back every payload) comes before the probes
+        // answer: up to ten minutes of it before liveness counts.
+        startup_probe: Some(probe("/healthz", 60)),
+        liveness_probe: Some(probe("/healthz", 3)),
+        readiness_probe: Some(probe("/readyz", 1)),
         ..Default::default()
     };
     Ok(PodTemplateSpec {
@@ -324,6 +340,21 @@ fn pod_template(
             ..Default::default()
         }),
     })
+}
+
+/// An HTTP probe of the agent's metrics port, failed after `failures`
+/// misses in a row.
+fn probe(path: &str, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(10),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
 }
 
 /// Requests equal to limits (Guaranteed QoS), the memory sized so the

@@ -33,6 +33,7 @@ const SETTLING: Duration = Duration::from_secs(10);
 pub struct Context {
     pub client: Client,
     pub settings: Settings,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +63,17 @@ impl Error {
 /// instead of stopping the watch.
 pub type Watched = DeserializeGuard<PayloadPool>;
 
+/// The controller's name in metrics.
+const CONTROLLER: &str = "payloadpool";
+
 pub async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let timed = ctx.metrics.reconcile(CONTROLLER);
+    let done = reconcile_pool(&watched, &ctx).await;
+    timed.finish(done.as_ref().map_or_else(Error::category, |_| "ok"));
+    done
+}
+
+async fn reconcile_pool(watched: &Watched, ctx: &Context) -> Result<Action, Error> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let pool = match &watched.0 {
         Ok(pool) => pool,
