@@ -347,8 +347,30 @@ impl StandaloneArgs {
             native_spin: std::time::Duration::from_micros(native_spin_us),
             clock: crate::clock::Clock::new(),
         };
+        let (stop_tx, stop) = watch::channel(false);
+        // Probes answer from the start: recovery (which may hash a whole
+        // disk tier after a reboot) is alive, only not ready.
+        let (serving_tx, serving) = watch::channel(None);
+        let metrics = match metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {addr}"))?,
+            ),
+            None => None,
+        };
+        let metrics_at = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = metrics {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(serving, listener, stop).await {
+                    tracing::warn!(%e, "the metrics server stopped");
+                }
+            });
+        }
         let object = object.open(repo.clone(), &state_dir).await?;
         let (node, _) = Node::open(cfg, repo, ram, disk, object, state).await?;
+        let _ = serving_tx.send(Some(node.clone()));
 
         // The native socket first: a client that finds the gRPC socket finds it too.
         let native_socket = payload_proto::native::socket_path(&socket);
@@ -358,23 +380,6 @@ impl StandaloneArgs {
             Some(addr) => Some(server::bind_tcp(addr).await?),
             None => None,
         };
-        let metrics = match metrics_addr {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding --metrics-listen {addr}"))?,
-            ),
-            None => None,
-        };
-        let (stop_tx, stop) = watch::channel(false);
-        if let Some(listener) = metrics {
-            let (node, stop) = (node.clone(), stop.clone());
-            tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(node, listener, stop).await {
-                    tracing::warn!(%e, "the metrics server stopped");
-                }
-            });
-        }
         tokio::spawn(node.clone().run_spiller(stop.clone()));
         tokio::spawn(node.clone().run_sweeper(stop.clone()));
         tokio::spawn(crate::native::serve(node.clone(), native, stop.clone()));
@@ -394,7 +399,7 @@ impl StandaloneArgs {
             socket = %socket.display(),
             native = %native_socket.display(),
             tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
-            metrics = ?metrics_addr,
+            metrics = ?metrics_at,
             "payload-agent is serving"
         );
         let mut draining = stop.clone();

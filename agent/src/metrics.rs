@@ -1,13 +1,12 @@
 //! Prometheus metrics and health probes over HTTP (`--metrics-listen`):
 //! calls per gRPC method and native operation with their outcome and
 //! latency, counted as they are answered, and the node's own figures (per
-//! tier, leases, spill queue, catalog backlog, object store traffic) read
-//! at each scrape, as `payloadctl stats` reads them.
+//! tier, leases, spill queue, catalog backlog, sealed payloads) read at
+//! each scrape, as `payloadctl stats` reads them.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -24,11 +23,7 @@ use tokio::sync::watch;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
-use crate::node::{lock, Node};
-
-/// Distinct method names counted; past them (a client calling made-up
-/// paths) calls count as `other`, so the series stay bounded.
-const METHODS_KEPT: usize = 256;
+use crate::node::Node;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -48,7 +43,7 @@ struct TierLabels {
     tier: String,
 }
 
-/// From 50 µs to about 13 s.
+/// From 50 µs to about 7.5 s.
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.5, 14))
 }
@@ -61,7 +56,6 @@ pub struct Metrics {
     grpc_seconds: Latencies,
     native_calls: Family<CallLabels, Counter>,
     native_seconds: Latencies,
-    methods: Mutex<HashSet<String>>,
     /// Figures of the node, set from its stats at each scrape.
     tier: [Family<TierLabels, Gauge>; TIER_FIGURES.len()],
     node: [Gauge; NODE_FIGURES.len()],
@@ -123,7 +117,7 @@ impl Default for Metrics {
         );
         registry.register(
             "payload_agent_grpc_seconds",
-            "Time to answer a gRPC call (to the first response of a stream)",
+            "Time to answer a gRPC call (for a stream: until its handler hands it over)",
             grpc_seconds.clone(),
         );
         registry.register(
@@ -150,7 +144,6 @@ impl Default for Metrics {
             grpc_seconds,
             native_calls,
             native_seconds,
-            methods: Mutex::new(HashSet::new()),
             tier,
             node,
         }
@@ -159,26 +152,20 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts a gRPC call to `path` answered with `code` after `started`.
+    /// Paths no service serves (UNIMPLEMENTED), and calls refused before
+    /// any did (UNAUTHENTICATED), count as `unknown`: a caller cannot make
+    /// up series.
     pub fn grpc_call(&self, path: &str, code: tonic::Code, started: Instant) {
-        let method = self.method(path);
+        let method = match code {
+            tonic::Code::Unimplemented | tonic::Code::Unauthenticated => "unknown".to_string(),
+            _ => path.to_string(),
+        };
         observe(&self.grpc_calls, &self.grpc_seconds, method, code, started);
     }
 
     /// Counts a native request of kind `op` answered with `code`.
     pub fn native_call(&self, op: &'static str, code: tonic::Code, started: Instant) {
         observe(&self.native_calls, &self.native_seconds, op.to_string(), code, started);
-    }
-
-    fn method(&self, path: &str) -> String {
-        let mut methods = lock(&self.methods);
-        if methods.contains(path) {
-            return path.to_string();
-        }
-        if methods.len() >= METHODS_KEPT {
-            return "other".into();
-        }
-        methods.insert(path.to_string());
-        path.to_string()
     }
 
     /// The exposition: counters as they stand, `stats`' figures as gauges.
@@ -240,51 +227,78 @@ fn tier_name(tier: u32) -> String {
         .map_or_else(|| tier.to_string(), |t| t.name().to_string())
 }
 
-/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the
-/// node serves and is not draining) until `stop` turns true.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// How long a scrape's answer is served again: a scrape scans every
+/// payload, so a loop of them must not slow the data path.
+const SCRAPE_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves `/metrics`, `/healthz` (the process answers, recovering too) and
+/// `/readyz` (the node serves and is not draining) until the process ends:
+/// it answers through the drain, 503 on `/readyz`. `serving` holds the
+/// node once recovery is done.
+pub async fn serve(
+    serving: watch::Receiver<Option<Arc<Node>>>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     use axum::routing::get;
-    let draining = stop.clone();
+    let scraped: Arc<tokio::sync::Mutex<Option<(Instant, String)>>> = Arc::default();
+    let node = serving.clone();
     let router = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
-                let node = node.clone();
-                async move { scrape(node).await }
+                let (node, scraped) = (node.borrow().clone(), scraped.clone());
+                async move {
+                    let Some(node) = node else {
+                        return (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response();
+                    };
+                    // One scan at a time; callers meanwhile get its answer.
+                    let mut kept = scraped.lock().await;
+                    if let Some((_, text)) = kept.as_ref().filter(|(at, _)| at.elapsed() < SCRAPE_KEPT) {
+                        return ([(header::CONTENT_TYPE, OPENMETRICS)], text.clone()).into_response();
+                    }
+                    match scrape(&node).await {
+                        Ok(text) => {
+                            *kept = Some((Instant::now(), text.clone()));
+                            ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+                        }
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+                    }
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let draining = *draining.borrow();
+                let why = match (serving.borrow().is_some(), *stop.borrow()) {
+                    (false, _) => Some("recovering\n"),
+                    (true, true) => Some("draining\n"),
+                    (true, false) => None,
+                };
                 async move {
-                    if draining {
-                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                    } else {
-                        (StatusCode::OK, "ready\n")
+                    match why {
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                        None => (StatusCode::OK, "ready\n"),
                     }
                 }
             }),
         );
-    let mut stopped = stop;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await?;
+    axum::serve(listener, router).await?;
     Ok(())
 }
 
-async fn scrape(node: Arc<Node>) -> axum::response::Response {
-    match node.report().await {
-        Ok(stats) => ([(header::CONTENT_TYPE, OPENMETRICS)], node.metrics.render(&stats)).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the node's figures failed: {e}\n"),
-        )
-            .into_response(),
+/// The exposition, from the node's own figures (no catalog call: a scrape
+/// must answer while the catalog is away).
+async fn scrape(node: &Arc<Node>) -> Result<String, String> {
+    let scanned = node.clone();
+    let mut stats = tokio::task::spawn_blocking(move || scanned.stats())
+        .await
+        .map_err(|e| format!("reading the node's figures failed: {e}"))?;
+    if let Ok(ram) = node.store(payload_catalog::Tier::Ram) {
+        (stats.sealed_payloads, stats.sealed_bytes) = ram.memfd_usage();
     }
+    Ok(node.metrics.render(&stats))
 }
 
 /// Counts every call a gRPC server answers in [`Metrics`].
@@ -322,10 +336,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_string();
-        let started = Instant::now();
+        let mut pending = Pending {
+            metrics: self.metrics.clone(),
+            path: request.uri().path().to_string(),
+            started: Instant::now(),
+            answered: false,
+        };
         let call = self.inner.call(request);
-        let metrics = self.metrics.clone();
         Box::pin(async move {
             let answer = call.await;
             // A refusal comes in the headers (trailers-only); a call that
@@ -339,8 +356,26 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from),
                 Err(_) => tonic::Code::Unknown,
             };
-            metrics.grpc_call(&path, code, started);
+            pending.answered = true;
+            pending.metrics.grpc_call(&pending.path, code, pending.started);
             answer
         })
+    }
+}
+
+/// A call being answered: one its caller gave up on (the future dropped
+/// unanswered) counts as CANCELLED.
+struct Pending {
+    metrics: Arc<Metrics>,
+    path: String,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.grpc_call(&self.path, tonic::Code::Cancelled, self.started);
+        }
     }
 }

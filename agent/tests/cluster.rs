@@ -360,6 +360,11 @@ async fn a_lease_on_another_nodes_payload_reads_its_object_copy_or_names_its_nod
         row(&db, id).await.is_some_and(|r| r.in_object_store())
     })
     .await;
+    // Node-b remembers the catalog's answer (no object copy) for a second.
+    eventually("node-b leases the object copy", || async {
+        b_client.get(id).await.is_ok()
+    })
+    .await;
     for client in [&b_client, &v1_b] {
         let lease = client.get(id).await.unwrap();
         assert!(lease.bytes() == bytes.as_slice(), "node-b reads node-a's bytes");

@@ -124,6 +124,10 @@ fn controllers(settings: Settings, probes: payload_operator::metrics::ProbeArgs)
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in a cluster, or through KUBECONFIG)")?;
+        client
+            .apiserver_version()
+            .await
+            .context("asking the Kubernetes API for its version (in a cluster, or through KUBECONFIG)")?;
         tracing::info!(namespace = %settings.namespace, "reconciling PayloadPools");
         let _ = ready.send(true);
         let ctx = payload_operator::pool::reconcile::Context {

@@ -45,7 +45,7 @@ struct CallNameLabels {
     call: &'static str,
 }
 
-/// From 100 µs to about 100 s.
+/// From 100 µs to about 40 s.
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.000_1, 2.7, 14))
 }

@@ -190,6 +190,10 @@ impl BlockCache {
         Some(self.path(id))
     }
 
+    fn is_cached(&self, id: PayloadId) -> bool {
+        lock(&self.inner).entries.contains_key(&id)
+    }
+
     /// Whether every block of payload `id` is present.
     pub fn is_complete(&self, id: PayloadId) -> bool {
         lock(&self.inner)
@@ -254,9 +258,16 @@ impl BlockCache {
             // meanwhile, and a fill since may have made another: the
             // blocks fetched here may be in a file no longer this entry's.
             let Some(cached) = inner.entries.get_mut(&id).filter(|c| c.generation == generation) else {
-                if !inner.entries.contains_key(&id) {
+                let gone = !inner.entries.contains_key(&id);
+                if gone {
                     // This fill may have made the file again.
                     let _ = fs::remove_file(&path);
+                }
+                drop(inner);
+                // The gate a remove left for this fill goes with it.
+                let mut filling = lock(&self.filling);
+                if gone && filling.get(&id).is_some_and(|g| Arc::ptr_eq(g, &gate)) && !self.is_cached(id) {
+                    filling.remove(&id);
                 }
                 return Err(AgentError::NotFound(format!(
                     "payload {id} was removed from this node's block cache while it was fetched; retry"

@@ -110,8 +110,13 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static
 impl ClusterCatalog for CatalogService {
     async fn call(&self, request: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let (node, repo) = self.repo(&request).await?;
-        let call = Call::decode(&request.into_inner().json).map_err(status)?;
-        let (name, started) = (call.name(), std::time::Instant::now());
+        let started = std::time::Instant::now();
+        let call = Call::decode(&request.into_inner().json).map_err(|e| {
+            // An agent of a later release, most likely.
+            self.metrics.catalog_call("unknown", false, started);
+            status(e)
+        })?;
+        let name = call.name();
         let collecting = matches!(call, Call::GcBegin(..) | Call::GcFinish(..));
         if collecting && !crate::lock(&self.collecting).contains(&node) {
             let lost = CatalogError::Storage(

@@ -309,11 +309,11 @@ fn pod_template(
             container_port: AGENT_METRICS_PORT,
             ..Default::default()
         }]),
-        // Recovery (reading back every payload) comes before the probes
-        // answer: up to ten minutes of it before liveness counts.
+        // The agent answers /healthz while it recovers (which may hash a
+        // whole disk tier after a reboot); ten minutes to start serving.
         startup_probe: Some(probe("/healthz", 60)),
         liveness_probe: Some(probe("/healthz", 3)),
-        readiness_probe: Some(probe("/readyz", 1)),
+        readiness_probe: Some(probe("/readyz", 2)),
         ..Default::default()
     };
     Ok(PodTemplateSpec {
@@ -352,6 +352,8 @@ fn probe(path: &str, failures: i32) -> Probe {
             ..Default::default()
         }),
         period_seconds: Some(10),
+        // A scrape of a large node may take a moment.
+        timeout_seconds: Some(5),
         failure_threshold: Some(failures),
         ..Default::default()
     }
