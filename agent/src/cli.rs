@@ -382,6 +382,7 @@ impl StandaloneArgs {
         };
         tokio::spawn(node.clone().run_spiller(stop.clone()));
         tokio::spawn(node.clone().run_sweeper(stop.clone()));
+        tokio::spawn(node.clone().run_policies(stop.clone()));
         tokio::spawn(crate::native::serve(node.clone(), native, stop.clone()));
         if node.object().is_ok() {
             tokio::spawn(node.clone().run_collector(stop.clone()));

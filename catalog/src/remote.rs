@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CatalogError, Result};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord};
 use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
+use crate::policy::Policy;
 use crate::repo::{EventPage, GcLock, ListQuery, MetadataEvent, Page, Repository, Write};
 use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};
 
@@ -54,6 +55,7 @@ pub enum Call {
     GcBegin(u64, u32),
     GcFinish(Vec<BlockHash>),
     BlockStats,
+    Policies,
 }
 
 impl Call {
@@ -91,6 +93,7 @@ impl Call {
             Call::GcBegin(..) => "GcBegin",
             Call::GcFinish(..) => "GcFinish",
             Call::BlockStats => "BlockStats",
+            Call::Policies => "Policies",
         }
     }
 
@@ -157,6 +160,7 @@ async fn run(repo: &dyn Repository, call: Call) -> Result<serde_json::Value> {
         Call::GcBegin(cutoff, limit) => json(repo.gc_begin(cutoff, limit).await?),
         Call::GcFinish(hashes) => json(repo.gc_finish(&hashes).await?),
         Call::BlockStats => json(repo.block_stats().await?),
+        Call::Policies => json(repo.policies().await?),
     }
 }
 
@@ -339,6 +343,9 @@ impl<L: Link> Repository for RemoteRepository<L> {
     }
     async fn block_stats(&self) -> Result<BlockStats> {
         self.call(Call::BlockStats).await
+    }
+    async fn policies(&self) -> Result<Vec<Policy>> {
+        self.call(Call::Policies).await
     }
     fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64> {
         self.link.watch_stream(head)

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CatalogError, Result};
 use crate::model::{LineageEdge, Metadata, MetadataMode, PayloadId, PayloadRecord, PayloadState, Tier};
 use crate::objects::{BlockHash, BlockState, BlockStats, Manifest};
+use crate::policy::Policy;
 use crate::stream::{AppendItem, ReadQuery, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner};
 
 /// One step of a multi-step update; [`Repository::write_batch`] applies a
@@ -298,6 +299,10 @@ pub trait Repository: Send + Sync + 'static {
     /// to be uploaded again.
     async fn gc_finish(&self, hashes: &[BlockHash]) -> Result<()>;
     async fn block_stats(&self) -> Result<BlockStats>;
+
+    /// Every accepted policy, for agents to apply (the operator writes
+    /// them: see `put_policy` on the SQL backends).
+    async fn policies(&self) -> Result<Vec<Policy>>;
 
     /// Wakes with a stream's next offset whenever entries are appended to it
     /// through any repository sharing this catalog.

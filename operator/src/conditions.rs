@@ -6,6 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// A policy's one condition: whether agents apply it.
+pub const ACCEPTED: &str = "Accepted";
 
 pub mod reason {
     pub const AGENTS_READY: &str = "AgentsReady";
@@ -15,6 +17,7 @@ pub mod reason {
     pub const STABLE: &str = "Stable";
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const VALID: &str = "Valid";
 }
 
 /// A condition of `generation`, keeping the previous transition time when

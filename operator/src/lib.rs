@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod conditions;
 pub mod crd;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod quantity;
 

@@ -1,8 +1,8 @@
 //! `payload-operator`: the Kubernetes operator of Payload Manager. `run`
 //! reconciles PayloadPools into their agents' objects; `render` prints what
 //! it would apply for a pool; `catalog` serves the cluster catalog to the
-//! agents. The PayloadPolicy controller and leader election come next
-//! (docs/kubernetes.md).
+//! agents, and reconciles PayloadPolicies into it; `policy` stores a policy
+//! without Kubernetes. Leader election comes next (docs/kubernetes.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +83,10 @@ enum Command {
     /// Serves the cluster catalog on PostgreSQL to the pools' agents
     /// (`payload-agent node --operator URL`), until SIGTERM.
     Catalog(payload_operator::catalog::serve::CatalogArgs),
+    /// Stores or removes a PayloadPolicy in a catalog directly, without
+    /// Kubernetes (in a cluster the controller in `catalog` does it).
+    #[command(subcommand)]
+    Policy(payload_operator::policy::cli::PolicyCommand),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +107,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             logs();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(args.run())
+        }
+        Command::Policy(command) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(command.run())
         }
     }
 }

@@ -47,13 +47,16 @@ const SESSION_EXPIRY: u64 = u64::MAX;
 const JOURNAL_LATER: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Node {
-    fn lease_duration(&self, requested_ms: u64) -> u64 {
+    /// How long a lease on a payload with these labels lasts: as asked
+    /// (0: the default), at most `--lease-max-ms` and what its policies allow.
+    fn lease_duration(&self, requested_ms: u64, labels: &std::collections::BTreeMap<String, String>) -> u64 {
         let wanted = if requested_ms == 0 {
             self.cfg.lease_default_ms
         } else {
             requested_ms
         };
-        wanted.min(self.cfg.lease_max_ms)
+        let cap = self.policy_lease_cap(labels).unwrap_or(u64::MAX);
+        wanted.min(self.cfg.lease_max_ms).min(cap)
     }
 
     /// Grants a read lease on a committed payload at `min_tier` or faster.
@@ -300,7 +303,7 @@ impl Node {
         }
         let lease = crate::ids::lease();
         let expires_ms = match lasts {
-            Lasts::Ms(ms) => now.saturating_add(self.lease_duration(ms)),
+            Lasts::Ms(ms) => now.saturating_add(self.lease_duration(ms, &e.rec.labels)),
             Lasts::Session => SESSION_EXPIRY,
         };
         e.leases.insert(lease, expires_ms);
@@ -391,11 +394,11 @@ impl Node {
                 )))
             }
         };
-        let expires_ms = now.saturating_add(self.lease_duration(extend_ms));
         let entry = self.lease_entry(payload)?;
         // Under the payload's lock, which a force delete holds while it
         // revokes: a renew either lands before the revoke or sees it.
         let e = &mut *lock(&entry);
+        let expires_ms = now.saturating_add(self.lease_duration(extend_ms, &e.rec.labels));
         let Some(exp) = e.leases.get_mut(&lease) else {
             return Err(AgentError::NotFound(format!("lease {lease} is no longer live")));
         };

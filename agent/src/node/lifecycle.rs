@@ -70,10 +70,10 @@ impl Node {
 
     pub(super) async fn allocate_now(
         self: &Arc<Self>,
-        req: AllocateRequest,
+        mut req: AllocateRequest,
         region: NewRegion,
     ) -> Result<PayloadRecord, AgentError> {
-        self.check_allocation(&req)?;
+        self.check_allocation(&mut req)?;
         let id = crate::ids::payload();
         if req.tier == Tier::Object {
             // The client uploads the bytes itself; ImportPayload adopts them.
@@ -275,8 +275,9 @@ impl Node {
 
     /// Reserves capacity on a local tier (RAM makes room by spilling) and
     /// creates the region; on failure nothing is left taken.
-    /// Bounds every allocation is checked against.
-    pub(super) fn check_allocation(&self, req: &AllocateRequest) -> Result<(), AgentError> {
+    /// Bounds every allocation is checked against, and the policies that
+    /// govern it (which may shorten its TTL and take from a quota).
+    pub(super) fn check_allocation(&self, req: &mut AllocateRequest) -> Result<(), AgentError> {
         if req.size_bytes == 0 {
             return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
         }
@@ -286,7 +287,8 @@ impl Node {
                 req.size_bytes, self.cfg.max_payload_bytes
             )));
         }
-        self.writer.admit()
+        self.writer.admit()?;
+        self.apply_policies(req)
     }
 
     /// The row of a new allocation.

@@ -6,6 +6,7 @@
 mod leases;
 mod lifecycle;
 mod objects;
+mod policies;
 mod recovery;
 mod sealed;
 mod sweep;
@@ -212,6 +213,8 @@ pub struct Node {
     /// go: see `visitors.rs`.
     pub(crate) located: Mutex<IdMap<PayloadId, (u64, visitors::Located)>>,
     pub(crate) strays: Mutex<std::collections::HashSet<PayloadId>>,
+    /// The PayloadPolicies in force here (see `policies.rs`).
+    pub(crate) policies: policies::Policies,
     /// What `/metrics` shows of the calls served (see `metrics.rs`).
     pub metrics: Arc<crate::metrics::Metrics>,
     pub(crate) leases: Sharded<LeaseId, leases::LeaseSlot>,

@@ -128,6 +128,7 @@ impl Node {
             visitors: Sharded::new(),
             located: Default::default(),
             strays: Default::default(),
+            policies: Default::default(),
             metrics: Default::default(),
             journal,
             spill_wanted: Notify::new(),

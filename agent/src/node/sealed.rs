@@ -153,11 +153,11 @@ impl Node {
     /// no digest written later).
     async fn put_inline(
         self: &Arc<Self>,
-        req: AllocateRequest,
+        mut req: AllocateRequest,
         bytes: &[u8],
         expected: Option<[u8; 32]>,
     ) -> Result<PayloadRecord, AgentError> {
-        self.check_allocation(&req)?;
+        self.check_allocation(&mut req)?;
         let store = self.store(Tier::Ram)?;
         store.check_memfd_room()?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();

@@ -876,8 +876,49 @@ impl Repository for Repo {
         self.objects_stats().await
     }
 
+    async fn policies(&self) -> Result<Vec<Policy>> {
+        let rows = sqlx::query("SELECT spec FROM policies ORDER BY namespace, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let spec: String = row.try_get("spec")?;
+                serde_json::from_str(&spec).map_err(|_| corrupt("policy"))
+            })
+            .collect()
+    }
+
     fn watch_stream(&self, head: StreamHead) -> tokio::sync::watch::Receiver<u64> {
         self.hub.watch(head.id, head.next_offset)
+    }
+}
+
+impl Repo {
+    /// Stores an accepted policy (replacing the one of its name); agents
+    /// pick it up within seconds. Only the operator calls this.
+    pub async fn put_policy(&self, policy: &Policy, now_ms: u64) -> Result<()> {
+        let spec = serde_json::to_string(policy).map_err(|e| CatalogError::Storage(format!("encoding a policy: {e}")))?;
+        sqlx::query(
+            "INSERT INTO policies (namespace, name, spec, updated_at_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (namespace, name) DO UPDATE SET spec = excluded.spec, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(&policy.namespace)
+        .bind(&policy.name)
+        .bind(spec)
+        .bind(to_i64(now_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Drops a policy; a missing one is fine.
+    pub async fn delete_policy(&self, namespace: &str, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM policies WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

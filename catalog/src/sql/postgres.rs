@@ -16,6 +16,7 @@ use sqlx::{Pool, QueryBuilder, Row, Transaction};
 use super::{corrupt, merge_data, migrate_error, to_i64, to_u64, StreamHub};
 use crate::error::{CatalogError, Result};
 use crate::model::*;
+use crate::policy::Policy;
 use crate::repo::*;
 use crate::stream::*;
 

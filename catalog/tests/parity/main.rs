@@ -6,6 +6,7 @@
 mod lineage_metadata;
 mod objects;
 mod payloads;
+mod policies;
 mod streams;
 mod transactions;
 
@@ -71,6 +72,38 @@ impl Backend {
             Target::Postgres(url) => Arc::new(PgRepository::connect(url, node).await?),
             Target::Remote(_) => remote_sqlite(&self.target, node).await?,
         })
+    }
+
+    /// Stores or drops a policy as the operator does: on the backend
+    /// itself (agents only read them, through whatever they were given).
+    pub async fn put_policy(&self, policy: &Policy) {
+        match &self.target {
+            Target::Sqlite(dir) | Target::Remote(dir) => {
+                let repo = SqliteRepository::open(&dir.path().join("catalog.db")).await.unwrap();
+                repo.put_policy(policy, 1).await.unwrap();
+            }
+            Target::Postgres(url) => PgRepository::connect(url, "operator")
+                .await
+                .unwrap()
+                .put_policy(policy, 1)
+                .await
+                .unwrap(),
+        }
+    }
+
+    pub async fn delete_policy(&self, namespace: &str, name: &str) {
+        match &self.target {
+            Target::Sqlite(dir) | Target::Remote(dir) => {
+                let repo = SqliteRepository::open(&dir.path().join("catalog.db")).await.unwrap();
+                repo.delete_policy(namespace, name).await.unwrap();
+            }
+            Target::Postgres(url) => PgRepository::connect(url, "operator")
+                .await
+                .unwrap()
+                .delete_policy(namespace, name)
+                .await
+                .unwrap(),
+        }
     }
 
     /// Records a migration as applied, as a newer binary would have.

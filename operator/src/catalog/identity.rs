@@ -53,6 +53,14 @@ impl Reviewer {
 }
 
 impl Gate {
+    /// The Kubernetes API, when callers are checked through it.
+    pub fn client(&self) -> Option<kube::Client> {
+        match self {
+            Gate::Open => None,
+            Gate::Kubernetes(reviewer) => Some(reviewer.client.clone()),
+        }
+    }
+
     /// The node the caller may act as, or why it may not call at all.
     pub async fn node_of(&self, headers: &MetadataMap) -> Result<String, Status> {
         let claimed = match headers.get(NODE_HEADER).map(|v| v.to_str()) {

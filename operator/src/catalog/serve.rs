@@ -65,6 +65,20 @@ impl CatalogArgs {
         let base = payload_catalog::PgRepository::connect(&self.database, "payload-operator")
             .await
             .with_context(|| format!("opening the catalog {shown}"))?;
+        match gate.client() {
+            Some(client) => {
+                let ctx = crate::policy::reconcile::Context {
+                    client,
+                    store: crate::policy::reconcile::Store::Postgres(base.clone()),
+                    metrics: metrics.clone(),
+                };
+                tracing::info!("reconciling PayloadPolicies into the catalog");
+                tokio::spawn(crate::policy::run(ctx));
+            }
+            None => tracing::info!(
+                "no Kubernetes API: PayloadPolicies are not watched (store them with `payload-operator policy apply`)"
+            ),
+        }
         // A dead peer is noticed, so the GC lock and watches it held end.
         let mut server = Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))

@@ -1,0 +1,211 @@
+//! PayloadPolicies, as this node applies them: read from the catalog every
+//! [`REFRESH`], matched against a payload's labels at Allocate (quotas,
+//! TTL, never-evict) and at lease time (the longest lease).
+//!
+//! A quota is the bytes the namespace's matching payloads hold in one tier
+//! of this node. What they hold is counted by a scan after each refresh
+//! (only while some policy has quotas), plus what was allocated since the
+//! scan before it began: a delete frees quota at the next count, and an
+//! allocation stays counted through the scan that sees it (twice, for a
+//! moment), so a quota errs on the side of refusing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use payload_catalog::Policy;
+
+use super::lifecycle::AllocateRequest;
+use super::{lock, Node};
+use crate::error::AgentError;
+
+/// How often the catalog's policies are read again.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// Bytes per tier, indexed by the tier's wire number.
+type PerTier = [u64; 6];
+
+#[derive(Default)]
+pub(crate) struct Policies {
+    /// Whether any policy is in force: the hot paths look no further when not.
+    any: AtomicBool,
+    set: Mutex<Arc<Vec<Policy>>>,
+    book: Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    /// The last count, by policy key.
+    counted: HashMap<String, PerTier>,
+    /// Allocated while that count ran and since it began...
+    previous: HashMap<String, PerTier>,
+    /// ...and since it ended.
+    since: HashMap<String, PerTier>,
+}
+
+impl Policies {
+    fn current(&self) -> Option<Arc<Vec<Policy>>> {
+        self.any.load(Ordering::Acquire).then(|| lock(&self.set).clone())
+    }
+
+    /// Replaces the set; says whether it changed.
+    fn replace(&self, policies: Vec<Policy>) -> bool {
+        let mut set = lock(&self.set);
+        if **set == policies {
+            return false;
+        }
+        self.any.store(!policies.is_empty(), Ordering::Release);
+        *set = Arc::new(policies);
+        true
+    }
+}
+
+impl Node {
+    /// Applies the policies governing a new payload to its request: a
+    /// shorter TTL, never-evict, and every quota on its tier (reserving
+    /// its bytes against them).
+    pub(super) fn apply_policies(&self, req: &mut AllocateRequest) -> Result<(), AgentError> {
+        let Some(set) = self.policies.current() else {
+            return Ok(());
+        };
+        let governing: Vec<&Policy> = set
+            .iter()
+            .filter(|p| p.governs(|k| req.labels.get(k).map(String::as_str)))
+            .collect();
+        if governing.is_empty() {
+            return Ok(());
+        }
+        if let Some(ttl) = governing.iter().filter_map(|p| p.ttl_ms).min() {
+            req.ttl_ms = if req.ttl_ms == 0 { ttl } else { req.ttl_ms.min(ttl) };
+        }
+        req.no_evict |= governing.iter().any(|p| p.never_evict);
+        let tier = req.tier as usize;
+        let mut book = lock(&self.policies.book);
+        let quotas: Vec<(&Policy, u64)> = governing
+            .iter()
+            .filter_map(|p| p.quota(req.tier).map(|q| (*p, q)))
+            .collect();
+        for (policy, quota) in &quotas {
+            let key = policy.key();
+            let held = [&book.counted, &book.previous, &book.since]
+                .iter()
+                .map(|m| m.get(&key).map_or(0, |t| t[tier]))
+                .sum::<u64>();
+            if held.saturating_add(req.size_bytes) > *quota {
+                return Err(AgentError::ResourceExhausted(format!(
+                    "PayloadPolicy {key} allows namespace {}'s payloads it governs {quota} bytes on the {} tier of node {}; \
+                     they hold {held}, so {} more do not fit: delete some, or raise the policy's quota",
+                    policy.namespace,
+                    req.tier.name().to_uppercase(),
+                    self.cfg.node_name,
+                    req.size_bytes
+                )));
+            }
+        }
+        for (policy, _) in quotas {
+            book.since.entry(policy.key()).or_default()[tier] += req.size_bytes;
+        }
+        Ok(())
+    }
+
+    /// The longest lease the policies governing a payload with these
+    /// labels allow, if any limits it.
+    pub(super) fn policy_lease_cap(&self, labels: &std::collections::BTreeMap<String, String>) -> Option<u64> {
+        let set = self.policies.current()?;
+        set.iter()
+            .filter(|p| p.governs(|k| labels.get(k).map(String::as_str)))
+            .filter_map(|p| p.max_lease_ms)
+            .min()
+    }
+
+    /// Reads the catalog's policies now and recounts quota use.
+    pub async fn refresh_policies(&self) -> Result<(), AgentError> {
+        let policies = match self.repo.policies().await {
+            Ok(policies) => policies,
+            // An operator of an earlier release stores none.
+            Err(e) if payload_catalog::remote::is_unknown_call(&e) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        if self.policies.replace(policies) {
+            let set = lock(&self.policies.set).clone();
+            let names: Vec<String> = set.iter().map(Policy::key).collect();
+            tracing::info!(policies = ?names, "applying PayloadPolicies");
+        }
+        self.count_quota_use();
+        Ok(())
+    }
+
+    fn count_quota_use(&self) {
+        let set = lock(&self.policies.set).clone();
+        let with_quotas: Vec<&Policy> = set.iter().filter(|p| !p.quotas.is_empty()).collect();
+        {
+            let book = &mut *lock(&self.policies.book);
+            book.previous = std::mem::take(&mut book.since);
+        }
+        let mut counted: HashMap<String, PerTier> = HashMap::new();
+        if !with_quotas.is_empty() {
+            self.payloads.for_each(|_, entry| {
+                let e = lock(entry);
+                if e.gone {
+                    return;
+                }
+                for p in &with_quotas {
+                    if p.governs(|k| e.rec.labels.get(k).map(String::as_str)) {
+                        counted.entry(p.key()).or_default()[e.rec.tier as usize] += e.rec.size_bytes;
+                    }
+                }
+            });
+        }
+        lock(&self.policies.book).counted = counted;
+    }
+
+    /// Keeps the policies current until the node stops; a catalog that
+    /// cannot be read leaves the last ones in force.
+    pub async fn run_policies(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut failing = false;
+        loop {
+            match self.refresh_policies().await {
+                Ok(()) => failing = false,
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(%err, "could not read PayloadPolicies; the last ones read stay in force");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFRESH) => {}
+                _ = super::stopped(&mut stop) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str) -> Policy {
+        Policy {
+            namespace: "ns".into(),
+            name: name.into(),
+            generation: 1,
+            selector: Default::default(),
+            ttl_ms: None,
+            max_lease_ms: None,
+            never_evict: false,
+            quotas: vec![],
+        }
+    }
+
+    #[test]
+    fn replacing_says_whether_anything_changed_and_empty_turns_the_fast_path_on() {
+        let p = Policies::default();
+        assert!(p.current().is_none());
+        assert!(p.replace(vec![policy("a")]));
+        assert!(!p.replace(vec![policy("a")]));
+        assert_eq!(p.current().unwrap().len(), 1);
+        assert!(p.replace(vec![]));
+        assert!(p.current().is_none());
+    }
+}
