@@ -73,6 +73,10 @@ pub struct NodeArgs {
     /// The CA certificate (PEM) that signed the operator's, for https.
     #[arg(long, env = "PM_OPERATOR_CA_FILE")]
     pub operator_ca_file: Option<PathBuf>,
+    /// The PayloadPool this agent runs for (the operator sets PM_POOL):
+    /// the operator sums this node's tiers into that pool's status.
+    #[arg(long, env = "PM_POOL", default_value = "")]
+    pub pool: String,
     #[command(flatten)]
     pub agent: StandaloneArgs,
 }
@@ -83,6 +87,7 @@ impl NodeArgs {
             operator,
             operator_token_file,
             operator_ca_file,
+            pool,
             agent,
         } = self;
         anyhow::ensure!(
@@ -98,7 +103,8 @@ impl NodeArgs {
             &agent.node_name,
             operator_token_file,
             operator_ca_file.as_deref(),
-        )?;
+        )?
+        .for_pool(pool);
         tracing::info!(%operator, "this node's catalog is the operator's");
         agent.serve(Some(std::sync::Arc::new(link))).await
     }

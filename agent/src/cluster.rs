@@ -33,6 +33,8 @@ pub struct OperatorLink {
     client: ClusterCatalogClient<Channel>,
     node: MetadataValue<tonic::metadata::Ascii>,
     token: Option<Arc<Token>>,
+    /// The PayloadPool the node's agent runs for, sent with heartbeats.
+    pool: String,
 }
 
 struct Token {
@@ -80,6 +82,7 @@ impl OperatorLink {
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             node,
+            pool: String::new(),
             token: token_file.map(|path| {
                 Arc::new(Token {
                     path,
@@ -87,6 +90,12 @@ impl OperatorLink {
                 })
             }),
         })
+    }
+
+    /// Names the PayloadPool this agent runs for, in its heartbeats.
+    pub fn for_pool(mut self, pool: String) -> Self {
+        self.pool = pool;
+        self
     }
 
     fn request<T>(&self, body: T) -> Result<tonic::Request<T>, CatalogError> {
@@ -268,6 +277,7 @@ pub async fn heartbeats(
                 .collect(),
             version: env!("CARGO_PKG_VERSION").into(),
             backlog: stats.catalog_backlog,
+            pool: link.pool.clone(),
         };
         let sent = match link.request(beat) {
             Ok(request) => link.client.clone().heartbeat(request).await.map_err(outage),

@@ -45,7 +45,12 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let probes: Vec<&str> = probes.iter().map(String::as_str).collect();
     let operator = Operator::start_with(&database, spare_port(), logs.path(), &probes).await;
     let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
-    let (a, a_client) = node(&a_dirs, &operator.url(), "node-a").await;
+    let (a, a_client) = node_with(
+        &a_dirs,
+        &operator.url(),
+        &["--node-name", "node-a", "--pool", "gpu-nodes"],
+    )
+    .await;
     let (b, b_client) = node(&b_dirs, &operator.url(), "node-b").await;
 
     let (id, _) = put(&a_client, b"weights", Tier::Ram).await.unwrap();
@@ -122,6 +127,7 @@ async fn commits_reach_the_operator_and_it_lists_the_live_nodes() {
     let a_info = nodes.iter().find(|n| n.name == "node-a").unwrap();
     let ram = a_info.tiers.iter().find(|t| t.tier == Tier::Ram as i32).unwrap();
     assert_eq!(ram.capacity_bytes, 128 << 20, "{a_info:?}");
+    assert_eq!(a_info.pool, "gpu-nodes", "heartbeats name the pool");
 
     // Any node's agent lists the cluster's nodes (payloadctl nodes).
     let listed = b_client.nodes().await.unwrap();

@@ -86,6 +86,7 @@ fn the_agents_run_where_the_pool_says_with_its_settings() {
     assert_eq!(agent(ds).image.as_deref(), Some("registry.example/payload-agent:1.0"));
     let env = objects.config_map.data.as_ref().unwrap();
     assert_eq!(env["PM_RAM_CAPACITY"], (64u64 << 30).to_string());
+    assert_eq!(env["PM_POOL"], "gpu-nodes", "heartbeats name the pool");
     assert_eq!(env["PM_DISK_CAPACITY"], (1u64 << 40).to_string());
     assert_eq!(env["PM_RAM_LOW_WATERMARK"], "0.7");
     assert_eq!(env["PM_OBJECT_STORE"], "s3://models-cache/payloads");

@@ -8,6 +8,7 @@
 pub mod identity;
 pub mod nodes;
 pub mod serve;
+pub mod usage;
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -31,7 +32,7 @@ pub struct CatalogService {
     /// One repository per node, sharing the base's connections.
     repos: Mutex<HashMap<String, Arc<dyn Repository>>>,
     gate: identity::Gate,
-    nodes: nodes::Nodes,
+    nodes: Arc<nodes::Nodes>,
     /// Nodes holding (or waiting for) the GC lock: one call each. A
     /// collection's steps are refused to a node not in it, so one whose
     /// lock went with an operator restart stops instead of racing the next.
@@ -53,11 +54,16 @@ impl CatalogService {
             base,
             repos: Mutex::default(),
             gate,
-            nodes: nodes::Nodes::new(heartbeats),
+            nodes: Arc::new(nodes::Nodes::new(heartbeats)),
             collecting: Arc::default(),
             stop,
             metrics,
         }
+    }
+
+    /// The nodes heard from, shared with whatever reports on them.
+    pub fn nodes(&self) -> Arc<nodes::Nodes> {
+        self.nodes.clone()
     }
 
     async fn repo<T>(&self, request: &Request<T>) -> Result<(String, Arc<dyn Repository>), Status> {
@@ -186,11 +192,15 @@ impl ClusterCatalog for CatalogService {
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let node = self.gate.node_of(request.metadata()).await?;
         let beat = request.into_inner();
-        if beat.tiers.len() > nodes::MAX_TIERS || beat.version.len() > nodes::MAX_VERSION {
+        if beat.tiers.len() > nodes::MAX_TIERS
+            || beat.version.len() > nodes::MAX_VERSION
+            || beat.pool.len() > nodes::MAX_POOL
+        {
             return Err(Status::invalid_argument(format!(
-                "a heartbeat reports at most {} tiers and a version of {} bytes",
+                "a heartbeat reports at most {} tiers, a version of {} bytes and a pool name of {}",
                 nodes::MAX_TIERS,
-                nodes::MAX_VERSION
+                nodes::MAX_VERSION,
+                nodes::MAX_POOL
             )));
         }
         self.nodes.beat(&node, beat, now_ms());

@@ -13,6 +13,8 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 /// The most a heartbeat may carry.
 pub const MAX_TIERS: usize = 8;
 pub const MAX_VERSION: usize = 64;
+/// A pool's name is a Kubernetes object name.
+pub const MAX_POOL: usize = 253;
 /// Heartbeats missed before a node is no longer live.
 const MISSED: u64 = 3;
 
@@ -38,6 +40,7 @@ impl Nodes {
             tiers: beat.tiers,
             version: beat.version,
             backlog: beat.backlog,
+            pool: beat.pool,
         };
         crate::lock(&self.known).insert(node.to_string(), info);
     }

@@ -65,7 +65,8 @@ impl CatalogArgs {
         let base = payload_catalog::PgRepository::connect(&self.database, "payload-operator")
             .await
             .with_context(|| format!("opening the catalog {shown}"))?;
-        match gate.client() {
+        let client = gate.client();
+        match client.clone() {
             Some(client) => {
                 let ctx = crate::policy::reconcile::Context {
                     client,
@@ -91,15 +92,19 @@ impl CatalogArgs {
                 .context("the TLS certificate and key")?;
         }
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let service = ClusterCatalogServer::new(CatalogService::new(
+        let catalog = CatalogService::new(
             base,
             gate,
             std::time::Duration::from_millis(self.heartbeat_interval_ms),
             stop,
             metrics,
-        ))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        );
+        if let Some(client) = client {
+            tokio::spawn(super::usage::run(client, catalog.nodes()));
+        }
+        let service = ClusterCatalogServer::new(catalog)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .with_context(|| format!("listening on {}", self.listen))?;

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::crd::PayloadPool;
@@ -152,6 +152,7 @@ fn agent_env(pool: &PayloadPool, settings: &Settings) -> Result<BTreeMap<String,
         ("PM_METRICS_LISTEN".into(), format!("0.0.0.0:{AGENT_METRICS_PORT}")),
         ("PM_OPERATOR".into(), settings.catalog_url.clone()),
         ("PM_OPERATOR_TOKEN_FILE".into(), format!("{TOKEN_DIR}/token")),
+        ("PM_POOL".into(), pool.name_any()),
         (
             "PM_RAM_CAPACITY".into(),
             quantity::bytes("ram.capacity", &spec.ram.capacity)?.to_string(),

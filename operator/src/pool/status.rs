@@ -56,7 +56,8 @@ pub fn applied(pool: &PayloadPool, ds: &DaemonSet, now: &Time) -> PayloadPoolSta
         ],
         nodes_desired: desired,
         nodes_ready: ready,
-        tiers: pool.status.as_ref().map(|s| s.tiers.clone()).unwrap_or_default(),
+        // Written by the catalog (its own field manager) from heartbeats.
+        tiers: Vec::new(),
     }
 }
 
