@@ -71,6 +71,7 @@ bench: venv
 	$(CARGO) bench -p payload-agent --bench native
 	$(CARGO) build --release -p payload-operator --bin payload-operator
 	$(CARGO) bench -p payload-agent --bench cluster
+	$(CARGO) bench -p payload-agent --bench cluster_scale
 
 ## Ours beside Vineyard and Ray's object store (PyPI, in .venv-bench) on the
 ## same workloads, one run, one table in docs/benchmarks.md.

@@ -9,12 +9,11 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use payload_catalog::testing::{create_database, PgCluster};
 use payload_catalog::{PayloadId, PgRepository, Repository};
-use support::{connect, kill, ms, percentile, spawn, spawn_mode};
+use support::{connect, kill, ms, operator, percentile, spawn, spawn_mode};
 
 const PUTS: usize = 200;
 /// Under load: agents, the puts a second asked of each, for how long, and
@@ -103,20 +102,6 @@ async fn visibility(client: &payload_client::Client, database: &str, node: &str)
     }
     lags.sort();
     lags
-}
-
-fn operator(database: &str, port: u16) -> std::process::Child {
-    let bin = Path::new(env!("CARGO_BIN_EXE_payload-agent")).with_file_name("payload-operator");
-    assert!(
-        bin.exists(),
-        "build it first: cargo build --release -p payload-operator"
-    );
-    std::process::Command::new(bin)
-        .args(["catalog", "--auth", "none", "--database", database])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("the operator starts")
 }
 
 fn row(label: &str, lags: &[Duration], floor: &[Duration]) -> String {

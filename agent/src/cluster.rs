@@ -56,6 +56,7 @@ impl OperatorLink {
             .with_context(|| format!("--operator {url:?} is not a URL such as http://HOST:PORT"))?
             .timeout(CALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
             // A half-open connection (the operator's node gone) is noticed,
             // and long calls (watches, the GC lock) are not left hanging.
             .http2_keep_alive_interval(Duration::from_secs(10))

@@ -105,3 +105,19 @@ pub fn floor_put(dir: &Path, src: &[u8]) -> f64 {
     std::fs::remove_file(path).unwrap();
     secs
 }
+
+/// Starts `payload-operator catalog --auth none` on 127.0.0.1:`port` for
+/// `database` (the release build beside the agent's).
+pub fn operator(database: &str, port: u16) -> Child {
+    let bin = Path::new(env!("CARGO_BIN_EXE_payload-agent")).with_file_name("payload-operator");
+    assert!(
+        bin.exists(),
+        "build it first: cargo build --release -p payload-operator"
+    );
+    Command::new(bin)
+        .args(["catalog", "--auth", "none", "--database", database])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("the operator starts")
+}

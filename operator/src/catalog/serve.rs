@@ -112,12 +112,17 @@ impl CatalogArgs {
         let _ = ready.send(true);
         server
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                stopped().await;
-                let _ = ready.send(false);
-                // The long calls end too, or the drain would wait on them.
-                let _ = stop_tx.send(true);
-            })
+            .serve_with_incoming_shutdown(
+                // Small answers go out at once (Nagle and delayed ACKs
+                // held each page of a listing for 40 ms).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    stopped().await;
+                    let _ = ready.send(false);
+                    // The long calls end too, or the drain would wait on them.
+                    let _ = stop_tx.send(true);
+                },
+            )
             .await
             .context("serving the catalog")?;
         tracing::info!("stopped");
