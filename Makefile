@@ -72,6 +72,7 @@ bench: venv
 	$(CARGO) build --release -p payload-operator --bin payload-operator
 	$(CARGO) bench -p payload-agent --bench cluster
 	$(CARGO) bench -p payload-agent --bench cluster_scale
+	$(CARGO) bench -p payload-operator --bench reconcile
 
 ## Ours beside Vineyard and Ray's object store (PyPI, in .venv-bench) on the
 ## same workloads, one run, one table in docs/benchmarks.md.
