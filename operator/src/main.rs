@@ -42,6 +42,18 @@ struct AgentArgs {
     catalog_ca_secret: Option<String>,
 }
 
+/// Which of several operators runs the controllers.
+#[derive(clap::Args)]
+struct Election {
+    /// The coordination.k8s.io Lease (in --namespace) whose holder leads;
+    /// the others wait, and take over within 15 s of its last renewal.
+    #[arg(long, env = "PM_LEADER_LEASE", default_value = "payload-operator")]
+    leader_lease: String,
+    /// Run the controllers without taking the lease (one operator only).
+    #[arg(long, env = "PM_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+}
+
 impl AgentArgs {
     fn settings(self) -> Settings {
         let AgentArgs {
@@ -69,6 +81,8 @@ enum Command {
         agents: AgentArgs,
         #[command(flatten)]
         probes: payload_operator::metrics::ProbeArgs,
+        #[command(flatten)]
+        election: Election,
     },
     /// Prints the objects the operator applies for a PayloadPool (its
     /// ServiceAccount, ConfigMap and DaemonSet) as YAML, without a cluster.
@@ -101,7 +115,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { agents, probes } => controllers(agents.settings(), probes),
+        Command::Run {
+            agents,
+            probes,
+            election,
+        } => controllers(agents.settings(), probes, election),
         Command::Render { pool, agents } => render(&pool, &agents.settings()),
         Command::Catalog(args) => {
             logs();
@@ -122,7 +140,11 @@ fn logs() {
         .init();
 }
 
-fn controllers(settings: Settings, probes: payload_operator::metrics::ProbeArgs) -> anyhow::Result<()> {
+fn controllers(
+    settings: Settings,
+    probes: payload_operator::metrics::ProbeArgs,
+    election: Election,
+) -> anyhow::Result<()> {
     logs();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
@@ -136,15 +158,32 @@ fn controllers(settings: Settings, probes: payload_operator::metrics::ProbeArgs)
             .apiserver_version()
             .await
             .context("asking the Kubernetes API for its version (in a cluster, or through KUBECONFIG)")?;
-        tracing::info!(namespace = %settings.namespace, "reconciling PayloadPools");
         let _ = ready.send(true);
+        let elector = (!election.no_leader_election).then(|| {
+            // The pod's name (the chart passes it); HOSTNAME is the same in a pod.
+            let me = std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| format!("payload-operator-{}", std::process::id()));
+            payload_operator::leader::Elector::new(client.clone(), &settings.namespace, &election.leader_lease, &me)
+        });
+        if let Some(elector) = &elector {
+            elector.acquire().await;
+            tracing::info!(lease = %election.leader_lease, "leading");
+        }
+        tracing::info!(namespace = %settings.namespace, "reconciling PayloadPools");
         let ctx = payload_operator::pool::reconcile::Context {
             client,
             settings,
             metrics,
         };
-        payload_operator::pool::run(ctx).await;
-        Ok(())
+        let Some(elector) = elector else {
+            payload_operator::pool::run(ctx).await;
+            return Ok(());
+        };
+        tokio::select! {
+            () = payload_operator::pool::run(ctx) => Ok(()),
+            lost = elector.keep() => Err(anyhow::anyhow!("{lost}; stopping so another operator leads")),
+        }
     })
 }
 
