@@ -95,6 +95,9 @@ def test_the_catalog_serves_tls_with_the_database_secret_and_reviews_tokens():
     assert service["spec"]["selector"] == by_kind(docs, "Deployment")["spec"]["selector"]["matchLabels"]
     rules = by_kind(docs, "ClusterRole")["rules"]
     assert {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]} in rules
+    # The policy controller runs in the catalog container.
+    assert {"apiGroups": ["payload-manager.io"], "resources": ["payloadpolicies"], "verbs": ["get", "list", "watch", "patch"]} in rules
+    assert {"apiGroups": ["payload-manager.io"], "resources": ["payloadpolicies/status"], "verbs": ["get", "patch"]} in rules
 
 
 def test_a_catalog_without_tls_is_refused_at_install():
@@ -109,6 +112,7 @@ def test_rbac_grants_what_the_controller_calls_and_no_more():
     assert {(r["resources"][0], tuple(r["verbs"])) for r in cluster} == {
         ("payloadpools", ("get", "list", "watch")),
         ("payloadpools/status", ("get", "patch")),
+        ("events", ("create", "patch")),
     }
     role = by_kind(docs, "Role")
     assert role["metadata"]["namespace"] == "pm-system", "the agents' objects only in the release namespace"
@@ -117,6 +121,11 @@ def test_rbac_grants_what_the_controller_calls_and_no_more():
         for verb in ["get", "list", "watch", "patch"]:
             assert (resource, verb) in granted
     assert not any(verb in ("delete", "*") for _, verb in granted), "deletion is the garbage collector's"
+    assert {(res, verb) for res, verb in granted if res == "leases"} == {
+        ("leases", "get"),
+        ("leases", "create"),
+        ("leases", "update"),
+    }, "the leader's lease"
 
 
 def test_the_values_schema_refuses_a_typo():

@@ -112,6 +112,7 @@ async fn ours(client: &Client) -> Vec<Duration> {
         client: client.clone(),
         settings: settings(),
         metrics: Default::default(),
+        events: None,
     });
     let mut took = Vec::with_capacity(ROUNDS);
     for n in 0..ROUNDS {

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod conditions;
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod policy;

@@ -172,6 +172,7 @@ fn controllers(
         }
         tracing::info!(namespace = %settings.namespace, "reconciling PayloadPools");
         let ctx = payload_operator::pool::reconcile::Context {
+            events: Some(payload_operator::events::recorder(client.clone(), "payload-operator")),
             client,
             settings,
             metrics,

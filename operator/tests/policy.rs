@@ -100,6 +100,7 @@ async fn context(dir: &tempfile::TempDir) -> (Arc<Context>, ApiServer, SqliteRep
         client: Client::new(service, "default"),
         store: Store::Sqlite(store),
         metrics: Default::default(),
+        events: None,
     };
     (Arc::new(ctx), handle, reader)
 }
@@ -242,4 +243,51 @@ async fn a_refused_status_write_is_an_error_for_the_retry_policy() {
     );
     let err = run.await.unwrap().unwrap_err();
     assert_eq!(err.category(), "api");
+}
+
+#[tokio::test]
+async fn a_change_of_acceptance_is_an_event_and_an_unchanged_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, mut server) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Arc::new(Context {
+        events: Some(payload_operator::events::recorder(
+            client.clone(),
+            "payload-operator-policies",
+        )),
+        client,
+        store: Store::Sqlite(SqliteRepository::open(&dir.path().join("catalog.db")).await.unwrap()),
+        metrics: Default::default(),
+    });
+    let mut accepted = policy(&[FINALIZER], "[{tier: RAM, bytes: 1Gi}, {tier: RAM, bytes: 2Gi}]");
+    let was = json!({"conditions": [{"type": "Accepted", "status": "True", "reason": "Valid", "message": "",
+        "lastTransitionTime": "2026-12-01T00:00:00Z"}]});
+    accepted.status = Some(serde_json::from_value(was).unwrap());
+    let run = tokio::spawn(reconcile(Arc::new(DeserializeGuard(Ok(accepted.clone()))), ctx.clone()));
+    let (_, path, _, status, reply) = next(&mut server).await;
+    assert!(path.ends_with("/status"), "{path}");
+    answer(reply, 200, &as_object(&accepted));
+    let (method, path, _, event, reply) = next(&mut server).await;
+    assert_eq!(
+        (method, path.as_str()),
+        (Method::POST, "/apis/events.k8s.io/v1/namespaces/team-a/events")
+    );
+    assert_eq!(
+        (&event["type"], &event["reason"]),
+        (&json!("Warning"), &json!("InvalidSpec"))
+    );
+    assert_eq!(event["regarding"]["name"], "cap");
+    assert!(event["note"].as_str().unwrap().contains("RAM tier twice"), "{event}");
+    answer(reply, 201, &event);
+    run.await.unwrap().unwrap();
+
+    // Reconciled again with that status: nothing new to say.
+    let mut refused = accepted;
+    refused.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
+    let run = tokio::spawn(reconcile(Arc::new(DeserializeGuard(Ok(refused.clone()))), ctx));
+    let (_, path, _, _, reply) = next(&mut server).await;
+    assert!(path.ends_with("/status"), "{path}");
+    answer(reply, 200, &as_object(&refused));
+    run.await.unwrap().unwrap();
+    assert!(server.next_request().await.is_none(), "no second event");
 }

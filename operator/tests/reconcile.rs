@@ -43,6 +43,7 @@ fn context() -> (Arc<Context>, ApiServer) {
             client,
             settings,
             metrics,
+            events: None,
         }),
         handle,
     )

@@ -69,6 +69,7 @@ impl CatalogArgs {
         match client.clone() {
             Some(client) => {
                 let ctx = crate::policy::reconcile::Context {
+                    events: Some(crate::events::recorder(client.clone(), "payload-operator-policies")),
                     client,
                     store: crate::policy::reconcile::Store::Postgres(base.clone()),
                     metrics: metrics.clone(),

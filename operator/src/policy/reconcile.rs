@@ -55,6 +55,7 @@ pub struct Context {
     pub client: Client,
     pub store: Store,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub events: crate::events::Events,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +158,11 @@ async fn reconcile_policy(watched: &Watched, ctx: &Context) -> Result<Action, Er
         observed_generation: Some(generation),
         conditions: vec![condition],
     };
-    write_status(&api, name, status).await?;
+    write_status(&api, name, status.clone()).await?;
+    if let Ok(p) = policy {
+        let bad = |_: &str, state: &str| state == "False";
+        crate::events::changed(&ctx.events, &p.object_ref(&()), previous, &status.conditions, bad).await;
+    }
     Ok(Action::requeue(RESYNC))
 }
 

@@ -34,6 +34,7 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub events: crate::events::Events,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,9 @@ async fn reconcile_pool(watched: &Watched, ctx: &Context) -> Result<Action, Erro
             };
             let why = format!("the pool could not be read ({})", unreadable.error);
             tracing::warn!(pool = %shell.name_any(), %why, "an unreadable pool");
-            write_status(&ctx.client, &shell, status::invalid(&shell, &why, &now)).await?;
+            let status = status::invalid(&shell, &why, &now);
+            write_status(&ctx.client, &shell, status.clone()).await?;
+            announce(ctx, &shell, &status).await;
             return Ok(Action::await_change());
         }
     };
@@ -93,7 +96,9 @@ async fn reconcile_pool(watched: &Watched, ctx: &Context) -> Result<Action, Erro
         Ok(objects) => objects,
         Err(why) => {
             tracing::warn!(pool = %pool.name_any(), %why, "the pool cannot be built");
-            write_status(&ctx.client, pool, status::invalid(pool, &why, &now)).await?;
+            let status = status::invalid(pool, &why, &now);
+            write_status(&ctx.client, pool, status.clone()).await?;
+            announce(ctx, pool, &status).await;
             return Ok(Action::await_change());
         }
     };
@@ -103,8 +108,20 @@ async fn reconcile_pool(watched: &Watched, ctx: &Context) -> Result<Action, Erro
     let ds = apply::<DaemonSet>(&ctx.client, ns, &objects.daemon_set, "the agents' DaemonSet").await?;
     let status = status::applied(pool, &ds, &now);
     let settled = status.nodes_ready == status.nodes_desired && status.nodes_desired > 0;
-    write_status(&ctx.client, pool, status).await?;
+    write_status(&ctx.client, pool, status.clone()).await?;
+    announce(ctx, pool, &status).await;
     Ok(Action::requeue(if settled { RESYNC } else { SETTLING }))
+}
+
+/// An Event for each condition the status changed; Ready False and
+/// Degraded True warn.
+async fn announce(ctx: &Context, pool: &PayloadPool, status: &PayloadPoolStatus) {
+    let before = pool.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+    let bad = |type_: &str, state: &str| {
+        (type_ == crate::conditions::READY && state == "False")
+            || (type_ == crate::conditions::DEGRADED && state == "True")
+    };
+    crate::events::changed(&ctx.events, &pool.object_ref(&()), before, &status.conditions, bad).await;
 }
 
 /// Transient errors retry soon; the controller backs off on repeats.
