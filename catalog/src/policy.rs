@@ -24,7 +24,7 @@ pub struct Policy {
     /// The Kubernetes generation it was compiled from, for status and logs.
     pub generation: i64,
     pub selector: Selector,
-    /// Lifetime after commit; a shorter TTL asked for at Allocate stays.
+    /// Lifetime after allocation; a shorter TTL asked for at Allocate stays.
     pub ttl_ms: Option<u64>,
     /// The longest lease a reader gets.
     pub max_lease_ms: Option<u64>,

@@ -30,7 +30,6 @@ fn a_spec_compiles_into_what_agents_apply() {
   matchLabels: {app: llm}
   matchExpressions:
     - {key: stage, operator: NotIn, values: [prod]}
-ttlSeconds: 60
 maxLeaseSeconds: 30
 evictionPriority: Never
 quotas:
@@ -43,7 +42,9 @@ quotas:
     assert_eq!(policy.generation, 7);
     assert_eq!(policy.selector.labels, [("app".to_string(), "llm".to_string())]);
     assert_eq!(policy.selector.expressions[0].op, Operator::NotIn);
-    assert_eq!((policy.ttl_ms, policy.max_lease_ms), (Some(60_000), Some(30_000)));
+    assert_eq!((policy.ttl_ms, policy.max_lease_ms), (None, Some(30_000)));
+    let ttl = compile("team-a", "cap", 7, &self::spec("ttlSeconds: 60\n")).unwrap();
+    assert_eq!(ttl.ttl_ms, Some(60_000));
     assert!(policy.never_evict);
     assert_eq!(policy.quotas, [(Tier::Ram, 8 << 30), (Tier::Disk, 0)]);
     assert!(not_applied(&spec).is_empty());
@@ -71,6 +72,10 @@ fn a_spec_the_schema_lets_through_but_no_agent_could_apply_is_refused_saying_why
             "RAM tier twice",
         ),
         ("quotas: [{tier: RAM, bytes: 12Q}]", "quotas[tier=RAM].bytes"),
+        ("quotas: [{tier: RAM, bytes: 0abc}]", "quotas[tier=RAM].bytes"),
+        ("ttlSeconds: 0", "ttlSeconds must be 1"),
+        ("maxLeaseSeconds: 0", "maxLeaseSeconds must be 1"),
+        ("ttlSeconds: 5\nevictionPriority: Never", "never expires"),
     ] {
         let why = compile("ns", "p", 1, &spec(yaml)).unwrap_err();
         assert!(why.contains(says), "{yaml}: {why}");
@@ -290,4 +295,31 @@ async fn a_change_of_acceptance_is_an_event_and_an_unchanged_one_is_not() {
     answer(reply, 200, &as_object(&refused));
     run.await.unwrap().unwrap();
     assert!(server.next_request().await.is_none(), "no second event");
+}
+
+#[tokio::test]
+async fn an_unreadable_policy_says_so_and_keeps_the_last_version_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut server, reader) = context(&dir).await;
+    let valid = policy(&[FINALIZER], "[{tier: RAM, bytes: 1Gi}]");
+    let stored = compile("team-a", "cap", 1, &valid.spec).unwrap();
+    if let Store::Sqlite(store) = &ctx.store {
+        store.put_policy(&stored, 1).await.unwrap();
+    }
+    let unreadable = kube::core::error_boundary::InvalidObject {
+        error: "spec.quotas[0].tier: unknown variant `HBM`".into(),
+        metadata: valid.metadata.clone(),
+    };
+    let run = tokio::spawn(reconcile(Arc::new(DeserializeGuard(Err(unreadable))), ctx));
+    let (method, path, _, body, reply) = next(&mut server).await;
+    assert_eq!(
+        (method, path.as_str()),
+        (Method::PATCH, format!("{PATH}/status").as_str())
+    );
+    let accepted = &body["status"]["conditions"][0];
+    assert_eq!(accepted["status"], "False");
+    assert!(accepted["message"].as_str().unwrap().contains("HBM"), "{accepted}");
+    answer(reply, 200, &as_object(&valid));
+    run.await.unwrap().unwrap();
+    assert_eq!(reader.policies().await.unwrap(), vec![stored], "still in force");
 }

@@ -73,7 +73,7 @@ impl Node {
         mut req: AllocateRequest,
         region: NewRegion,
     ) -> Result<PayloadRecord, AgentError> {
-        self.check_allocation(&mut req)?;
+        let charge = self.check_allocation(&mut req)?;
         let id = crate::ids::payload();
         if req.tier == Tier::Object {
             // The client uploads the bytes itself; ImportPayload adopts them.
@@ -95,6 +95,7 @@ impl Node {
         self.payloads
             .shard(&id)
             .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
+        charge.keep();
         self.kick_spill_if_needed();
         Ok(rec)
     }
@@ -277,7 +278,10 @@ impl Node {
     /// creates the region; on failure nothing is left taken.
     /// Bounds every allocation is checked against, and the policies that
     /// govern it (which may shorten its TTL and take from a quota).
-    pub(super) fn check_allocation(&self, req: &mut AllocateRequest) -> Result<(), AgentError> {
+    pub(super) fn check_allocation(
+        &self,
+        req: &mut AllocateRequest,
+    ) -> Result<super::policies::Charge<'_>, AgentError> {
         if req.size_bytes == 0 {
             return Err(AgentError::InvalidArgument("size_bytes must be greater than 0".into()));
         }

@@ -61,20 +61,63 @@ impl Policies {
     }
 }
 
+/// Bytes an allocation took from its quotas: given back when dropped
+/// unless kept (the allocation failed, or its caller went away).
+#[must_use]
+pub(crate) struct Charge<'a> {
+    book: &'a Mutex<Book>,
+    keys: Vec<String>,
+    tier: usize,
+    bytes: u64,
+    kept: bool,
+}
+
+impl Charge<'_> {
+    /// The payload exists: its bytes stay counted.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if self.kept || self.keys.is_empty() {
+            return;
+        }
+        let book = &mut *lock(self.book);
+        for key in &self.keys {
+            // Charged to `since`, or to `previous` if a count began since.
+            for window in [&mut book.since, &mut book.previous] {
+                if let Some(held) = window.get_mut(key).filter(|t| t[self.tier] >= self.bytes) {
+                    held[self.tier] -= self.bytes;
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl Node {
     /// Applies the policies governing a new payload to its request: a
-    /// shorter TTL, never-evict, and every quota on its tier (reserving
-    /// its bytes against them).
-    pub(super) fn apply_policies(&self, req: &mut AllocateRequest) -> Result<(), AgentError> {
+    /// shorter TTL, never-evict, and every quota on its tier (its bytes
+    /// charged against them until the returned [`Charge`] is kept or dropped).
+    pub(super) fn apply_policies(&self, req: &mut AllocateRequest) -> Result<Charge<'_>, AgentError> {
+        let mut charge = Charge {
+            book: &self.policies.book,
+            keys: Vec::new(),
+            tier: req.tier as usize,
+            bytes: req.size_bytes,
+            kept: false,
+        };
         let Some(set) = self.policies.current() else {
-            return Ok(());
+            return Ok(charge);
         };
         let governing: Vec<&Policy> = set
             .iter()
             .filter(|p| p.governs(|k| req.labels.get(k).map(String::as_str)))
             .collect();
         if governing.is_empty() {
-            return Ok(());
+            return Ok(charge);
         }
         if let Some(ttl) = governing.iter().filter_map(|p| p.ttl_ms).min() {
             req.ttl_ms = if req.ttl_ms == 0 { ttl } else { req.ttl_ms.min(ttl) };
@@ -92,21 +135,30 @@ impl Node {
                 .iter()
                 .map(|m| m.get(&key).map_or(0, |t| t[tier]))
                 .sum::<u64>();
+            let shown = req.tier.name().to_uppercase();
+            if *quota == 0 {
+                return Err(AgentError::ResourceExhausted(format!(
+                    "PayloadPolicy {key} forbids namespace {}'s payloads it governs on the {shown} tier; \
+                     allocate on another tier",
+                    policy.namespace
+                )));
+            }
             if held.saturating_add(req.size_bytes) > *quota {
                 return Err(AgentError::ResourceExhausted(format!(
-                    "PayloadPolicy {key} allows namespace {}'s payloads it governs {quota} bytes on the {} tier of node {}; \
+                    "PayloadPolicy {key} allows namespace {}'s payloads it governs {quota} bytes on the {shown} tier of node {}; \
                      they hold {held}, so {} more do not fit: delete some, or raise the policy's quota",
                     policy.namespace,
-                    req.tier.name().to_uppercase(),
                     self.cfg.node_name,
                     req.size_bytes
                 )));
             }
         }
         for (policy, _) in quotas {
-            book.since.entry(policy.key()).or_default()[tier] += req.size_bytes;
+            let key = policy.key();
+            book.since.entry(key.clone()).or_default()[tier] += req.size_bytes;
+            charge.keys.push(key);
         }
-        Ok(())
+        Ok(charge)
     }
 
     /// The longest lease the policies governing a payload with these
@@ -119,8 +171,8 @@ impl Node {
             .min()
     }
 
-    /// Reads the catalog's policies now and recounts quota use.
-    pub async fn refresh_policies(&self) -> Result<(), AgentError> {
+    /// Reads the catalog's policies now.
+    async fn refresh_policies(&self) -> Result<(), AgentError> {
         let policies = match self.repo.policies().await {
             Ok(policies) => policies,
             // An operator of an earlier release stores none.
@@ -132,7 +184,6 @@ impl Node {
             let names: Vec<String> = set.iter().map(Policy::key).collect();
             tracing::info!(policies = ?names, "applying PayloadPolicies");
         }
-        self.count_quota_use();
         Ok(())
     }
 
@@ -173,6 +224,9 @@ impl Node {
                 }
                 Err(_) => {}
             }
+            // Whether or not the catalog answered: deletes give quota back.
+            let node = self.clone();
+            let _ = tokio::task::spawn_blocking(move || node.count_quota_use()).await;
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH) => {}
                 _ = super::stopped(&mut stop) => return,

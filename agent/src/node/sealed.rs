@@ -157,7 +157,7 @@ impl Node {
         bytes: &[u8],
         expected: Option<[u8; 32]>,
     ) -> Result<PayloadRecord, AgentError> {
-        self.check_allocation(&mut req)?;
+        let charge = self.check_allocation(&mut req)?;
         let store = self.store(Tier::Ram)?;
         store.check_memfd_room()?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
@@ -205,6 +205,7 @@ impl Node {
         self.payloads
             .shard(&id)
             .insert(id, Arc::new(std::sync::Mutex::new(Entry::new(rec.clone(), now))));
+        charge.keep();
         self.kick_spill_if_needed();
         Ok(rec)
     }

@@ -61,7 +61,7 @@ pub struct PayloadPolicySpec {
     /// It need not be in tierPreference: place on DISK, lease from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_lease_tier: Option<Tier>,
-    /// Seconds a payload lives after its commit, at most ten years. Unset:
+    /// Seconds a payload lives after its allocation, at most ten years. Unset:
     /// until deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 315_360_000))]
@@ -78,8 +78,8 @@ pub struct PayloadPolicySpec {
     #[serde(default)]
     pub dedup: bool,
     /// The most bytes the namespace's matching payloads may hold in each
-    /// tier; an allocation past it is refused (RESOURCE_EXHAUSTED naming
-    /// this policy).
+    /// tier of one node; an allocation past it is refused
+    /// (RESOURCE_EXHAUSTED naming this policy). Checked at Allocate only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["tier".into()]))]
     pub quotas: Vec<TierQuota>,

@@ -43,7 +43,9 @@ impl CatalogUrl {
     async fn open(&self) -> anyhow::Result<Store> {
         let shown = payload_catalog::redact_url(&self.database);
         let opened = if self.database.starts_with("sqlite:") {
-            payload_catalog::SqliteRepository::open_url(&self.database, "payload-operator")
+            // As the standalone agent names itself: opening a catalog as
+            // another node would claim its rows of an older schema.
+            payload_catalog::SqliteRepository::open_url(&self.database, "standalone")
                 .await
                 .map(Store::Sqlite)
         } else {
@@ -60,6 +62,14 @@ impl PolicyCommand {
         match self {
             PolicyCommand::Apply { catalog, file } => {
                 let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let head: serde_json::Value =
+                    serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", file.display()))?;
+                let (api, kind) = (&head["apiVersion"], &head["kind"]);
+                anyhow::ensure!(
+                    api == "payload-manager.io/v1alpha1" && kind == "PayloadPolicy",
+                    "{} is a {kind} of {api}, not a PayloadPolicy of payload-manager.io/v1alpha1",
+                    file.display()
+                );
                 let policy: PayloadPolicy = serde_saphyr::from_str(&text)
                     .with_context(|| format!("{} is not a PayloadPolicy", file.display()))?;
                 let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");

@@ -23,6 +23,20 @@ pub fn compile(namespace: &str, name: &str, generation: i64, spec: &PayloadPolic
         let field = format!("quotas[tier={shown}].bytes");
         quotas.push((tier, quota_bytes(&field, &quota.bytes)?));
     }
+    // The schema's bounds and CEL rule, again: `payload-operator policy
+    // apply` reaches here without an API server.
+    if spec.ttl_seconds.is_some_and(|s| !(1..=315_360_000).contains(&s)) {
+        return Err("ttlSeconds must be 1 to 315360000 (ten years)".into());
+    }
+    if spec.max_lease_seconds.is_some_and(|s| !(1..=86_400).contains(&s)) {
+        return Err("maxLeaseSeconds must be 1 to 86400".into());
+    }
+    if spec.ttl_seconds.is_some() && spec.eviction_priority == Some(EvictionPriority::Never) {
+        return Err(
+            "a payload whose evictionPriority is Never never expires: drop ttlSeconds or choose another priority"
+                .into(),
+        );
+    }
     Ok(Policy {
         namespace: namespace.into(),
         name: name.into(),
@@ -62,12 +76,10 @@ pub fn not_applied(spec: &PayloadPolicySpec) -> Vec<&'static str> {
 
 /// A quota's bytes: unlike a capacity, 0 (nothing on that tier) is one.
 fn quota_bytes(field: &str, q: &Quantity) -> Result<u64, String> {
-    let number: String =
-        q.0.trim()
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.')
-            .collect();
-    if number.parse::<f64>() == Ok(0.0) {
+    const SUFFIXES: [&str; 13] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E"];
+    let text = q.0.trim();
+    let rest = text.trim_start_matches('0');
+    if rest.len() < text.len() && SUFFIXES.contains(&rest) {
         return Ok(0);
     }
     crate::quantity::bytes(field, q)

@@ -24,7 +24,7 @@ pub async fn run(ctx: Context) {
         .for_each(|outcome| async move {
             match outcome {
                 Ok((policy, _)) => tracing::debug!(policy = %policy.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "a reconcile did not complete"),
+                Err(e) => tracing::warn!(error = %e, "a policy reconcile did not complete"),
             }
         })
         .await;

@@ -1,8 +1,10 @@
 //! One reconcile of a `PayloadPolicy`. The catalog row is state outside
 //! Kubernetes, so a policy carries a finalizer: put on before its row is
-//! first stored, taken off once the row is gone. An accepted policy is
-//! stored; one that cannot be applied (or read) is removed from the
-//! catalog, so no agent goes on applying a spec its owner has replaced.
+//! first stored, taken off once the row is gone (deleting the object
+//! deletes the row whoever removed the finalizer). An accepted policy is
+//! stored; an invalid one is removed from the catalog, so no agent goes
+//! on applying a spec its owner has replaced; one that cannot be read (a
+//! newer schema) keeps the row of the last version read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,8 +103,9 @@ async fn reconcile_policy(watched: &Watched, ctx: &Context) -> Result<Action, Er
     let api = Api::<PayloadPolicy>::namespaced(ctx.client.clone(), namespace);
     let ours = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
     if meta.deletion_timestamp.is_some() {
+        // Whoever removed our finalizer, the row goes with the object.
+        ctx.store.delete(namespace, name).await.map_err(Error::Catalog)?;
         if ours {
-            ctx.store.delete(namespace, name).await.map_err(Error::Catalog)?;
             let rest = meta
                 .finalizers
                 .iter()
@@ -115,15 +118,14 @@ async fn reconcile_policy(watched: &Watched, ctx: &Context) -> Result<Action, Er
         }
         return Ok(Action::await_change());
     }
-    if !ours {
-        let mut with: Vec<String> = meta.finalizers.clone().unwrap_or_default();
-        with.push(FINALIZER.into());
-        set_finalizers(&api, meta, with).await?;
-    }
     let generation = meta.generation.unwrap_or_default();
     let decided = match policy {
         Ok(p) => compile(namespace, name, generation, &p.spec).map(|c| (c, not_applied(&p.spec))),
-        Err(why) => Err(format!("the policy could not be read ({why})")),
+        // Likely an object of a newer schema than this operator's: the
+        // row stored from the last readable spec stays in force.
+        Err(why) => Err(format!(
+            "the policy could not be read ({why}); the last version read stays in force"
+        )),
     };
     let previous = policy
         .ok()
@@ -132,6 +134,12 @@ async fn reconcile_policy(watched: &Watched, ctx: &Context) -> Result<Action, Er
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let condition = match decided {
         Ok((compiled, unapplied)) => {
+            // Before the row exists, so it never outlives the object.
+            if !ours {
+                let mut with: Vec<String> = meta.finalizers.clone().unwrap_or_default();
+                with.push(FINALIZER.into());
+                set_finalizers(&api, meta, with).await?;
+            }
             ctx.store.put(&compiled).await.map_err(Error::Catalog)?;
             let mut said = "stored in the catalog; every agent applies it within seconds".to_string();
             if !unapplied.is_empty() {
@@ -141,7 +149,9 @@ async fn reconcile_policy(watched: &Watched, ctx: &Context) -> Result<Action, Er
         }
         Err(why) => {
             tracing::warn!(policy = %format!("{namespace}/{name}"), %why, "policy not accepted");
-            ctx.store.delete(namespace, name).await.map_err(Error::Catalog)?;
+            if policy.is_ok() {
+                ctx.store.delete(namespace, name).await.map_err(Error::Catalog)?;
+            }
             let said = format!("{why}; not applied until it is fixed");
             conditions::set(
                 previous,
@@ -166,7 +176,7 @@ async fn reconcile_policy(watched: &Watched, ctx: &Context) -> Result<Action, Er
     Ok(Action::requeue(RESYNC))
 }
 
-/// Transient errors retry soon; the controller backs off on repeats.
+/// Transient errors retry after 5 s.
 pub fn error_policy(watched: Arc<Watched>, error: &Error, _ctx: Arc<Context>) -> Action {
     let meta = match &watched.0 {
         Ok(policy) => &policy.metadata,
