@@ -22,6 +22,8 @@ use crate::error::AgentError;
 
 /// How often the catalog's policies are read again.
 pub const REFRESH: Duration = Duration::from_secs(2);
+/// How often an operator that does not know the call is asked again.
+const OLDER_OPERATOR: Duration = Duration::from_secs(60);
 
 /// Bytes per tier, indexed by the tier's wire number.
 type PerTier = [u64; 6];
@@ -172,11 +174,12 @@ impl Node {
     }
 
     /// Reads the catalog's policies now.
-    async fn refresh_policies(&self) -> Result<(), AgentError> {
-        let policies = match self.repo.policies().await {
-            Ok(policies) => policies,
-            // An operator of an earlier release stores none.
-            Err(e) if payload_catalog::remote::is_unknown_call(&e) => Vec::new(),
+    /// Reads the catalog's policies now; says whether the catalog is an
+    /// operator of an earlier release, which has none to give.
+    async fn refresh_policies(&self) -> Result<bool, AgentError> {
+        let (policies, older) = match self.repo.policies().await {
+            Ok(policies) => (policies, false),
+            Err(e) if payload_catalog::remote::is_unknown_call(&e) => (Vec::new(), true),
             Err(e) => return Err(e.into()),
         };
         if self.policies.replace(policies) {
@@ -184,7 +187,7 @@ impl Node {
             let names: Vec<String> = set.iter().map(Policy::key).collect();
             tracing::info!(policies = ?names, "applying PayloadPolicies");
         }
-        Ok(())
+        Ok(older)
     }
 
     fn count_quota_use(&self) {
@@ -215,9 +218,14 @@ impl Node {
     /// cannot be read leaves the last ones in force.
     pub async fn run_policies(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut failing = false;
+        // An older operator is asked again only now and then, not every
+        // tick with a call it refuses.
+        let mut next_read = tokio::time::Instant::now();
         loop {
-            match self.refresh_policies().await {
-                Ok(()) => failing = false,
+            let due = tokio::time::Instant::now() >= next_read;
+            match if due { self.refresh_policies().await } else { Ok(false) } {
+                Ok(true) => next_read = tokio::time::Instant::now() + OLDER_OPERATOR,
+                Ok(false) => failing = false,
                 Err(err) if !failing => {
                     failing = true;
                     tracing::warn!(%err, "could not read PayloadPolicies; the last ones read stay in force");
