@@ -2,8 +2,11 @@
 //! calls against a mock API server (tower-test): creating a missing lease,
 //! taking a lapsed one with the resourceVersion read, losing a race.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{answer, ApiServer};
 use http::{Method, Request, Response};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -12,9 +15,7 @@ use kube::client::Body;
 use kube::Client;
 use payload_operator::leader::{decide, Decision, Elector};
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle};
-
-type ApiServer = Handle<Request<Body>, Response<Body>>;
+use tower_test::mock;
 
 fn lease(holder: &str, renewed_secs_ago: i64) -> Lease {
     let renewed = Timestamp::now() - SignedDuration::from_secs(renewed_secs_ago);
@@ -75,15 +76,6 @@ async fn next(server: &mut ApiServer) -> (Method, String, Value, mock::SendRespo
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         reply,
     )
-}
-
-fn answer(reply: mock::SendResponse<Response<Body>>, status: u16, body: &Value) {
-    reply.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
 }
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/payload-manager/leases";

@@ -2,9 +2,12 @@
 //! and one reconcile against a mock API server (tower-test) with a real
 //! SQLite catalog behind it: every call's method, path and body, in order.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{answer, ApiServer};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::core::DeserializeGuard;
@@ -15,9 +18,7 @@ use payload_operator::crd::{PayloadPolicy, PayloadPolicySpec};
 use payload_operator::policy::compile::{compile, not_applied};
 use payload_operator::policy::reconcile::{reconcile, Context, Store, FINALIZER};
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle};
-
-type ApiServer = Handle<Request<Body>, Response<Body>>;
+use tower_test::mock;
 
 fn spec(yaml: &str) -> PayloadPolicySpec {
     serde_saphyr::from_str(yaml).unwrap()
@@ -125,14 +126,6 @@ async fn next(server: &mut ApiServer) -> (Method, String, String, Value, mock::S
     let mut body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     body["_content_type"] = content_type.into();
     (method, path, query, body, reply)
-}
-
-fn answer(reply: mock::SendResponse<Response<Body>>, status: u16, body: &Value) {
-    let response = Response::builder()
-        .status(status)
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    reply.send_response(response);
 }
 
 const PATH: &str = "/apis/payload-manager.io/v1alpha1/namespaces/team-a/payloadpolicies/cap";

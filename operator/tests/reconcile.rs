@@ -2,9 +2,12 @@
 //! checked for its method, path, field manager and body, in order, and a
 //! missing call fails the test instead of hanging it.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{answer, ApiServer};
 use http::{Method, Request, Response};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::client::Body;
@@ -16,9 +19,7 @@ use payload_operator::crd::PayloadPool;
 use payload_operator::pool::desired::Settings;
 use payload_operator::pool::reconcile::{reconcile, Context, Error};
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle};
-
-type ApiServer = Handle<Request<Body>, Response<Body>>;
+use tower_test::mock;
 
 fn pool() -> PayloadPool {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/payloadpool.yaml");
@@ -63,14 +64,6 @@ async fn next(server: &mut ApiServer) -> (Method, String, String, Value, mock::S
     let bytes = request.into_body().collect_bytes().await.unwrap();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     (method, path, query, body, reply)
-}
-
-fn answer(reply: mock::SendResponse<Response<Body>>, status: u16, body: &Value) {
-    let response = Response::builder()
-        .status(status)
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    reply.send_response(response);
 }
 
 /// Expects a server-side apply of `path` by our field manager; answers
