@@ -395,7 +395,8 @@ impl StandaloneArgs {
         }
         if let Some(link) = operator {
             node.join(link.clone());
-            tokio::spawn(crate::cluster::heartbeats(node.clone(), link, stop.clone()));
+            tokio::spawn(crate::cluster::heartbeats(node.clone(), link.clone(), stop.clone()));
+            tokio::spawn(crate::control::serve(node.clone(), link, stop.clone()));
         }
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -44,13 +44,7 @@ impl Default for Clock {
     }
 }
 
-/// A protobuf timestamp for a Unix-millisecond instant.
-pub fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
+pub use payload_proto::domain::timestamp;
 
 /// The Unix-millisecond instant of a protobuf timestamp (before 1970: 0).
 pub fn millis(ts: &prost_types::Timestamp) -> u64 {

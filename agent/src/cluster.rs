@@ -247,6 +247,17 @@ impl OperatorLink {
         Ok(nodes.into_iter().filter(|n| !n.live).map(|n| n.name).collect())
     }
 
+    /// Opens the operator's control call: `replies` go out on it, and
+    /// its requests come back.
+    pub async fn control(
+        &self,
+        replies: tokio::sync::mpsc::Receiver<payload_proto::cluster::ControlReply>,
+    ) -> Result<tonic::Streaming<payload_proto::cluster::ControlRequest>, CatalogError> {
+        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(replies))?;
+        let answer = self.client.clone().control(request).await.map_err(outage)?;
+        Ok(answer.into_inner())
+    }
+
     /// Every node the operator has heard from.
     pub async fn list_nodes(&self) -> Result<Vec<payload_proto::cluster::NodeInfo>, CatalogError> {
         let request = self.request(payload_proto::cluster::ListNodesRequest {})?;

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
+pub mod control;
 pub mod deadline;
 pub mod durable;
 pub mod error;

@@ -4,6 +4,7 @@
 //! Kubernetes here.
 
 pub mod error;
+pub mod follow;
 pub mod lifecycle;
 pub mod model;
 pub mod objects;

@@ -17,6 +17,8 @@ pub use generated::payload::manager::core::v1 as core;
 pub use generated::payload::manager::runtime::v1 as runtime;
 pub use generated::payload::manager::services::v1 as services;
 
+#[cfg(feature = "catalog")]
+pub mod domain;
 pub mod native;
 
 /// The TCP port the reference implementation listens on; clients expect it.

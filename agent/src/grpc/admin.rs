@@ -44,7 +44,7 @@ impl PayloadAdminService for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(admin::ListNodesResponse {
-            nodes: nodes.into_iter().map(summary).collect(),
+            nodes: nodes.into_iter().map(payload_proto::domain::node_summary).collect(),
             cluster: true,
         }))
     }
@@ -66,27 +66,6 @@ impl PayloadAdminService for AdminService {
         Ok(Response::new(admin::CollectGarbageResponse {
             blocks_deleted: report.blocks,
         }))
-    }
-}
-
-/// A node as `ListNodes` shows it, from its heartbeat.
-fn summary(info: payload_proto::cluster::NodeInfo) -> admin::NodeSummary {
-    admin::NodeSummary {
-        name: info.name,
-        live: info.live,
-        last_seen_ms: info.last_seen_ms,
-        tiers: info
-            .tiers
-            .into_iter()
-            .map(|t| admin::TierUsage {
-                tier: t.tier as u32,
-                capacity_bytes: t.capacity_bytes,
-                bytes: t.used_bytes,
-                ..Default::default()
-            })
-            .collect(),
-        version: info.version,
-        catalog_backlog: info.backlog,
     }
 }
 

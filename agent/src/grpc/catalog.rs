@@ -3,11 +3,7 @@
 
 use std::sync::Arc;
 
-use payload_catalog::repo::parse_label_selector;
-use payload_catalog::{
-    CatalogError, LineageEdge, ListQuery, Metadata, MetadataEvent, MetadataMode, PageToken, PayloadState, Priority,
-    Scope,
-};
+use payload_catalog::{CatalogError, LineageEdge, Metadata, MetadataEvent, MetadataMode, Priority, Scope};
 use payload_proto::catalog as pbc;
 use payload_proto::core::{MetadataUpdateMode, PromotionPolicy, SpillPolicy};
 use payload_proto::runtime;
@@ -26,8 +22,6 @@ pub struct CatalogService {
     pub node: Arc<Node>,
 }
 
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
 const DEFAULT_EVENT_PAGE: u32 = 100;
 const MAX_EVENT_PAGE: u32 = 1_000;
 
@@ -266,16 +260,7 @@ impl PayloadCatalogService for CatalogService {
             .get_lineage(id, req.upstream, depth)
             .await
             .map_err(status)?;
-        let edges = edges
-            .into_iter()
-            .map(|e| pbc::LineageEdge {
-                parent: Some(pb_payload_id(e.parent)),
-                operation: e.operation,
-                role: e.role,
-                parameters: e.parameters,
-                child: Some(pb_payload_id(e.child)),
-            })
-            .collect();
+        let edges = edges.into_iter().map(payload_proto::domain::lineage_edge).collect();
         Ok(Response::new(pbc::GetLineageResponse { edges }))
     }
 
@@ -316,7 +301,7 @@ impl PayloadCatalogService for CatalogService {
         Ok(Response::new(pbc::UpdatePayloadMetadataResponse {
             id: Some(pb_payload_id(id)),
             updated_at: Some(timestamp(stored.updated_at_ms)),
-            metadata: Some(pb_metadata(id, stored)),
+            metadata: Some(payload_proto::domain::metadata(id, stored)),
         }))
     }
 
@@ -357,7 +342,10 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<pbc::PayloadMetadata>, Status> {
         let id = payload_id(request.into_inner().id.as_ref())?;
         let stored = self.repo().await?.get_metadata(id).await.map_err(status)?;
-        Ok(Response::new(pb_metadata(id, stored.unwrap_or_default())))
+        Ok(Response::new(payload_proto::domain::metadata(
+            id,
+            stored.unwrap_or_default(),
+        )))
     }
 
     async fn list_payload_metadata_events(
@@ -383,21 +371,7 @@ impl PayloadCatalogService for CatalogService {
             .metadata_history(id, after, size)
             .await
             .map_err(status)?;
-        let events = page
-            .events
-            .into_iter()
-            .map(|e| pbc::PayloadMetadataEvent {
-                id: Some(pb_payload_id(id)),
-                ts: Some(timestamp(e.ts_ms)),
-                data: e.data,
-                source: e.source,
-                version: e.version,
-            })
-            .collect();
-        Ok(Response::new(pbc::ListPayloadMetadataEventsResponse {
-            events,
-            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
-        }))
+        Ok(Response::new(payload_proto::domain::metadata_events(id, page)))
     }
 
     async fn list_payloads(
@@ -406,41 +380,7 @@ impl PayloadCatalogService for CatalogService {
     ) -> Result<Response<runtime::ListPayloadsResponse>, Status> {
         let req = request.into_inner();
         self.node.config().limits.selector(&req.label_selector)?;
-        no_nul("page_token", &req.page_token)?;
-        let state = match req.state_filter {
-            0 => None,
-            n => Some(
-                PayloadState::from_i32(n)
-                    .ok_or_else(|| Status::invalid_argument(format!("state_filter {n} is not a known state")))?,
-            ),
-        };
-        let query = ListQuery {
-            tier: optional_tier(req.tier_filter, "tier_filter")?,
-            state,
-            labels: parse_label_selector(&req.label_selector).map_err(status)?,
-            created_after_ms: (req.created_after_ms != 0).then_some(req.created_after_ms),
-            created_before_ms: (req.created_before_ms != 0).then_some(req.created_before_ms),
-            page_size: if req.page_size <= 0 {
-                DEFAULT_PAGE
-            } else {
-                (req.page_size as u32).min(MAX_PAGE)
-            },
-            after: match req.page_token.as_str() {
-                "" => None,
-                token => Some(PageToken::decode(token).map_err(status)?),
-            },
-            scope: match req.node_filter.as_str() {
-                "" => Scope::Own,
-                "*" => Scope::Cluster,
-                name => Scope::Node(name.to_string()),
-            },
-        };
-        no_nul("node_filter", &req.node_filter)?;
-        if req.node_filter.len() > 253 {
-            return Err(Status::invalid_argument(
-                "node_filter is a node name (at most 253 bytes), or \"*\" for every node",
-            ));
-        }
+        let query = payload_proto::domain::list_query(&req, Scope::Own)?;
         let scoped = query.scope != Scope::Own;
         let page = self.repo().await?.list_payloads(&query).await.map_err(status)?;
         if scoped && page.nodes.len() != page.items.len() {
@@ -629,14 +569,5 @@ impl CatalogService {
             .await
             .map_err(status)?;
         Ok(outcome.record().cloned())
-    }
-}
-
-fn pb_metadata(id: payload_catalog::PayloadId, stored: Metadata) -> pbc::PayloadMetadata {
-    pbc::PayloadMetadata {
-        id: Some(pb_payload_id(id)),
-        data: stored.data,
-        schema: stored.schema,
-        version: stored.version,
     }
 }

@@ -1,10 +1,12 @@
 //! Conversions at the gRPC edge: wire messages are validated into domain
 //! types on receipt, domain errors map to one status each.
 
-use payload_catalog::{LeaseId, PayloadId, PayloadRecord, Tier};
+use payload_catalog::{LeaseId, PayloadRecord, Tier};
 use payload_proto::core as pb;
 use payload_proto::runtime;
 use tonic::Status;
+
+pub use payload_proto::domain::{payload_id, pb_payload_id};
 
 use crate::clock::timestamp;
 use crate::error::AgentError;
@@ -34,11 +36,6 @@ pub fn status(err: impl Into<AgentError>) -> Status {
     err.into().status()
 }
 
-pub fn payload_id(id: Option<&pb::PayloadId>) -> Result<PayloadId, Status> {
-    let id = id.ok_or_else(|| Status::invalid_argument("payload id is missing"))?;
-    PayloadId::from_slice(&id.value).map_err(status)
-}
-
 pub fn lease_id(id: Option<&pb::LeaseId>) -> Result<LeaseId, Status> {
     let id = id.ok_or_else(|| Status::invalid_argument("lease id is missing"))?;
     LeaseId::from_slice(&id.value).map_err(status)
@@ -52,12 +49,6 @@ pub fn expected_digest(raw: &[u8]) -> Result<Option<[u8; 32]>, Status> {
         n => Err(Status::invalid_argument(format!(
             "expected_sha256 must be 32 bytes (a raw SHA-256), got {n}"
         ))),
-    }
-}
-
-pub fn pb_payload_id(id: PayloadId) -> pb::PayloadId {
-    pb::PayloadId {
-        value: id.as_bytes().to_vec(),
     }
 }
 
@@ -106,17 +97,7 @@ pub fn descriptor(node: &Node, rec: &PayloadRecord) -> pb::PayloadDescriptor {
             // Nothing a v1 client could open by name: no location.
             Place::Sealed => None,
         });
-    let copies = std::iter::once(pb::PayloadCopy {
-        tier: rec.tier as i32,
-        authoritative: true,
-        verified: rec.sha256.is_some(),
-    })
-    .chain(rec.copies.iter().map(|c| pb::PayloadCopy {
-        tier: c.tier as i32,
-        authoritative: false,
-        verified: c.verified,
-    }))
-    .collect();
+    let copies = payload_proto::domain::copies(rec);
     pb::PayloadDescriptor {
         payload_id: Some(pb_payload_id(rec.id)),
         tier: rec.tier as i32,
@@ -159,18 +140,7 @@ pub async fn descriptor_with_object(node: &Node, rec: &PayloadRecord) -> pb::Pay
 
 pub fn summary(node: &Node, rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtime::PayloadSummary {
     runtime::PayloadSummary {
-        id: Some(pb_payload_id(rec.id)),
-        tier: rec.tier as i32,
-        state: rec.state as i32,
-        size_bytes: rec.size_bytes,
-        created_at_ms: rec.created_at_ms,
-        expires_at_ms: rec.expires_at_ms,
-        active_leases: active_leases as u32,
-        labels: rec.labels.clone().into_iter().collect(),
-        pinned: rec.is_pinned(now_ms),
-        sha256: rec.sha256.map(|d| d.to_vec()).unwrap_or_default(),
         sealed: node.is_sealed(rec),
-        node: String::new(),
-        unavailable: false,
+        ..payload_proto::domain::summary(rec, active_leases, now_ms)
     }
 }

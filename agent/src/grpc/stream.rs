@@ -5,21 +5,22 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use payload_catalog::stream::MAX_READ;
-use payload_catalog::{
-    AppendItem, CatalogError, ReadQuery, Repository, Retention, StreamEntry, StreamHead, StreamKey, StreamOwner,
-};
+use payload_catalog::follow::{follow, read_range, subscription_start};
+use payload_catalog::{AppendItem, ReadQuery, Repository, Retention, StreamEntry, StreamKey, StreamOwner};
 use payload_proto::runtime;
 use payload_proto::runtime::subscribe_request::Start;
 use payload_proto::services::payload_stream_service_server::PayloadStreamService;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{caller, payload_id, pb_payload_id, status};
+use payload_proto::domain::stream_entry;
+
+use super::convert::{caller, payload_id, status};
 use crate::appender::Appender;
-use crate::clock::{millis, timestamp};
+use crate::clock::millis;
 use crate::identity::Caller;
 use crate::limits::Limits;
 use crate::node::Node;
@@ -86,21 +87,6 @@ impl Drop for Subscription {
                 open.remove(&self.key);
             }
         }
-    }
-}
-
-fn pb_entry(key: &StreamKey, entry: StreamEntry) -> runtime::StreamEntry {
-    runtime::StreamEntry {
-        stream: Some(runtime::StreamId {
-            name: key.name.clone(),
-            namespace: key.namespace.clone(),
-        }),
-        offset: entry.offset,
-        payload_id: Some(pb_payload_id(entry.payload_id)),
-        event_time: Some(timestamp(entry.event_time_ms)),
-        append_time: Some(timestamp(entry.append_time_ms)),
-        duration_ns: entry.duration_ns,
-        tags: entry.tags.into_iter().collect(),
     }
 }
 
@@ -234,7 +220,7 @@ impl PayloadStreamService for StreamService {
         };
         let entries = self.repo().read_stream(&key, query).await.map_err(status)?;
         Ok(Response::new(runtime::ReadResponse {
-            entries: entries.into_iter().map(|e| pb_entry(&key, e)).collect(),
+            entries: entries.into_iter().map(|e| stream_entry(&key, e)).collect(),
         }))
     }
 
@@ -253,24 +239,28 @@ impl PayloadStreamService for StreamService {
             Some(Start::FromLatest(true)) => head.next_offset,
             _ => 0,
         };
-        if start > head.next_offset {
-            return Err(Status::out_of_range(format!(
-                "offset {start} is past the head of stream {key} (next offset {}); subscribe from_latest to wait for new entries",
-                head.next_offset
-            )));
-        }
+        let start = subscription_start(&key, head, start).map_err(status)?;
         let inflight = match req.max_inflight {
             0 => DEFAULT_INFLIGHT,
             n => n.min(MAX_INFLIGHT),
         };
         let subscription = self.subscribers.open(&key, self.limits())?;
         let (tx, rx) = mpsc::channel(inflight as usize);
-        let woken = repo.watch_stream(head);
+        let entries = ReceiverStream::new(rx).map({
+            let key = key.clone();
+            move |entry: Result<StreamEntry, payload_catalog::CatalogError>| {
+                entry
+                    .map(|e| runtime::SubscribeResponse {
+                        entry: Some(stream_entry(&key, e)),
+                    })
+                    .map_err(status)
+            }
+        });
         tokio::spawn(async move {
-            follow(repo, key, head, start, u64::from(inflight), woken, tx).await;
+            follow(repo, key, head, start, u64::from(inflight), tx).await;
             drop(subscription);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(entries)))
     }
 
     async fn commit(&self, request: Request<runtime::CommitRequest>) -> Result<Response<()>, Status> {
@@ -314,94 +304,11 @@ impl PayloadStreamService for StreamService {
         let req = request.into_inner();
         let key = self.key(req.stream.as_ref())?;
         self.may_read(&caller, &key).await?;
-        let (start, end) = (req.start_offset, req.end_offset);
-        if end < start {
-            return Err(Status::invalid_argument(format!(
-                "end_offset {end} is before start_offset {start}"
-            )));
-        }
-        if end - start >= MAX_READ {
-            return Err(Status::invalid_argument(format!(
-                "a range holds at most {MAX_READ} entries; split {start}..={end}"
-            )));
-        }
-        let repo = self.repo();
-        let head = repo.stream_head(&key).await.map_err(status)?;
-        if end >= head.next_offset {
-            return Err(Status::out_of_range(format!(
-                "end_offset {end} is past the last entry of stream {key} (next offset {})",
-                head.next_offset
-            )));
-        }
-        let query = ReadQuery {
-            start,
-            end: Some(end),
-            max: MAX_READ,
-            not_before_ms: 0,
-        };
-        let entries = repo.read_stream(&key, query).await.map_err(status)?;
+        let entries = read_range(self.repo().as_ref(), &key, req.start_offset, req.end_offset)
+            .await
+            .map_err(status)?;
         Ok(Response::new(runtime::GetRangeResponse {
-            entries: entries.into_iter().map(|e| pb_entry(&key, e)).collect(),
+            entries: entries.into_iter().map(|e| stream_entry(&key, e)).collect(),
         }))
-    }
-}
-
-/// Feeds one subscriber: reads from `next` in batches the size of its
-/// window (one query each), sends each entry (waiting for room, so a slow
-/// subscriber holds back only this task), and sleeps on the stream's watch
-/// once caught up. Ends when the subscriber goes away or the stream is
-/// deleted.
-async fn follow(
-    repo: Arc<dyn Repository>,
-    key: StreamKey,
-    head: StreamHead,
-    mut next: u64,
-    batch: u64,
-    mut woken: watch::Receiver<u64>,
-    tx: mpsc::Sender<Result<runtime::SubscribeResponse, Status>>,
-) {
-    loop {
-        // Marked seen before reading: an append committed after this point
-        // wakes the wait below even if the read already returned it.
-        woken.borrow_and_update();
-        let entries = match repo.read_entries(head.id, next, batch).await {
-            Ok(entries) => entries,
-            Err(err) => {
-                let _ = tx.send(Err(status(err))).await;
-                return;
-            }
-        };
-        let caught_up = (entries.len() as u64) < batch;
-        if entries.is_empty() {
-            // Woken with nothing to read: the stream may be gone (a delete
-            // wakes its subscribers), or gone and made again under its name.
-            match repo.stream_head(&key).await {
-                Ok(now) if now.id == head.id => {}
-                Ok(_) | Err(CatalogError::NotFound(_)) => {
-                    let gone = format!("stream {key} was deleted");
-                    let _ = tx.send(Err(Status::not_found(gone))).await;
-                    return;
-                }
-                Err(err) => {
-                    let _ = tx.send(Err(status(err))).await;
-                    return;
-                }
-            }
-        }
-        for entry in entries {
-            next = entry.offset + 1;
-            let response = runtime::SubscribeResponse {
-                entry: Some(pb_entry(&key, entry)),
-            };
-            if tx.send(Ok(response)).await.is_err() {
-                return;
-            }
-        }
-        if caught_up {
-            tokio::select! {
-                changed = woken.changed() => if changed.is_err() { return },
-                () = tx.closed() => return,
-            }
-        }
     }
 }
