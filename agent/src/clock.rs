@@ -44,13 +44,4 @@ impl Default for Clock {
     }
 }
 
-pub use payload_proto::domain::timestamp;
-
-/// The Unix-millisecond instant of a protobuf timestamp (before 1970: 0).
-pub fn millis(ts: &prost_types::Timestamp) -> u64 {
-    let ms = ts
-        .seconds
-        .saturating_mul(1000)
-        .saturating_add(i64::from(ts.nanos) / 1_000_000);
-    u64::try_from(ms).unwrap_or(0)
-}
+pub use payload_proto::domain::{millis, timestamp};

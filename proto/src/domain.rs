@@ -29,6 +29,15 @@ pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// The Unix-millisecond instant of a protobuf timestamp (before 1970: 0).
+pub fn millis(ts: &prost_types::Timestamp) -> u64 {
+    let ms = ts
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.nanos) / 1_000_000);
+    u64::try_from(ms).unwrap_or(0)
+}
+
 pub fn lineage_edge(e: LineageEdge) -> pbc::LineageEdge {
     pbc::LineageEdge {
         parent: Some(pb_payload_id(e.parent)),

@@ -97,15 +97,19 @@ fn valid_node(name: &str) -> Result<String, Status> {
     Ok(name.to_string())
 }
 
+/// The token of an `authorization: Bearer …` header, if one is sent.
+pub(super) fn bearer_token(headers: &MetadataMap) -> Option<&str> {
+    let value = headers.get("authorization").and_then(|v| v.to_str().ok())?;
+    value.strip_prefix("Bearer ").filter(|t| !t.is_empty())
+}
+
 fn bearer(headers: &MetadataMap) -> Result<&str, Status> {
-    let value = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-    match value.strip_prefix("Bearer ") {
-        Some(token) if !token.is_empty() => Ok(token),
-        _ => Err(Status::unauthenticated(format!(
+    bearer_token(headers).ok_or_else(|| {
+        Status::unauthenticated(format!(
             "the cluster catalog takes a ServiceAccount token of audience {AUDIENCE} as `authorization: Bearer …` \
              (the agent's --operator-token-file)"
-        ))),
-    }
+        ))
+    })
 }
 
 impl Reviewer {

@@ -5,10 +5,13 @@
 //! Agents keep their writes in their own log until the catalog has them,
 //! so the operator being away never stops a node.
 
+pub mod access;
+pub mod control;
 pub mod identity;
 pub mod nodes;
 pub mod serve;
 pub mod usage;
+pub mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -19,11 +22,12 @@ use payload_catalog::remote::{dispatch, refusal, Call};
 use payload_catalog::{CatalogError, PgRepository, Repository, StreamHead};
 use payload_proto::cluster::cluster_catalog_server::ClusterCatalog;
 use payload_proto::cluster::{
-    Envelope, HeartbeatReply, HeartbeatRequest, ListNodesReply, ListNodesRequest, StreamNext,
+    ControlReply, ControlRequest, Envelope, HeartbeatReply, HeartbeatRequest, ListNodesReply, ListNodesRequest,
+    StreamNext,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 pub use payload_proto::cluster::cluster_catalog_server::ClusterCatalogServer;
 
@@ -33,6 +37,8 @@ pub struct CatalogService {
     repos: Mutex<HashMap<String, Arc<dyn Repository>>>,
     gate: identity::Gate,
     nodes: Arc<nodes::Nodes>,
+    /// The nodes' control calls, for deletions asked of the operator.
+    controls: Arc<control::Controls>,
     /// Nodes holding (or waiting for) the GC lock: one call each. A
     /// collection's steps are refused to a node not in it, so one whose
     /// lock went with an operator restart stops instead of racing the next.
@@ -55,6 +61,7 @@ impl CatalogService {
             repos: Mutex::default(),
             gate,
             nodes: Arc::new(nodes::Nodes::new(heartbeats)),
+            controls: Arc::default(),
             collecting: Arc::default(),
             stop,
             metrics,
@@ -64,6 +71,17 @@ impl CatalogService {
     /// The nodes heard from, shared with whatever reports on them.
     pub fn nodes(&self) -> Arc<nodes::Nodes> {
         self.nodes.clone()
+    }
+
+    /// The v1 services over this catalog: the cluster view.
+    pub fn view(&self, access: access::Access) -> view::Services {
+        view::View::services(
+            Arc::new(self.base.clone()),
+            self.nodes.clone(),
+            access,
+            self.controls.clone(),
+            self.stop.clone(),
+        )
     }
 
     async fn repo<T>(&self, request: &Request<T>) -> Result<(String, Arc<dyn Repository>), Status> {
@@ -207,6 +225,20 @@ impl ClusterCatalog for CatalogService {
         Ok(Response::new(HeartbeatReply {
             interval_ms: self.nodes.interval.as_millis() as u64,
         }))
+    }
+
+    /// Held open by each agent: the operator's requests of its node.
+    async fn control(
+        &self,
+        request: Request<Streaming<ControlReply>>,
+    ) -> Result<Response<Streamed<ControlRequest>>, Status> {
+        let node = self.gate.node_of(request.metadata()).await?;
+        let replies = request.into_inner();
+        Ok(Response::new(Box::pin(self.controls.attach(
+            node,
+            replies,
+            self.stop.clone(),
+        ))))
     }
 
     async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {

@@ -66,6 +66,7 @@ impl CatalogArgs {
             .await
             .with_context(|| format!("opening the catalog {shown}"))?;
         let client = gate.client();
+        let client_for_view = client.clone();
         match client.clone() {
             Some(client) => {
                 let ctx = crate::policy::reconcile::Context {
@@ -103,6 +104,7 @@ impl CatalogArgs {
         if let Some(client) = client {
             tokio::spawn(super::usage::run(client, catalog.nodes()));
         }
+        let view = catalog.view(super::access::Access::new(client_for_view));
         let service = ClusterCatalogServer::new(catalog)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
@@ -113,6 +115,10 @@ impl CatalogArgs {
         let _ = ready.send(true);
         server
             .add_service(service)
+            // The cluster view, for payloadctl --operator and v1 clients.
+            .add_service(view.catalog.max_encoding_message_size(64 << 20))
+            .add_service(view.streams.max_encoding_message_size(64 << 20))
+            .add_service(view.admin)
             .serve_with_incoming_shutdown(
                 // Small answers go out at once (Nagle and delayed ACKs
                 // held each page of a listing for 40 ms).
