@@ -1,4 +1,4 @@
-//! Channels to an agent over a Unix socket or TCP.
+//! Channels to an agent over a Unix socket or TCP, and to an operator.
 
 use std::path::PathBuf;
 
@@ -7,7 +7,7 @@ use tokio::net::UnixStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 use tower::service_fn;
 
 use crate::error::{ClientError, Result};
@@ -111,6 +111,41 @@ pub async fn channel(target: &str) -> Result<Channel> {
             endpoint.tcp_nodelay(true).connect().await.map_err(connect_err)
         }
     }
+}
+
+/// A channel to an operator's cluster view: `http://host:port` (loopback,
+/// or a `kubectl port-forward`) or `https://host:port`, whose certificate
+/// `ca_pem` must sign.
+pub async fn operator_channel(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| {
+        ClientError::InvalidArgument(format!(
+            "{url:?} is not an operator address; use http://host:port or https://host:port"
+        ))
+    })?;
+    let endpoint = match (url.starts_with("https://"), ca_pem) {
+        (true, Some(pem)) => endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| ClientError::InvalidArgument(format!("the CA certificate for {url}: {e}")))?,
+        (true, None) => {
+            return Err(ClientError::InvalidArgument(format!(
+                "{url} is served over TLS: pass the CA certificate that signed the operator's (--ca-file)"
+            )))
+        }
+        (false, Some(_)) => {
+            return Err(ClientError::InvalidArgument(format!(
+                "a CA certificate was given but {url} is not https://"
+            )))
+        }
+        (false, None) => endpoint,
+    };
+    endpoint
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            target: url.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

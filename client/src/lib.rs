@@ -186,6 +186,19 @@ impl Client {
         Ok(client)
     }
 
+    /// Connects to an operator's cluster view (`payload-operator catalog`):
+    /// every node's payloads, streams, nodes and stats, and deletion on the
+    /// payload's node; calls that need a payload's bytes are refused there
+    /// (FAILED_PRECONDITION). `token` is a Kubernetes token the operator
+    /// reviews (none outside a cluster); `ca_pem` signs an https:// one.
+    pub async fn connect_operator(url: &str, token: Option<&str>, ca_pem: Option<&[u8]>) -> Result<Client> {
+        let bearer = match token {
+            Some(token) => Bearer::new(token)?,
+            None => Bearer::default(),
+        };
+        Ok(Self::with_bearer(connect::operator_channel(url, ca_pem).await?, bearer))
+    }
+
     /// Connects over gRPC only, as a v1 client does: RAM payloads are then
     /// named `/dev/shm` regions, and leases are timed.
     pub async fn connect_grpc(target: &str) -> Result<Client> {

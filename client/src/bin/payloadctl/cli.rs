@@ -47,10 +47,29 @@ pub struct GlobalArgs {
     /// http://host:port. Default: the standalone agent's socket,
     /// $XDG_STATE_HOME/payload-manager/agent.sock, else
     /// ~/.local/state/payload-manager/agent.sock.
-    #[arg(long, env = "PM_AGENT", global = true, value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "PM_AGENT",
+        global = true,
+        value_name = "ADDR",
+        conflicts_with = "operator"
+    )]
     pub agent: Option<String>,
-    /// A file whose first line is the token an agent's TCP port asks for
-    /// (its --tcp-token-file); sent as `authorization: Bearer <token>`.
+    /// The operator's cluster view instead of an agent (http://host:port,
+    /// or https:// with --ca-file): ls, stat, rm, nodes, stats and stream
+    /// across every node; rm is carried out by the payload's node. Commands
+    /// that move bytes (put, get, pin, spill, promote, lease, gc, import)
+    /// need the agent on the node. In a cluster, pass a Kubernetes token
+    /// with --token-file (e.g. `kubectl create token NAME > t`); the user
+    /// needs the ClusterRole payload-manager-viewer, or -editor to change.
+    #[arg(long, env = "PM_OPERATOR", global = true, value_name = "URL")]
+    pub operator: Option<String>,
+    /// The CA certificate (PEM) that signed an https:// operator's.
+    #[arg(long, env = "PM_CA_FILE", global = true, value_name = "PATH", requires = "operator")]
+    pub ca_file: Option<PathBuf>,
+    /// A file whose first line is the token to send as `authorization:
+    /// Bearer <token>`: an agent's TCP token (its --tcp-token-file), or a
+    /// Kubernetes token for --operator.
     #[arg(long, env = "PM_TOKEN_FILE", global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// Output format: `table` for people, `json` for scripts.
@@ -362,6 +381,30 @@ pub enum TierArg {
     Object,
 }
 
+impl Command {
+    /// The command's name when it needs a node's agent: an operator holds
+    /// no payload bytes, pins or leases.
+    pub fn moves_bytes(&self) -> Option<&'static str> {
+        Some(match self {
+            Command::Put(_) => "put",
+            Command::Get(_) => "get",
+            Command::Pin(_) => "pin",
+            Command::Unpin(_) => "unpin",
+            Command::Spill(_) => "spill",
+            Command::Promote(_) => "promote",
+            Command::Lease(_) => "lease",
+            Command::Gc(_) => "gc",
+            Command::Import(_) => "import",
+            Command::Ls(_)
+            | Command::Stat(_)
+            | Command::Rm(_)
+            | Command::Stats
+            | Command::Nodes
+            | Command::Stream(_) => return None,
+        })
+    }
+}
+
 impl From<TierArg> for Tier {
     fn from(tier: TierArg) -> Tier {
         match tier {
@@ -475,6 +518,19 @@ mod tests {
         assert_eq!(parse_label("flag="), Ok(("flag".into(), String::new())));
         assert!(parse_label("=x").is_err());
         assert!(parse_label("novalue").is_err());
+    }
+
+    #[test]
+    fn an_operator_is_asked_instead_of_an_agent_never_with_one() {
+        let cli = Cli::try_parse_from(["payloadctl", "ls", "--operator", "http://127.0.0.1:50052"]).expect("parses");
+        assert_eq!(cli.global.operator.as_deref(), Some("http://127.0.0.1:50052"));
+        assert_eq!(cli.command.moves_bytes(), None);
+        let both = Cli::try_parse_from(["payloadctl", "--operator", "http://o:1", "--agent", "/a.sock", "ls"]);
+        assert!(both.is_err());
+        let ca_alone = Cli::try_parse_from(["payloadctl", "--ca-file", "ca.pem", "ls"]);
+        assert!(ca_alone.is_err());
+        let put = Cli::try_parse_from(["payloadctl", "--operator", "http://o:1", "put", "f"]).expect("parses");
+        assert_eq!(put.command.moves_bytes(), Some("put"));
     }
 
     #[test]

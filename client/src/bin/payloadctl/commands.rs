@@ -56,6 +56,8 @@ pub async fn ls(client: &Client, args: LsArgs, format: Format) -> anyhow::Result
     if format == Format::Json {
         return print_json(&Value::Array(payloads.iter().map(summary_json).collect()));
     }
+    // An operator names every payload's node.
+    let other_nodes = other_nodes || payloads.iter().any(|p| !p.node.is_empty());
     let mut columns = vec!["ID", "TIER", "STATE", "SIZE", "LEASES", "PINNED", "CREATED", "LABELS"];
     if other_nodes {
         columns.insert(1, "NODE");

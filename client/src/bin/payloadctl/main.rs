@@ -33,13 +33,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
-        Err(err) => return fail(&anyhow::Error::new(err).context("starting the async runtime")),
+        Err(err) => return fail(&anyhow::Error::new(err).context("starting the async runtime"), false),
     };
     let token_file = cli.global.token_file.clone();
+    let operator = cli.global.operator.is_some();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(err) if err.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(EXIT_OK),
-        Err(err) if unauthenticated(&err) => {
+        // The operator's own message says which token it takes.
+        Err(err) if unauthenticated(&err) && !operator => {
             let hint = match token_file {
                 Some(path) => format!(
                     "the token in {} (--token-file or PM_TOKEN_FILE) is not this agent's",
@@ -47,9 +49,9 @@ fn main() -> ExitCode {
                 ),
                 None => "this agent's TCP port needs its token: pass --token-file PATH or set PM_TOKEN_FILE".into(),
             };
-            fail(&err.context(hint))
+            fail(&err.context(hint), operator)
         }
-        Err(err) => fail(&err),
+        Err(err) => fail(&err, operator),
     }
 }
 
@@ -59,13 +61,16 @@ fn unauthenticated(err: &anyhow::Error) -> bool {
     })
 }
 
-fn fail(err: &anyhow::Error) -> ExitCode {
+fn fail(err: &anyhow::Error, operator: bool) -> ExitCode {
     let mut message = describe(err);
     let connect_failed = err
         .chain()
         .any(|c| matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Connect { .. })));
     if connect_failed {
-        message.push_str(" (is the agent running? pass --agent ADDR or set PM_AGENT)");
+        message.push_str(match operator {
+            true => " (is the operator running? `kubectl port-forward` its service, or pass --operator URL)",
+            false => " (is the agent running? pass --agent ADDR or set PM_AGENT)",
+        });
     }
     let _ = writeln!(std::io::stderr(), "payloadctl: {message}");
     ExitCode::from(exit_code(err))
@@ -73,20 +78,44 @@ fn fail(err: &anyhow::Error) -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli {
-        global: GlobalArgs {
-            agent,
-            token_file,
-            output,
-        },
+        global:
+            GlobalArgs {
+                agent,
+                operator,
+                ca_file,
+                token_file,
+                output,
+            },
         command,
     } = cli;
-    let agent = match agent {
-        Some(agent) => agent,
-        None => default_agent()?,
-    };
-    let client = match token_file {
-        Some(path) => Client::connect_with_token(&agent, &read_token(&path)?).await?,
-        None => Client::connect(&agent).await?,
+    let token = token_file.as_deref().map(read_token).transpose()?;
+    let client = match operator {
+        Some(url) => {
+            if let Some(what) = command.moves_bytes() {
+                return Err(UsageError(format!(
+                    "`payloadctl {what}` needs the payload's bytes, which only the agent on its node holds: pass \
+                     --agent ADDR instead of --operator"
+                ))
+                .into());
+            }
+            let ca = match &ca_file {
+                Some(path) => {
+                    Some(std::fs::read(path).with_context(|| format!("reading --ca-file {}", path.display()))?)
+                }
+                None => None,
+            };
+            Client::connect_operator(&url, token.as_deref(), ca.as_deref()).await?
+        }
+        None => {
+            let agent = match agent {
+                Some(agent) => agent,
+                None => default_agent()?,
+            };
+            match token {
+                Some(token) => Client::connect_with_token(&agent, &token).await?,
+                None => Client::connect(&agent).await?,
+            }
+        }
     };
     match command {
         Command::Put(args) => transfer::put(&client, args, output).await,
