@@ -48,7 +48,9 @@ def test_every_rendered_object_is_valid_kubernetes(values):
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
     base = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
-    assert kinds == sorted(base + (["Service"] if values is CATALOG else [])), kinds
+    # A catalog adds its Service and the cluster view's two user roles.
+    extra = ["Service", "ClusterRole", "ClusterRole"] if values is CATALOG else []
+    assert kinds == sorted(base + extra), kinds
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
@@ -93,8 +95,18 @@ def test_the_catalog_serves_tls_with_the_database_secret_and_reviews_tokens():
     service = by_kind(docs, "Service")
     assert service["spec"]["ports"][0]["port"] == 50052
     assert service["spec"]["selector"] == by_kind(docs, "Deployment")["spec"]["selector"]["matchLabels"]
-    rules = by_kind(docs, "ClusterRole")["rules"]
+    users = {"payload-manager-viewer", "payload-manager-editor"}
+    (own,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] not in users]
+    rules = own["rules"]
     assert {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]} in rules
+    # The cluster view asks whether each caller may; the chart's roles grant it.
+    assert {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]} in rules
+    roles = {d["metadata"]["name"]: d["rules"] for d in docs if d and d["kind"] == "ClusterRole"}
+    granted = lambda role: {(r, v) for rule in roles[role] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted("payload-manager-viewer") == {(r, v) for r in ["payloads", "streams"] for v in ["get", "list"]}
+    editor = granted("payload-manager-editor")
+    assert {("payloads", "delete"), ("streams", "create"), ("streams", "update"), ("streams", "delete")} <= editor
+    assert ("payloads", "create") not in editor, "bytes are written through a node's agent"
     # The policy controller runs in the catalog container.
     assert {"apiGroups": ["payload-manager.io"], "resources": ["payloadpolicies"], "verbs": ["get", "list", "watch", "patch"]} in rules
     assert {"apiGroups": ["payload-manager.io"], "resources": ["payloadpolicies/status"], "verbs": ["get", "patch"]} in rules
