@@ -408,7 +408,11 @@ fn an_agent_that_is_not_there_is_exit_code_6() {
 
 #[test]
 fn an_operator_is_never_asked_for_bytes_and_one_not_there_is_exit_code_6() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let text = fails_with(&payloadctl(&["--operator", &url, "put", "-"], Some(b"x")), 2);
     assert!(text.contains("--agent ADDR instead of --operator"), "{text}");

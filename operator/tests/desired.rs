@@ -87,6 +87,7 @@ fn the_agents_run_where_the_pool_says_with_its_settings() {
     let env = objects.config_map.data.as_ref().unwrap();
     assert_eq!(env["PM_RAM_CAPACITY"], (64u64 << 30).to_string());
     assert_eq!(env["PM_POOL"], "gpu-nodes", "heartbeats name the pool");
+    assert_eq!(env["PM_READ_ACCESS"], "owner", "the agent's own default");
     assert_eq!(env["PM_DISK_CAPACITY"], (1u64 << 40).to_string());
     assert_eq!(env["PM_RAM_LOW_WATERMARK"], "0.7");
     assert_eq!(env["PM_OBJECT_STORE"], "s3://models-cache/payloads");
@@ -233,4 +234,35 @@ fn a_pool_that_cannot_be_built_says_why() {
     assert!(desired(&long, &settings()).unwrap_err().contains("at most 49"));
     let rule = long.validate_cel();
     assert!(format!("{rule:?}").contains("at most 49 characters"), "{rule:?}");
+}
+
+#[test]
+fn a_pool_read_by_every_pod_opens_its_agents_socket_to_them() {
+    let mut pool = example();
+    pool.spec.agent.read_access = payload_operator::crd::ReadAccess::Node;
+    let env = build(&pool).config_map.data.unwrap();
+    assert_eq!(env["PM_READ_ACCESS"], "node");
+}
+
+/// The example workload of docs/pods.md mounts the directories the pool's
+/// agents use, and runs where they run.
+#[test]
+fn the_example_workload_mounts_the_example_pools_directories() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/pod-reader.yaml");
+    let workload: k8s_openapi::api::apps::v1::Deployment =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let pod = workload.spec.unwrap().template.spec.unwrap();
+    let host = |name: &str| {
+        let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == name).unwrap();
+        volume.host_path.as_ref().unwrap().path.clone()
+    };
+    let pool = example();
+    let (socket, ram) = host_paths("gpu-nodes", pool.spec.ram.huge_pages);
+    assert_eq!(host("payload-socket"), socket);
+    assert_eq!(host("payload-ram"), ram);
+    assert_eq!(pod.node_selector.as_ref(), Some(&pool.spec.node_selector));
+    let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| m.name == "payload-ram" && m.mount_path == "/dev/shm"));
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use policy::{Durability, EvictionPriority, PayloadPolicy, PayloadPolicySpec, PayloadPolicyStatus, TierQuota};
 pub use pool::{
     AgentSpec, CatalogConnection, DiskTier, GpuTier, ObjectTier, PayloadPool, PayloadPoolSpec, PayloadPoolStatus,
-    RamTier, TierUsage, Watermarks,
+    RamTier, ReadAccess, TierUsage, Watermarks,
 };
 
 // A storage tier, by the contract's names (TIER_GPU … TIER_OBJECT). No

@@ -246,6 +246,37 @@ pub struct AgentSpec {
     /// The agents' PriorityClass. Unset: system-node-critical.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Which pods may read a payload, by the user that stored it (each
+    /// caller is known by its uid and gid on the agent's socket). Changing
+    /// a payload is always its owner's (or root's, the agent's user).
+    #[serde(default)]
+    pub read_access: ReadAccess,
+}
+
+/// Who reads a payload; the agent's socket is opened to the same callers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadAccess {
+    /// Pods running as the payload's uid, and root; the socket is the
+    /// agent's (root's) alone, so only pods running as root reach it.
+    #[default]
+    Owner,
+    /// Pods whose gid is the payload's; the socket opens to the agent's
+    /// group (0: give pods supplementalGroups [0]).
+    Group,
+    /// Every pod on the node: use this when pods run as different,
+    /// non-root users.
+    Node,
+}
+
+impl ReadAccess {
+    /// The agent's --read-access value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            ReadAccess::Owner => "owner",
+            ReadAccess::Group => "group",
+            ReadAccess::Node => "node",
+        }
+    }
 }
 
 /// A PostgreSQL catalog, reached through a Secret only the operator reads.

@@ -153,6 +153,7 @@ fn agent_env(pool: &PayloadPool, settings: &Settings) -> Result<BTreeMap<String,
         ("PM_OPERATOR".into(), settings.catalog_url.clone()),
         ("PM_OPERATOR_TOKEN_FILE".into(), format!("{TOKEN_DIR}/token")),
         ("PM_POOL".into(), pool.name_any()),
+        ("PM_READ_ACCESS".into(), spec.agent.read_access.flag().into()),
         (
             "PM_RAM_CAPACITY".into(),
             quantity::bytes("ram.capacity", &spec.ram.capacity)?.to_string(),
