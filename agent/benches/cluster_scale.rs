@@ -1,9 +1,10 @@
 //! `make bench` (cluster at scale): the cluster listing (`ListPayloads`
 //! with `node_filter = "*"`, `payloadctl ls --all-nodes`) at a million
 //! payloads across 100 nodes, seeded by SQL into the operator's
-//! PostgreSQL. Pages of 100, 40 deep, five times, three ways: on the
+//! PostgreSQL. Pages of 100, 40 deep, five times, four ways: on the
 //! repository in process (the floor), through the operator's catalog
-//! service, and through a node agent's gRPC (the user's path).
+//! service (the agents' protocol), through a node agent's gRPC, and
+//! through the operator's v1 service (`payloadctl --operator URL ls`).
 //! `PM_BENCH_PAYLOADS` sets the count. Prints a Markdown table.
 
 mod support;
@@ -95,6 +96,28 @@ async fn repository(repo: &dyn Repository) -> Pages {
     .await
 }
 
+/// The v1 listing a client sends (`payloadctl ls`), page by page.
+async fn v1(client: &payload_client::Client, node_filter: &str) -> Pages {
+    walk(|token| {
+        let client = client.clone();
+        let node_filter = node_filter.to_string();
+        async move {
+            let page = client
+                .list(ListPayloadsRequest {
+                    node_filter,
+                    page_size: 100,
+                    page_token: token.unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(page.payloads.len(), 100);
+            Some(page.next_page_token).filter(|t| !t.is_empty())
+        }
+    })
+    .await
+}
+
 fn main() {
     let n = scale();
     let cluster = PgCluster::start_durable().expect("a private PostgreSQL for the benchmark");
@@ -135,23 +158,12 @@ fn main() {
             &["--operator", &endpoint, "--node-name", "reader-node"],
         );
         let client = connect(&state.path().join("agent.sock")).await;
-        let through_agent = walk(|token| {
-            let client = client.clone();
-            async move {
-                let page = client
-                    .list(ListPayloadsRequest {
-                        node_filter: "*".into(),
-                        page_size: 100,
-                        page_token: token.unwrap_or_default(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
-                assert_eq!(page.payloads.len(), 100);
-                Some(page.next_page_token).filter(|t| !t.is_empty())
-            }
-        })
-        .await;
+        let through_agent = v1(&client, "*").await;
+        // The operator's own v1 service lists every node without a filter.
+        let view = payload_client::Client::connect_operator(&endpoint, None, None)
+            .await
+            .unwrap();
+        let through_view = v1(&view, "").await;
         kill(&mut node);
         kill(&mut op);
 
@@ -169,6 +181,10 @@ fn main() {
         println!(
             "{}",
             through_agent.row("through a node agent (payloadctl ls --all-nodes)", &floor)
+        );
+        println!(
+            "{}",
+            through_view.row("the operator's v1 service (payloadctl --operator URL ls)", &floor)
         );
     });
 }
