@@ -116,13 +116,22 @@ pub async fn channel(target: &str) -> Result<Channel> {
 /// A channel to an operator's cluster view: `http://host:port` (loopback,
 /// or a `kubectl port-forward`) or `https://host:port`, whose certificate
 /// `ca_pem` must sign.
-pub async fn operator_channel(url: &str, ca_pem: Option<&[u8]>) -> Result<Channel> {
+/// `token` says a bearer token will ride on the calls: over plain http it
+/// is sent only to a loopback host, where nobody else can read it.
+pub async fn operator_channel(url: &str, ca_pem: Option<&[u8]>, token: bool) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| {
         ClientError::InvalidArgument(format!(
             "{url:?} is not an operator address; use http://host:port or https://host:port"
         ))
     })?;
-    let endpoint = match (url.starts_with("https://"), ca_pem) {
+    let tls = url.starts_with("https://");
+    if token && !tls && !endpoint.uri().host().is_some_and(loopback) {
+        return Err(ClientError::InvalidArgument(format!(
+            "{url} is plain http to another host: a token would travel in the clear; \
+             use https:// (with --ca-file) or a kubectl port-forward to 127.0.0.1"
+        )));
+    }
+    let endpoint = match (tls, ca_pem) {
         (true, Some(pem)) => endpoint
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
             .map_err(|e| ClientError::InvalidArgument(format!("the CA certificate for {url}: {e}")))?,
@@ -148,9 +157,25 @@ pub async fn operator_channel(url: &str, ca_pem: Option<&[u8]>) -> Result<Channe
         })
 }
 
+/// Whether `host` (as a URI spells it) names this machine.
+fn loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_hosts_are_loopback() {
+        for host in ["127.0.0.1", "127.3.4.5", "localhost", "[::1]", "LOCALHOST"] {
+            assert!(loopback(host), "{host}");
+        }
+        for host in ["10.0.0.1", "operator.example", "[::2]", "localhost.example"] {
+            assert!(!loopback(host), "{host}");
+        }
+    }
 
     #[test]
     fn a_bearer_never_prints_its_token() {

@@ -196,7 +196,10 @@ impl Client {
             Some(token) => Bearer::new(token)?,
             None => Bearer::default(),
         };
-        Ok(Self::with_bearer(connect::operator_channel(url, ca_pem).await?, bearer))
+        Ok(Self::with_bearer(
+            connect::operator_channel(url, ca_pem, token.is_some()).await?,
+            bearer,
+        ))
     }
 
     /// Connects over gRPC only, as a v1 client does: RAM payloads are then

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use payload_catalog::PayloadId;
-use payload_proto::cluster::{ControlReply, ControlRequest};
+use payload_proto::cluster::control_request::Request;
+use payload_proto::cluster::{ControlReply, ControlRequest, DeletePayload};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -66,17 +67,21 @@ impl Controls {
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
-            // Its waiters are dropped with it and hear that it went away.
-            let mut agents = crate::lock(&controls.agents);
-            if agents.get(&node).is_some_and(|a| a.call == call) {
-                agents.remove(&node);
+            {
+                let mut agents = crate::lock(&controls.agents);
+                if agents.get(&node).is_some_and(|a| a.call == call) {
+                    agents.remove(&node);
+                }
             }
+            // Its waiters hear at once that it went away.
+            crate::lock(&waiting).clear();
         });
         ReceiverStream::new(outgoing)
     }
 
-    /// Has `node`'s agent delete payload `id`, and says how that went.
-    pub async fn delete(&self, node: &str, id: PayloadId, force: bool) -> Result<(), Status> {
+    /// Has `node`'s agent delete payload `id` for `requester`, and says
+    /// how that went.
+    pub async fn delete(&self, node: &str, id: PayloadId, force: bool, requester: &str) -> Result<(), Status> {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         let (requests, waiting) = {
@@ -92,29 +97,32 @@ impl Controls {
         };
         let request = ControlRequest {
             seq,
-            delete_payload: id.as_bytes().to_vec(),
-            force,
+            requester: requester.to_string(),
+            request: Some(Request::Delete(DeletePayload {
+                id: id.as_bytes().to_vec(),
+                force,
+            })),
         };
+        tracing::info!(payload = %id, node, force, requester, "asking the payload's node to delete it");
         let gone = || {
             Status::unavailable(format!(
                 "node {node}'s agent went away before it answered; payload {id} may or may not be deleted: look again"
             ))
         };
-        if requests.send(Ok(request)).await.is_err() {
-            crate::lock(&waiting).remove(&seq);
-            return Err(gone());
-        }
-        let reply = match tokio::time::timeout(ANSWER, answered).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => return Err(gone()),
-            Err(_) => {
-                crate::lock(&waiting).remove(&seq);
-                return Err(Status::deadline_exceeded(format!(
-                    "node {node} did not answer the deletion of payload {id} within {} s; look again",
-                    ANSWER.as_secs()
-                )));
-            }
+        let exchange = async {
+            requests.send(Ok(request)).await.map_err(|_| gone())?;
+            answered.await.map_err(|_| gone())
         };
+        let reply = match tokio::time::timeout(ANSWER, exchange).await {
+            Ok(reply) => reply,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "node {node} did not answer the deletion of payload {id} within {} s; look again",
+                ANSWER.as_secs()
+            ))),
+        };
+        // Answered or not, this request waits no longer.
+        crate::lock(&waiting).remove(&seq);
+        let reply = reply?;
         match reply.code {
             0 => Ok(()),
             code => Err(Status::new(

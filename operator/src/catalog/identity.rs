@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 use tonic::{metadata::MetadataMap, Status};
@@ -40,6 +40,36 @@ pub struct Reviewer {
     /// Reviewed tokens by their SHA-256 (the tokens themselves are not
     /// kept), with the node each names and when it was reviewed.
     cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+/// Who the API server says `token` is, for `audience` only: a token of
+/// another audience (the API server's own, say) is refused, so no caller
+/// need hand the operator a credential that works elsewhere.
+pub(super) async fn token_review(client: &kube::Client, token: &str, audience: &str) -> Result<UserInfo, Status> {
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: Some(vec![audience.to_string()]),
+        },
+        ..Default::default()
+    };
+    let reviewed = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| Status::unavailable(format!("reviewing the caller's token with the API server: {e}")))?;
+    let status = reviewed.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        let why = status.error.unwrap_or_else(|| "not authenticated".into());
+        return Err(Status::unauthenticated(format!(
+            "the API server did not accept the caller's token for audience {audience}: {why}"
+        )));
+    }
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return Err(Status::unauthenticated(format!(
+            "the caller's token is not for audience {audience}"
+        )));
+    }
+    Ok(status.user.unwrap_or_default())
 }
 
 impl Reviewer {
@@ -120,18 +150,7 @@ impl Reviewer {
                 return Ok(node.clone());
             }
         }
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![AUDIENCE.to_string()]),
-            },
-            ..Default::default()
-        };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| Status::unavailable(format!("reviewing the caller's token with the API server: {e}")))?;
-        let node = self.node_in(reviewed)?;
+        let node = self.node_in(token_review(&self.client, token, AUDIENCE).await?)?;
         let mut cache = crate::lock(&self.cache);
         if cache.len() >= REVIEW_CACHE {
             cache.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
@@ -144,21 +163,7 @@ impl Reviewer {
     }
 
     /// The node of a reviewed token, if it is an agent's.
-    fn node_in(&self, reviewed: TokenReview) -> Result<String, Status> {
-        let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status.error.unwrap_or_else(|| "not authenticated".into());
-            return Err(Status::unauthenticated(format!(
-                "the API server did not accept the caller's token for audience {AUDIENCE}: {why}"
-            )));
-        }
-        // Reviewed for our audience, not merely the API server's own.
-        if !status.audiences.iter().flatten().any(|a| a == AUDIENCE) {
-            return Err(Status::unauthenticated(format!(
-                "the caller's token is not for audience {AUDIENCE}: mount the agent's projected token"
-            )));
-        }
-        let user = status.user.unwrap_or_default();
+    fn node_in(&self, user: UserInfo) -> Result<String, Status> {
         let username = user.username.unwrap_or_default();
         let agents = format!("system:serviceaccount:{}:payload-agent-", self.namespace);
         if !username.starts_with(&agents) {

@@ -261,7 +261,7 @@ pub enum ReadAccess {
     #[default]
     Owner,
     /// Pods whose gid is the payload's; the socket opens to the agent's
-    /// group (0: give pods supplementalGroups [0]).
+    /// group (0: give pods the supplemental group 0).
     Group,
     /// Every pod on the node: use this when pods run as different,
     /// non-root users.

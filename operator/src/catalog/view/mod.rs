@@ -88,7 +88,10 @@ impl PayloadAdminService for Admin {
     /// The cluster's: tier use summed over live nodes' heartbeats, payload
     /// counts from the catalog.
     async fn stats(&self, request: Request<admin::StatsRequest>) -> Result<Response<admin::StatsResponse>, Status> {
-        self.0.access.check(request.metadata(), "list", "payloads").await?;
+        self.0
+            .access
+            .check(request.metadata(), "list", "payloads", None)
+            .await?;
         let mut out = admin::StatsResponse::default();
         let mut tiers = std::collections::BTreeMap::<u32, admin::TierUsage>::new();
         for node in self.0.nodes.list(super::now_ms()).into_iter().filter(|n| n.live) {
@@ -128,7 +131,10 @@ impl PayloadAdminService for Admin {
         &self,
         request: Request<admin::ListNodesRequest>,
     ) -> Result<Response<admin::ListNodesResponse>, Status> {
-        self.0.access.check(request.metadata(), "list", "payloads").await?;
+        self.0
+            .access
+            .check(request.metadata(), "list", "payloads", None)
+            .await?;
         let nodes = self.0.nodes.list(super::now_ms());
         Ok(Response::new(admin::ListNodesResponse {
             nodes: nodes.into_iter().map(payload_proto::domain::node_summary).collect(),

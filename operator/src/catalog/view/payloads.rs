@@ -13,12 +13,14 @@ use tonic::{Request, Response, Status};
 use super::{on_a_node, View};
 use crate::catalog::status;
 
-/// The deepest lineage walk asked for in one call (the agents' default).
-const LINEAGE_DEPTH: u32 = 64;
+/// The deepest lineage walk asked for in one call (the agents' default
+/// --max-lineage-depth).
+const LINEAGE_DEPTH: u32 = 1_000;
 const DEFAULT_EVENT_PAGE: u32 = 100;
 const MAX_EVENT_PAGE: u32 = 1_000;
-/// The most terms a label selector may have (the agents' default).
-const SELECTOR_TERMS: usize = 32;
+/// The most terms a label selector may have (the agents' default
+/// --max-selector-terms).
+const SELECTOR_TERMS: usize = 16;
 
 pub struct Payloads(pub(super) Arc<View>);
 
@@ -50,13 +52,17 @@ impl PayloadCatalogService for Payloads {
     /// Carried out by the node that holds the payload, which checks its
     /// leases (`force` as on the node).
     async fn delete(&self, request: Request<runtime::DeleteRequest>) -> Result<Response<()>, Status> {
-        self.0.access.check(request.metadata(), "delete", "payloads").await?;
+        let requester = self
+            .0
+            .access
+            .check(request.metadata(), "delete", "payloads", None)
+            .await?;
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
         let Some((_, node)) = self.0.repo.locate_payload(id).await.map_err(status)? else {
             return Err(Status::not_found(format!("payload {id} is on no node")));
         };
-        self.0.controls.delete(&node, id, req.force).await?;
+        self.0.controls.delete(&node, id, req.force, &requester).await?;
         Ok(Response::new(()))
     }
 
@@ -94,7 +100,7 @@ impl PayloadCatalogService for Payloads {
         &self,
         request: Request<pbc::GetLineageRequest>,
     ) -> Result<Response<pbc::GetLineageResponse>, Status> {
-        self.0.access.check(request.metadata(), "get", "payloads").await?;
+        self.0.access.check(request.metadata(), "get", "payloads", None).await?;
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
         let depth = match req.max_depth {
@@ -130,7 +136,10 @@ impl PayloadCatalogService for Payloads {
         &self,
         request: Request<runtime::ListPayloadsRequest>,
     ) -> Result<Response<runtime::ListPayloadsResponse>, Status> {
-        self.0.access.check(request.metadata(), "list", "payloads").await?;
+        self.0
+            .access
+            .check(request.metadata(), "list", "payloads", None)
+            .await?;
         let req = request.into_inner();
         let terms = req.label_selector.split(',').filter(|t| !t.trim().is_empty()).count();
         if terms > SELECTOR_TERMS {
@@ -143,6 +152,11 @@ impl PayloadCatalogService for Payloads {
         let page = self.0.repo.list_payloads(&query).await.map_err(status)?;
         let down = self.0.down_nodes();
         let now = super::super::now_ms();
+        if page.nodes.len() != page.items.len() {
+            return Err(Status::internal(
+                "the catalog's page names no node for some of its payloads",
+            ));
+        }
         let payloads = page
             .items
             .iter()
@@ -178,7 +192,7 @@ impl PayloadCatalogService for Payloads {
         &self,
         request: Request<runtime::GetPayloadRequest>,
     ) -> Result<Response<runtime::GetPayloadResponse>, Status> {
-        self.0.access.check(request.metadata(), "get", "payloads").await?;
+        self.0.access.check(request.metadata(), "get", "payloads", None).await?;
         let id = payload_id(request.get_ref().id.as_ref())?;
         let Some((rec, node)) = self.0.repo.locate_payload(id).await.map_err(status)? else {
             return Err(Status::not_found(format!("payload {id} is on no node")));
@@ -211,7 +225,7 @@ impl PayloadCatalogService for Payloads {
         &self,
         request: Request<pbc::GetPayloadMetadataRequest>,
     ) -> Result<Response<pbc::PayloadMetadata>, Status> {
-        self.0.access.check(request.metadata(), "get", "payloads").await?;
+        self.0.access.check(request.metadata(), "get", "payloads", None).await?;
         let id = payload_id(request.into_inner().id.as_ref())?;
         let stored = self.0.repo.get_metadata(id).await.map_err(status)?;
         Ok(Response::new(domain::metadata(id, stored.unwrap_or_default())))
@@ -221,7 +235,7 @@ impl PayloadCatalogService for Payloads {
         &self,
         request: Request<pbc::ListPayloadMetadataEventsRequest>,
     ) -> Result<Response<pbc::ListPayloadMetadataEventsResponse>, Status> {
-        self.0.access.check(request.metadata(), "get", "payloads").await?;
+        self.0.access.check(request.metadata(), "get", "payloads", None).await?;
         let req = request.into_inner();
         let id = payload_id(req.id.as_ref())?;
         let after = match req.page_token.as_str() {

@@ -1,6 +1,9 @@
 //! `PayloadStreamService` on the operator: the catalog's streams, for any
 //! caller Kubernetes RBAC allows (`streams` in the `payload-manager.io`
-//! group: get, list, create, update, delete). The streams a node's agent
+//! group, in the stream's namespace: get to read, update to append or
+//! move a consumer group's offset, create, delete). RBAC stands in for a
+//! node's owner and read rules here: an editor may append to or delete any
+//! stream it is granted, whoever created it. The streams a node's agent
 //! serves are the same rows; an entry appended here names payloads on any
 //! node.
 
@@ -103,8 +106,23 @@ impl Streams {
         }
     }
 
-    async fn allow<T>(&self, request: &Request<T>, verb: &'static str) -> Result<String, Status> {
-        self.view.access.check(request.metadata(), verb, "streams").await
+    /// The stream a request names and its body, once the caller is found
+    /// to be allowed `verb` on streams in the stream's namespace; with the
+    /// caller's principal.
+    async fn allow<T>(
+        &self,
+        request: Request<T>,
+        verb: &'static str,
+        stream: impl Fn(&T) -> Option<&runtime::StreamId>,
+    ) -> Result<(StreamKey, T, String), Status> {
+        let (headers, _, body) = request.into_parts();
+        let key = key(stream(&body))?;
+        let principal = self
+            .view
+            .access
+            .check(&headers, verb, "streams", Some(&key.namespace))
+            .await?;
+        Ok((key, body, principal))
     }
 
     fn subscription(&self) -> Result<Subscription, Status> {
@@ -123,9 +141,7 @@ impl Streams {
 #[tonic::async_trait]
 impl PayloadStreamService for Streams {
     async fn create_stream(&self, request: Request<runtime::CreateStreamRequest>) -> Result<Response<()>, Status> {
-        let owner = self.allow(&request, "create").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, owner) = self.allow(request, "create", |r| r.stream.as_ref()).await?;
         let retention = Retention {
             max_entries: req.retention_max_entries,
             max_age_ms: req.retention_max_age_sec.saturating_mul(1_000),
@@ -139,8 +155,7 @@ impl PayloadStreamService for Streams {
     }
 
     async fn delete_stream(&self, request: Request<runtime::DeleteStreamRequest>) -> Result<Response<()>, Status> {
-        self.allow(&request, "delete").await?;
-        let key = key(request.into_inner().stream.as_ref())?;
+        let (key, _, _) = self.allow(request, "delete", |r| r.stream.as_ref()).await?;
         let owned = match self.view.repo.stream_owner(&key).await {
             Ok(owned) => owned,
             // Deleting a missing stream is fine, as on a node.
@@ -160,9 +175,7 @@ impl PayloadStreamService for Streams {
         &self,
         request: Request<runtime::AppendRequest>,
     ) -> Result<Response<runtime::AppendResponse>, Status> {
-        self.allow(&request, "update").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, _) = self.allow(request, "update", |r| r.stream.as_ref()).await?;
         if req.items.len() > ITEMS {
             return Err(Status::invalid_argument(format!(
                 "items has {} entries; the limit is {ITEMS} per call: split the batch",
@@ -197,9 +210,7 @@ impl PayloadStreamService for Streams {
     }
 
     async fn read(&self, request: Request<runtime::ReadRequest>) -> Result<Response<runtime::ReadResponse>, Status> {
-        self.allow(&request, "get").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, _) = self.allow(request, "get", |r| r.stream.as_ref()).await?;
         let query = ReadQuery {
             start: req.start_offset,
             end: None,
@@ -216,9 +227,7 @@ impl PayloadStreamService for Streams {
         &self,
         request: Request<runtime::SubscribeRequest>,
     ) -> Result<Response<BoxStream<runtime::SubscribeResponse>>, Status> {
-        self.allow(&request, "get").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, _) = self.allow(request, "get", |r| r.stream.as_ref()).await?;
         let repo = self.view.repo.clone();
         let head = repo.stream_head(&key).await.map_err(status)?;
         let start = match req.start {
@@ -256,9 +265,7 @@ impl PayloadStreamService for Streams {
     }
 
     async fn commit(&self, request: Request<runtime::CommitRequest>) -> Result<Response<()>, Status> {
-        self.allow(&request, "get").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, _) = self.allow(request, "update", |r| r.stream.as_ref()).await?;
         name("consumer_group", &req.consumer_group)?;
         self.view
             .repo
@@ -272,9 +279,7 @@ impl PayloadStreamService for Streams {
         &self,
         request: Request<runtime::GetCommittedRequest>,
     ) -> Result<Response<runtime::GetCommittedResponse>, Status> {
-        self.allow(&request, "get").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, _) = self.allow(request, "get", |r| r.stream.as_ref()).await?;
         name("consumer_group", &req.consumer_group)?;
         let committed = self
             .view
@@ -292,9 +297,7 @@ impl PayloadStreamService for Streams {
         &self,
         request: Request<runtime::GetRangeRequest>,
     ) -> Result<Response<runtime::GetRangeResponse>, Status> {
-        self.allow(&request, "get").await?;
-        let req = request.into_inner();
-        let key = key(req.stream.as_ref())?;
+        let (key, req, _) = self.allow(request, "get", |r| r.stream.as_ref()).await?;
         let read = read_range(self.view.repo.as_ref(), &key, req.start_offset, req.end_offset)
             .await
             .map_err(status)?;
