@@ -60,8 +60,11 @@ pub struct GlobalArgs {
     /// across every node; rm is carried out by the payload's node. Commands
     /// that move bytes (put, get, pin, spill, promote, lease, gc, import)
     /// need the agent on the node. In a cluster, pass a Kubernetes token
-    /// with --token-file (e.g. `kubectl create token NAME > t`); the user
-    /// needs the ClusterRole payload-manager-viewer, or -editor to change.
+    /// with --token-file (`kubectl create token NAME --audience
+    /// payload-manager-view > t`); its user needs the ClusterRole
+    /// payload-manager-viewer, or -editor to change (for streams: a
+    /// RoleBinding in the stream's namespace is enough). A token is sent
+    /// only over https, or plain http to a loopback address.
     #[arg(long, env = "PM_OPERATOR", global = true, value_name = "URL")]
     pub operator: Option<String>,
     /// The CA certificate (PEM) that signed an https:// operator's.
