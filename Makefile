@@ -8,7 +8,7 @@ BENCH_VENV ?= $(CURDIR)/.venv-bench
 # Where `make run` keeps its state; override to start afresh.
 STATE_DIR ?= $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/payload-manager
 
-.PHONY: build run test test-rust test-python lint crds bench bench-peers clean venv
+.PHONY: build run test test-rust test-python test-e2e images lint crds bench bench-peers clean venv
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -18,6 +18,20 @@ run:
 	$(CARGO) build --release -p payload-agent -p payload-client --bins
 	@echo "payloadctl is at target/release/payloadctl; try: target/release/payloadctl put README.md"
 	RUST_LOG=$${RUST_LOG:-info} ./target/release/payload-agent standalone --state-dir "$(STATE_DIR)"
+
+## The operator's and the agent's images (Dockerfile), tagged with the chart's
+## appVersion as the chart expects; IMAGE_PREFIX=registry.example/pm/ to push.
+IMAGE_PREFIX ?= payload-manager/
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/payload-manager/Chart.yaml)
+images:
+	@command -v docker >/dev/null || { echo "make images needs docker (or a docker-compatible CLI with BuildKit)" >&2; exit 2; }
+	docker build --target operator -t $(IMAGE_PREFIX)operator:$(IMAGE_TAG) .
+	docker build --target agent -t $(IMAGE_PREFIX)agent:$(IMAGE_TAG) .
+
+## The install suite against the cluster KUBECONFIG names (skips without one):
+## the chart, a pool, a policy, a pod that puts and a pod that gets.
+test-e2e: venv
+	"$(VENV)/bin/python" -m pytest -q -rs -p no:cacheprovider e2e/python/test_install.py e2e/python/test_cluster.py
 
 ## Every test: Rust unit and integration tests, then the Python compatibility suite.
 test: test-rust test-python

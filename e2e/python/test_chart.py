@@ -3,27 +3,15 @@ it lints clean, renders with its defaults and with overrides, every object
 it renders is valid Kubernetes (kubernetes-validate), its values are
 checked by its schema, and it carries the CRDs crds/ holds."""
 
-import pathlib
-
 import helm_python as helm
 import kubernetes_validate
 import pytest
-import yaml
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-CHART = REPO / "charts/payload-manager"
+from kube import CHART, REPO, render
+
 KUBERNETES = "1.34"
 CATALOG = {"catalog": {"databaseSecret": "pm-db", "tlsSecret": "pm-catalog-tls"}}
-
-
-def render(values=None, namespace="payload-manager"):
-    chart = helm.Chart.load(str(CHART))
-    out = chart.render(values, name="pm", namespace=namespace, is_install=True)
-    docs = []
-    for path, text in sorted(out.items()):
-        if path.endswith(".yaml"):
-            docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
+BUNDLED = {"postgresql": {"enabled": True}, "catalog": {"tlsSecret": "pm-catalog-tls"}}
 
 
 def by_kind(docs, kind):
@@ -41,15 +29,25 @@ def test_the_chart_lints_clean():
 
 @pytest.mark.parametrize(
     "values",
-    [None, {"catalogUrl": "https://catalog.example:50052", "operator": {"image": {"repository": "r/op", "tag": "1.2"}}}, CATALOG],
-    ids=["defaults", "overrides", "catalog"],
+    [
+        None,
+        {"catalogUrl": "https://catalog.example:50052", "operator": {"image": {"repository": "r/op", "tag": "1.2"}}},
+        CATALOG,
+        BUNDLED,
+        {**BUNDLED, "postgresql": {"enabled": True, "storage": "10Gi"}},
+    ],
+    ids=["defaults", "overrides", "catalog", "bundled-postgresql", "bundled-postgresql-storage"],
 )
 def test_every_rendered_object_is_valid_kubernetes(values):
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
     base = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
     # A catalog adds its Service and the cluster view's two user roles.
-    extra = ["Service", "ClusterRole", "ClusterRole"] if values is CATALOG else []
+    extra = ["Service", "ClusterRole", "ClusterRole"] if values is CATALOG or "postgresql" in (values or {}) else []
+    # The bundled PostgreSQL: its Deployment, Secret and Service (and claim).
+    if "postgresql" in (values or {}):
+        extra += ["Deployment", "Secret", "Service"]
+        extra += ["PersistentVolumeClaim"] if values["postgresql"].get("storage") else []
     assert kinds == sorted(base + extra), kinds
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
@@ -151,3 +149,52 @@ def test_the_values_schema_refuses_a_typo():
 def test_the_chart_carries_the_generated_crds():
     for crd in sorted((REPO / "crds").glob("*.yaml")):
         assert (CHART / "crds" / crd.name).read_text() == crd.read_text(), f"run `make crds` ({crd.name})"
+
+
+def postgresql(docs, kind):
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith("-postgresql")]
+    assert len(found) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
+    return found[0]
+
+
+def test_the_bundled_postgresql_is_the_catalogs_database_and_only_its_pods_are_selected():
+    docs = render(BUNDLED, namespace="pm-system")
+    secret = postgresql(docs, "Secret")["stringData"]
+    password = secret["password"]
+    assert len(password) == 32 and password.isalnum()
+    assert secret["dsn"] == f"postgres://payload:{password}@pm-payload-manager-postgresql.pm-system.svc:5432/payload"
+    database = postgresql(docs, "Deployment")
+    pod = database["spec"]["template"]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "pm-payload-manager-postgresql", "key": "password"}
+    assert pod["spec"]["volumes"][0] == {"name": "data", "emptyDir": {}}, "no storage set: an emptyDir"
+    operator = next(d for d in docs if d["kind"] == "Deployment" and d is not database)
+    catalog = next(c for c in operator["spec"]["template"]["spec"]["containers"] if c["name"] == "catalog")
+    dsn = next(e for e in catalog["env"] if e["name"] == "PM_DATABASE")["valueFrom"]["secretKeyRef"]
+    assert dsn == {"name": "pm-payload-manager-postgresql", "key": "dsn"}
+    # Neither the operator's Deployment nor the catalog's Service selects
+    # the database's pod, and its Service selects only that pod.
+    labels = pod["metadata"]["labels"]
+    selects = lambda selector, labels: all(labels.get(k) == v for k, v in selector.items())
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert not selects(operator["spec"]["selector"]["matchLabels"], labels)
+    assert not selects(services["pm-payload-manager"]["spec"]["selector"], labels)
+    assert selects(services["pm-payload-manager-postgresql"]["spec"]["selector"], labels)
+    assert not selects(services["pm-payload-manager-postgresql"]["spec"]["selector"], operator["spec"]["template"]["metadata"]["labels"])
+
+
+def test_the_bundled_postgresql_keeps_its_data_on_a_claim_when_sized():
+    docs = render({**BUNDLED, "postgresql": {"enabled": True, "storage": "10Gi"}})
+    claim = postgresql(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volumes = postgresql(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0] == {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+
+
+def test_a_bundled_postgresql_beside_a_database_secret_is_refused():
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError, match="set one of them"):
+        chart.render({**CATALOG, "postgresql": {"enabled": True}}, name="pm", namespace="ns")
+    with pytest.raises(helm.HelmError):
+        chart.render({**BUNDLED, "postgresql": {"enabled": True, "storage": "lots"}}, name="pm", namespace="ns")

