@@ -260,7 +260,8 @@ async fn a_down_nodes_payloads_are_listed_unavailable_and_its_node_not_live() {
     let db = catalog(&database).await;
     let logs = tempfile::tempdir().unwrap();
     let fast = ["--heartbeat-interval-ms", "500"];
-    let operator = Operator::start_with(&database, spare_port(), logs.path(), &fast).await;
+    let port = spare_port();
+    let operator = Operator::start_with(&database, port, logs.path(), &fast).await;
     let (a_dirs, b_dirs) = (Dirs::new(), Dirs::new());
     let (a, a_client) = node(&a_dirs, &operator.url(), "node-a").await;
     let (b, b_client) = node(&b_dirs, &operator.url(), "node-b").await;
@@ -306,6 +307,24 @@ async fn a_down_nodes_payloads_are_listed_unavailable_and_its_node_not_live() {
     .await;
     let listed = cluster_from(&a_client).await;
     assert!(unavailable(&listed, on_b), "its only copy was on node-b");
+    assert!(!unavailable(&listed, on_a), "node-a is up");
+
+    // The operator restarts: node-b, down since before, is still listed
+    // (not live once the restart's grace has passed, as last heard from)
+    // and its payload still unavailable.
+    operator.kill9();
+    let _operator = Operator::start_with(&database, port, logs.path(), &fast).await;
+    eventually("node-b is listed as down after the operator's restart", || async {
+        a_client.nodes().await.is_ok_and(|listed| {
+            listed
+                .nodes
+                .iter()
+                .any(|n| n.name == "node-b" && !n.live && n.last_seen_ms > 0)
+        })
+    })
+    .await;
+    let listed = cluster_from(&a_client).await;
+    assert!(unavailable(&listed, on_b), "node-b's payload, after the restart");
     assert!(!unavailable(&listed, on_a), "node-a is up");
     a.kill9();
 }

@@ -290,6 +290,17 @@ pub struct LineageEdge {
     pub parameters: Vec<u8>,
 }
 
+/// A node of a cluster catalog as its table keeps it: enough to list a
+/// node that is down, and to mark its payloads unavailable, after the
+/// operator restarts (what its tiers hold comes with live heartbeats only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRow {
+    pub name: String,
+    pub pool: String,
+    pub version: String,
+    pub last_seen_ms: u64,
+}
+
 /// Opaque metadata attached to a payload (JSON by convention).
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Metadata {

@@ -911,6 +911,49 @@ impl Repo {
         Ok(())
     }
 
+    /// Records what a node last said of itself (the operator's, at its
+    /// heartbeats).
+    pub async fn record_node(&self, node: &NodeRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (name, pool, version, last_seen_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET pool = excluded.pool, version = excluded.version, \
+             last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(&node.name)
+        .bind(&node.pool)
+        .bind(&node.version)
+        .bind(to_i64(node.last_seen_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every recorded node, by name, after forgetting those not seen since
+    /// `forget_before_ms` that hold no payload rows (nodes a cluster
+    /// removed); one with rows stays, so its payloads show as unavailable.
+    pub async fn known_nodes(&self, forget_before_ms: u64) -> Result<Vec<NodeRow>> {
+        sqlx::query(
+            "DELETE FROM nodes WHERE last_seen_ms < $1 \
+             AND NOT EXISTS (SELECT 1 FROM payloads p WHERE p.node = nodes.name)",
+        )
+        .bind(to_i64(forget_before_ms))
+        .execute(&self.pool)
+        .await?;
+        let rows = sqlx::query("SELECT name, pool, version, last_seen_ms FROM nodes ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(NodeRow {
+                    name: row.try_get("name")?,
+                    pool: row.try_get("pool")?,
+                    version: row.try_get("version")?,
+                    last_seen_ms: to_u64(row.try_get("last_seen_ms")?),
+                })
+            })
+            .collect()
+    }
+
     /// Drops a policy; a missing one is fine.
     pub async fn delete_policy(&self, namespace: &str, name: &str) -> Result<()> {
         sqlx::query("DELETE FROM policies WHERE namespace = $1 AND name = $2")

@@ -52,7 +52,7 @@ impl CatalogService {
     pub fn new(
         base: PgRepository,
         gate: identity::Gate,
-        heartbeats: std::time::Duration,
+        nodes: nodes::Nodes,
         stop: watch::Receiver<bool>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
@@ -60,7 +60,7 @@ impl CatalogService {
             base,
             repos: Mutex::default(),
             gate,
-            nodes: Arc::new(nodes::Nodes::new(heartbeats)),
+            nodes: Arc::new(nodes),
             controls: Arc::default(),
             collecting: Arc::default(),
             stop,
@@ -221,7 +221,13 @@ impl ClusterCatalog for CatalogService {
                 nodes::MAX_POOL
             )));
         }
-        self.nodes.beat(&node, beat, now_ms());
+        if let Some(row) = self.nodes.beat(&node, beat, now_ms()) {
+            // The heartbeat stands either way: the next one tries again.
+            match self.base.record_node(&row).await {
+                Ok(()) => self.nodes.saved(row),
+                Err(err) => tracing::warn!(%node, error = %err, "could not record the node in the catalog"),
+            }
+        }
         Ok(Response::new(HeartbeatReply {
             interval_ms: self.nodes.interval.as_millis() as u64,
         }))

@@ -9,6 +9,10 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use super::identity::{Gate, Reviewer};
 use super::{CatalogService, ClusterCatalogServer};
 
+/// A node not heard from for this long, holding no payload rows, is
+/// forgotten at start (a node the cluster removed).
+const FORGET_NODES: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 #[derive(clap::Args, Debug)]
 pub struct CatalogArgs {
     /// The PostgreSQL catalog: postgres://USER@HOST:PORT/DB (a password in
@@ -94,13 +98,18 @@ impl CatalogArgs {
                 .context("the TLS certificate and key")?;
         }
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let catalog = CatalogService::new(
-            base,
-            gate,
+        let now = super::now_ms();
+        let restored = base
+            .known_nodes(now.saturating_sub(FORGET_NODES.as_millis() as u64))
+            .await
+            .with_context(|| format!("reading the nodes of the catalog {shown}"))?;
+        tracing::info!(nodes = restored.len(), "nodes known from the catalog");
+        let nodes = super::nodes::Nodes::new(
             std::time::Duration::from_millis(self.heartbeat_interval_ms),
-            stop,
-            metrics,
+            restored,
+            now,
         );
+        let catalog = CatalogService::new(base, gate, nodes, stop, metrics);
         if let Some(client) = client {
             tokio::spawn(super::usage::run(client, catalog.nodes()));
         }

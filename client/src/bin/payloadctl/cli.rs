@@ -110,8 +110,9 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Show usage per tier and the number of live leases.
     Stats,
-    /// List the nodes the operator has heard from since it started, live or
-    /// not, with each one's tier use (a standalone agent: itself).
+    /// List the nodes the operator has heard from (kept across its
+    /// restarts), live or not, with each one's tier use (a standalone
+    /// agent: itself).
     Nodes,
     /// Delete object-store blocks no payload has named for the grace period.
     Gc(GcArgs),
