@@ -12,7 +12,7 @@ use std::process::Command;
 use common::operator::Operator;
 use common::process::{put_opts, Agent};
 use common::{eventually, spare_port, Dirs};
-use payload_client::{Client, ClientError, LeaseOptions, PutOptions};
+use payload_client::{Client, ClientError, LeaseOptions, PutOptions, Tier};
 
 const POLICY: &str = "\
 apiVersion: payload-manager.io/v1alpha1
@@ -165,6 +165,99 @@ async fn a_stored_policy_caps_its_namespace_on_each_node_and_its_leases() {
     let said = operator_cli(&["policy", "delete", "--database", &database, "team-a/ram-cap"]);
     assert!(said.contains("removed"), "{said}");
     put_once_room(&a, 2000, &opts).await;
+}
+
+const WEIGHTS: &str = "\
+apiVersion: payload-manager.io/v1alpha1
+kind: PayloadPolicy
+metadata:
+  name: weights
+  namespace: team-a
+spec:
+  selector:
+    matchLabels:
+      app: weights
+  minLeaseTier: RAM
+  evictionPriority: High
+";
+
+async fn tier_of(client: &Client, id: uuid::Uuid) -> i32 {
+    client.stat(id).await.unwrap().payload.unwrap().tier
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_promotes_leases_to_its_min_tier_and_keeps_its_payloads_in_ram_longest() {
+    let Some(database) = payload_catalog::testing::fresh_database().await else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let operator = Operator::start(&database, spare_port(), logs.path()).await;
+    let dirs = Dirs::new();
+    let (_agent, client) = Agent::start_with(
+        &dirs,
+        &[
+            "node",
+            "--operator",
+            &operator.url(),
+            "--node-name",
+            "node-a",
+            "--ram-capacity",
+            "3MiB",
+        ],
+    )
+    .await;
+    let file = logs.path().join("weights.yaml");
+    std::fs::write(&file, WEIGHTS).unwrap();
+    operator_cli(&["policy", "apply", "--database", &database, file.to_str().unwrap()]);
+    let weights = labelled(&[("payload-manager.io/namespace", "team-a"), ("app", "weights")]);
+
+    // minLeaseTier RAM: a lease on a governed DISK payload, asked without a
+    // tier and without blocking, is granted once the payload is in RAM.
+    let on_disk = PutOptions {
+        tier: Tier::Disk,
+        ..weights.clone()
+    };
+    eventually("node-a promotes a governed payload for its lease", || async {
+        let id = try_put(&client, 16, &on_disk).await.unwrap();
+        let lease = client.get(id).await.unwrap();
+        let promoted = tier_of(&client, id).await == Tier::Ram as i32;
+        client.release(lease).await.unwrap();
+        client.delete(id, true).await.unwrap();
+        promoted
+    })
+    .await;
+    let other = labelled(&[("payload-manager.io/namespace", "team-a"), ("app", "other")]);
+    let id = try_put(
+        &client,
+        16,
+        &PutOptions {
+            tier: Tier::Disk,
+            ..other.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let lease = client.get(id).await.unwrap();
+    assert_eq!(
+        tier_of(&client, id).await,
+        Tier::Disk as i32,
+        "an ungoverned payload stays"
+    );
+    client.release(lease).await.unwrap();
+
+    // evictionPriority High: RAM full, the governed payload stays though it
+    // is the oldest (without the policy the oldest goes first).
+    const MIB: usize = 1 << 20;
+    let governed = try_put(&client, MIB, &weights).await.unwrap();
+    let older = try_put(&client, MIB, &other).await.unwrap();
+    try_put(&client, MIB, &other).await.unwrap();
+    try_put(&client, MIB, &other).await.unwrap();
+    assert_eq!(tier_of(&client, governed).await, Tier::Ram as i32, "High stays in RAM");
+    assert_eq!(
+        tier_of(&client, older).await,
+        Tier::Disk as i32,
+        "the oldest Normal one left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Tier;
+use crate::model::{Priority, Tier};
 
 /// The label naming a payload's Kubernetes namespace. In-pod clients set it
 /// (from the downward API); payloads without it are in no namespace and no
@@ -30,6 +30,15 @@ pub struct Policy {
     pub max_lease_ms: Option<u64>,
     /// Never evicted or expired (eviction priority Never).
     pub never_evict: bool,
+    /// Which payloads leave a full tier first (Low or High), in place of
+    /// the priority asked for at Allocate. Absent from policies stored by
+    /// an earlier release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    /// The slowest tier a lease reads from: a payload below it is promoted
+    /// before the lease is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lease_tier: Option<Tier>,
     /// Bytes the namespace's matching payloads may hold on each tier of a node.
     pub quotas: Vec<(Tier, u64)>,
 }
@@ -106,6 +115,8 @@ mod tests {
             ttl_ms: None,
             max_lease_ms: None,
             never_evict: false,
+            priority: None,
+            min_lease_tier: None,
             quotas: vec![(Tier::Ram, 10)],
         }
     }

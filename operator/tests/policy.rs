@@ -49,8 +49,17 @@ quotas:
     assert!(policy.never_evict);
     assert_eq!(policy.quotas, [(Tier::Ram, 8 << 30), (Tier::Disk, 0)]);
     assert!(not_applied(&spec).is_empty());
-    let more = self::spec("durability: Disk\ndedup: true\ntierPreference: [DISK]\n");
+    assert_eq!(
+        (policy.priority, policy.min_lease_tier),
+        (None, None),
+        "Never is never_evict"
+    );
+    let more =
+        self::spec("durability: Disk\ndedup: true\ntierPreference: [DISK]\nminLeaseTier: RAM\nevictionPriority: Low\n");
     assert_eq!(not_applied(&more), ["durability", "tierPreference", "dedup"]);
+    let more = compile("team-a", "more", 1, &more).unwrap();
+    assert_eq!(more.priority, Some(payload_catalog::Priority::Low));
+    assert_eq!(more.min_lease_tier, Some(Tier::Ram));
 }
 
 #[test]

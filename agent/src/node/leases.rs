@@ -110,7 +110,11 @@ impl Node {
                     reached = true;
                 }
                 Err(Grant::Forgotten) => return Err(forgotten(id)),
-                Err(Grant::TooSlow(target)) if blocking && !promoted => {
+                // Below its policy's minLeaseTier (faster than asked), a
+                // payload is promoted whatever the caller asked.
+                Err(Grant::TooSlow(target))
+                    if (blocking || min_tier.is_none_or(|m| target.faster_than(m))) && !promoted =>
+                {
                     self.relocate(id, target, false, false).await?;
                     promoted = true;
                 }
@@ -217,7 +221,8 @@ impl Node {
                     Grant::Failed(err) => err,
                     Grant::Forgotten => forgotten(*id),
                     Grant::TooSlow(target) => AgentError::InvalidState(format!(
-                        "payload {id} is below the requested tier {}; batch leases never promote, use AcquireReadLease",
+                        "payload {id} is below the tier {} (asked for, or its PayloadPolicy's minLeaseTier); \
+                         batch leases never promote, use AcquireReadLease",
                         target.name()
                     )),
                 })?;
@@ -282,7 +287,7 @@ impl Node {
             // A visitor forgotten since it was looked up.
             return Err(Grant::Forgotten);
         }
-        if let Some(min) = min_tier {
+        if let Some(min) = self.lease_floor(id, min_tier, &e.rec.labels) {
             if min.faster_than(e.rec.tier) {
                 return Err(Grant::TooSlow(min));
             }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use payload_catalog::Policy;
+use payload_catalog::{Policy, Tier};
 
 use super::lifecycle::AllocateRequest;
 use super::{lock, Node};
@@ -101,7 +101,8 @@ impl Drop for Charge<'_> {
 
 impl Node {
     /// Applies the policies governing a new payload to its request: a
-    /// shorter TTL, never-evict, and every quota on its tier (its bytes
+    /// shorter TTL, never-evict, the eviction priority (the highest of
+    /// theirs), and every quota on its tier (its bytes
     /// charged against them until the returned [`Charge`] is kept or dropped).
     pub(super) fn apply_policies(&self, req: &mut AllocateRequest) -> Result<Charge<'_>, AgentError> {
         let mut charge = Charge {
@@ -125,6 +126,9 @@ impl Node {
             req.ttl_ms = if req.ttl_ms == 0 { ttl } else { req.ttl_ms.min(ttl) };
         }
         req.no_evict |= governing.iter().any(|p| p.never_evict);
+        if let Some(priority) = governing.iter().filter_map(|p| p.priority).max() {
+            req.priority = priority;
+        }
         let tier = req.tier as usize;
         let mut book = lock(&self.policies.book);
         let quotas: Vec<(&Policy, u64)> = governing
@@ -173,7 +177,30 @@ impl Node {
             .min()
     }
 
-    /// Reads the catalog's policies now.
+    /// The tier a lease on payload `id` (with these labels) must read from:
+    /// `asked`, or the faster minLeaseTier of the policies governing it.
+    /// Not for another node's payload, which this node reads from its
+    /// object cache and cannot promote.
+    pub(super) fn lease_floor(
+        &self,
+        id: payload_catalog::PayloadId,
+        asked: Option<Tier>,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Option<Tier> {
+        let Some(set) = self.policies.current() else {
+            return asked;
+        };
+        let floor = set
+            .iter()
+            .filter(|p| p.governs(|k| labels.get(k).map(String::as_str)))
+            .filter_map(|p| p.min_lease_tier)
+            .min_by_key(|t| *t as i32);
+        match floor {
+            Some(floor) if asked.is_none_or(|a| floor.faster_than(a)) && !self.is_visitor(id) => Some(floor),
+            _ => asked,
+        }
+    }
+
     /// Reads the catalog's policies now; says whether the catalog is an
     /// operator of an earlier release, which has none to give.
     async fn refresh_policies(&self) -> Result<bool, AgentError> {
@@ -256,6 +283,8 @@ mod tests {
             ttl_ms: None,
             max_lease_ms: None,
             never_evict: false,
+            priority: None,
+            min_lease_tier: None,
             quotas: vec![],
         }
     }

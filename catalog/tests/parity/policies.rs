@@ -21,6 +21,8 @@ fn policy(namespace: &str, name: &str, quota: u64) -> Policy {
         ttl_ms: Some(60_000),
         max_lease_ms: None,
         never_evict: false,
+        priority: Some(Priority::High),
+        min_lease_tier: Some(Tier::Ram),
         quotas: vec![(Tier::Ram, quota), (Tier::Disk, 0)],
     }
 }

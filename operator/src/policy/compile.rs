@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use payload_catalog::policy::{Expression, Operator, Selector};
-use payload_catalog::{Policy, Tier};
+use payload_catalog::{Policy, Priority, Tier};
 
 use crate::crd::{EvictionPriority, PayloadPolicySpec};
 
@@ -45,6 +45,13 @@ pub fn compile(namespace: &str, name: &str, generation: i64, spec: &PayloadPolic
         ttl_ms: spec.ttl_seconds.map(|s| s.saturating_mul(1000)),
         max_lease_ms: spec.max_lease_seconds.map(|s| s.saturating_mul(1000)),
         never_evict: spec.eviction_priority == Some(EvictionPriority::Never),
+        priority: match spec.eviction_priority {
+            Some(EvictionPriority::Low) => Some(Priority::Low),
+            Some(EvictionPriority::High) => Some(Priority::High),
+            Some(EvictionPriority::Normal) => Some(Priority::Normal),
+            Some(EvictionPriority::Never) | None => None,
+        },
+        min_lease_tier: spec.min_lease_tier.map(tier),
         quotas,
     })
 }
@@ -58,15 +65,6 @@ pub fn not_applied(spec: &PayloadPolicySpec) -> Vec<&'static str> {
     }
     if spec.tier_preference.is_some() {
         fields.push("tierPreference");
-    }
-    if spec.min_lease_tier.is_some() {
-        fields.push("minLeaseTier");
-    }
-    if matches!(
-        spec.eviction_priority,
-        Some(EvictionPriority::Low | EvictionPriority::High)
-    ) {
-        fields.push("evictionPriority Low and High");
     }
     if spec.dedup {
         fields.push("dedup");
