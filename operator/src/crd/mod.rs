@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use policy::{Durability, EvictionPriority, PayloadPolicy, PayloadPolicySpec, PayloadPolicyStatus, TierQuota};
 pub use pool::{
-    AgentSpec, CatalogConnection, DiskTier, GpuTier, ObjectTier, PayloadPool, PayloadPoolSpec, PayloadPoolStatus,
+    AgentSpec, DiskTier, GpuTier, ObjectTier, PayloadPool, PayloadPoolSpec, PayloadPoolStatus,
     RamTier, ReadAccess, TierUsage, Watermarks,
 };
 

@@ -42,7 +42,7 @@ const AGENT_LIMIT_HOLDS_RAM: &str = "!has(self.agent.resources) || !has(self.age
     cel,
     validation = Rule::new("size(self.metadata.name) <= 49")
         .message("a pool's name is at most 49 characters: its agents' objects are named payload-agent-<pool>, within Kubernetes' 63"),
-    doc = "A set of nodes whose agents keep immutable payloads in RAM, on disk, on GPUs and in an object store",
+    doc = "A set of nodes whose agents keep immutable payloads in RAM, on disk, on GPUs and in an object store; they report to the operator's catalog, one per cluster",
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -97,10 +97,6 @@ pub struct PayloadPoolSpec {
     /// How the agent pods are run.
     #[serde(default)]
     pub agent: AgentSpec,
-    /// The PostgreSQL catalog this pool's payloads are listed in. Unset:
-    /// the operator's own catalog.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub catalog: Option<CatalogConnection>,
 }
 
 /// The RAM tier of every agent in the pool.
@@ -277,22 +273,6 @@ impl ReadAccess {
             ReadAccess::Node => "node",
         }
     }
-}
-
-/// A PostgreSQL catalog, reached through a Secret only the operator reads.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct CatalogConnection {
-    /// A Secret in the operator's namespace.
-    #[schemars(length(min = 1, max = 253))]
-    pub dsn_secret: String,
-    /// The Secret's key that holds the DSN (postgres://…).
-    #[serde(default = "dsn_key")]
-    pub dsn_key: String,
-}
-
-fn dsn_key() -> String {
-    "dsn".into()
 }
 
 /// What the operator last saw of the pool.
