@@ -3,7 +3,7 @@
 //! serving the cluster view): ids, timestamps, lineage, metadata, stream
 //! entries, payload summaries.
 
-use payload_catalog::{EventPage, LineageEdge, Metadata, PayloadId, PayloadRecord, StreamEntry, StreamKey};
+use payload_catalog::{EventPage, LineageEdge, Metadata, PageToken, PayloadId, PayloadRecord, StreamEntry, StreamKey};
 use tonic::Status;
 
 use crate::catalog as pbc;
@@ -106,6 +106,28 @@ pub fn summary(rec: &PayloadRecord, active_leases: usize, now_ms: u64) -> runtim
         sealed: false,
         node: String::new(),
         unavailable: false,
+    }
+}
+
+/// A ListPayloads answer: the page's rows as the server shows them, and
+/// where the next page starts.
+pub fn list_response(
+    payloads: Vec<runtime::PayloadSummary>,
+    next: Option<PageToken>,
+    total: u64,
+) -> runtime::ListPayloadsResponse {
+    runtime::ListPayloadsResponse {
+        payloads,
+        next_page_token: next.map(|t| t.encode()).unwrap_or_default(),
+        total_count: i32::try_from(total).unwrap_or(i32::MAX),
+    }
+}
+
+/// GetCommitted's answer for a consumer group's offset, if it has one.
+pub fn committed(offset: Option<u64>) -> runtime::GetCommittedResponse {
+    runtime::GetCommittedResponse {
+        offset: offset.unwrap_or(0),
+        committed: offset.is_some(),
     }
 }
 

@@ -425,11 +425,9 @@ impl PayloadCatalogService for CatalogService {
                 out
             })
             .collect();
-        Ok(Response::new(runtime::ListPayloadsResponse {
-            payloads,
-            next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),
-            total_count: i32::try_from(page.total).unwrap_or(i32::MAX),
-        }))
+        Ok(Response::new(payload_proto::domain::list_response(
+            payloads, page.next, page.total,
+        )))
     }
 
     async fn import_payload(

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub use policy::{Durability, EvictionPriority, PayloadPolicy, PayloadPolicySpec, PayloadPolicyStatus, TierQuota};
 pub use pool::{
-    AgentSpec, DiskTier, GpuTier, ObjectTier, PayloadPool, PayloadPoolSpec, PayloadPoolStatus,
-    RamTier, ReadAccess, TierUsage, Watermarks,
+    AgentSpec, DiskTier, GpuTier, ObjectTier, PayloadPool, PayloadPoolSpec, PayloadPoolStatus, RamTier, ReadAccess,
+    TierUsage, Watermarks,
 };
 
 // A storage tier, by the contract's names (TIER_GPU … TIER_OBJECT). No

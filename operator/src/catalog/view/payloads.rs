@@ -168,11 +168,9 @@ impl PayloadCatalogService for Payloads {
                 ..domain::summary(rec, 0, now)
             })
             .collect();
-        Ok(Response::new(runtime::ListPayloadsResponse {
-            payloads,
-            next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),
-            total_count: i32::try_from(page.total).unwrap_or(i32::MAX),
-        }))
+        Ok(Response::new(payload_proto::domain::list_response(
+            payloads, page.next, page.total,
+        )))
     }
 
     async fn import_payload(

@@ -287,10 +287,7 @@ impl PayloadStreamService for Streams {
             .get_committed(&key, &req.consumer_group)
             .await
             .map_err(status)?;
-        Ok(Response::new(runtime::GetCommittedResponse {
-            offset: committed.unwrap_or(0),
-            committed: committed.is_some(),
-        }))
+        Ok(Response::new(payload_proto::domain::committed(committed)))
     }
 
     async fn get_range(
