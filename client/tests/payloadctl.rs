@@ -418,6 +418,19 @@ fn an_operator_is_never_asked_for_bytes_and_one_not_there_is_exit_code_6() {
     assert!(text.contains("--agent ADDR instead of --operator"), "{text}");
     let text = fails_with(&payloadctl(&["--operator", &url, "ls"], None), 6);
     assert!(text.contains("is the operator running?"), "{text}");
+    // A pod's PM_AGENT gives way to --operator; --agent beside it does not.
+    let out = Command::new(PAYLOADCTL)
+        .args(["--operator", &url, "ls"])
+        .env("PM_AGENT", "/run/payload-manager/agent.sock")
+        .output()
+        .unwrap();
+    let text = fails_with(&out, 6);
+    assert!(text.contains("is the operator running?"), "{text}");
+    let text = fails_with(
+        &payloadctl(&["--operator", &url, "ls", "--agent", "/tmp/a.sock"], None),
+        2,
+    );
+    assert!(text.contains("pass one"), "{text}");
 }
 
 #[test]

@@ -46,14 +46,9 @@ pub struct GlobalArgs {
     /// Agent address: unix:///path/agent.sock, /path/agent.sock or
     /// http://host:port. Default: the standalone agent's socket,
     /// $XDG_STATE_HOME/payload-manager/agent.sock, else
-    /// ~/.local/state/payload-manager/agent.sock.
-    #[arg(
-        long,
-        env = "PM_AGENT",
-        global = true,
-        value_name = "ADDR",
-        conflicts_with = "operator"
-    )]
+    /// ~/.local/state/payload-manager/agent.sock. --operator wins over
+    /// PM_AGENT (a pod's setting); not over --agent.
+    #[arg(long, env = "PM_AGENT", global = true, value_name = "ADDR")]
     pub agent: Option<String>,
     /// The operator's cluster view instead of an agent (http://host:port,
     /// or https:// with --ca-file): ls, stat, rm, nodes, stats and stream
