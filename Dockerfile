@@ -1,4 +1,5 @@
-# The two images the chart runs, from one build:
+# syntax=docker/dockerfile:1
+# The two images the chart runs, from one build (BuildKit: cache mounts):
 #
 #   docker build --target operator -t payload-manager/operator:0.1.0 .
 #   docker build --target agent    -t payload-manager/agent:0.1.0 .
@@ -30,9 +31,14 @@ COPY --from=build /out/payload-operator /usr/local/bin/payload-operator
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/payload-operator"]
 
-# The agent, with payloadctl beside it (`kubectl exec … payloadctl ls`). It
+# The agent, with payloadctl beside it (`kubectl exec … payloadctl --agent
+# /run/payload-manager/agent.sock ls`). It
 # runs as root: it owns the pool's host directories (socket, RAM root,
 # disk) and hands each caller its payloads by SO_PEERCRED.
 FROM debian:bookworm-slim AS agent
+# The object store's TLS is verified against the system's roots.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/payload-agent /out/payloadctl /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/payload-agent"]

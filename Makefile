@@ -31,7 +31,7 @@ images:
 ## The install suite against the cluster KUBECONFIG names (skips without one):
 ## the chart, a pool, a policy, a pod that puts and a pod that gets.
 test-e2e: venv
-	"$(VENV)/bin/python" -m pytest -q -rs -p no:cacheprovider e2e/python/test_install.py e2e/python/test_cluster.py
+	PM_E2E_INSTALL=1 "$(VENV)/bin/python" -m pytest -q -rs -p no:cacheprovider e2e/python/test_install.py e2e/python/test_cluster.py
 
 ## Every test: Rust unit and integration tests, then the Python compatibility suite.
 test: test-rust test-python

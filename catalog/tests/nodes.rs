@@ -18,7 +18,7 @@ async fn nodes_are_recorded_replaced_and_forgotten_only_without_payloads() {
         return;
     };
     let catalog = PgRepository::connect(&url, "payload-operator").await.unwrap();
-    assert_eq!(catalog.known_nodes(0).await.unwrap(), vec![]);
+    assert_eq!(catalog.known_nodes().await.unwrap(), vec![]);
     catalog.record_node(&node("b", 1_000)).await.unwrap();
     catalog.record_node(&node("a", 2_000)).await.unwrap();
     let moved = NodeRow {
@@ -27,7 +27,7 @@ async fn nodes_are_recorded_replaced_and_forgotten_only_without_payloads() {
     };
     catalog.record_node(&moved).await.unwrap();
     assert_eq!(
-        catalog.known_nodes(0).await.unwrap(),
+        catalog.known_nodes().await.unwrap(),
         vec![moved.clone(), node("b", 1_000)]
     );
 
@@ -38,6 +38,10 @@ async fn nodes_are_recorded_replaced_and_forgotten_only_without_payloads() {
         ..PayloadRecord::allocated(PayloadId::random(), Tier::Ram, 10, 5)
     };
     catalog.for_node("b").write_batch(&[Write::Insert(on_b)]).await.unwrap();
-    assert_eq!(catalog.known_nodes(9_000).await.unwrap(), vec![moved, node("b", 1_000)]);
-    assert_eq!(catalog.known_nodes(9_001).await.unwrap(), vec![node("b", 1_000)]);
+    assert_eq!(catalog.forget_nodes(9_000).await.unwrap(), 0);
+    assert_eq!(catalog.forget_nodes(9_001).await.unwrap(), 1);
+    assert_eq!(catalog.known_nodes().await.unwrap(), vec![node("b", 1_000)]);
+    // A write that lands after a later one changes nothing.
+    catalog.record_node(&node("b", 500)).await.unwrap();
+    assert_eq!(catalog.known_nodes().await.unwrap(), vec![node("b", 1_000)]);
 }

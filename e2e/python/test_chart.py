@@ -188,6 +188,9 @@ def test_the_bundled_postgresql_keeps_its_data_on_a_claim_when_sized():
     claim = postgresql(docs, "PersistentVolumeClaim")
     assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The Secret stays with it: the data there was made with its password.
+    assert postgresql(docs, "Secret")["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "annotations" not in postgresql(render(BUNDLED), "Secret")["metadata"], "no claim: nothing to keep"
     volumes = postgresql(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
     assert volumes[0] == {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
 
@@ -196,5 +199,16 @@ def test_a_bundled_postgresql_beside_a_database_secret_is_refused():
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(helm.HelmError, match="set one of them"):
         chart.render({**CATALOG, "postgresql": {"enabled": True}}, name="pm", namespace="ns")
-    with pytest.raises(helm.HelmError):
-        chart.render({**BUNDLED, "postgresql": {"enabled": True, "storage": "lots"}}, name="pm", namespace="ns")
+    for storage in ["lots", "0"]:
+        with pytest.raises(helm.HelmError):
+            chart.render({**BUNDLED, "postgresql": {"enabled": True, "storage": storage}}, name="pm", namespace="ns")
+    with pytest.raises(helm.HelmError, match="databaseKey"):
+        chart.render({**BUNDLED, "catalog": {**BUNDLED["catalog"], "databaseKey": "password"}}, name="pm", namespace="ns")
+
+
+def test_a_long_release_name_keeps_the_bundled_postgresqls_names_valid():
+    docs = render(BUNDLED, name="r" * 60)
+    for kind in ["Secret", "Service", "Deployment"]:
+        name = postgresql(docs, kind)["metadata"]["name"]
+        assert len(name) <= 63 and name.endswith("-postgresql"), name
+        kubernetes_validate.validate(postgresql(docs, kind), KUBERNETES, strict=True)

@@ -5,7 +5,7 @@ self-signed certificate for the catalog, applies a PayloadPool and a
 PayloadPolicy, waits for the pool's agents, then: a pod puts a payload
 through its node's agent and a second pod on that node gets it back byte
 for byte; a put over the policy's quota is refused naming the policy; and
-`payloadctl --operator` in a pod lists the payload with its node.
+`payloadctl --operator` in a pod stats a payload and sees its node.
 
 The images must be where the cluster pulls from: `make images`, then for
 kind `kind load docker-image payload-manager/operator:0.1.0
@@ -28,13 +28,20 @@ from cryptography.x509.oid import NameOID
 
 from kube import CHART, kubectl, needs_cluster, ok, render
 
-pytestmark = needs_cluster
+pytestmark = [
+    *needs_cluster,
+    # It installs things: only when asked (make test-e2e), never because a
+    # KUBECONFIG happens to be exported during `make test`.
+    pytest.mark.skipif(
+        os.environ.get("PM_E2E_INSTALL") != "1", reason="the install suite runs with PM_E2E_INSTALL=1 (make test-e2e)"
+    ),
+]
 
 NAMESPACE = "pm-e2e"
-RELEASE = "pm"
+RELEASE = "pm-e2e"
 POOL = "pm-e2e"
-# The chart's fullname for release "pm": its catalog Service and operator.
-FULLNAME = "pm-payload-manager"
+# The chart's fullname for this release: its catalog Service and operator.
+FULLNAME = "pm-e2e-payload-manager"
 PREFIX = os.environ.get("PM_E2E_IMAGE_PREFIX", "payload-manager/")
 TAG = os.environ.get("PM_E2E_IMAGE_TAG", "")
 AGENT_IMAGE = f"{PREFIX}agent:{TAG or yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
@@ -116,22 +123,49 @@ def wait_for(what, probe):
     pytest.fail(f"{what} within {PATIENCE} s")
 
 
+def refuse_a_cluster_in_use():
+    """The chart's cluster roles have fixed names, and an operator
+    reconciles every pool of the cluster: on a cluster that already runs
+    Payload Manager this suite would take over the one and start a second
+    agent on the other's host directories. It stops first."""
+    pools = json.loads(ok("get", "payloadpools", "-o", "json"))["items"] if crd_exists() else []
+    others = [p["metadata"]["name"] for p in pools if p["metadata"]["name"] != POOL]
+    if others:
+        pytest.fail(f"this cluster has PayloadPools {others}: run the install suite on a cluster of its own")
+    role = kubectl("get", "clusterrole", "payload-manager-viewer", "-o", "json")
+    if role.returncode == 0:
+        instance = json.loads(role.stdout)["metadata"].get("labels", {}).get("app.kubernetes.io/instance")
+        if instance != RELEASE:
+            pytest.fail(f"Payload Manager is installed here (release {instance}): run the install suite on a cluster of its own")
+
+
+def crd_exists():
+    return kubectl("get", "crd", "payloadpools.payload-manager.io").returncode == 0
+
+
+def uninstall(objects):
+    # Policies first, while the catalog that removes their finalizer runs;
+    # then the pool, while the operator that owns its objects runs.
+    kubectl("-n", NAMESPACE, "delete", "payloadpolicy", "--all", "--ignore-not-found", f"--timeout={PATIENCE}s")
+    kubectl("delete", "payloadpool", POOL, "--ignore-not-found", f"--timeout={PATIENCE}s")
+    kubectl("delete", "--ignore-not-found", "-f", "-", stdin=yaml.safe_dump_all(objects))
+    kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false")
+
+
 @pytest.fixture(scope="module")
-def installed():
+def installed(request):
+    refuse_a_cluster_in_use()
+    objects = chart_objects()
+    # Registered before anything is made, so a failed setup is undone too.
+    request.addfinalizer(lambda: uninstall(objects))
     apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     apply(catalog_tls())
     ok("apply", "--server-side", "--field-manager=payload-e2e", "-f", str(CHART / "crds"))
     for crd in ["payloadpools.payload-manager.io", "payloadpolicies.payload-manager.io"]:
         ok("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd}")
-    objects = chart_objects()
     apply(*objects)
     for deployment in [f"{FULLNAME}-postgresql", FULLNAME]:
         ok("-n", NAMESPACE, "rollout", "status", f"deployment/{deployment}", f"--timeout={PATIENCE}s")
-    yield
-    # The pool first, while the operator that owns its objects still runs.
-    kubectl("delete", "payloadpool", POOL, "--ignore-not-found", f"--timeout={PATIENCE}s")
-    kubectl("delete", "--ignore-not-found", "-f", "-", stdin=yaml.safe_dump_all(objects))
-    kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +175,9 @@ def pool(installed):
             "apiVersion": "payload-manager.io/v1alpha1",
             "kind": "PayloadPool",
             "metadata": {"name": POOL},
-            "spec": {"ram": {"capacity": "256Mi"}},
+            # Small: kind's nodes have Docker's 64 MiB /dev/shm, and an
+            # agent refuses a RAM tier its filesystem cannot hold.
+            "spec": {"ram": {"capacity": "32Mi"}},
         },
         {
             "apiVersion": "payload-manager.io/v1alpha1",
@@ -205,7 +241,7 @@ def test_a_pod_puts_and_another_gets_the_same_bytes_on_that_node(pool):
         "pm-e2e-put",
         "head -c 1048576 /dev/urandom > /tmp/payload\n"
         "sha256sum /tmp/payload | cut -d' ' -f1\n"
-        "payloadctl put /tmp/payload\n",
+        "payloadctl put --ttl 10m /tmp/payload\n",
     )
     digest, payload = put.split()[-2:]
     got, _ = run_pod(
@@ -223,7 +259,8 @@ def test_a_put_over_the_policys_quota_is_refused_naming_it(pool):
         "pm-e2e-quota",
         "head -c 2097152 /dev/urandom > /tmp/big\n"
         "for attempt in $(seq 30); do\n"
-        f"  if payloadctl put --label payload-manager.io/namespace={NAMESPACE} --label e2e=quota /tmp/big 2>/tmp/err; then sleep 2; else cat /tmp/err; exit 0; fi\n"
+        f"  if id=$(payloadctl put --ttl 10m --label payload-manager.io/namespace={NAMESPACE} --label e2e=quota /tmp/big 2>/tmp/err)\n"
+        "  then payloadctl rm --force \"$id\"; sleep 2; else cat /tmp/err; exit 0; fi\n"
         "done\n"
         "echo never refused; exit 1\n",
     )
@@ -231,7 +268,7 @@ def test_a_put_over_the_policys_quota_is_refused_naming_it(pool):
 
 
 def test_the_operator_lists_the_cluster_for_a_viewer(pool):
-    put, node = run_pod("pm-e2e-put-viewed", "echo viewed > /tmp/p\npayloadctl put /tmp/p\n")
+    put, node = run_pod("pm-e2e-put-viewed", "echo viewed > /tmp/p\npayloadctl put --ttl 10m /tmp/p\n")
     payload = put.split()[-1]
     apply(
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "viewer", "namespace": NAMESPACE}},

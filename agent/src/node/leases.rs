@@ -274,6 +274,9 @@ impl Node {
         take: impl FnOnce(&PayloadRecord) -> Result<T, AgentError>,
     ) -> Result<(LeaseId, u64, T), Grant> {
         let entry = self.lease_entry(id).map_err(Grant::Failed)?;
+        // Before the entry's lock: the visitors' sweep takes their shard's
+        // lock, then an entry's.
+        let visitor = self.is_visitor(id);
         let mut e = lock(&entry);
         // First, so a caller who may not read learns only that.
         let taken = take(&e.rec).map_err(Grant::Failed)?;
@@ -287,7 +290,7 @@ impl Node {
             // A visitor forgotten since it was looked up.
             return Err(Grant::Forgotten);
         }
-        if let Some(min) = self.lease_floor(id, min_tier, &e.rec.labels) {
+        if let Some(min) = self.lease_floor(visitor, min_tier, &e.rec.labels) {
             if min.faster_than(e.rec.tier) {
                 return Err(Grant::TooSlow(min));
             }

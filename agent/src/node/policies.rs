@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use payload_catalog::{Policy, Tier};
+use payload_catalog::{Policy, Priority, Tier};
 
 use super::lifecycle::AllocateRequest;
 use super::{lock, Node};
@@ -126,8 +126,11 @@ impl Node {
             req.ttl_ms = if req.ttl_ms == 0 { ttl } else { req.ttl_ms.min(ttl) };
         }
         req.no_evict |= governing.iter().any(|p| p.never_evict);
+        // A caller's Never (pinned for good) stands.
         if let Some(priority) = governing.iter().filter_map(|p| p.priority).max() {
-            req.priority = priority;
+            if req.priority != Priority::Never && !req.no_evict {
+                req.priority = priority;
+            }
         }
         let tier = req.tier as usize;
         let mut book = lock(&self.policies.book);
@@ -177,16 +180,21 @@ impl Node {
             .min()
     }
 
-    /// The tier a lease on payload `id` (with these labels) must read from:
+    /// The tier a lease on a payload with these labels must read from:
     /// `asked`, or the faster minLeaseTier of the policies governing it.
-    /// Not for another node's payload, which this node reads from its
-    /// object cache and cannot promote.
+    /// Not for another node's payload (`visitor`), which this node reads
+    /// from its object cache and cannot promote, nor a tier this node does
+    /// not have. Called under the payload's lock: takes no other lock that
+    /// is ever held while taking one.
     pub(super) fn lease_floor(
         &self,
-        id: payload_catalog::PayloadId,
+        visitor: bool,
         asked: Option<Tier>,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Option<Tier> {
+        if visitor {
+            return asked;
+        }
         let Some(set) = self.policies.current() else {
             return asked;
         };
@@ -196,7 +204,7 @@ impl Node {
             .filter_map(|p| p.min_lease_tier)
             .min_by_key(|t| *t as i32);
         match floor {
-            Some(floor) if asked.is_none_or(|a| floor.faster_than(a)) && !self.is_visitor(id) => Some(floor),
+            Some(floor) if asked.is_none_or(|a| floor.faster_than(a)) && self.tier(floor).is_ok() => Some(floor),
             _ => asked,
         }
     }

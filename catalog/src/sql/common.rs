@@ -917,7 +917,7 @@ impl Repo {
         sqlx::query(
             "INSERT INTO nodes (name, pool, version, last_seen_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET pool = excluded.pool, version = excluded.version, \
-             last_seen_ms = excluded.last_seen_ms",
+             last_seen_ms = excluded.last_seen_ms WHERE nodes.last_seen_ms <= excluded.last_seen_ms",
         )
         .bind(&node.name)
         .bind(&node.pool)
@@ -928,17 +928,22 @@ impl Repo {
         Ok(())
     }
 
-    /// Every recorded node, by name, after forgetting those not seen since
-    /// `forget_before_ms` that hold no payload rows (nodes a cluster
-    /// removed); one with rows stays, so its payloads show as unavailable.
-    pub async fn known_nodes(&self, forget_before_ms: u64) -> Result<Vec<NodeRow>> {
-        sqlx::query(
+    /// Forgets the nodes not seen since `forget_before_ms` that hold no
+    /// payload rows (nodes a cluster removed); one with rows stays, so its
+    /// payloads show as unavailable. Says how many went.
+    pub async fn forget_nodes(&self, forget_before_ms: u64) -> Result<u64> {
+        let done = sqlx::query(
             "DELETE FROM nodes WHERE last_seen_ms < $1 \
              AND NOT EXISTS (SELECT 1 FROM payloads p WHERE p.node = nodes.name)",
         )
         .bind(to_i64(forget_before_ms))
         .execute(&self.pool)
         .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Every recorded node, by name.
+    pub async fn known_nodes(&self) -> Result<Vec<NodeRow>> {
         let rows = sqlx::query("SELECT name, pool, version, last_seen_ms FROM nodes ORDER BY name")
             .fetch_all(&self.pool)
             .await?;

@@ -45,6 +45,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.catalog.databaseSecret -}}
 {{- .Values.catalog.databaseSecret -}}
 {{- else if .Values.postgresql.enabled -}}
-{{- printf "%s-postgresql" (include "payload-manager.fullname" .) -}}
+{{- include "payload-manager.postgresql.name" . -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The bundled PostgreSQL's objects: within 63 characters with the suffix. */}}
+{{- define "payload-manager.postgresql.name" -}}
+{{- printf "%s-postgresql" (include "payload-manager.fullname" . | trunc 52 | trimSuffix "-") -}}
 {{- end -}}

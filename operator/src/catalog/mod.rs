@@ -31,12 +31,18 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use payload_proto::cluster::cluster_catalog_server::ClusterCatalogServer;
 
+/// The longest a write of a node's row may take before the next beat
+/// tries again.
+const RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct CatalogService {
     base: PgRepository,
     /// One repository per node, sharing the base's connections.
     repos: Mutex<HashMap<String, Arc<dyn Repository>>>,
     gate: identity::Gate,
     nodes: Arc<nodes::Nodes>,
+    /// Whether the last write of a node's row failed (warned once).
+    recording_fails: Arc<std::sync::atomic::AtomicBool>,
     /// The nodes' control calls, for deletions asked of the operator.
     controls: Arc<control::Controls>,
     /// Nodes holding (or waiting for) the GC lock: one call each. A
@@ -61,6 +67,7 @@ impl CatalogService {
             repos: Mutex::default(),
             gate,
             nodes: Arc::new(nodes),
+            recording_fails: Arc::default(),
             controls: Arc::default(),
             collecting: Arc::default(),
             stop,
@@ -222,11 +229,26 @@ impl ClusterCatalog for CatalogService {
             )));
         }
         if let Some(row) = self.nodes.beat(&node, beat, now_ms()) {
-            // The heartbeat stands either way: the next one tries again.
-            match self.base.record_node(&row).await {
-                Ok(()) => self.nodes.saved(row),
-                Err(err) => tracing::warn!(%node, error = %err, "could not record the node in the catalog"),
-            }
+            // Off the heartbeat's path: a slow or absent database must not
+            // make a live node miss its beats. A failed write is tried
+            // again at the next beat.
+            let (base, nodes, failing) = (self.base.clone(), self.nodes.clone(), self.recording_fails.clone());
+            tokio::spawn(async move {
+                let stored = match tokio::time::timeout(RECORD_TIMEOUT, base.record_node(&row)).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(err)) => {
+                        if !failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::warn!(node = %row.name, error = %err, "could not record a node in the catalog; trying at each heartbeat");
+                        }
+                        false
+                    }
+                    Err(_) => false,
+                };
+                if stored && failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!("recording nodes in the catalog again");
+                }
+                nodes.saved(row, stored);
+            });
         }
         Ok(Response::new(HeartbeatReply {
             interval_ms: self.nodes.interval.as_millis() as u64,

@@ -39,6 +39,8 @@ struct Known {
     info: NodeInfo,
     /// What the node table holds of it, if anything.
     saved: Option<NodeRow>,
+    /// A write of its row is under way: no second one meanwhile.
+    saving: bool,
 }
 
 impl Nodes {
@@ -50,12 +52,19 @@ impl Nodes {
             .map(|row| {
                 let info = NodeInfo {
                     name: row.name.clone(),
-                    last_seen_ms: row.last_seen_ms,
+                    // Written by an earlier operator's clock, maybe ahead
+                    // of this one's: never later than now.
+                    last_seen_ms: row.last_seen_ms.min(now_ms),
                     pool: row.pool.clone(),
                     version: row.version.clone(),
                     ..Default::default()
                 };
-                (row.name.clone(), Known { info, saved: Some(row) })
+                let known = Known {
+                    info,
+                    saved: Some(row.clone()),
+                    saving: false,
+                };
+                (row.name, known)
             })
             .collect();
         Nodes {
@@ -67,7 +76,8 @@ impl Nodes {
 
     /// Takes a node's heartbeat; returns its row when the table should be
     /// told (first heard of, another pool or version, or [`SAVE_EVERY`]
-    /// since): write it, then call [`Nodes::saved`].
+    /// since) and no write of it is under way: write it, then call
+    /// [`Nodes::saved`] with the outcome.
     pub fn beat(&self, node: &str, beat: HeartbeatRequest, now_ms: u64) -> Option<NodeRow> {
         let info = NodeInfo {
             name: node.to_string(),
@@ -85,20 +95,31 @@ impl Nodes {
             last_seen_ms: now_ms,
         };
         let mut known = crate::lock(&self.known);
-        let saved = known.remove(node).and_then(|k| k.saved);
-        let due = saved.as_ref().is_none_or(|s| {
-            s.pool != row.pool
-                || s.version != row.version
-                || now_ms.saturating_sub(s.last_seen_ms) >= SAVE_EVERY.as_millis() as u64
-        });
-        known.insert(node.to_string(), Known { info, saved });
+        let (saved, saving) = known.remove(node).map_or((None, false), |k| (k.saved, k.saving));
+        let due = !saving
+            && saved.as_ref().is_none_or(|s| {
+                s.pool != row.pool
+                    || s.version != row.version
+                    || now_ms.saturating_sub(s.last_seen_ms) >= SAVE_EVERY.as_millis() as u64
+            });
+        known.insert(
+            node.to_string(),
+            Known {
+                info,
+                saved,
+                saving: due,
+            },
+        );
         due.then_some(row)
     }
 
-    /// The table now holds `row`.
-    pub fn saved(&self, row: NodeRow) {
+    /// The write of `row` ended: the table holds it if `stored`.
+    pub fn saved(&self, row: NodeRow, stored: bool) {
         if let Some(known) = crate::lock(&self.known).get_mut(&row.name) {
-            known.saved = Some(row);
+            known.saving = false;
+            if stored {
+                known.saved = Some(row);
+            }
         }
     }
 
@@ -157,6 +178,10 @@ mod tests {
         assert_eq!(listed[0].last_seen_ms, 40_000, "as last heard, not as restored");
         assert_eq!(listed[0].pool, "gpu");
         assert!(!nodes.list(115_000)[0].live, "three intervals after the restart");
+        // A row from a clock ahead of this one's counts from now.
+        let nodes = Nodes::new(INTERVAL, vec![row("ahead", 500_000)], 100_000);
+        assert_eq!(nodes.list(100_000)[0].last_seen_ms, 100_000);
+        assert!(!nodes.list(115_000)[0].live);
     }
 
     #[test]
@@ -164,12 +189,14 @@ mod tests {
         let nodes = Nodes::new(INTERVAL, vec![row("old", 1_000)], 2_000);
         assert_eq!(nodes.beat("old", beat("1"), 2_000), None, "the table holds it");
         let new = nodes.beat("new", beat("1"), 2_000).expect("first heard of");
+        assert_eq!(nodes.beat("new", beat("1"), 3_000), None, "its write is under way");
+        nodes.saved(new.clone(), false);
         assert_eq!(
-            nodes.beat("new", beat("1"), 3_000),
-            Some(row("new", 3_000)),
-            "not yet saved"
+            nodes.beat("new", beat("1"), 3_500),
+            Some(row("new", 3_500)),
+            "that write failed"
         );
-        nodes.saved(new);
+        nodes.saved(new, true);
         assert_eq!(nodes.beat("new", beat("1"), 61_999), None);
         assert_eq!(nodes.beat("new", beat("1"), 62_000), Some(row("new", 62_000)));
         assert_eq!(

@@ -99,8 +99,15 @@ impl CatalogArgs {
         }
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let now = super::now_ms();
+        // Housekeeping: a failure here must not keep the catalog down.
+        if let Err(err) = base
+            .forget_nodes(now.saturating_sub(FORGET_NODES.as_millis() as u64))
+            .await
+        {
+            tracing::warn!(error = %err, "could not forget the catalog's long-gone nodes; trying at the next start");
+        }
         let restored = base
-            .known_nodes(now.saturating_sub(FORGET_NODES.as_millis() as u64))
+            .known_nodes()
             .await
             .with_context(|| format!("reading the nodes of the catalog {shown}"))?;
         tracing::info!(nodes = restored.len(), "nodes known from the catalog");
