@@ -41,6 +41,36 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses payloadctl's command line. `--agent` and `--operator`
+    /// together are a usage error, but PM_AGENT from the environment (set
+    /// in pods for their node's agent) gives way to `--operator`.
+    pub fn try_parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::parser::ValueSource;
+        use clap::{ArgMatches, CommandFactory, FromArgMatches};
+        fn typed(m: &ArgMatches, id: &str) -> bool {
+            m.value_source(id) == Some(ValueSource::CommandLine)
+                || m.subcommand().is_some_and(|(_, sub)| typed(sub, id))
+        }
+        let matches = Cli::command().try_get_matches_from(args)?;
+        if typed(&matches, "agent") && typed(&matches, "operator") {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--agent and --operator name two places to ask: pass one",
+            ));
+        }
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        if cli.global.operator.is_some() {
+            cli.global.agent = None;
+        }
+        Ok(cli)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct GlobalArgs {
     /// Agent address: unix:///path/agent.sock, /path/agent.sock or
@@ -524,8 +554,10 @@ mod tests {
         let cli = Cli::try_parse_from(["payloadctl", "ls", "--operator", "http://127.0.0.1:50052"]).expect("parses");
         assert_eq!(cli.global.operator.as_deref(), Some("http://127.0.0.1:50052"));
         assert_eq!(cli.command.moves_bytes(), None);
-        let both = Cli::try_parse_from(["payloadctl", "--operator", "http://o:1", "--agent", "/a.sock", "ls"]);
+        let both = Cli::try_parse_args(["payloadctl", "--operator", "http://o:1", "--agent", "/a.sock", "ls"]);
         assert!(both.is_err());
+        let after = Cli::try_parse_args(["payloadctl", "--operator", "http://o:1", "ls", "--agent", "/a.sock"]);
+        assert!(after.is_err(), "after the subcommand too");
         let ca_alone = Cli::try_parse_from(["payloadctl", "--ca-file", "ca.pem", "ls"]);
         assert!(ca_alone.is_err());
         let put = Cli::try_parse_from(["payloadctl", "--operator", "http://o:1", "put", "f"]).expect("parses");

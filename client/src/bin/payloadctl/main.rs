@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use payload_client::{Client, ClientError};
 
 use cli::{
@@ -31,7 +29,7 @@ pub struct UsageError(pub String);
 
 fn main() -> ExitCode {
     // Clap prints its own usage errors and exits with code 2.
-    let cli = parse();
+    let cli = Cli::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(&anyhow::Error::new(err).context("starting the async runtime"), false),
@@ -75,29 +73,6 @@ fn fail(err: &anyhow::Error, operator: bool) -> ExitCode {
     }
     let _ = writeln!(std::io::stderr(), "payloadctl: {message}");
     ExitCode::from(exit_code(err))
-}
-
-/// The command line. `--agent` and `--operator` together are a usage
-/// error, but PM_AGENT from the environment (set in pods for their node's
-/// agent) gives way to `--operator`.
-fn parse() -> Cli {
-    let matches = Cli::command().get_matches();
-    fn typed(m: &ArgMatches, id: &str) -> bool {
-        m.value_source(id) == Some(ValueSource::CommandLine) || m.subcommand().is_some_and(|(_, sub)| typed(sub, id))
-    }
-    if typed(&matches, "agent") && typed(&matches, "operator") {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "--agent and --operator name two places to ask: pass one",
-            )
-            .exit();
-    }
-    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if cli.global.operator.is_some() {
-        cli.global.agent = None;
-    }
-    cli
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
